@@ -1,0 +1,25 @@
+# Two entry points, both from a fresh clone with nothing but Python 3.10+:
+#   make demo   -- create .venv, install, run the demo on bundled data
+#   make test   -- create .venv, install, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test install bench-venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+
+demo: install
+	$(VENV)/bin/laplace-ggn demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

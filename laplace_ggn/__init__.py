@@ -1,0 +1,18 @@
+"""laplace_ggn: post-hoc Laplace approximations from the generalised Gauss-Newton matrix."""
+
+from ._checks import Likelihood, Link, PredictMethod, Structure
+from .operators import CallableOperator, DenseOperator, LinearOperator, as_operator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Likelihood",
+    "Link",
+    "PredictMethod",
+    "Structure",
+    "LinearOperator",
+    "DenseOperator",
+    "CallableOperator",
+    "as_operator",
+    "__version__",
+]

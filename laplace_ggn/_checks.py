@@ -1,0 +1,146 @@
+"""Shared validation, error messages and the option enums.
+
+Every public entry point converts its string options here once (``Structure(structure)``
+through :func:`as_enum`) and compares enum members afterwards.  Error messages follow one
+template: "``<arg>`` must be <expectation>; got <actual>. <hint>".
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Likelihood",
+    "Structure",
+    "Link",
+    "PredictMethod",
+    "as_enum",
+    "check_finite",
+    "check_positive",
+    "shape_str",
+    "near_matches",
+    "DEFAULT_MEMORY_BUDGET",
+]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes; intermediate tensors are chunked below this
+
+
+class Likelihood(str, enum.Enum):
+    """Observation model of the network output."""
+
+    REGRESSION = "regression"
+    CLASSIFICATION = "classification"
+    BINARY = "binary"
+
+
+class Structure(str, enum.Enum):
+    """Structure of the curvature (and so of the posterior precision)."""
+
+    FULL = "full"
+    DIAG = "diag"
+    KFAC = "kfac"
+    LOWRANK = "lowrank"
+
+
+class Link(str, enum.Enum):
+    """Approximation of the expected softmax / sigmoid under a Gaussian over logits."""
+
+    PROBIT = "probit"
+    BRIDGE = "bridge"
+    MC = "mc"
+
+
+class PredictMethod(str, enum.Enum):
+    """Predictive: linearised network (``glm``) or sampled network (``nn``)."""
+
+    GLM = "glm"
+    NN = "nn"
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def as_enum(cls: type[E], value: object, name: str) -> E:
+    """Convert a user option to its enum member, or raise naming the valid values.
+
+    Args:
+        cls: The enum class.
+        value: A member of ``cls`` or its string value.
+        name: Argument name used in the error message.
+
+    Returns:
+        The enum member.
+
+    Raises:
+        ValueError: If ``value`` is not one of the valid options.
+    """
+    if isinstance(value, cls):
+        return value
+    valid = [m.value for m in cls]
+    if isinstance(value, str):
+        try:
+            return cls(value.lower())
+        except ValueError:
+            pass
+    hint = near_matches(str(value), valid)
+    raise ValueError(
+        f"{name} must be one of {valid}; got {value!r}."
+        + (f" Did you mean {hint[0]!r}?" if hint else "")
+    )
+
+
+def near_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Return up to ``n`` candidates close to ``word`` (for 'did you mean' hints)."""
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
+
+
+def shape_str(shape: Sequence[int] | torch.Size) -> str:
+    """Format a shape as ``(a, b, c)``."""
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def check_finite(tensor: Tensor, what: str, where: str = "") -> None:
+    """Raise if ``tensor`` holds NaN or Inf.
+
+    Args:
+        tensor: Any tensor (non-floating tensors always pass).
+        what: Name of the quantity, e.g. ``"model output"``.
+        where: Location, e.g. ``"batch 3"``.
+
+    Raises:
+        ValueError: If the tensor holds a NaN or an Inf.
+    """
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(tensor).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    loc = f" in {where}" if where else ""
+    raise ValueError(
+        f"{what}{loc} must be finite; got {n_nan} NaN and {n_inf} Inf values "
+        f"out of {tensor.numel()} (shape {shape_str(tensor.shape)}). "
+        "Clean the data or check the model for numerical overflow."
+    )
+
+
+def check_positive(value: Tensor, name: str) -> None:
+    """Raise unless every entry of ``value`` is finite and strictly positive.
+
+    Raises:
+        ValueError: If an entry is not finite or not positive.
+    """
+    if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+        shown = value.detach().flatten()[:5].tolist()
+        raise ValueError(
+            f"{name} must be finite and > 0; got {shown}"
+            + ("..." if value.numel() > 5 else "")
+            + f" (shape {shape_str(value.shape)})."
+        )
