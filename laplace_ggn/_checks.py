@@ -102,7 +102,8 @@ def near_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
 
 def shape_str(shape: Sequence[int] | torch.Size) -> str:
     """Format a shape as ``(a, b, c)``."""
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    dims = [str(int(s)) for s in shape]
+    return "(" + dims[0] + ",)" if len(dims) == 1 else "(" + ", ".join(dims) + ")"
 
 
 def check_finite(tensor: Tensor, what: str, where: str = "") -> None:

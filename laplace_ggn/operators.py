@@ -14,18 +14,25 @@ The curvature operators stream over a DataLoader at every product:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._checks import shape_str
+from ._checks import DEFAULT_MEMORY_BUDGET, Likelihood, as_enum, shape_str
+from .functional import FunctionalModel, resolve_subset, split_batch
+from .likelihoods import get_likelihood
 
 __all__ = [
     "LinearOperator",
     "DenseOperator",
     "CallableOperator",
     "as_operator",
+    "GGNOperator",
+    "HessianOperator",
+    "EFOperator",
+    "MCFisherOperator",
 ]
 
 
@@ -219,3 +226,177 @@ class _ProductOperator(LinearOperator):
 
     def _rmatmat(self, V: Tensor) -> Tensor:
         return self.b.T @ (self.a.T @ V)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curvature operators over a DataLoader
+# ---------------------------------------------------------------------------------------------
+
+
+class _DataCurvatureOperator(LinearOperator):
+    """Shared set-up of the curvature operators: functional model, data stream, likelihood."""
+
+    def __init__(
+        self,
+        model,
+        loader,
+        *,
+        likelihood="classification",
+        subset="all",
+        sigma_noise: float = 1.0,
+        input_key: str = "input",
+        target_key: str = "target",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        self.likelihood_kind = as_enum(Likelihood, likelihood, "likelihood")
+        self.likelihood = get_likelihood(self.likelihood_kind)
+        first = next(iter(loader), None)
+        if first is None:
+            raise ValueError("loader must yield at least one batch; got an empty loader.")
+        x0, _ = split_batch(first, input_key=input_key, target_key=target_key)
+        layout = resolve_subset(model, subset, x0)
+        self.fmodel = FunctionalModel(model, layout, memory_budget=memory_budget)
+        self.loader = loader
+        self.input_key, self.target_key = input_key, target_key
+        sigma = float(sigma_noise)
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"sigma_noise must be finite and > 0; got {sigma_noise}.")
+        self.sigma2 = sigma**2 if self.likelihood_kind is Likelihood.REGRESSION else 1.0
+        P = layout.n_params
+        self.shape = (P, P)
+        self.dtype, self.device = self.fmodel.dtype, self.fmodel.device
+
+    def batches(self):
+        """Yield ``(index, x, y)`` with ``x`` on the model's device (``y`` unchecked)."""
+        for i, batch in enumerate(self.loader):
+            x, y = split_batch(
+                batch, input_key=self.input_key, target_key=self.target_key, where=f"batch {i}"
+            )
+            yield i, self.fmodel.prepare(x), y.to(self.device)
+
+    def _output_matvec(self, f: Tensor, u: Tensor, y: Tensor, index: int) -> Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        V = V.to(self.dtype)
+        out = torch.zeros(self.shape[0], V.shape[1], dtype=self.dtype, device=self.device)
+        for i, x, y in self.batches():
+            out += self.fmodel.jvp_vjp(x, V, lambda f, u: self._output_matvec(f, u, y, i))[0]
+        return out
+
+
+class GGNOperator(_DataCurvatureOperator):
+    r"""Generalised Gauss-Newton :math:`G = \sum_n J_n^\top \Lambda_n J_n` of the summed NLL.
+
+    Products cost one forward with dual numbers and one backward per batch (and column).
+    Regression uses :math:`\Lambda_n = I/\sigma^2`.
+
+    Args:
+        model: The network (copied; never modified).
+        loader: Iterable of ``(x, y)`` batches or mappings.
+        likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
+        subset: ``"all"``, ``"last_layer"`` or a list of parameter names.
+        sigma_noise: σ for regression.
+        input_key: Key of inputs in mapping batches.
+        target_key: Key of targets in mapping batches.
+        memory_budget: Bytes for chunked intermediates.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+        >>> G = GGNOperator(model, data, likelihood="classification")
+        >>> (G @ torch.ones(8)).shape
+        torch.Size([8])
+    """
+
+    def _output_matvec(self, f: Tensor, u: Tensor, y: Tensor, index: int) -> Tensor:
+        return self.likelihood.hessian_matvec(f, u) / self.sigma2
+
+    def to_dense(self) -> Tensor:
+        """Dense G ``(P, P)`` from per-sample Jacobians (faster than P products)."""
+        from .ggn import FullGGNCollector
+
+        col = FullGGNCollector(self.fmodel, self.likelihood)
+        for i, x, _ in self.batches():
+            col.update(x, f"batch {i}")
+        return col.finalize() / self.sigma2
+
+    def diagonal(self) -> Tensor:
+        """Exact diagonal ``(P,)`` (layer hooks for ``nn.Linear``)."""
+        from .ggn import DiagGGNCollector
+
+        col = DiagGGNCollector(self.fmodel, self.likelihood)
+        for i, x, _ in self.batches():
+            col.update(x, f"batch {i}")
+        return col.finalize() / self.sigma2
+
+
+class EFOperator(_DataCurvatureOperator):
+    r"""Empirical Fisher :math:`\mathrm{EF} = \sum_n g_n g_n^\top`, :math:`g_n = \nabla_\theta \ell_n`.
+
+    Written as :math:`\sum_n J_n^\top r_n r_n^\top J_n` with :math:`r_n = \nabla_f \ell_n`.
+    Arguments as :class:`GGNOperator`.
+    """
+
+    def _output_matvec(self, f: Tensor, u: Tensor, y: Tensor, index: int) -> Tensor:
+        r = self.likelihood.grad_f(f, self.likelihood.check_targets(f, y)) / self.sigma2
+        return r * (r * u).sum(-1, keepdim=True)
+
+
+class MCFisherOperator(_DataCurvatureOperator):
+    r"""Monte-Carlo Fisher (type-I): :math:`\sum_n J_n^\top \hat r_n \hat r_n^\top J_n`, labels sampled.
+
+    :math:`\hat r_n = \nabla_f \ell(f_n, \hat y_n)` with :math:`\hat y_n \sim p(y \mid f_n)`,
+    averaged over ``mc_samples`` draws.  Its expectation is the GGN for these likelihoods.
+    Draws for batch ``i`` use a generator seeded with ``seed + i``, so the operator is a fixed
+    matrix as long as the loader yields the same batches in the same order.
+
+    Args:
+        model: The network.
+        loader: The data.
+        mc_samples: Label draws per sample.
+        seed: Base seed of the label draws.
+        **kwargs: As :class:`GGNOperator` (likelihood, subset, sigma_noise, ...).
+    """
+
+    def __init__(self, model, loader, *, mc_samples: int = 1, seed: int = 0, **kwargs):
+        super().__init__(model, loader, **kwargs)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}.")
+        self.mc_samples, self.seed = mc_samples, int(seed)
+
+    def _output_matvec(self, f: Tensor, u: Tensor, y: Tensor, index: int) -> Tensor:
+        gen = torch.Generator(device=f.device).manual_seed(self.seed + index)
+        sigma = math.sqrt(self.sigma2)
+        out = torch.zeros_like(u)
+        for _ in range(self.mc_samples):
+            y_hat = self.likelihood.sample(f, sigma=sigma, generator=gen)
+            r = self.likelihood.grad_f(f, y_hat) / self.sigma2
+            out += r * (r * u).sum(-1, keepdim=True)
+        return out / self.mc_samples
+
+
+class HessianOperator(_DataCurvatureOperator):
+    r"""Exact Hessian :math:`\nabla^2_\theta \sum_n -\log p(y_n \mid f(x_n, \theta))` (may be indefinite).
+
+    Products by forward-over-reverse differentiation (``jvp`` of ``grad``), one per batch and
+    column.  Arguments as :class:`GGNOperator`.
+    """
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        V = V.to(self.dtype)
+        fm = self.fmodel
+        out = torch.zeros(self.shape[0], V.shape[1], dtype=self.dtype, device=self.device)
+        sigma = torch.tensor(math.sqrt(self.sigma2), dtype=self.dtype, device=self.device)
+        for i, x, y in self.batches():
+            f0 = fm.forward(x)
+            yc = self.likelihood.check_targets(f0, y, f"batch {i}")
+
+            def loss(theta: Tensor, x=x, yc=yc) -> Tensor:
+                return self.likelihood.nll(fm(theta, x), yc, sigma)
+
+            grad_fn = torch.func.grad(loss)
+            for k in range(V.shape[1]):
+                out[:, k] += torch.func.jvp(grad_fn, (fm.theta,), (V[:, k],))[1]
+        return out

@@ -1,0 +1,140 @@
+r"""Dense posterior: :math:`\Lambda = s\,G + \Lambda_0`, :math:`\Sigma = \Lambda^{-1}`, P×P.
+
+``s = 1/(τσ²)`` is the curvature scale (temperature τ, regression noise σ).  With a scalar
+prior the eigendecomposition :math:`G = U \mathrm{diag}(\lambda) U^\top` is computed once and
+shared by every :meth:`FullPosterior.with_prior`, so a new prior costs O(P²) and the log
+determinant O(P); other priors use a Cholesky factor of Λ.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
+
+__all__ = ["FullPosterior"]
+
+
+class FullPosterior:
+    r"""Gaussian posterior :math:`N(\theta_*, (sG + \Lambda_0)^{-1})` with a dense GGN.
+
+    Args:
+        mean: θ*, shape ``(P,)``.
+        ggn: Unit-noise GGN G, shape ``(P, P)``.
+        prior: The prior.
+        scale: Curvature scale s = 1/(τσ²), shape ``()``.
+        eig: Optional precomputed ``(λ, U)`` of G (shared between priors).
+    """
+
+    def __init__(
+        self,
+        mean: Tensor,
+        ggn: Tensor,
+        prior: Prior,
+        scale: Tensor | float = 1.0,
+        *,
+        eig: tuple[Tensor, Tensor] | None = None,
+    ):
+        self.mean = mean
+        self.ggn = ggn
+        self.prior = prior
+        self.scale = torch.as_tensor(scale, dtype=mean.dtype, device=mean.device)
+        self._eig = eig
+
+    @property
+    def n_params(self) -> int:
+        """P."""
+        return self.mean.shape[0]
+
+    # -- factorisations ------------------------------------------------------------------------
+
+    @property
+    def eig(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues ``(P,)`` (clamped at 0) and eigenvectors ``(P, P)`` of G."""
+        if self._eig is None:
+            lam, U = torch.linalg.eigh(self.ggn)
+            self._eig = (lam.clamp_min(0), U)
+        return self._eig
+
+    @cached_property
+    def _eig_precision(self) -> Tensor:
+        """Eigenvalues of Λ = sG + αI (scalar prior only), shape ``(P,)``."""
+        return self.scale * self.eig[0] + self.prior.precision
+
+    def precision(self) -> Tensor:
+        r"""Λ = sG + Λ₀, shape ``(P, P)``."""
+        return self.scale * self.ggn + torch.diag(self.prior.diag())
+
+    @cached_property
+    def _chol(self) -> Tensor:
+        return robust_cholesky(self.precision(), "posterior precision")
+
+    # -- Posterior protocol ----------------------------------------------------------------
+
+    def log_det(self) -> Tensor:
+        r"""log|Λ| of the precision Λ = sG + Λ₀ (not of Σ), shape ``()``."""
+        if self.prior.is_scalar:
+            return torch.log(self._eig_precision).sum()
+        return 2 * torch.log(torch.diagonal(self._chol)).sum()
+
+    def to_dense(self) -> Tensor:
+        r"""Σ = Λ⁻¹, shape ``(P, P)``."""
+        if self.prior.is_scalar:
+            _, U = self.eig
+            return (U / self._eig_precision) @ U.T
+        return torch.cholesky_inverse(self._chol)
+
+    def covariance_matvec(self, V: Tensor) -> Tensor:
+        """Σ V for ``V`` of shape ``(P,)`` or ``(P, K)``; same shape back."""
+        check_V(V, self.n_params)
+        W = V.unsqueeze(1) if V.ndim == 1 else V
+        if self.prior.is_scalar:
+            _, U = self.eig
+            out = U @ ((U.T @ W) / self._eig_precision.unsqueeze(1))
+        else:
+            out = torch.cholesky_solve(W, self._chol)
+        return out.squeeze(1) if V.ndim == 1 else out
+
+    def functional_covariance(self, J: Tensor) -> Tensor:
+        """J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``."""
+        check_J(J, self.n_params)
+        if self.prior.is_scalar:
+            _, U = self.eig
+            JU = J @ U
+            return (JU / self._eig_precision) @ JU.transpose(1, 2)
+        B, C, P = J.shape
+        W = torch.linalg.solve_triangular(self._chol, J.reshape(B * C, P).T, upper=False)
+        W = W.T.reshape(B, C, P)
+        return W @ W.transpose(1, 2)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``."""
+        z = standard_normal(
+            n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
+        )
+        if self.prior.is_scalar:
+            _, U = self.eig
+            return self.mean + (z / self._eig_precision.sqrt()) @ U.T
+        # Λ = L Lᵀ  =>  θ = θ* + L⁻ᵀ z has covariance Λ⁻¹
+        X = torch.linalg.solve_triangular(self._chol.T, z.T, upper=True)
+        return self.mean + X.T
+
+    def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> FullPosterior:
+        """A new posterior with another prior (and curvature scale); no new pass over data."""
+        return FullPosterior(
+            self.mean, self.ggn, prior, self.scale if scale is None else scale, eig=self._eig
+        )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors that define the curvature part (the prior is stored by the wrapper)."""
+        return {"ggn": self.ggn}
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, Tensor], mean: Tensor, prior: Prior, scale: Tensor
+    ) -> FullPosterior:
+        """Rebuild from :meth:`state_dict`."""
+        return cls(mean, state["ggn"], prior, scale)

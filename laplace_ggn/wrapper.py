@@ -1,0 +1,585 @@
+r"""`LaplaceWrapper`: the user-facing composition of likelihood, subset, curvature and posterior.
+
+It holds no mathematics of its own: curvature comes from :mod:`laplace_ggn.ggn` (and
+:mod:`laplace_ggn.kfac`), the Gaussian from :mod:`laplace_ggn.posteriors`, the evidence from
+:mod:`laplace_ggn.marglik`, predictions from :mod:`laplace_ggn.predictive`.
+
+Curvature is computed on a private copy of the model in eval mode (BatchNorm statistics
+frozen, dropout off); the user's model is never modified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import marglik as _marglik
+from ._checks import (
+    DEFAULT_MEMORY_BUDGET,
+    Likelihood,
+    Structure,
+    as_enum,
+    check_finite,
+    check_positive,
+)
+from .functional import (
+    FunctionalModel,
+    ParamLayout,
+    input_tensors,
+    resolve_subset,
+    split_batch,
+    to_device,
+)
+from .ggn import DiagGGNCollector, FullGGNCollector, dense_bytes
+from .likelihoods import FitStatistics, get_likelihood
+from .posteriors import DiagPosterior, FullPosterior, Prior, make_prior
+
+__all__ = ["LaplaceWrapper"]
+
+STATE_FORMAT_VERSION = 1
+_PROGRESS_MIN_BATCHES = 20
+
+
+@dataclass(frozen=True)
+class StructureSpec:
+    """How one structure is collected from data and turned into a posterior.
+
+    Attributes:
+        make_collector: ``(fmodel, likelihood, wrapper) -> collector`` with ``update(x, where)
+            -> f`` and ``finalize() -> curvature``.
+        build: ``(curvature, mean, prior, scale, wrapper) -> posterior``.
+        posterior_cls: Class with ``from_state_dict(state, mean, prior, scale)``.
+        memory_bytes: ``(P, dtype, wrapper) -> bytes`` the stored structure needs.
+    """
+
+    make_collector: Callable
+    build: Callable
+    posterior_cls: type
+    memory_bytes: Callable[[int, torch.dtype, "LaplaceWrapper"], int]
+
+
+STRUCTURES: dict[Structure, StructureSpec] = {
+    Structure.FULL: StructureSpec(
+        make_collector=lambda fm, lik, la: FullGGNCollector(fm, lik),
+        build=lambda G, mean, prior, scale, la: FullPosterior(mean, G, prior, scale),
+        posterior_cls=FullPosterior,
+        memory_bytes=lambda P, dtype, la: dense_bytes(P, dtype),
+    ),
+    Structure.DIAG: StructureSpec(
+        make_collector=lambda fm, lik, la: DiagGGNCollector(fm, lik),
+        build=lambda d, mean, prior, scale, la: DiagPosterior(mean, d, prior, scale),
+        posterior_cls=DiagPosterior,
+        memory_bytes=lambda P, dtype, la: P * torch.empty((), dtype=dtype).element_size(),
+    ),
+}
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.3g} GB"
+
+
+class LaplaceWrapper:
+    r"""Laplace posterior of a trained network from its generalised Gauss-Newton matrix.
+
+    .. math::
+        p(\theta \mid \mathcal D) \approx N(\theta_*, \Sigma), \qquad
+        \Sigma^{-1} = \Lambda = G / \tau + \Lambda_0 .
+
+    Args:
+        model: Trained network returning outputs of shape ``(B, C)``; never modified.
+        likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
+        structure: ``"full"``, ``"diag"``, ``"kfac"`` or ``"lowrank"``.
+        subset: ``"all"``, ``"last_layer"`` or a list of parameter names.
+        prior_precision: Float, or tensor of shape ``(T,)`` (one per parameter tensor of the
+            subset) or ``(P,)``.
+        sigma_noise: Observation noise σ (regression only).
+        temperature: τ; the curvature is divided by it.
+        rank: ``lowrank`` only: ``None`` for exact Woodbury, an int for the top-k eigenpairs.
+        input_key: Key of the inputs in mapping batches.
+        target_key: Key of the targets in mapping batches.
+        memory_budget: Bytes for chunked intermediates and for the largest dense structure.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or an option has the wrong type.
+        ValueError: If an option has an invalid value; the message lists the valid ones.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> la = LaplaceWrapper(model, "classification", structure="diag").fit(DataLoader(data, 8))
+        >>> la.sample(5).shape
+        torch.Size([5, 67])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "classification",
+        *,
+        structure: str | Structure = "kfac",
+        subset: str | list[str] = "all",
+        prior_precision: float | Tensor = 1.0,
+        sigma_noise: float | Tensor = 1.0,
+        temperature: float = 1.0,
+        rank: int | None = None,
+        input_key: str = "input",
+        target_key: str = "target",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        self.model = model
+        self.likelihood = as_enum(Likelihood, likelihood, "likelihood")
+        self.structure = as_enum(Structure, structure, "structure")
+        self._lik = get_likelihood(self.likelihood)
+        param = next(iter(model.parameters()), None)
+        if param is None:
+            raise ValueError("model must have parameters; got a module with none.")
+        self._dtype, self._device = param.dtype, param.device
+        # resolve the subset now where no data is needed, to fail early on bad names
+        self.subset = subset
+        self._layout: ParamLayout | None = (
+            None if subset == "last_layer" else resolve_subset(model, subset)
+        )
+        self._prior_precision = self._check_prior_input(prior_precision)
+        if self._layout is not None:
+            make_prior(self._prior_precision, self._layout, dtype=self._dtype, device=self._device)
+        sigma = torch.as_tensor(sigma_noise, dtype=self._dtype, device=self._device)
+        if sigma.ndim != 0:
+            raise ValueError(f"sigma_noise must be a scalar; got shape {tuple(sigma.shape)}.")
+        check_positive(sigma, "sigma_noise")
+        if self.likelihood is not Likelihood.REGRESSION and float(sigma) != 1.0:
+            raise ValueError(
+                f"sigma_noise applies to likelihood='regression' only; got sigma_noise={float(sigma)} "
+                f"with likelihood={self.likelihood.value!r}."
+            )
+        self._sigma_noise = sigma
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float; got {type(temperature).__name__}.")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0; got {temperature}.")
+        self.temperature = float(temperature)
+        if rank is not None:
+            if self.structure is not Structure.LOWRANK:
+                raise ValueError(
+                    f"rank applies to structure='lowrank' only; got rank={rank} with "
+                    f"structure={self.structure.value!r}."
+                )
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
+        self.rank = rank
+        self.input_key, self.target_key = input_key, target_key
+        if not isinstance(memory_budget, int) or memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive int (bytes); got {memory_budget!r}.")
+        self.memory_budget = memory_budget
+        self._posterior = None
+        self._fmodel: FunctionalModel | None = None
+        self._stats: FitStatistics | None = None
+
+    # -- validation helpers ------------------------------------------------------------------
+
+    def _check_prior_input(self, prior_precision: float | Tensor) -> Tensor:
+        if isinstance(prior_precision, bool) or not isinstance(prior_precision, (int, float, Tensor)):
+            raise TypeError(
+                f"prior_precision must be a float or a tensor; got {type(prior_precision).__name__}."
+            )
+        t = torch.as_tensor(prior_precision, dtype=self._dtype, device=self._device)
+        check_positive(t.detach(), "prior_precision")
+        return t
+
+    def _require_fit(self, what: str) -> None:
+        if self._posterior is None:
+            raise RuntimeError(f"{what} needs a fitted posterior; call fit(train_loader) first.")
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`from_state_dict`) has produced a posterior."""
+        return self._posterior is not None
+
+    @property
+    def posterior(self):
+        """The fitted posterior object (see :mod:`laplace_ggn.posteriors`).
+
+        Raises:
+            RuntimeError: If the wrapper is not fitted.
+        """
+        self._require_fit("posterior")
+        return self._posterior
+
+    @property
+    def n_params(self) -> int:
+        """P, the number of parameters in the subset.
+
+        Raises:
+            RuntimeError: If the subset is 'last_layer' and the wrapper is not fitted yet.
+        """
+        if self._layout is None:
+            raise RuntimeError("n_params of subset='last_layer' is known after fit(train_loader).")
+        return self._layout.n_params
+
+    @property
+    def prior_precision(self) -> Tensor:
+        """Current prior precision, shape ``()``, ``(T,)`` or ``(P,)``."""
+        return self._prior_precision.detach()
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        """Current observation noise σ, shape ``()``."""
+        return self._sigma_noise.detach()
+
+    def _scale(self, sigma: Tensor) -> Tensor:
+        if self.likelihood is Likelihood.REGRESSION:
+            return 1.0 / (self.temperature * sigma**2)
+        return torch.as_tensor(1.0 / self.temperature, dtype=self._dtype, device=self._device)
+
+    def _prior(self, precision: Tensor) -> Prior:
+        assert self._layout is not None
+        return make_prior(precision, self._layout, dtype=self._dtype, device=self._device)
+
+    # -- fitting ---------------------------------------------------------------------------
+
+    def fit(self, train_loader: Iterable, *, progress: bool | None = None) -> LaplaceWrapper:
+        """Collect the curvature in one pass over the data and build the posterior.
+
+        Args:
+            train_loader: Iterable of ``(x, y)`` batches or mappings; ``x`` may be a tensor,
+                a tuple or a dict of tensors.
+            progress: Show a tqdm bar (``None``: only for loaders of 20 batches or more).
+
+        Returns:
+            ``self``, fitted.
+
+        Raises:
+            ValueError: If the loader is empty, a batch is malformed, holds NaN/Inf, targets do
+                not fit the likelihood, or the structure would exceed the memory budget. The
+                wrapper keeps its previous state.
+            TypeError: If ``train_loader`` is not iterable.
+        """
+        if not isinstance(train_loader, Iterable):
+            raise TypeError(
+                f"train_loader must be an iterable of batches (e.g. a DataLoader); "
+                f"got {type(train_loader).__name__}."
+            )
+        spec = STRUCTURES.get(self.structure)
+        if spec is None:
+            raise NotImplementedError(f"structure={self.structure.value!r} is not available.")
+        iterator = iter(train_loader)
+        try:
+            first = next(iterator)
+        except StopIteration:
+            raise ValueError("train_loader must yield at least one batch; got an empty loader.") from None
+        x0, _ = split_batch(first, input_key=self.input_key, target_key=self.target_key, where="batch 0")
+        layout = self._layout or resolve_subset(self.model, self.subset, self._to_device(x0))
+        prior = make_prior(self._prior_precision, layout, dtype=self._dtype, device=self._device)
+        need = spec.memory_bytes(layout.n_params, self._dtype, self)
+        if need > self.memory_budget:
+            raise ValueError(self._memory_message(need, layout.n_params))
+        fmodel = FunctionalModel(self.model, layout, memory_budget=self.memory_budget)
+        collector = spec.make_collector(fmodel, self._lik, self)
+        n_data, loss_sum, n_out = 0, 0.0, None
+        try:
+            total = len(train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        show = progress if progress is not None else (total is not None and total >= _PROGRESS_MIN_BATCHES)
+        batches = _chain_first(first, iterator)
+        with tqdm(batches, total=total, disable=not show, desc=f"fit {self.structure.value}") as bar:
+            for i, batch in enumerate(bar):
+                where = f"batch {i}"
+                x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
+                x = self._to_device(x)
+                for t in input_tensors(x):
+                    check_finite(t, "input", where)
+                f = collector.update(x, where)
+                check_finite(f, "model output", where)
+                y = self._lik.check_targets(f, y.to(self._device), where)
+                check_finite(y, "targets", where)
+                if n_out is not None and f.shape[1] != n_out:
+                    raise ValueError(
+                        f"model output in {where} must have {n_out} columns like batch 0; "
+                        f"got {f.shape[1]}."
+                    )
+                n_out = f.shape[1]
+                loss_sum += float(self._lik.loss_statistic(f, y))
+                n_data += f.shape[0]
+        curvature = collector.finalize()
+        check_finite(curvature if isinstance(curvature, Tensor) else torch.zeros(()), "curvature")
+        posterior = spec.build(curvature, fmodel.theta, prior, self._scale(self._sigma_noise), self)
+        # commit: all or nothing
+        self._layout, self._fmodel = layout, fmodel
+        self._stats = FitStatistics(n_data, int(n_out), loss_sum)
+        self._posterior = posterior
+        return self
+
+    def _to_device(self, x: object) -> object:
+        return to_device(x, self._device)
+
+    def _memory_message(self, need: int, P: int) -> str:
+        fits = [
+            f"{s.value!r} ({_gb(spec.memory_bytes(P, self._dtype, self))})"
+            for s, spec in STRUCTURES.items()
+            if spec.memory_bytes(P, self._dtype, self) <= self.memory_budget
+        ]
+        return (
+            f"structure={self.structure.value!r} needs {_gb(need)} for P={P} parameters in "
+            f"{self._dtype}, over the memory budget of {_gb(self.memory_budget)}. Structures that "
+            f"fit: {', '.join(fits) or 'none'}; or pass memory_budget= (bytes) to allow more, "
+            "or subset='last_layer'."
+        )
+
+    # -- posterior quantities ------------------------------------------------------------------
+
+    def posterior_covariance(self) -> Tensor:
+        """Dense posterior covariance Σ, shape ``(P, P)``.
+
+        Raises:
+            RuntimeError: If not fitted.
+            ValueError: If P×P exceeds the memory budget (the message gives the GB needed).
+        """
+        self._require_fit("posterior_covariance()")
+        P = self.n_params
+        need = dense_bytes(P, self._dtype)
+        if need > self.memory_budget:
+            raise ValueError(
+                f"posterior_covariance() needs a dense ({P}, {P}) matrix of {_gb(need)}, over "
+                f"the memory budget of {_gb(self.memory_budget)}. Use functional_covariance(x), "
+                "sample(n) or posterior.covariance_matvec(V) instead, or raise memory_budget=."
+            )
+        return self._posterior.to_dense()
+
+    def log_marginal_likelihood(
+        self, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
+    ) -> Tensor:
+        r"""Laplace evidence :math:`\log p(\mathcal D)`, shape ``()``.
+
+        Differentiable in ``prior_precision`` and ``sigma_noise`` when they are tensors that
+        require grad.
+
+        Args:
+            prior_precision: Evaluate at this prior precision (default: the current one).
+            sigma_noise: Evaluate at this σ (regression; default: the current one).
+
+        Returns:
+            The log marginal likelihood.
+
+        Raises:
+            RuntimeError: If not fitted.
+            ValueError: If a hyperparameter is not positive or has the wrong shape.
+        """
+        self._require_fit("log_marginal_likelihood()")
+        post = self._posterior_at(prior_precision, sigma_noise)
+        sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
+        return _marglik.log_marginal_likelihood(post, self._stats, self._lik, sigma)
+
+    def _as_sigma(self, sigma_noise: float | Tensor) -> Tensor:
+        s = torch.as_tensor(sigma_noise, dtype=self._dtype, device=self._device)
+        if s.ndim != 0:
+            raise ValueError(f"sigma_noise must be a scalar; got shape {tuple(s.shape)}.")
+        check_positive(s.detach(), "sigma_noise")
+        return s
+
+    def _posterior_at(self, prior_precision=None, sigma_noise=None):
+        """The fitted posterior with other hyperparameters (no refit)."""
+        if prior_precision is None and sigma_noise is None:
+            return self._posterior
+        prec = self._prior_precision if prior_precision is None else prior_precision
+        if isinstance(prec, Tensor):
+            prec = prec.to(dtype=self._dtype, device=self._device)
+        sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
+        return self._posterior.with_prior(self._prior(prec), self._scale(sigma))
+
+    def set_hyperparameters(
+        self, *, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
+    ) -> LaplaceWrapper:
+        """Replace the prior precision and/or σ (no refit); validated before anything changes.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            RuntimeError: If not fitted.
+            ValueError: If a value is invalid.
+        """
+        self._require_fit("set_hyperparameters()")
+        prec = self._prior_precision if prior_precision is None else self._check_prior_input(prior_precision)
+        sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
+        if self.likelihood is not Likelihood.REGRESSION and float(sigma) != 1.0:
+            raise ValueError("sigma_noise applies to likelihood='regression' only.")
+        post = self._posterior.with_prior(self._prior(prec.detach()), self._scale(sigma.detach()))
+        self._prior_precision, self._sigma_noise, self._posterior = prec.detach(), sigma.detach(), post
+        return self
+
+    def jacobians(self, x: object) -> tuple[Tensor, Tensor]:
+        """Jacobians of the outputs at test inputs.
+
+        Args:
+            x: Model input (tensor, tuple or dict) of batch size B.
+
+        Returns:
+            ``(J, f)``: shape ``(B, C, P)`` and outputs ``(B, C)``.
+
+        Raises:
+            RuntimeError: If not fitted.
+        """
+        self._require_fit("jacobians()")
+        x = self._to_device(x)
+        for t in input_tensors(x):
+            check_finite(t, "input")
+        return self._fmodel.jacobians(x)
+
+    def functional_covariance(self, x: object) -> Tensor:
+        r"""Covariance of the linearised outputs, :math:`J(x) \Sigma J(x)^\top`.
+
+        Never forms Σ for diag/kfac/lowrank structures; Jacobians are computed in chunks.
+
+        Args:
+            x: Model input of batch size B.
+
+        Returns:
+            Shape ``(B, C, C)`` (without observation noise).
+
+        Raises:
+            RuntimeError: If not fitted.
+            ValueError: If the input holds NaN/Inf.
+        """
+        self._require_fit("functional_covariance()")
+        x = self._to_device(x)
+        for t in input_tensors(x):
+            check_finite(t, "input")
+        out = []
+        C = self._stats.n_outputs
+        per_sample = 4 * C * self.n_params * torch.empty((), dtype=self._dtype).element_size()
+        for xc in self._fmodel.chunks(x, self._fmodel.chunk_size(per_sample)):
+            J, _ = self._fmodel.jacobians(xc, n_outputs=C)
+            out.append(self._posterior.functional_covariance(J))
+        return torch.cat(out)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Draw parameter vectors of the subset from the posterior.
+
+        Args:
+            n: Number of samples.
+            generator: Random generator (on the model's device) for reproducibility.
+
+        Returns:
+            Shape ``(n, P)``.
+
+        Raises:
+            RuntimeError: If not fitted.
+            ValueError: If ``n`` is not a positive integer.
+        """
+        self._require_fit("sample()")
+        return self._posterior.sample(n, generator=generator)
+
+    # -- predictions and hyperparameter tuning ------------------------------------------------
+
+    # -- diagnostics -----------------------------------------------------------------------
+
+    # -- serialisation ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to rebuild the fitted wrapper with :meth:`from_state_dict`.
+
+        Raises:
+            RuntimeError: If not fitted.
+        """
+        self._require_fit("state_dict()")
+        layout = self._layout
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "likelihood": self.likelihood.value,
+            "structure": self.structure.value,
+            "subset": list(layout.names),
+            "shapes": [tuple(s) for s in layout.shapes],
+            "prior_precision": self._prior_precision.detach().clone(),
+            "sigma_noise": self._sigma_noise.detach().clone(),
+            "temperature": self.temperature,
+            "rank": self.rank,
+            "input_key": self.input_key,
+            "target_key": self.target_key,
+            "memory_budget": self.memory_budget,
+            "mean": self._posterior.mean.detach().clone(),
+            "fit_statistics": asdict(self._stats),
+            "posterior": {k: v.detach().clone() if isinstance(v, Tensor) else v
+                          for k, v in self._posterior.state_dict().items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, state: dict) -> LaplaceWrapper:
+        """Rebuild a fitted wrapper from :meth:`state_dict` and a model of the same shapes.
+
+        Args:
+            model: Network with the parameters named in the state (values may differ; θ* is
+                taken from the state).
+            state: Output of :meth:`state_dict`.
+
+        Returns:
+            A fitted wrapper equal to the one saved.
+
+        Raises:
+            ValueError: If the state is from a newer format, or the model's parameters do not
+                match the saved names and shapes.
+        """
+        version = state.get("format_version")
+        if not isinstance(version, int) or version > STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"state format_version must be <= {STATE_FORMAT_VERSION}; got {version!r}. "
+                "It was written by a newer laplace_ggn: upgrade to load it."
+            )
+        named = dict(model.named_parameters())
+        for name, shape in zip(state["subset"], state["shapes"]):
+            if name not in named:
+                raise ValueError(f"model must have parameter {name!r} of the saved state; it has none.")
+            if tuple(named[name].shape) != tuple(shape):
+                raise ValueError(
+                    f"parameter {name!r} must have shape {tuple(shape)} as in the saved state; "
+                    f"got {tuple(named[name].shape)}."
+                )
+        la = cls(
+            model,
+            state["likelihood"],
+            structure=state["structure"],
+            subset=list(state["subset"]),
+            prior_precision=state["prior_precision"],
+            sigma_noise=state["sigma_noise"],
+            temperature=state["temperature"],
+            rank=state["rank"],
+            input_key=state["input_key"],
+            target_key=state["target_key"],
+            memory_budget=state["memory_budget"],
+        )
+        layout = la._layout
+        fmodel = FunctionalModel(model, layout, memory_budget=la.memory_budget)
+        mean = state["mean"].to(dtype=la._dtype, device=la._device)
+        with torch.no_grad():
+            own = dict(fmodel.module.named_parameters())
+            for name, value in layout.unflatten(mean).items():
+                own[name].copy_(value)
+        fmodel.theta = mean.clone()
+        spec = STRUCTURES[la.structure]
+        prior = la._prior(la._prior_precision)
+        la._posterior = spec.posterior_cls.from_state_dict(
+            state["posterior"], fmodel.theta, prior, la._scale(la._sigma_noise)
+        )
+        la._fmodel = fmodel
+        la._stats = FitStatistics(**state["fit_statistics"])
+        return la
+
+    def __repr__(self) -> str:
+        fitted = f"fitted, P={self.n_params}" if self.is_fitted else "not fitted"
+        return (
+            f"LaplaceWrapper(likelihood={self.likelihood.value!r}, structure={self.structure.value!r}, "
+            f"subset={self.subset if isinstance(self.subset, str) else 'list'!r}, {fitted})"
+        )
+
+
+def _chain_first(first: object, rest: Iterable) -> Iterable:
+    yield first
+    yield from rest
