@@ -215,7 +215,10 @@ class Bernoulli:
         """Summed binary cross-entropy, shape ``()``."""
         return F.binary_cross_entropy_with_logits(f, y, reduction="sum")
 
-    nll_from_statistics = Categorical.nll_from_statistics
+    @staticmethod
+    def nll_from_statistics(stats: FitStatistics, sigma: Tensor) -> Tensor:
+        """Summed NLL (σ plays no role)."""
+        return Categorical.nll_from_statistics(stats, sigma)
 
     def nll(self, f: Tensor, y: Tensor, sigma: Tensor | float = 1.0) -> Tensor:
         """Summed binary cross-entropy, shape ``()``."""

@@ -92,7 +92,7 @@ def make_prior(
         raise TypeError(
             f"prior_precision must be a float or a tensor; got {type(precision).__name__}."
         )
-    t = torch.as_tensor(precision).to(dtype=dtype, device=device)
+    t = torch.as_tensor(precision, dtype=dtype, device=device)
     T, P = len(layout.names), layout.n_params
     if t.ndim == 0 or t.shape == (1,):
         kind, t = PriorKind.SCALAR, t.reshape(())

@@ -124,9 +124,8 @@ class FullPosterior:
 
     def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> FullPosterior:
         """A new posterior with another prior (and curvature scale); no new pass over data."""
-        return FullPosterior(
-            self.mean, self.ggn, prior, self.scale if scale is None else scale, eig=self._eig
-        )
+        eig = self.eig if prior.is_scalar else self._eig  # factorise once, share with the new one
+        return FullPosterior(self.mean, self.ggn, prior, self.scale if scale is None else scale, eig=eig)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the curvature part (the prior is stored by the wrapper)."""

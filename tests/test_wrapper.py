@@ -1,0 +1,360 @@
+"""LaplaceWrapper with the full and diagonal structures against dense references."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace_ggn import LaplaceWrapper
+from laplace_ggn.testing import dense_ggn, dense_jacobian, dense_posterior_covariance, nll_per_sample
+from cases import make_case
+
+RTOL = 1e-6
+
+
+def _dense_sigma(case, structure, prior=1.0, sigma=1.0, temperature=1.0):
+    G = dense_ggn(case.model, case.X, case.y, case.likelihood, sigma=sigma)
+    if structure == "diag":
+        G = torch.diag(G.diagonal())
+    return G, dense_posterior_covariance(G / temperature, prior)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_covariance_evidence_functional_match_dense(case, structure):
+    sigma = 0.7 if case.likelihood == "regression" else 1.0
+    la = LaplaceWrapper(
+        case.model, case.likelihood, structure=structure, prior_precision=0.8,
+        sigma_noise=sigma, temperature=1.5,
+    ).fit(case.loader())
+    G, Sigma = _dense_sigma(case, structure, 0.8, sigma, 1.5)
+    torch.testing.assert_close(la.posterior_covariance(), Sigma, rtol=RTOL, atol=1e-10)
+    # evidence from the dense formula
+    theta = torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
+    with torch.no_grad():
+        f = case.model(case.X)
+    nll = nll_per_sample(case.likelihood, f.reshape(len(case.X), -1), case.y, sigma).sum()
+    P = theta.numel()
+    Lam = G / 1.5 + 0.8 * torch.eye(P, dtype=torch.float64)
+    ref = -nll - 0.5 * 0.8 * theta @ theta - 0.5 * torch.logdet(Lam) + 0.5 * P * math.log(0.8)
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref, rtol=RTOL, atol=1e-10)
+    # functional covariance at new inputs
+    Xt = torch.randn(4, 3, dtype=torch.float64)
+    J = dense_jacobian(case.model, Xt)
+    torch.testing.assert_close(
+        la.functional_covariance(Xt), torch.einsum("bcp,pq,bdq->bcd", J, Sigma, J), rtol=RTOL, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_evidence_differentiable_in_prior_and_sigma(structure):
+    case = make_case("mlp_regression")
+    la = LaplaceWrapper(case.model, "regression", structure=structure).fit(case.loader())
+    a = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    ga, gs = torch.autograd.grad(la.log_marginal_likelihood(a, s), (a, s))
+    eps = 1e-6
+    for g, fn in [
+        (ga, lambda e: la.log_marginal_likelihood(0.9 + e, 0.8)),
+        (gs, lambda e: la.log_marginal_likelihood(0.9, 0.8 + e)),
+    ]:
+        fd = (fn(eps) - fn(-eps)) / (2 * eps)
+        torch.testing.assert_close(g, fd.detach(), rtol=1e-5, atol=1e-7)
+
+
+def _blr_evidence(Phi, y, alpha, sigma):
+    N = Phi.shape[0]
+    K = sigma**2 * torch.eye(N, dtype=torch.float64) + Phi @ Phi.T / alpha
+    return torch.distributions.MultivariateNormal(torch.zeros(N, dtype=torch.float64), K).log_prob(y)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_bayesian_linear_regression_evidence_closed_form(structure):
+    g = torch.Generator().manual_seed(0)
+    N, D, alpha, sigma = 30, 3, 0.5, 0.4
+    X = torch.randn(N, D, dtype=torch.float64, generator=g)
+    if structure == "diag":  # orthogonal features: the GGN is diagonal, so diag is exact too
+        X = torch.linalg.qr(X)[0] * math.sqrt(N)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + sigma * torch.randn(N, dtype=torch.float64, generator=g)
+    model = nn.Linear(D, 1, bias=False).double()
+    Lam = X.T @ X / sigma**2 + alpha * torch.eye(D, dtype=torch.float64)
+    w = torch.linalg.solve(Lam, X.T @ y / sigma**2)
+    with torch.no_grad():
+        model.weight.copy_(w.reshape(1, D))
+    la = LaplaceWrapper(model, "regression", structure=structure, prior_precision=alpha, sigma_noise=sigma)
+    la.fit(DataLoader(TensorDataset(X, y.unsqueeze(1)), batch_size=7))
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), _blr_evidence(X, y, alpha, sigma), rtol=1e-10, atol=1e-10
+    )
+    torch.testing.assert_close(la.posterior_covariance(), torch.linalg.inv(Lam), rtol=1e-10, atol=1e-12)
+
+
+def test_samples_reproducible_and_distributed():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="full").fit(case.loader())
+    s1 = la.sample(5, generator=torch.Generator().manual_seed(3))
+    s2 = la.sample(5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(s1, s2, rtol=0, atol=0)
+    assert s1.shape == (5, la.n_params)
+
+
+class FunctionalLayerNet(nn.Module):
+    """A custom layer without nn.Linear: the diagonal takes the per-sample Jacobian path."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w1.T) @ self.w2.T
+
+
+class MixedNet(nn.Module):
+    """Linear layers plus a LayerNorm and a free parameter: hooks and fallback together."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+        self.l2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.norm(self.l1(x)))) * self.scale
+
+
+class SharedLinearNet(nn.Module):
+    """The same Linear runs twice: hooks cannot be used."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.l(torch.tanh(self.l(x)))
+
+
+@pytest.mark.parametrize("net", [FunctionalLayerNet, MixedNet, SharedLinearNet])
+def test_diag_fallback_paths_match_dense(net):
+    torch.manual_seed(0)
+    model = net().double()
+    X = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    la = LaplaceWrapper(model, "classification", structure="diag").fit(DataLoader(TensorDataset(X, y), 4))
+    G = dense_ggn(model, X, y, "classification")
+    torch.testing.assert_close(la.posterior.ggn_diag, G.diagonal(), rtol=1e-8, atol=1e-12)
+
+
+def test_linear_with_sequence_dims_diag():
+    torch.manual_seed(0)
+
+    class SeqNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(3, 4)
+            self.l2 = nn.Linear(4, 2)
+
+        def forward(self, x):  # x (B, T, 3)
+            return self.l2(torch.tanh(self.l1(x))).mean(1)
+
+    model = SeqNet().double()
+    X = torch.randn(6, 5, 3, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    la = LaplaceWrapper(model, "regression", structure="diag").fit(DataLoader(TensorDataset(X, y), 4))
+    G = dense_ggn(model, X, y, "regression")
+    torch.testing.assert_close(la.posterior.ggn_diag, G.diagonal(), rtol=1e-8, atol=1e-12)
+
+
+def test_state_dict_round_trip_exact():
+    case = make_case("mlp_classification")
+    for structure in ["full", "diag"]:
+        la = LaplaceWrapper(case.model, "classification", structure=structure, prior_precision=2.0).fit(case.loader())
+        state = la.state_dict()
+        other = copy.deepcopy(case.model)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(1.0)  # values differ, shapes agree: θ* comes from the state
+        la2 = LaplaceWrapper.from_state_dict(other, state)
+        torch.testing.assert_close(la2.posterior_covariance(), la.posterior_covariance(), rtol=0, atol=0)
+        torch.testing.assert_close(la2.log_marginal_likelihood(), la.log_marginal_likelihood(), rtol=0, atol=0)
+        Xt = torch.randn(3, 3, dtype=torch.float64)
+        torch.testing.assert_close(la2.functional_covariance(Xt), la.functional_covariance(Xt), rtol=0, atol=0)
+    bad = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match=r"parameter '0.weight' must have shape \(4, 3\).*got \(5, 3\)"):
+        LaplaceWrapper.from_state_dict(bad, state)
+    with pytest.raises(ValueError, match="format_version must be <= 1; got 99"):
+        LaplaceWrapper.from_state_dict(case.model, {**state, "format_version": 99})
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def test_user_model_untouched_by_fit_and_queries():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Tanh(), nn.Linear(4, 3)).double()
+    model.train()
+    X = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    before = _snapshot(model)
+    for structure in ["full", "diag"]:
+        la = LaplaceWrapper(model, "classification", structure=structure).fit(DataLoader(TensorDataset(X, y), 5))
+        la.sample(3)
+        la.functional_covariance(X[:2])
+        la.log_marginal_likelihood()
+        with pytest.raises(ValueError):
+            LaplaceWrapper(model, "classification", structure=structure).fit(
+                DataLoader(TensorDataset(X, y + 5), 5)
+            )
+    after = _snapshot(model)
+    for a, b in zip(before[0].values(), after[0].values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert before[1:] == after[1:]
+    # eval mode is used for curvature: the Jacobian of the eval network
+    la = LaplaceWrapper(model, "classification", structure="full").fit(DataLoader(TensorDataset(X, y), 5))
+    ref_model = copy.deepcopy(model).eval()
+    G = dense_ggn(ref_model, X, y, "classification")
+    torch.testing.assert_close(la.posterior.ggn, G, rtol=1e-8, atol=1e-12)
+
+
+class TwoInputNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(2, 2)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z)
+
+
+def test_tuple_dict_and_mapping_inputs_agree():
+    torch.manual_seed(0)
+    model = TwoInputNet().double()
+    X = torch.randn(9, 3, dtype=torch.float64)
+    Z = torch.randn(9, 2, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,))
+    tuple_batches = [((X[i : i + 4], Z[i : i + 4]), y[i : i + 4]) for i in range(0, 9, 4)]
+    dict_batches = [({"x": X[i : i + 4], "z": Z[i : i + 4]}, y[i : i + 4]) for i in range(0, 9, 4)]
+    map_batches = [{"inp": (X[i : i + 4], Z[i : i + 4]), "lab": y[i : i + 4]} for i in range(0, 9, 4)]
+    covs = []
+    for batches, kw in [(tuple_batches, {}), (dict_batches, {}), (map_batches, dict(input_key="inp", target_key="lab"))]:
+        la = LaplaceWrapper(model, "classification", structure="full", **kw).fit(batches)
+        covs.append(la.posterior_covariance())
+    torch.testing.assert_close(covs[0], covs[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(covs[0], covs[2], rtol=1e-12, atol=1e-14)
+    fc = la.functional_covariance((X[:2], Z[:2]))
+    assert fc.shape == (2, 2, 2)
+
+
+def test_small_memory_budget_chunks_jacobians_identically():
+    case = make_case("mlp_classification")
+    big = LaplaceWrapper(case.model, "classification", structure="full").fit(case.loader())
+    small = LaplaceWrapper(case.model, "classification", structure="full", memory_budget=30_000).fit(case.loader())
+    torch.testing.assert_close(small.posterior_covariance(), big.posterior_covariance(), rtol=1e-12, atol=1e-14)
+
+
+def test_last_layer_subset_full():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="full", subset="last_layer").fit(case.loader())
+    assert la.n_params == 4 * 3 + 3
+    G = dense_ggn(case.model, case.X, case.y, "classification", names=["2.weight", "2.bias"])
+    torch.testing.assert_close(la.posterior_covariance(), dense_posterior_covariance(G, 1.0), rtol=RTOL, atol=1e-10)
+
+
+def test_construction_errors():
+    case = make_case("mlp_classification")
+    m = case.model
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module; got function"):
+        LaplaceWrapper(lambda x: x, "classification")
+    with pytest.raises(ValueError, match=r"likelihood must be one of \['regression', 'classification', 'binary'\]; got 'classify'"):
+        LaplaceWrapper(m, "classify")
+    with pytest.raises(ValueError, match=r"structure must be one of \['full', 'diag', 'kfac', 'lowrank'\]; got 'dense'"):
+        LaplaceWrapper(m, "classification", structure="dense")
+    with pytest.raises(ValueError, match="subset must be 'all', 'last_layer' or a list of parameter names; got 'last'"):
+        LaplaceWrapper(m, "classification", subset="last")
+    with pytest.raises(ValueError, match=r"unknown: '2.wieght' \(did you mean '2.weight'"):
+        LaplaceWrapper(m, "classification", subset=["2.wieght"])
+    with pytest.raises(ValueError, match="sigma_noise applies to likelihood='regression' only"):
+        LaplaceWrapper(m, "classification", sigma_noise=2.0)
+    with pytest.raises(ValueError, match=r"sigma_noise must be finite and > 0; got \[-1.0\]"):
+        LaplaceWrapper(m, "regression", sigma_noise=-1.0)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0; got 0"):
+        LaplaceWrapper(m, "classification", temperature=0)
+    with pytest.raises(ValueError, match="rank applies to structure='lowrank' only"):
+        LaplaceWrapper(m, "classification", structure="full", rank=3)
+    with pytest.raises(ValueError, match=r"prior_precision must be finite and > 0; got \[0.0\]"):
+        LaplaceWrapper(m, "classification", prior_precision=0.0)
+    with pytest.raises(ValueError, match=r"prior_precision must be a scalar, or have shape \(4,\)"):
+        LaplaceWrapper(m, "classification", prior_precision=torch.ones(7))
+    with pytest.raises(ValueError, match="memory_budget must be a positive int"):
+        LaplaceWrapper(m, "classification", memory_budget=-5)
+
+
+def test_fit_and_query_errors():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="full")
+    with pytest.raises(RuntimeError, match=r"needs a fitted posterior; call fit\(train_loader\) first"):
+        la.sample(3)
+    with pytest.raises(ValueError, match="must yield at least one batch; got an empty loader"):
+        la.fit([])
+    with pytest.raises(TypeError, match="train_loader must be an iterable of batches"):
+        la.fit(5)
+    X, y = case.X.clone(), case.y.clone()
+    X[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"input in batch 1 must be finite; got 1 NaN and 0 Inf"):
+        la.fit(DataLoader(TensorDataset(X, y), 5))
+    assert not la.is_fitted
+    with pytest.raises(ValueError, match=r"targets \(batch 0\) must lie in \[0, 2\]"):
+        la.fit(DataLoader(TensorDataset(case.X, y + 3), 5))
+    with pytest.raises(ValueError, match=r"must be \(input, target\) pairs or mappings; got tuple of length 3"):
+        la.fit([(case.X, case.y, case.y)])
+    with pytest.raises(ValueError, match=r"must hold keys 'input' and 'target'; got keys \['x', 'y'\]"):
+        la.fit([{"x": case.X, "y": case.y}])
+    with pytest.raises(ValueError, match=r"needs .* for P=31 parameters .* over the memory budget.*Structures that fit: 'diag'"):
+        LaplaceWrapper(case.model, "classification", structure="full", memory_budget=5000).fit(case.loader())
+    la.fit(case.loader())
+    with pytest.raises(ValueError, match=r"posterior_covariance\(\) needs a dense \(31, 31\) matrix"):
+        la.memory_budget = 100
+        la.posterior_covariance()
+    la.memory_budget = 2**30
+    with pytest.raises(ValueError, match="n must be a positive integer; got -1"):
+        la.sample(-1)
+    with pytest.raises(ValueError, match="input must be finite"):
+        la.functional_covariance(torch.full((2, 3), float("inf"), dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"sigma_noise must be a scalar; got shape \(2,\)"):
+        la.log_marginal_likelihood(sigma_noise=torch.ones(2))
+    with pytest.raises(RuntimeError, match="n_params of subset='last_layer' is known after fit"):
+        LaplaceWrapper(case.model, "classification", subset="last_layer").n_params
+
+
+def test_failed_refit_keeps_previous_fit():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="full").fit(case.loader())
+    before = la.posterior_covariance().clone()
+    y = case.y.clone()
+    y[-1] = 9
+    with pytest.raises(ValueError, match="batch 2"):
+        la.fit(DataLoader(TensorDataset(case.X, y), 5))
+    torch.testing.assert_close(la.posterior_covariance(), before, rtol=0, atol=0)
+
+
+def test_model_output_shape_error():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.l(x).reshape(-1, 2, 2)
+
+    X = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"model output must have shape \(B, C\) or \(B,\); got \(4, 2, 2\)"):
+        LaplaceWrapper(Bad(), "regression", structure="diag").fit([(X, torch.randn(4, 4))])
