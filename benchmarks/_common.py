@@ -9,6 +9,7 @@ the last 500 for prediction. Trained weights are cached under the system temp di
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import tempfile
 
@@ -20,7 +21,9 @@ N_TRAIN = 1297
 N_TEST = 500
 
 
-def digits(seed: int = 0, *, images: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def digits(
+    seed: int = 0, *, images: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digits scaled to [0, 1]: ``(X_train (1297, 64), y_train, X_test (500, 64), y_test)``.
 
     With ``images=True`` the inputs have shape ``(n, 1, 8, 8)``.
@@ -46,7 +49,7 @@ def mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh, seed: int = 0) -> nn.S
     """Fully connected net ``sizes[0] -> ... -> sizes[-1]`` with ``act`` between layers."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(act())

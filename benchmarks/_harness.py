@@ -38,8 +38,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -151,7 +152,8 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     try:
-        m = re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read())
+        with open("/proc/meminfo") as fh:
+            m = re.search(r"MemTotal:\s+(\d+)", fh.read())
         if m:
             info["memory"] = f"{int(m.group(1)) / 2**20:.1f} GiB"
     except OSError:
@@ -171,7 +173,8 @@ def _sync(device: str) -> None:
 
 def _proc_kib(field_name: str) -> int | None:
     try:
-        m = re.search(rf"{field_name}:\s+(\d+)", open("/proc/self/status").read())
+        with open("/proc/self/status") as fh:
+            m = re.search(rf"{field_name}:\s+(\d+)", fh.read())
     except OSError:
         return None
     return int(m.group(1)) if m else None
@@ -230,7 +233,9 @@ def _memory_child(cases: list[Case], key: str, device: str) -> None:
     print("@@MEM@@" + json.dumps({"key": key, "peak_mib": mib, "method": how}), flush=True)
 
 
-def measure_memory(script: str, argv: list[str], key: str, timeout: float = 1800) -> tuple[float | None, str]:
+def measure_memory(
+    script: str, argv: list[str], key: str, timeout: float = 1800
+) -> tuple[float | None, str]:
     """Run ``script argv --mem-child key`` in a fresh interpreter; parse its report."""
     cmd = [sys.executable, script, *argv, "--mem-child", key, "--no-memory"]
     try:
@@ -248,7 +253,9 @@ def measure_memory(script: str, argv: list[str], key: str, timeout: float = 1800
 # --------------------------------------------------------------------------- timing
 
 
-def run_interleaved(cases: list[Case], *, reps: int, warmup: int, device: str = "cpu", log=print) -> list[Result]:
+def run_interleaved(
+    cases: list[Case], *, reps: int, warmup: int, device: str = "cpu", log=print
+) -> list[Result]:
     """Time all cases alternately: each round calls every case once, in a rotated order."""
     results = {c.key: Result(c.task, c.impl, c.role, scale=c.scale, note=c.note) for c in cases}
     states: dict[str, Any] = {}
@@ -304,7 +311,8 @@ def run_interleaved(cases: list[Case], *, reps: int, warmup: int, device: str = 
                 continue
             if not is_warm:
                 res.times.append(dt)
-            log(f"  round {r + 1}/{n_rounds}{' (warm-up)' if is_warm else ''} {c.key}: {dt * c.scale:.4g} s")
+            tag = " (warm-up)" if is_warm else ""
+            log(f"  round {r + 1}/{n_rounds}{tag} {c.key}: {dt * c.scale:.4g} s")
     return [results[c.key] for c in cases]
 
 
@@ -369,6 +377,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--only", default=None, help="run only cases whose 'task/impl' contains this")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-only", action="store_true",
+                   help="skip the timing; only measure peak memory (one subprocess per case)")
     p.add_argument("--json", default=None, help="write results and metadata to this JSON file")
     p.add_argument("--device", default="cpu", help="torch device (cpu or cuda)")
     p.add_argument("--seed", type=int, default=0)
@@ -383,8 +393,13 @@ def main(
     argv: list[str] | None = None,
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
     script: str | None = None,
+    check: Callable[[argparse.Namespace], str] | None = None,
 ) -> list[Result]:
-    """Parse the common flags, build the cases, time them, measure memory, print the table."""
+    """Parse the common flags, build the cases, time them, measure memory, print the table.
+
+    ``check(args)``, if given, is run once before timing (not in memory children); it compares
+    ours with the reference numerically and its text is printed under the table.
+    """
     p = parser(title)
     if extra_args is not None:
         extra_args(p)
@@ -403,13 +418,26 @@ def main(
         return []
 
     print(f"## {title}\n", flush=True)
-    print(f"threads={args.threads} reps={reps} warmup={warmup} device={args.device}", file=sys.stderr)
-    results = run_interleaved(cases, reps=reps, warmup=warmup, device=args.device,
-                              log=lambda s: print(s, file=sys.stderr, flush=True))
+    agreement = ""
+    if check is not None:
+        try:
+            agreement = check(args)
+        except MISSING as e:
+            agreement = f"agreement check skipped: {type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001
+            agreement = f"agreement check failed: {type(e).__name__}: {e}"
+            traceback.print_exc(file=sys.stderr)
+    print(f"threads={args.threads} reps={reps} warmup={warmup} device={args.device}",
+          file=sys.stderr)
+    if args.memory_only:
+        results = [Result(c.task, c.impl, c.role, scale=c.scale, note=c.note) for c in cases]
+    else:
+        results = run_interleaved(cases, reps=reps, warmup=warmup, device=args.device,
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
     mem_method = "not measured"
     if not args.no_memory:
         script = script or sys.argv[0]
-        child_argv = [a for a in raw if a not in ("--no-memory",)]
+        child_argv = [a for a in raw if a not in ("--no-memory", "--memory-only")]
         # drop --json PATH from the child's arguments
         if "--json" in child_argv:
             i = child_argv.index("--json")
@@ -427,6 +455,8 @@ def main(
     print(table)
     print(f"\nthreads={args.threads}, reps={reps}, warm-up={warmup}, device={args.device}; "
           f"peak mem = {mem_method}, one call in a fresh process; * = extrapolated (see notes).")
+    if agreement:
+        print("\n" + agreement)
     if args.json:
         payload = {
             "title": title,
@@ -441,6 +471,7 @@ def main(
             "machine": machine(),
             "results": [r.as_dict() for r in results],
             "markdown": table,
+            "agreement": agreement,
         }
         with open(args.json, "w") as fh:
             json.dump(payload, fh, indent=2)

@@ -60,26 +60,8 @@ def predict_glm_probit(la: Any, x: torch.Tensor) -> torch.Tensor:
 def ggn_operator(model: nn.Module, dl: DataLoader, likelihood: str = "classification"):
     """SLOT: the GGN over the data as a linear operator, ``op @ v`` for v of shape (P,).
 
-    Looks up ``laplace_ggn.operators.GGNOperator`` and passes model / likelihood / loader by
-    whatever names its constructor uses (model, likelihood, loader|data|dataloader|
-    train_loader). Adapt here if the constructor differs.
+    ``laplace_ggn.operators.GGNOperator(model, loader, likelihood=...)``.
     """
-    from laplace_ggn import operators
+    from laplace_ggn.operators import GGNOperator
 
-    cls = operators.GGNOperator
-    sig = inspect.signature(cls)
-    names = list(sig.parameters)
-    kwargs: dict[str, Any] = {}
-    positional: list[Any] = []
-    for name in names:
-        if name in ("self",):
-            continue
-        if name == "model":
-            kwargs[name] = model
-        elif name == "likelihood":
-            kwargs[name] = likelihood
-        elif name in ("loader", "data", "dataloader", "train_loader", "data_loader"):
-            kwargs[name] = dl
-    if not kwargs:
-        positional = [model, likelihood, dl]
-    return cls(*positional, **kwargs)
+    return GGNOperator(model, dl, likelihood=likelihood)

@@ -1,13 +1,38 @@
 """laplace_ggn: post-hoc Laplace approximations from the generalised Gauss-Newton matrix."""
 
 from ._checks import Likelihood, Link, PredictMethod, Structure
+from .diagnostics import KernelDecomposition
+from .linalg import (
+    cg,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    inverse_matvec,
+    lanczos,
+    neumann,
+    power_iteration,
+    spectral_density,
+)
+from .operators import (
+    CallableOperator,
+    DenseOperator,
+    EFOperator,
+    GGNOperator,
+    HessianOperator,
+    LinearOperator,
+    MCFisherOperator,
+    as_operator,
+)
+from .optim import NaturalGradient
+from .predictive import Prediction
 from .wrapper import LaplaceWrapper
-from .operators import CallableOperator, DenseOperator, LinearOperator, as_operator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LaplaceWrapper",
+    "Prediction",
+    "KernelDecomposition",
     "Likelihood",
     "Link",
     "PredictMethod",
@@ -16,5 +41,19 @@ __all__ = [
     "DenseOperator",
     "CallableOperator",
     "as_operator",
+    "GGNOperator",
+    "HessianOperator",
+    "EFOperator",
+    "MCFisherOperator",
+    "cg",
+    "neumann",
+    "power_iteration",
+    "lanczos",
+    "hutchinson_trace",
+    "hutchinson_diagonal",
+    "hutchpp_trace",
+    "spectral_density",
+    "inverse_matvec",
+    "NaturalGradient",
     "__version__",
 ]

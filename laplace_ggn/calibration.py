@@ -26,8 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import binary_calibration_error
-
 from ._checks import check_finite, check_positive, shape_str
 
 __all__ = [
@@ -69,7 +67,7 @@ def _as_tensor(x: object, name: str) -> Tensor:
 
 
 def _check_probs(probs: object) -> Tensor:
-    """Validate probabilities; return them as ``(N,)`` (binary) or ``(N, C)``, ``C >= 2``."""
+    # Validate probabilities; return them as (N,) (binary) or (N, C) with C >= 2.
     probs = _as_tensor(probs, "probs")
     if not probs.is_floating_point():
         raise TypeError(
@@ -148,7 +146,9 @@ def _check_regression(mean: object, var: object, y: object) -> tuple[Tensor, Ten
     if not mean.is_floating_point():
         raise TypeError(f"mean must be a floating-point tensor; got dtype {mean.dtype}.")
     if mean.ndim not in (1, 2) or mean.shape[0] == 0:
-        raise ValueError(f"mean must have shape (N,) or (N, C) with N >= 1; got {shape_str(mean.shape)}.")
+        raise ValueError(
+            f"mean must have shape (N,) or (N, C) with N >= 1; got {shape_str(mean.shape)}."
+        )
     for name, t in (("var", var), ("y", y)):
         if t.shape != mean.shape:
             raise ValueError(
@@ -156,7 +156,9 @@ def _check_regression(mean: object, var: object, y: object) -> tuple[Tensor, Ten
                 f"{shape_str(t.shape)}. Reshape, e.g. {name}.reshape(mean.shape)."
             )
         if t.device != mean.device:
-            raise ValueError(f"{name} must be on the device of mean ({mean.device}); got {t.device}.")
+            raise ValueError(
+                f"{name} must be on the device of mean ({mean.device}); got {t.device}."
+            )
     for name, t in (("mean", mean), ("var", var), ("y", y)):
         check_finite(t, name)
     check_positive(var, "var")
@@ -176,7 +178,7 @@ def _check_levels(levels: object) -> Tensor:
 
 
 def _event_probability(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Binned quantity and its event: (confidence, correct) or (p(y=1), y)."""
+    # Binned quantity and its event: (confidence, correct) or (p(y=1), y).
     if probs.ndim == 1:
         return probs, labels.to(probs.dtype)
     conf, pred = probs.max(dim=1)
@@ -273,6 +275,9 @@ def brier_score(probs: Tensor, labels: Tensor) -> Tensor:
 
 
 def _calibration_error(probs: Tensor, labels: Tensor, n_bins: int, norm: str) -> Tensor:
+    # imported here: torchmetrics imports matplotlib when present, which plain metrics do not need
+    from torchmetrics.functional.classification import binary_calibration_error
+
     p, y = _check_classification(probs, labels)
     n_bins = _check_n_bins(n_bins)
     conf, event = _event_probability(p, y)
@@ -283,7 +288,7 @@ def _calibration_error(probs: Tensor, labels: Tensor, n_bins: int, norm: str) ->
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, *, n_bins: int = 15) -> Tensor:
-    r"""Expected calibration error over equal-width bins (computed by torchmetrics).
+    r"""Compute the expected calibration error over equal-width bins (through torchmetrics).
 
     .. math::
         \mathrm{ECE} = \sum_{m=1}^{M} \frac{n_m}{N}\, \lvert \mathrm{acc}_m - \mathrm{conf}_m \rvert
@@ -314,7 +319,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, *, n_bins: int = 1
 
 
 def maximum_calibration_error(probs: Tensor, labels: Tensor, *, n_bins: int = 15) -> Tensor:
-    r"""Maximum calibration error over the non-empty equal-width bins (computed by torchmetrics).
+    r"""Compute the maximum calibration error over non-empty bins (through torchmetrics).
 
     .. math::
         \mathrm{MCE} = \max_{m:\, n_m > 0} \lvert \mathrm{acc}_m - \mathrm{conf}_m \rvert
@@ -444,7 +449,7 @@ def max_probability(probs: Tensor) -> Tensor:
 
 
 def confidence_histogram(probs: Tensor, *, n_bins: int = 15) -> tuple[Tensor, Tensor]:
-    """Counts of :func:`max_probability` in ``n_bins`` equal-width bins on ``[0, 1]``.
+    """Count the :func:`max_probability` confidences in ``n_bins`` equal-width bins.
 
     Args:
         probs: Probabilities, shape ``(N, C)``, or ``(N,)`` / ``(N, 1)`` of the positive class.
@@ -637,8 +642,10 @@ def regression_calibration_curve(
     Example:
         >>> c = regression_calibration_curve(torch.zeros(2), torch.ones(2),
         ...                                  torch.tensor([0.1, 2.0]), n_levels=2)
-        >>> c.nominal, c.observed
-        (tensor([0.2500, 0.7500], dtype=torch.float64), tensor([0.5000, 0.5000], dtype=torch.float64))
+        >>> c.nominal
+        tensor([0.2500, 0.7500], dtype=torch.float64)
+        >>> c.observed
+        tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     mu, v, t = _check_regression(mean, var, y)
     if isinstance(n_levels, bool) or not isinstance(n_levels, int):

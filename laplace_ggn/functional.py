@@ -222,7 +222,12 @@ def model_input_device(model: nn.Module) -> torch.device:
 
 
 def _last_layer_names(model: nn.Module, x: object) -> list[str]:
-    """Names of the parameters of the last module with parameters run in a forward pass."""
+    """Names of the parameters of the last module with parameters run in a forward pass.
+
+    The pass runs on a private eval-mode copy: the user's BatchNorm statistics, mode and the
+    global random state are left alone.
+    """
+    model = copy.deepcopy(model).eval()
     order: list[str] = []
     handles = []
     for name, module in model.named_modules():

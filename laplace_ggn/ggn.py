@@ -72,6 +72,14 @@ class FullGGNCollector:
         """The GGN ``(P, P)``."""
         return self.G
 
+    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
+        """State to all-reduce across ranks: the partial GGN ``(P, P)``, summed."""
+        return {"G": (self.G, "sum")}
+
+    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
+        """Replace the partial GGN by the sum over ranks, shape ``(P, P)``."""
+        self.G = state["G"]
+
 
 class DiagGGNCollector:
     """Accumulate the exact GGN diagonal ``(P,)`` with layer hooks where possible."""
@@ -159,6 +167,14 @@ class DiagGGNCollector:
     def finalize(self) -> Tensor:
         """The exact diagonal of the GGN, shape ``(P,)``."""
         return self.diag
+
+    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
+        """State to all-reduce across ranks: the partial diagonal ``(P,)``, summed."""
+        return {"diag": (self.diag, "sum")}
+
+    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
+        """Replace the partial diagonal by the sum over ranks, shape ``(P,)``."""
+        self.diag = state["diag"]
 
 
 def _linear_diag(a: Tensor, g: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:

@@ -31,20 +31,20 @@ from ._checks import as_enum, shape_str
 from .operators import LinearOperator, as_operator
 
 __all__ = [
-    "SolveMethod",
-    "ProbeDistribution",
     "CGResult",
     "NeumannResult",
+    "ProbeDistribution",
+    "SolveMethod",
     "SpectralDensity",
     "cg",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "inverse_matvec",
+    "lanczos",
     "neumann",
     "power_iteration",
-    "lanczos",
-    "hutchinson_trace",
-    "hutchinson_diagonal",
-    "hutchpp_trace",
     "spectral_density",
-    "inverse_matvec",
 ]
 
 
@@ -65,14 +65,14 @@ class ProbeDistribution(str, enum.Enum):
 
 @dataclass(frozen=True)
 class CGResult:
-    """Outcome of :func:`cg`.
+    r"""Outcome of :func:`cg`.
 
     Attributes:
         solution: Approximate solution :math:`x`, shape ``(P,)``.
         n_iter: Number of CG iterations run.
         n_products: Number of products with ``A`` used (``n_iter``, plus one if ``x0`` was given).
         converged: Whether the relative residual reached ``tol``.
-        residual_norms: :math:`\\lVert b - A x_k \\rVert` for ``k = 0 .. n_iter``.
+        residual_norms: :math:`\lVert b - A x_k \rVert` for ``k = 0 .. n_iter``.
     """
 
     solution: Tensor
@@ -84,14 +84,14 @@ class CGResult:
 
 @dataclass(frozen=True)
 class NeumannResult:
-    """Outcome of :func:`neumann`.
+    r"""Outcome of :func:`neumann`.
 
     Attributes:
         solution: Approximate solution :math:`x`, shape ``(P,)``.
         n_terms: Number of series terms summed.
         n_products: Products with ``A`` used, including those of the spectrum estimate.
         converged: Whether the relative residual reached ``tol`` (always ``False`` without tol).
-        residual_norms: :math:`\\lVert b - A x_k \\rVert` of the partial sums.
+        residual_norms: :math:`\lVert b - A x_k \rVert` of the partial sums.
         scale: The scale :math:`s` used (the series inverts :math:`sA`).
     """
 
@@ -105,11 +105,11 @@ class NeumannResult:
 
 @dataclass(frozen=True)
 class SpectralDensity:
-    """Smoothed spectral density from stochastic Lanczos quadrature.
+    r"""Smoothed spectral density from stochastic Lanczos quadrature.
 
     Attributes:
         grid: Points :math:`t` where the density is evaluated, shape ``(T,)``.
-        density: :math:`\\phi(t)`, shape ``(T,)``; integrates to one over the grid.
+        density: :math:`\phi(t)`, shape ``(T,)``; integrates to one over the grid.
         nodes: Ritz values of each probe's Lanczos run, shape ``(S, M)``.
         weights: Quadrature weights (squared first components), shape ``(S, M)``; each row
             sums to one.
@@ -154,6 +154,11 @@ def _apply(M: LinearOperator | Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
     return M @ v if isinstance(M, LinearOperator) else M(v)
 
 
+def _gdev(generator: torch.Generator | None) -> torch.device:
+    """Device to draw on: the generator's (CPU or CUDA), CPU without one."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _probes(
     P: int,
     K: int,
@@ -161,17 +166,23 @@ def _probes(
     A: LinearOperator,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Random probes ``(P, K)`` with E[z zᵀ] = I."""
+    """Random probes with E[z zᵀ] = I.
+
+    Returns:
+        Probes, shape ``(P, K)``.
+    """
     if dist is ProbeDistribution.RADEMACHER:
-        z = torch.randint(0, 2, (P, K), generator=generator, dtype=torch.int64)
+        z = torch.randint(
+            0, 2, (P, K), generator=generator, dtype=torch.int64, device=_gdev(generator)
+        )
         Z = (2 * z - 1).to(A.dtype)
     else:
-        Z = torch.randn(P, K, generator=generator, dtype=A.dtype)
+        Z = torch.randn(P, K, generator=generator, dtype=A.dtype, device=_gdev(generator))
     return Z.to(A.device)
 
 
 def _random_unit(P: int, A: LinearOperator, generator: torch.Generator | None) -> Tensor:
-    v = torch.randn(P, generator=generator, dtype=A.dtype).to(A.device)
+    v = torch.randn(P, generator=generator, dtype=A.dtype, device=_gdev(generator)).to(A.device)
     return v / torch.linalg.vector_norm(v)
 
 
@@ -289,6 +300,9 @@ def _extreme_eigenvalues(
     Both come from Rayleigh quotients, so λ_max is never overestimated and λ_min never
     underestimated: a reported λ_min <= 0, or s·λ_max >= 2, is certain (up to rounding).
     A negative largest-magnitude Rayleigh quotient already proves an eigenvalue < 0.
+
+    Returns:
+        ``(lambda_max, lambda_min, n_products)``.
     """
     lam, _, n1 = _power_iteration(A, n_iter, tol, generator)
     if lam <= 0:
@@ -406,11 +420,23 @@ def inverse_matvec(
 ) -> Tensor:
     r"""Inverse-curvature-vector product :math:`(A + \delta I)^{-1} v`.
 
+    For KFAC, each block :math:`B \otimes A` with :math:`A = Q_A \Lambda_A Q_A^\top`,
+    :math:`B = Q_B \Lambda_B Q_B^\top` is inverted as
+
+    .. math::
+        (B \otimes A + \delta I)^{-1} \mathrm{vec}(V)
+        = \mathrm{vec}\big(Q_B [(Q_B^\top V Q_A) \oslash (\lambda_B \lambda_A^\top + \delta)]
+          Q_A^\top\big),
+
+    with :math:`V` the block's entries as an ``(O, D)`` matrix; the diagonal part is divided by
+    its entries plus :math:`\delta`. Use ``damping > 0`` when a factor is singular.
+
     Args:
         A: For ``"cg"`` and ``"neumann"``: symmetric operator or tensor, shape ``(P, P)``.
-            For ``"kfac"``: an object with an ``inverse_matvec(v, damping)`` method (as the
-            KFAC curvature of :mod:`laplace_ggn.kfac`), or with a ``solve(v)`` method that
-            already includes its damping (then ``damping`` must be 0).
+            For ``"kfac"``: a :class:`laplace_ggn.kfac.KFACCurvature` (inverted exactly
+            block by block through the eigendecompositions of its Kronecker factors, see
+            below), any object with an ``inverse_matvec(v, damping)`` method, or one with a
+            ``solve(v)`` method that already includes its damping (then ``damping`` must be 0).
         v: Vector ``(P,)`` or matrix ``(P, K)`` (solved column by column).
         method: ``"cg"``, ``"neumann"`` or ``"kfac"``.
         damping: :math:`\delta \ge 0` added to the diagonal.
@@ -443,6 +469,8 @@ def inverse_matvec(
     if method is SolveMethod.KFAC:
         if isinstance(A, (Tensor, LinearOperator)):
             pass  # plain matrices have no Kronecker inverse (Tensor.solve is a removed API)
+        elif all(hasattr(A, a) for a in ("blocks", "layout", "diag", "diag_index")):
+            return _kfac_inverse_matvec(A, v, damping)
         elif hasattr(A, "inverse_matvec"):
             return A.inverse_matvec(v, damping=damping)  # type: ignore[union-attr]
         elif hasattr(A, "solve"):
@@ -482,6 +510,27 @@ def inverse_matvec(
         out.append(res.solution)
     sol = torch.stack(out, dim=1)
     return sol.squeeze(1) if v.ndim == 1 else sol
+
+
+def _kfac_inverse_matvec(curv: object, v: Tensor, damping: float) -> Tensor:
+    """Apply (KFAC + δI)⁻¹ for a KFACCurvature-like object (blocks B ⊗ A, exact diagonal rest).
+
+    Returns:
+        The solution, shape of ``v`` (``(P,)`` or ``(P, K)``).
+    """
+    cols = v.unsqueeze(1) if v.ndim == 1 else v
+    out = torch.zeros_like(cols)
+    for blk in curv.blocks:  # type: ignore[attr-defined]
+        idx = blk.index(curv.layout).to(v.device)  # type: ignore[attr-defined]
+        lam_a, Q_a = torch.linalg.eigh(blk.A.to(v.dtype))
+        lam_b, Q_b = torch.linalg.eigh(blk.B.to(v.dtype))
+        V = cols[idx].T.reshape(-1, blk.n_out, blk.n_in)  # (K, O, D)
+        W = Q_b.T @ V @ Q_a / (lam_b[:, None] * lam_a[None, :] + damping)
+        out[idx] = (Q_b @ W @ Q_a.T).reshape(cols.shape[1], -1).T
+    di = curv.diag_index().to(v.device)  # type: ignore[attr-defined]
+    if di.numel():
+        out[di] = cols[di] / (curv.diag.to(v.dtype)[:, None] + damping)  # type: ignore[attr-defined]
+    return out.squeeze(1) if v.ndim == 1 else out
 
 
 class _Identity(LinearOperator):
@@ -560,11 +609,14 @@ def power_iteration(
 def _lanczos_tridiag(
     A: LinearOperator, v0: Tensor, m: int, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """m Lanczos steps with full re-orthogonalisation.
+    """Run m Lanczos steps with full re-orthogonalisation.
 
-    Returns (alpha (m,), beta (m-1,), Q (P, m)). On breakdown (an invariant subspace is found)
+    On breakdown (an invariant subspace is found)
     the basis is continued with a fresh random vector orthogonal to it and beta = 0, so T stays
     similar to the restriction of A to span(Q).
+
+    Returns:
+        ``(alpha, beta, Q)`` of shapes ``(m,)``, ``(m - 1,)`` and ``(P, m)``.
     """
     P = A.shape[0]
     Q = torch.zeros(P, m, dtype=A.dtype, device=A.device)
@@ -584,7 +636,8 @@ def _lanczos_tridiag(
         scale = float(torch.linalg.vector_norm(alpha[: j + 1])) + 1.0
         if float(b) <= 1e-10 * scale:
             beta[j] = 0.0
-            w = torch.randn(P, generator=generator, dtype=A.dtype).to(A.device)
+            w = torch.randn(P, generator=generator, dtype=A.dtype, device=_gdev(generator))
+            w = w.to(A.device)
             for _ in range(2):
                 w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
             q = w / torch.linalg.vector_norm(w)

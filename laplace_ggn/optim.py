@@ -17,6 +17,13 @@ Both products need only :math:`Jv` and :math:`J^\top u` of the batch outputs; th
 on the autograd graph of the outputs the closure returns (:math:`J^\top u` by a backward pass,
 :math:`Jv` by the double-backward trick), so any model autograd can differentiate works and the
 closure is all the optimizer needs, as with :class:`torch.optim.LBFGS`.
+
+``"kfac"`` replaces CG by the exact inverse of the Kronecker-factored GGN of the batch
+(:mod:`laplace_ggn.kfac` conventions: per ``nn.Linear`` layer :math:`G_l \approx B_l \otimes A_l`,
+:math:`A_l = \sum_n \tilde a_n \tilde a_n^\top`, :math:`B_l` the mean over rows of
+:math:`\sum_c g_{nc} g_{nc}^\top`), inverted through the factors' eigendecompositions by
+:func:`laplace_ggn.linalg.inverse_matvec`. It needs the layer inputs, so the optimizer is
+given the ``model`` and records them with forward hooks while the closure runs.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._checks import Likelihood, as_enum, shape_str
+from .functional import ParamLayout
+from .kfac import KFACCurvature, KronFactors
 from .likelihoods import get_likelihood
-from .linalg import CGResult, cg
+from .linalg import CGResult, SolveMethod, cg, inverse_matvec
 from .operators import CallableOperator
 
 __all__ = ["Curvature", "NaturalGradient"]
@@ -45,8 +54,10 @@ class Curvature(str, enum.Enum):
 
 
 def _check_nonneg(value: float, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value >= 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value >= 0)
     ):
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
 
@@ -73,8 +84,11 @@ class NaturalGradient(torch.optim.Optimizer):
     Args:
         params: Parameters or parameter groups, as for any torch optimizer.
         likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
-        curvature: ``"ggn"`` or ``"ef"``; ``"kfac"`` is reserved for a Kronecker-factored
-            inverse and raises ``NotImplementedError`` in this version.
+        curvature: ``"ggn"``, ``"ef"`` (CG on exact products) or ``"kfac"`` (Kronecker-factored
+            GGN inverted exactly; every optimised parameter must belong to an ``nn.Linear``
+            layer of ``model`` run once per forward pass, and ``damping`` and
+            ``prior_precision`` must be equal across parameter groups).
+        model: The module the closure runs; required for ``"kfac"``, ignored otherwise.
         lr: Step size :math:`\eta` > 0.
         damping: :math:`\delta \ge 0` added to the curvature's diagonal.
         prior_precision: :math:`\alpha \ge 0`; :math:`\Lambda_0 = \alpha I` adds
@@ -85,7 +99,9 @@ class NaturalGradient(torch.optim.Optimizer):
 
     Raises:
         ValueError: If an option has an invalid value.
-        NotImplementedError: If ``curvature="kfac"``.
+            For ``"kfac"``: a parameter outside the ``nn.Linear`` layers of ``model``, or
+            per-group ``damping``/``prior_precision`` that differ.
+        TypeError: If ``curvature="kfac"`` and ``model`` is not an ``nn.Module``.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -107,6 +123,7 @@ class NaturalGradient(torch.optim.Optimizer):
         *,
         likelihood: Likelihood | str = Likelihood.REGRESSION,
         curvature: Curvature | str = Curvature.GGN,
+        model: nn.Module | None = None,
         lr: float = 1.0,
         damping: float = 1e-3,
         prior_precision: float = 0.0,
@@ -114,25 +131,26 @@ class NaturalGradient(torch.optim.Optimizer):
         cg_tol: float = 1e-6,
         cg_max_iter: int = 100,
     ):
+        """Validate the options and set up the parameter groups; see the class docstring.
+
+        Raises:
+            ValueError: If an option has an invalid value (details in the class docstring).
+        """
         self.likelihood_kind = as_enum(Likelihood, likelihood, "likelihood")
         self.curvature = as_enum(Curvature, curvature, "curvature")
-        if self.curvature is Curvature.KFAC:
-            raise NotImplementedError(
-                "curvature='kfac' is not available in NaturalGradient yet: it needs the "
-                "Kronecker-factored inverse of laplace_ggn.kfac. Use curvature='ggn' (exact GGN "
-                "products with CG) or 'ef'."
-            )
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0; got {lr!r}.")
         _check_nonneg(damping, "damping")
         _check_nonneg(prior_precision, "prior_precision")
-        if not (isinstance(sigma_noise, (int, float)) and math.isfinite(sigma_noise) and sigma_noise > 0):
+        if not (
+            isinstance(sigma_noise, (int, float)) and math.isfinite(sigma_noise) and sigma_noise > 0
+        ):
             raise ValueError(f"sigma_noise must be a finite number > 0; got {sigma_noise!r}.")
         if not (isinstance(cg_tol, (int, float)) and cg_tol > 0):
             raise ValueError(f"cg_tol must be > 0; got {cg_tol!r}.")
         if isinstance(cg_max_iter, bool) or not isinstance(cg_max_iter, int) or cg_max_iter < 1:
             raise ValueError(f"cg_max_iter must be an integer >= 1; got {cg_max_iter!r}.")
-        defaults = dict(lr=lr, damping=damping, prior_precision=prior_precision)
+        defaults = {"lr": lr, "damping": damping, "prior_precision": prior_precision}
         super().__init__(params, defaults)
         for group in self.param_groups:
             if not (math.isfinite(group["lr"]) and group["lr"] > 0):
@@ -144,6 +162,51 @@ class NaturalGradient(torch.optim.Optimizer):
         self.cg_tol = float(cg_tol)
         self.cg_max_iter = cg_max_iter
         self.last_solve: CGResult | None = None
+        self._kfac_layers: dict[str, tuple[nn.Linear, str | None, str | None]] = {}
+        self._names: list[str] = []
+        if self.curvature is Curvature.KFAC:
+            self._setup_kfac(model)
+
+    def _setup_kfac(self, model: nn.Module | None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be the nn.Module the closure runs for curvature='kfac'; got "
+                f"{type(model).__name__}. Pass NaturalGradient(..., model=model)."
+            )
+        for key in ("damping", "prior_precision"):
+            values = {float(g[key]) for g in self.param_groups}
+            if len(values) > 1:
+                raise ValueError(
+                    f"{key} must be the same in every parameter group for curvature='kfac'; "
+                    f"got {sorted(values)}. The Kronecker inverse takes one scalar shift."
+                )
+        names = {id(p): n for n, p in model.named_parameters()}
+        owner: dict[int, tuple[str, str]] = {}
+        for mname, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                owner[id(m.weight)] = (mname, "weight")
+                if m.bias is not None:
+                    owner[id(m.bias)] = (mname, "bias")
+        params = [p for _, p in self._params()]
+        bad = [
+            names.get(id(p), f"<tensor {shape_str(p.shape)} not in model>")
+            for p in params
+            if id(p) not in owner
+        ]
+        if bad:
+            raise ValueError(
+                f"every optimised parameter must belong to an nn.Linear layer of model for "
+                f"curvature='kfac'; got {bad} outside. Use curvature='ggn' for other layers."
+            )
+        self._names = [names[id(p)] for p in params]
+        chosen = set(self._names)
+        for mname, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                prefix = f"{mname}." if mname else ""
+                w = prefix + "weight" if prefix + "weight" in chosen else None
+                b = prefix + "bias" if m.bias is not None and prefix + "bias" in chosen else None
+                if w or b:
+                    self._kfac_layers[mname] = (m, w, b)
 
     def _params(self) -> list[tuple[dict, Tensor]]:
         return [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -161,16 +224,27 @@ class NaturalGradient(torch.optim.Optimizer):
 
         Raises:
             TypeError: If the closure does not return a pair of tensors.
-            ValueError: If the outputs are not attached to the parameters' graph, or targets
-                do not fit the likelihood.
+            ValueError: If the outputs are not attached to the parameters' graph, targets do
+                not fit the likelihood, or (``"kfac"``) a factored layer did not run exactly once.
         """
         if closure is None or not callable(closure):
             raise TypeError(
                 f"closure must be a callable returning (outputs, targets); got {closure!r}. "
                 "Example: opt.step(lambda: (model(x), y))."
             )
-        with torch.enable_grad():
-            out = closure()
+        records: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in self._kfac_layers}
+        hooks = [
+            module.register_forward_hook(
+                lambda _m, inp, out, name=mname: records[name].append((inp[0], out))
+            )
+            for mname, (module, _, _) in self._kfac_layers.items()
+        ]
+        try:
+            with torch.enable_grad():
+                out = closure()
+        finally:
+            for h in hooks:
+                h.remove()
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor)):
             raise TypeError(
                 "closure must return a pair (outputs, targets) of tensors; got "
@@ -198,7 +272,10 @@ class NaturalGradient(torch.optim.Optimizer):
 
         def per_param(key: str) -> Tensor:
             return torch.cat(
-                [torch.full((p.numel(),), float(g[key]), dtype=dtype, device=device) for g, p in pairs]
+                [
+                    torch.full((p.numel(),), float(g[key]), dtype=dtype, device=device)
+                    for g, p in pairs
+                ]
             )
 
         prior, damping, lr = per_param("prior_precision"), per_param("damping"), per_param("lr")
@@ -206,12 +283,25 @@ class NaturalGradient(torch.optim.Optimizer):
 
         with torch.enable_grad():
             nll = self._lik.nll(f, y, self.sigma_noise)
-            grads = torch.autograd.grad(nll, [f, *params], retain_graph=True, materialize_grads=True)
-            r = grads[0].detach()  # ∂ℓ_n/∂f_n, (B, C)
-            g = torch.cat([t.reshape(-1) for t in grads[1:]]).detach() + prior * theta
+            grads = torch.autograd.grad(
+                nll, [f, *params], retain_graph=True, materialize_grads=True
+            )
+        r = grads[0].detach()  # ∂ℓ_n/∂f_n, (B, C)
+        g = torch.cat([t.reshape(-1) for t in grads[1:]]).detach() + prior * theta
+
+        if self.curvature is Curvature.KFAC:
+            curv_k = self._kfac_curvature(f, records, params, sigma2)
+            shift = float(prior[0] + damping[0]) if len(prior) else 0.0
+            sol = inverse_matvec(curv_k, g, method=SolveMethod.KFAC, damping=shift)
+            self.last_solve = None
+            return self._update(params, sizes, lr * sol, nll, prior, theta)
+
+        with torch.enable_grad():
             # Jᵀu as a (linear) function of u, for Jv by differentiating it w.r.t. u
             u = torch.zeros_like(f, requires_grad=True)
-            JTu = torch.autograd.grad(f, params, grad_outputs=u, create_graph=True, materialize_grads=True)
+            JTu = torch.autograd.grad(
+                f, params, grad_outputs=u, create_graph=True, materialize_grads=True
+            )
         linked = [(i, t) for i, t in enumerate(JTu) if t.requires_grad]
         f_det = f.detach()
 
@@ -220,13 +310,17 @@ class NaturalGradient(torch.optim.Optimizer):
             if not linked:
                 return torch.zeros_like(f_det)
             (Jv,) = torch.autograd.grad(
-                [t for _, t in linked], u, grad_outputs=[pieces[i].view_as(t) for i, t in linked],
+                [t for _, t in linked],
+                u,
+                grad_outputs=[pieces[i].view_as(t) for i, t in linked],
                 retain_graph=True,
             )
             return Jv
 
         def JT(w: Tensor) -> Tensor:  # (B, C) -> (P,)
-            out = torch.autograd.grad(f, params, grad_outputs=w, retain_graph=True, materialize_grads=True)
+            out = torch.autograd.grad(
+                f, params, grad_outputs=w, retain_graph=True, materialize_grads=True
+            )
             return torch.cat([t.reshape(-1) for t in out])
 
         if self.curvature is Curvature.GGN:
@@ -246,9 +340,56 @@ class NaturalGradient(torch.optim.Optimizer):
         A = CallableOperator(matmat, theta.numel(), dtype=dtype, device=device)
         res = cg(A, g, tol=self.cg_tol, max_iter=self.cg_max_iter)
         self.last_solve = res
-        d = (lr * res.solution).split(sizes)
+        return self._update(params, sizes, lr * res.solution, nll, prior, theta)
+
+    @staticmethod
+    def _update(
+        params: list[Tensor], sizes: list[int], d: Tensor, nll: Tensor, prior: Tensor, theta: Tensor
+    ) -> Tensor:
         with torch.no_grad():
-            for p, dp in zip(params, d):
+            for p, dp in zip(params, d.split(sizes)):
                 p.sub_(dp.view_as(p))
-        loss = nll.detach() + 0.5 * (prior * theta**2).sum()
-        return loss
+        return nll.detach() + 0.5 * (prior * theta**2).sum()
+
+    def _kfac_curvature(
+        self,
+        f: Tensor,
+        records: dict[str, list[tuple[Tensor, Tensor]]],
+        params: list[Tensor],
+        sigma2: float,
+    ) -> KFACCurvature:
+        """Kronecker factors of the batch GGN from the recorded layer inputs and outputs.
+
+        Returns:
+            The KFAC curvature of the optimised parameters (no diagonal part).
+
+        Raises:
+            ValueError: If a factored layer did not run exactly once.
+        """
+        again = [m for m, r in records.items() if len(r) != 1]
+        if again:
+            raise ValueError(
+                f"layers {again} must run exactly once per forward pass for curvature='kfac'; "
+                f"got {[len(records[m]) for m in again]} calls. Use curvature='ggn'."
+            )
+        fd = f.detach()
+        L = self._lik.sqrt_hessian(fd) / sigma2**0.5  # (B, C, K)
+        outs = [records[m][0][1] for m in self._kfac_layers]
+        gsum = [None] * len(outs)
+        for k in range(L.shape[2]):
+            gk = torch.autograd.grad(
+                f, outs, grad_outputs=L[:, :, k], retain_graph=True, materialize_grads=True
+            )
+            for i, g in enumerate(gk):
+                g2 = g.detach().reshape(-1, g.shape[-1])
+                gsum[i] = g2.T @ g2 if gsum[i] is None else gsum[i] + g2.T @ g2
+        blocks = []
+        for i, (mname, (_, w, b)) in enumerate(self._kfac_layers.items()):
+            a = records[mname][0][0].detach()
+            a2 = a.reshape(-1, a.shape[-1])
+            cols = ([a2] if w else []) + ([torch.ones_like(a2[:, :1])] if b else [])
+            a_t = torch.cat(cols, dim=1)
+            blocks.append(KronFactors(w, b, a_t.T @ a_t, gsum[i] / a2.shape[0]))
+        layout = ParamLayout(tuple(self._names), tuple(p.shape for p in params))
+        empty = torch.zeros(0, dtype=fd.dtype, device=fd.device)
+        return KFACCurvature(layout, tuple(blocks), (), empty)

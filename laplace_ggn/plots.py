@@ -23,6 +23,7 @@ from . import calibration as cal
 from ._checks import shape_str
 
 __all__ = [
+    "plot_kernel_decomposition",
     "ReliabilityDisplay",
     "RegressionCalibrationDisplay",
     "UncertaintyBandDisplay",
@@ -204,21 +205,24 @@ class ReliabilityDisplay:
             if show_histogram:
                 self.hist_patches_[name] = hist_ax.stairs(
                     curve.counts.cpu().numpy(), curve.edges.cpu().numpy(), fill=True,
-                    facecolor=color, alpha=0.3, edgecolor=color, lw=1.4, label=name,
+                    facecolor=color, alpha=0.2, edgecolor=color, lw=1.4, label=name,
                 )
                 hist_ax.stairs(curve.counts.cpu().numpy(), curve.edges.cpu().numpy(),
                                color=color, lw=1.4)
         ax.set(xlim=(0, 1), ylim=(0, 1), ylabel=ylabel)
-        ax.text(0.03, 0.97, "under-confident", transform=ax.transAxes, va="top", ha="left",
-                color=_GREY, fontsize=8.5, style="italic", alpha=0.0 if self.binary else 1.0)
-        ax.text(0.97, 0.03, "over-confident", transform=ax.transAxes, va="bottom", ha="right",
-                color=_GREY, fontsize=8.5, style="italic", alpha=0.0 if self.binary else 1.0)
+        if not self.binary:  # for a positive-class curve, above the diagonal is not "under"
+            ax.text(0.03, 0.97, "under-confident", transform=ax.transAxes, va="top", ha="left",
+                    color=_GREY, fontsize=8.5, style="italic")
+            ax.text(0.97, 0.03, "over-confident", transform=ax.transAxes, va="bottom",
+                    ha="right", color=_GREY, fontsize=8.5, style="italic")
         _style_axes(ax)
         ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.92), frameon=False, fontsize=9)
         if title:
             ax.set_title(title, fontsize=12, loc="left")
         if show_histogram:
-            hist_ax.set(xlim=(0, 1), xlabel=xlabel, ylabel="Count")
+            hist_ax.set_yscale("log")
+            top = max(int(c.counts.max()) for c in self.curves.values())
+            hist_ax.set(xlim=(0, 1), ylim=(0.7, 2.0 * top), xlabel=xlabel, ylabel="Count")
             _style_axes(hist_ax)
             ax.tick_params(labelbottom=False)
             ax.set_xlabel("")
@@ -323,7 +327,7 @@ class RegressionCalibrationDisplay:
         ax.text(0.97, 0.03, "over-confident", transform=ax.transAxes, va="bottom", ha="right",
                 color=_GREY, fontsize=8.5, style="italic")
         _style_axes(ax)
-        ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.92), frameon=False, fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, fontsize=9)
         if title:
             ax.set_title(title, fontsize=12, loc="left")
         self.figure_, self.ax_ = ax.figure, ax
@@ -451,7 +455,8 @@ class UncertaintyBandDisplay:
                                             zorder=3)
         ax.set(xlabel="x", ylabel="y", xlim=(self.x[0], self.x[-1]))
         _style_axes(ax)
-        ax.legend(loc="best", frameon=False, fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False,
+                  fontsize=9)
         if title:
             ax.set_title(title, fontsize=12, loc="left")
         self.figure_, self.ax_ = ax.figure, ax
@@ -573,6 +578,10 @@ class SpectrumDisplay:
             a.fill_between(self.grid, self.density, color=PALETTE[0], alpha=0.15, lw=0)
             if log_density:
                 a.set_yscale("log")
+                top = float(self.density.max())
+                positive = self.density[self.density > 0]
+                if top > 0:
+                    a.set_ylim(max(float(positive.min()), 1e-8 * top), 2.0 * top)
             a.set(xlabel="Eigenvalue", ylabel="Density", xlim=(self.grid.min(), self.grid.max()))
             _style_axes(a)
         if title:
@@ -583,7 +592,7 @@ class SpectrumDisplay:
 
 
 class ConfidenceHistogramDisplay:
-    """Overlaid histograms of the confidence :math:`\\max_c p_{nc}` of several sets.
+    r"""Overlaid histograms of the confidence :math:`\max_c p_{nc}` of several sets.
 
     Typical use: in-distribution against out-of-distribution inputs of one model, where a
     well-calibrated model is less confident out of distribution.
@@ -593,6 +602,7 @@ class ConfidenceHistogramDisplay:
             :func:`laplace_ggn.calibration.confidence_histogram`.
         means: Mean confidence by name.
         normalize: Whether the bars show the fraction of each set instead of counts.
+        log: Whether the vertical axis is logarithmic.
 
     Attributes:
         figure_: The figure.
@@ -601,8 +611,10 @@ class ConfidenceHistogramDisplay:
         mean_lines_: ``{name: Line2D}`` vertical line at the mean confidence.
     """
 
-    def __init__(self, histograms, *, means: Mapping[str, float], normalize: bool = True) -> None:
-        self.histograms, self.means, self.normalize = dict(histograms), dict(means), normalize
+    def __init__(self, histograms, *, means: Mapping[str, float], normalize: bool = True,
+                 log: bool = False) -> None:
+        self.histograms, self.means = dict(histograms), dict(means)
+        self.normalize, self.log = normalize, log
 
     @classmethod
     def from_predictions(
@@ -611,6 +623,7 @@ class ConfidenceHistogramDisplay:
         *,
         n_bins: int = 20,
         normalize: bool = True,
+        log: bool = False,
         ax: Any = None,
         title: str | None = None,
         colors: Sequence[str] | None = None,
@@ -622,6 +635,7 @@ class ConfidenceHistogramDisplay:
                 arrays by set name (sizes may differ).
             n_bins: Number of equal-width bins on ``[0, 1]``.
             normalize: Whether to show fractions of each set instead of counts.
+            log: Whether the vertical axis is logarithmic.
             ax: Axes to draw on; new figure when ``None``.
             title: Title of the axes.
             colors: Colours of the sets, in order.
@@ -644,8 +658,8 @@ class ConfidenceHistogramDisplay:
         named = _named(probs, "probs")
         hists = {k: cal.confidence_histogram(p, n_bins=n_bins) for k, p in named.items()}
         means = {k: float(cal.max_probability(p).mean()) for k, p in named.items()}
-        return cls(hists, means=means, normalize=normalize).plot(ax=ax, title=title,
-                                                                 colors=colors)
+        return cls(hists, means=means, normalize=normalize, log=log).plot(
+            ax=ax, title=title, colors=colors)
 
     def plot(self, ax: Any = None, *, title: str | None = None,
              colors: Sequence[str] | None = None) -> ConfidenceHistogramDisplay:
@@ -663,16 +677,158 @@ class ConfidenceHistogramDisplay:
             c = counts.cpu().numpy().astype(np.float64)
             values = c / c.sum() if self.normalize else c
             self.patches_[name] = ax.stairs(values, edges.cpu().numpy(), fill=True,
-                                            facecolor=color, alpha=0.3, label=None)
+                                            facecolor=color, alpha=0.2, label=None)
             ax.stairs(values, edges.cpu().numpy(), color=color, lw=1.6,
-                      label=f"{name}  (mean {self.means[name]:.2f})")
+                      label=f"{name}  (mean {self.means[name]:.3f})")
             self.mean_lines_[name] = ax.axvline(self.means[name], color=color, ls="--", lw=1.3)
         lo = min(float(edges[:-1][counts > 0].min()) for counts, edges in self.histograms.values())
         ax.set(xlim=(max(0.0, lo - 0.02), 1.0), xlabel="Confidence (max probability)",
                ylabel="Fraction of set" if self.normalize else "Count")
+        if self.log:
+            tops = [float(c.max()) / (float(c.sum()) if self.normalize else 1.0)
+                    for c, _ in self.histograms.values()]
+            bottoms = [1.0 / (float(c.sum()) if self.normalize else 1.0)
+                       for c, _ in self.histograms.values()]
+            ax.set_yscale("log")
+            ax.set_ylim(0.7 * min(bottoms), 2.0 * max(tops))
         _style_axes(ax)
         ax.legend(loc="upper left", frameon=False, fontsize=9)
         if title:
             ax.set_title(title, fontsize=12, loc="left")
         self.figure_, self.ax_ = ax.figure, ax
         return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel / non-kernel decomposition (laplace_ggn.diagnostics)
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_COLORS = {
+    "kernel": "#D55E00",
+    "non-kernel": "#0072B2",
+    "network": "#4d4d4d",
+    "linearised": "#009E73",
+}
+
+
+def _kernel_np(t: Any) -> np.ndarray:
+    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def plot_kernel_decomposition(
+    report: Any, *, x_axis: Any = None, output: int | None = None, train_x: Any = None
+):
+    """Draw a kernel decomposition report.
+
+    Args:
+        report: The :class:`~laplace_ggn.diagnostics.KernelDecomposition`.
+        x_axis: 1-D coordinate of each input, shape ``(B,)``, or ``None`` (bars per input).
+        output: Output column to draw; ``None`` sums the variances over outputs.
+        train_x: Training input coordinates to mark on the 1-D axis, shape ``(N,)``.
+
+    Returns:
+        The matplotlib figure; ``figure.axes`` lists its panels (variance, metric, NLL).
+
+    Raises:
+        ValueError: If ``x_axis`` does not have one entry per input, or ``output`` is out of
+            range.
+    """
+    import matplotlib.pyplot as plt
+
+    kern = _kernel_np(report.predictive_variance_kernel)
+    nonk = _kernel_np(report.predictive_variance_nonkernel)
+    cross = _kernel_np(report.predictive_variance_cross)
+    B, C = kern.shape
+    if output is None:
+        kern, nonk, cross = kern.sum(1), nonk.sum(1), cross.sum(1)
+        out_label = "summed over outputs" if C > 1 else ""
+    else:
+        if not (isinstance(output, int) and 0 <= output < C):
+            raise ValueError(f"output must be None or an int in [0, {C - 1}]; got {output!r}.")
+        kern, nonk, cross = kern[:, output], nonk[:, output], cross[:, output]
+        out_label = f"output {output}"
+    has_cross = bool(np.abs(cross).max() > 1e-12 * max(float((kern + nonk).max()), 1e-300))
+    n_panels = 3 if report.sample_fit else 1
+    fig, axes = plt.subplots(
+        1, n_panels, figsize=(5.2 + 3.6 * (n_panels - 1), 3.6),
+        gridspec_kw={"width_ratios": [1.6] + [1] * (n_panels - 1)},
+        squeeze=False, layout="constrained",
+    )
+    ax = axes[0, 0]
+    if x_axis is not None:
+        xs = _kernel_np(x_axis).reshape(-1)
+        if xs.shape[0] != B:
+            raise ValueError(f"x_axis must have {B} entries (one per input); got {xs.shape[0]}.")
+        order = np.argsort(xs)
+        xs, k, n = xs[order], kern[order], nonk[order]
+        ax.fill_between(xs, 0, n, color=KERNEL_COLORS["non-kernel"], alpha=0.75, lw=0,
+                        label="non-kernel  J P⊥ Σ P⊥ Jᵀ")
+        ax.fill_between(xs, n, n + k, color=KERNEL_COLORS["kernel"], alpha=0.75, lw=0,
+                        label="kernel  J Pker Σ Pker Jᵀ")
+        if has_cross:
+            ax.plot(xs, n + k + cross[order], color="k", lw=1.2, label="total incl. cross part")
+        if train_x is not None:
+            tx = _kernel_np(train_x).reshape(-1)
+            ax.plot(tx, np.zeros_like(tx), "|", color="k", ms=12, mew=1.5, clip_on=False,
+                    label="training inputs")
+        ax.set_xlabel("input x")
+        ax.set_xlim(xs[0], xs[-1])
+    else:
+        order = np.argsort(-(kern + nonk))
+        pos = np.arange(B)
+        width = 0.8 if B <= 40 else 1.0
+        ax.bar(pos, nonk[order], width, color=KERNEL_COLORS["non-kernel"], lw=0,
+               label="non-kernel  J P⊥ Σ P⊥ Jᵀ")
+        ax.bar(pos, kern[order], width, bottom=nonk[order], color=KERNEL_COLORS["kernel"], lw=0,
+               label="kernel  J Pker Σ Pker Jᵀ")
+        if has_cross:
+            ax.plot(pos, (kern + nonk + cross)[order], ".", color="k", ms=3,
+                    label="total incl. cross part")
+        ax.set_xlabel("input (sorted by total variance)")
+        ax.set_xlim(-0.5, B - 0.5)
+    top = float(np.max(kern + nonk + np.maximum(cross, 0)))
+    ax.set_ylim(0, 1.35 * top if top > 0 else 1.0)
+    ax.set_ylabel("predictive variance" + (f" ({out_label})" if out_label else ""))
+    ax.set_title(
+        f"r = {report.rank} of P = {report.n_params}, tol = {report.tol:g}; "
+        f"kernel share of tr Σ = {report.kernel_variance_fraction:.2f}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, frameon=False, loc="upper right", ncol=1)
+    if x_axis is None and B <= 40:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    _style_axes(ax)
+
+    if report.sample_fit:
+        kinds = [k for k in ("MAP", "kernel", "non-kernel", "full")
+                 if any(r.samples == k for r in report.sample_fit)]
+        pos = np.arange(len(kinds))
+        w = 0.38
+        for ax, attr, label in (
+            (axes[0, 1], "metric", report.metric_name),
+            (axes[0, 2], "nll", "NLL per input"),
+        ):
+            for j, model in enumerate(("network", "linearised")):
+                rows = [report.fit_of(k, model) for k in kinds]
+                means = [getattr(r, f"{attr}_mean") for r in rows]
+                stds = [getattr(r, f"{attr}_std") for r in rows]
+                ax.bar(pos + (j - 0.5) * w, means, w, yerr=stds, capsize=3,
+                       color=KERNEL_COLORS[model], label=model, lw=0,
+                       error_kw={"elinewidth": 1, "ecolor": "#222222"})
+            ax.set_xticks(pos, [k if k != "non-kernel" else "non-\nkernel" for k in kinds])
+            vals = np.array([getattr(r, f"{attr}_mean") + getattr(r, f"{attr}_std")
+                             for r in report.sample_fit])
+            if attr == "nll" and vals.max() - vals.min() > 100:
+                ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_xlabel("samples")
+            ax.set_ylabel(label)
+            ax.set_title(
+                f"{report.n_samples} samples; targets: "
+                + ("given" if report.targets == "given" else "MAP predictions"),
+                fontsize=9,
+            )
+            _style_axes(ax)
+        axes[0, 1].legend(fontsize=8, frameon=False)
+        if report.metric_name == "accuracy":
+            axes[0, 1].set_ylim(0, 1.05)
+    return fig

@@ -55,7 +55,7 @@ def dense_jacobian(model: nn.Module, x: Tensor, names: Sequence[str] | None = No
         J = jacrev(lambda th: _call_flat(model, names, th, x))(theta)
     finally:
         model.train(was)
-    return J
+    return J.detach()
 
 
 def nll_per_sample(likelihood: str, f: Tensor, y: Tensor, sigma: float = 1.0) -> Tensor:
@@ -106,7 +106,7 @@ def dense_ggn(
     with torch.no_grad():
         f = model(x)
     f = f.unsqueeze(1) if f.ndim == 1 else f
-    Lam = dense_output_hessians(likelihood, f, y, sigma)
+    Lam = dense_output_hessians(likelihood, f.detach(), y, sigma)
     return torch.einsum("bcp,bcd,bdq->pq", J, Lam, J)
 
 

@@ -10,6 +10,7 @@ frozen, dropout off); the user's model is never modified.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -18,10 +19,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
 from . import marglik as _marglik
+from . import predictive as _predictive
 from ._checks import (
     DEFAULT_MEMORY_BUDGET,
     Likelihood,
+    Link,
+    PredictMethod,
     Structure,
     as_enum,
     check_finite,
@@ -37,7 +42,20 @@ from .functional import (
 )
 from .ggn import DiagGGNCollector, FullGGNCollector, dense_bytes
 from .likelihoods import FitStatistics, get_likelihood
-from .posteriors import DiagPosterior, FullPosterior, Prior, make_prior
+from .kfac import kfac_factor_bytes
+from .posteriors import (
+    DiagPosterior,
+    FullPosterior,
+    Prior,
+    make_prior,
+    KFACPosterior,
+    LowRankPosterior,
+    lowrank_memory_bytes,
+    make_kfac_collector,
+    make_lowrank_collector,
+)
+from .posteriors.kfac import check_kfac_prior
+from .predictive import Prediction
 
 __all__ = ["LaplaceWrapper"]
 
@@ -61,6 +79,7 @@ class StructureSpec:
     build: Callable
     posterior_cls: type
     memory_bytes: Callable[[int, torch.dtype, "LaplaceWrapper"], int]
+    check_prior: Callable[[Prior], None] = lambda prior: None
 
 
 STRUCTURES: dict[Structure, StructureSpec] = {
@@ -75,6 +94,26 @@ STRUCTURES: dict[Structure, StructureSpec] = {
         build=lambda d, mean, prior, scale, la: DiagPosterior(mean, d, prior, scale),
         posterior_cls=DiagPosterior,
         memory_bytes=lambda P, dtype, la: P * torch.empty((), dtype=dtype).element_size(),
+    ),
+    Structure.KFAC: StructureSpec(
+        make_collector=lambda fm, lik, la: make_kfac_collector(
+            fm, lik, prior_precision=la._prior_precision
+        ),
+        build=lambda K, mean, prior, scale, la: KFACPosterior(mean, K, prior, scale),
+        posterior_cls=KFACPosterior,
+        memory_bytes=lambda P, dtype, la: kfac_factor_bytes(la.model, dtype)
+        + 2 * P * torch.empty((), dtype=dtype).element_size(),
+        check_prior=check_kfac_prior,
+    ),
+    Structure.LOWRANK: StructureSpec(
+        make_collector=lambda fm, lik, la: make_lowrank_collector(
+            fm, lik, rank=la.rank, memory_budget=la.memory_budget
+        ),
+        build=lambda E, mean, prior, scale, la: LowRankPosterior(
+            mean, E.eigenvalues, E.eigenvectors, prior, scale
+        ),
+        posterior_cls=LowRankPosterior,
+        memory_bytes=lambda P, dtype, la: lowrank_memory_bytes(P, dtype, la.rank),
     ),
 }
 
@@ -150,7 +189,7 @@ class LaplaceWrapper:
         )
         self._prior_precision = self._check_prior_input(prior_precision)
         if self._layout is not None:
-            make_prior(self._prior_precision, self._layout, dtype=self._dtype, device=self._device)
+            self._prior(self._prior_precision)
         sigma = torch.as_tensor(sigma_noise, dtype=self._dtype, device=self._device)
         if sigma.ndim != 0:
             raise ValueError(f"sigma_noise must be a scalar; got shape {tuple(sigma.shape)}.")
@@ -239,27 +278,50 @@ class LaplaceWrapper:
             return 1.0 / (self.temperature * sigma**2)
         return torch.as_tensor(1.0 / self.temperature, dtype=self._dtype, device=self._device)
 
-    def _prior(self, precision: Tensor) -> Prior:
-        assert self._layout is not None
-        return make_prior(precision, self._layout, dtype=self._dtype, device=self._device)
+    def _prior(self, precision: Tensor, layout: ParamLayout | None = None) -> Prior:
+        """Validated prior of the structure (shape, positivity, kind the structure accepts)."""
+        layout = layout or self._layout
+        prior = make_prior(precision, layout, dtype=self._dtype, device=self._device)
+        spec = STRUCTURES.get(self.structure)
+        if spec is not None:
+            spec.check_prior(prior)
+        return prior
 
     # -- fitting ---------------------------------------------------------------------------
 
-    def fit(self, train_loader: Iterable, *, progress: bool | None = None) -> LaplaceWrapper:
+    def fit(
+        self,
+        train_loader: Iterable,
+        *,
+        progress: bool | None = None,
+        distributed: bool | None = None,
+        process_group: object = None,
+    ) -> LaplaceWrapper:
         """Collect the curvature in one pass over the data and build the posterior.
+
+        Under ``torch.distributed`` every rank passes its own shard; the collectors' states,
+        N and the loss sum are reduced over the ranks, and every rank ends with the posterior
+        of the fit on all the shards together (see ``docs/distributed.md``).
 
         Args:
             train_loader: Iterable of ``(x, y)`` batches or mappings; ``x`` may be a tensor,
-                a tuple or a dict of tensors.
-            progress: Show a tqdm bar (``None``: only for loaders of 20 batches or more).
+                a tuple or a dict of tensors. Floating inputs must have the model's dtype;
+                tensors on another device are moved to the model's device.
+            progress: Show a tqdm bar (``None``: only for loaders of 20 batches or more;
+                distributed: on rank 0 only).
+            distributed: ``None``: reduce over ranks when ``torch.distributed`` is
+                initialised; ``True``: require it; ``False``: fit on this process's data only.
+            process_group: Group to reduce over (default: the default group).
 
         Returns:
             ``self``, fitted.
 
         Raises:
-            ValueError: If the loader is empty, a batch is malformed, holds NaN/Inf, targets do
-                not fit the likelihood, or the structure would exceed the memory budget. The
-                wrapper keeps its previous state.
+            ValueError: If the loader is empty (on every rank), a batch is malformed, holds
+                NaN/Inf, has the wrong dtype, targets do not fit the likelihood, the structure
+                would exceed the memory budget, or the models differ across ranks. The wrapper
+                keeps its previous state. Distributed: an error on one rank is raised on every
+                rank.
             TypeError: If ``train_loader`` is not iterable.
         """
         if not isinstance(train_loader, Iterable):
@@ -270,18 +332,42 @@ class LaplaceWrapper:
         spec = STRUCTURES.get(self.structure)
         if spec is None:
             raise NotImplementedError(f"structure={self.structure.value!r} is not available.")
-        iterator = iter(train_loader)
+        dctx = _distributed.resolve_distributed(distributed, process_group)
+        first, iterator, layout, private, local_error = None, iter(()), self._layout, None, None
         try:
-            first = next(iterator)
-        except StopIteration:
-            raise ValueError("train_loader must yield at least one batch; got an empty loader.") from None
-        x0, _ = split_batch(first, input_key=self.input_key, target_key=self.target_key, where="batch 0")
-        layout = self._layout or resolve_subset(self.model, self.subset, self._to_device(x0))
-        prior = make_prior(self._prior_precision, layout, dtype=self._dtype, device=self._device)
+            iterator = iter(train_loader)
+            first = next(iterator, _NO_BATCH)
+            if first is _NO_BATCH:
+                first = None
+                if dctx is None:
+                    raise ValueError(
+                        "train_loader must yield at least one batch; got an empty loader."
+                    )
+            elif layout is None:
+                # 'last_layer' is traced on a private eval-mode copy, never on the user's model
+                x0, _ = split_batch(first, input_key=self.input_key, target_key=self.target_key,
+                                    where="batch 0")
+                private = copy.deepcopy(self.model).eval()
+                layout = resolve_subset(private, self.subset, self._to_device(x0))
+        except Exception as exc:
+            if dctx is None:
+                raise
+            local_error = exc
+        if dctx is not None:
+            layout = dctx.agree(
+                self.model, self.subset, layout, has_data=first is not None, error=local_error
+            )
+        prior = self._prior(self._prior_precision, layout)
         need = spec.memory_bytes(layout.n_params, self._dtype, self)
         if need > self.memory_budget:
             raise ValueError(self._memory_message(need, layout.n_params))
-        fmodel = FunctionalModel(self.model, layout, memory_budget=self.memory_budget)
+        if private is not None:
+            for p in private.parameters():
+                p.requires_grad_(False)
+            fmodel = FunctionalModel(private, layout, memory_budget=self.memory_budget,
+                                     copy_model=False)
+        else:
+            fmodel = FunctionalModel(self.model, layout, memory_budget=self.memory_budget)
         collector = spec.make_collector(fmodel, self._lik, self)
         n_data, loss_sum, n_out = 0, 0.0, None
         try:
@@ -289,26 +375,42 @@ class LaplaceWrapper:
         except TypeError:
             total = None
         show = progress if progress is not None else (total is not None and total >= _PROGRESS_MIN_BATCHES)
-        batches = _chain_first(first, iterator)
-        with tqdm(batches, total=total, disable=not show, desc=f"fit {self.structure.value}") as bar:
-            for i, batch in enumerate(bar):
-                where = f"batch {i}"
-                x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
-                x = self._to_device(x)
-                for t in input_tensors(x):
-                    check_finite(t, "input", where)
-                f = collector.update(x, where)
-                check_finite(f, "model output", where)
-                y = self._lik.check_targets(f, y.to(self._device), where)
-                check_finite(y, "targets", where)
-                if n_out is not None and f.shape[1] != n_out:
-                    raise ValueError(
-                        f"model output in {where} must have {n_out} columns like batch 0; "
-                        f"got {f.shape[1]}."
-                    )
-                n_out = f.shape[1]
-                loss_sum += float(self._lik.loss_statistic(f, y))
-                n_data += f.shape[0]
+        show = show and (dctx is None or dctx.rank == 0)
+        batches = _chain_first(first, iterator) if first is not None else ()
+        try:
+            with tqdm(batches, total=total, disable=not show, desc=f"fit {self.structure.value}") as bar:
+                for i, batch in enumerate(bar):
+                    where = f"batch {i}"
+                    x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
+                    x = self._to_device(x)
+                    for t in input_tensors(x):
+                        if t.is_floating_point() and t.dtype != self._dtype:
+                            raise ValueError(
+                                f"input in {where} must have the model's dtype {self._dtype}; got "
+                                f"{t.dtype}. Cast the data (x.to({self._dtype})) or the model "
+                                f"(model.to({t.dtype}))."
+                            )
+                        check_finite(t, "input", where)
+                    f = collector.update(x, where)
+                    check_finite(f, "model output", where)
+                    y = self._lik.check_targets(f, y.to(self._device), where)
+                    check_finite(y, "targets", where)
+                    if n_out is not None and f.shape[1] != n_out:
+                        raise ValueError(
+                            f"model output in {where} must have {n_out} columns like batch 0; "
+                            f"got {f.shape[1]}."
+                        )
+                    n_out = f.shape[1]
+                    loss_sum += float(self._lik.loss_statistic(f, y))
+                    n_data += f.shape[0]
+        except Exception as exc:
+            if dctx is None:
+                raise
+            local_error = exc
+        if dctx is not None:
+            n_data, n_out, loss_sum = dctx.finish(
+                collector, n_data=n_data, n_outputs=n_out, loss_sum=loss_sum, error=local_error
+            )
         curvature = collector.finalize()
         check_finite(curvature if isinstance(curvature, Tensor) else torch.zeros(()), "curvature")
         posterior = spec.build(curvature, fmodel.theta, prior, self._scale(self._sigma_noise), self)
@@ -480,7 +582,197 @@ class LaplaceWrapper:
 
     # -- predictions and hyperparameter tuning ------------------------------------------------
 
+    def predict(
+        self,
+        x: object,
+        method: str | PredictMethod = "glm",
+        *,
+        link: str | Link | None = None,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> Prediction:
+        r"""Predictive distribution at test inputs (see :mod:`laplace_ggn.predictive`).
+
+        ``method="glm"`` linearises the network, :math:`f \sim N(f(x,\theta_*), J\Sigma J^\top)`
+        (Jacobians in chunks, Σ never formed for diag/kfac/lowrank); ``method="nn"`` samples
+        θ from the posterior and runs the network.  Regression variance includes σ².
+
+        Args:
+            x: Model input of batch size B.
+            method: ``"glm"`` or ``"nn"``.
+            link: Classification: ``"probit"`` (default for glm), ``"bridge"`` or ``"mc"``
+                (the only one, and default, for nn).  Regression: None or ``"probit"`` (ignored).
+            n_samples: S for ``link="mc"`` and ``method="nn"``.
+            generator: Random generator (on the model's device) for reproducible draws.
+
+        Returns:
+            :class:`~laplace_ggn.predictive.Prediction` with ``mean`` and ``variance`` of shape
+            ``(B, C)``.
+
+        Raises:
+            RuntimeError: If not fitted.
+            ValueError: If the method/link combination is invalid (the message lists the valid
+                ones), ``n_samples`` is not a positive int, or the input holds NaN/Inf.
+            TypeError: If ``generator`` is not a ``torch.Generator``.
+        """
+        _predictive.resolve_options(self.likelihood, method, link)
+        self._require_fit("predict()")
+        x = self._to_device(x)
+        for t in input_tensors(x):
+            check_finite(t, "input")
+        return _predictive.predict(
+            self._fmodel, self._posterior, x, likelihood=self.likelihood, method=method,
+            link=link, sigma_noise=self._sigma_noise, n_samples=n_samples, generator=generator,
+            n_outputs=self._stats.n_outputs,
+        )
+
+    def optimize_prior_precision(
+        self,
+        method: str = "marglik",
+        *,
+        val_loader: Iterable | None = None,
+        tune_sigma_noise: bool = False,
+        prior_structure: str | None = None,
+        n_steps: int | None = None,
+        lr: float | None = None,
+        grid: object = None,
+        log_range: tuple[float, float] | None = None,
+        n_points: int | None = None,
+        predict_method: str | PredictMethod | None = None,
+        link: str | Link | None = None,
+        n_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> LaplaceWrapper:
+        """Tune the prior precision (and σ) by evidence or by validation NLL; no refit.
+
+        ``"marglik"``: Adam on the log hyperparameters of the Laplace evidence (see
+        :mod:`laplace_ggn.marglik`), reusing one factorisation of the curvature; the curve is
+        kept in ``self.marglik_result_``.  ``"gridsearch"``: a scalar precision chosen on a
+        log-spaced grid by the mean validation NLL of the chosen predictive; the curve is kept
+        in ``self.gridsearch_result_``.  On failure the hyperparameters stay as they were.
+
+        Args:
+            method: ``"marglik"`` or ``"gridsearch"``.
+            val_loader: Held-out ``(input, target)`` batches (gridsearch).
+            tune_sigma_noise: Tune σ jointly (marglik, regression).
+            prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"`` (marglik; default:
+                the structure of the current prior precision).
+            n_steps: Adam steps (marglik; default 100).
+            lr: Adam learning rate on log-parameters (marglik; default 0.1).
+            grid: Explicit precisions to try (gridsearch).
+            log_range: ``(lo, hi)`` powers of 10 of the grid (gridsearch; default (-4, 4)).
+            n_points: Grid points (gridsearch; default 41).
+            predict_method: Predictive scored by gridsearch (default ``"glm"``).
+            link: Link of that predictive.
+            n_samples: S of that predictive (default 100).
+            generator: Random generator of that predictive.
+            progress: Show a progress bar.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            RuntimeError: If not fitted, or the tuning fails numerically.
+            ValueError: If an option is invalid or belongs to the other method.
+            TypeError: If ``generator`` is not a ``torch.Generator``.
+        """
+        opts = _marglik.check_tuning_options(
+            self.likelihood, method, val_loader=val_loader, tune_sigma_noise=tune_sigma_noise,
+            prior_structure=prior_structure, n_steps=n_steps, lr=lr, grid=grid,
+            log_range=log_range, n_points=n_points, predict_method=predict_method, link=link,
+            n_samples=n_samples, generator=generator,
+        )
+        self._require_fit("optimize_prior_precision()")
+        if opts.method is _marglik.TuneMethod.GRIDSEARCH:
+            batches = []
+            for x, y in _predictive.batches_of(val_loader, input_key=self.input_key,
+                                               target_key=self.target_key):
+                x = self._to_device(x)
+                for t in input_tensors(x):
+                    check_finite(t, "val_loader input")
+                batches.append((x, y))
+            result = _marglik.gridsearch(
+                self._fmodel, posterior_at=lambda a: self._posterior_at(a, None),
+                batches=batches, likelihood=self.likelihood, lik=self._lik,
+                grid=opts.grid.to(self._dtype), method=opts.predict_method, link=opts.link,
+                sigma_noise=self._sigma_noise, n_samples=opts.n_samples, generator=generator,
+                n_outputs=self._stats.n_outputs, progress=progress,
+            )
+            self.set_hyperparameters(prior_precision=result.best)
+            self.gridsearch_result_ = result
+            return self
+        kind = opts.kind or self._posterior.prior.kind
+        init = _marglik.convert_prior(self._prior_precision, kind, self._layout)
+        self._posterior_at(init, None)  # validates the prior structure for this posterior
+        result = _marglik.optimize_marglik(
+            self._posterior, self._stats, self._lik, posterior_at=self._posterior_at,
+            prior_precision=init, kind=kind, sigma_noise=self._sigma_noise,
+            temperature=self.temperature, tune_sigma_noise=tune_sigma_noise,
+            n_steps=opts.n_steps, lr=opts.lr, progress=progress,
+        )
+        self.set_hyperparameters(
+            prior_precision=result.prior_precision,
+            sigma_noise=result.sigma_noise if tune_sigma_noise else None,
+        )
+        self.marglik_result_ = result
+        return self
+
     # -- diagnostics -----------------------------------------------------------------------
+
+    def kernel_decomposition(
+        self,
+        x: object,
+        *,
+        y: Tensor | None = None,
+        tol: float = 1e-9,
+        rank: int | None = None,
+        n_samples: int = 32,
+        generator: torch.Generator | None = None,
+    ):
+        r"""Kernel / non-kernel decomposition of the posterior (Roy et al., NeurIPS 2024).
+
+        See :func:`laplace_ggn.diagnostics.kernel_decomposition`:
+        :math:`\Sigma = P_{ker}\Sigma P_{ker} + P_\perp\Sigma P_\perp` with
+        :math:`P_\perp = U_r U_r^\top` from the eigenvalues of G above ``tol·λ_max``.
+
+        Args:
+            x: Inputs of batch size B (tensor, tuple or dict), or a loader of ``(x, y)``
+                batches whose inputs are concatenated and whose targets serve as ``y``.
+            y: Targets for the sample table; ``None`` measures fit against MAP predictions.
+            tol: Relative eigenvalue threshold of the kernel.
+            rank: Fix r instead of thresholding by ``tol``.
+            n_samples: Posterior samples per kind for the table (0 skips it).
+            generator: Random generator for the samples.
+
+        Returns:
+            :class:`~laplace_ggn.diagnostics.KernelDecomposition`; ``print`` it or ``.plot()``.
+
+        Raises:
+            RuntimeError: If not fitted.
+            ValueError: If the structure is not 'full' or 'lowrank', or an argument is invalid.
+            TypeError: If ``x`` is neither a model input nor a loader.
+        """
+        from . import diagnostics as _diagnostics
+
+        self._require_fit("kernel_decomposition()")
+        return _diagnostics.kernel_decomposition(
+            self._posterior,
+            self._fmodel,
+            x,
+            likelihood=self.likelihood,
+            lik=self._lik,
+            structure=self.structure,
+            y=y,
+            sigma_noise=self._sigma_noise,
+            tol=tol,
+            rank=rank,
+            n_samples=n_samples,
+            kept_eigenpairs=self.rank,
+            generator=generator,
+            input_key=self.input_key,
+            target_key=self.target_key,
+        )
 
     # -- serialisation ---------------------------------------------------------------------
 
@@ -578,6 +870,9 @@ class LaplaceWrapper:
             f"LaplaceWrapper(likelihood={self.likelihood.value!r}, structure={self.structure.value!r}, "
             f"subset={self.subset if isinstance(self.subset, str) else 'list'!r}, {fitted})"
         )
+
+
+_NO_BATCH = object()
 
 
 def _chain_first(first: object, rest: Iterable) -> Iterable:

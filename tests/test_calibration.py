@@ -20,6 +20,7 @@ from torchmetrics.functional.classification import (
 from laplace_ggn import calibration as cal
 
 SEEDS = [0, 1, 2]
+CE_NORMS = ((cal.expected_calibration_error, "l1"), (cal.maximum_calibration_error, "max"))
 
 
 def _multiclass(seed: int, n: int = 400, c: int = 5, scale: float = 3.0):
@@ -99,7 +100,7 @@ def test_nll_is_finite_for_zero_probability_on_true_class():
 def test_ece_mce_match_torchmetrics_multiclass(seed, n_bins):
     probs, labels = _multiclass(seed)
     c = probs.shape[1]
-    for fn, norm_ in ((cal.expected_calibration_error, "l1"), (cal.maximum_calibration_error, "max")):
+    for fn, norm_ in CE_NORMS:
         ref = multiclass_calibration_error(probs, labels, num_classes=c, n_bins=n_bins, norm=norm_)
         torch.testing.assert_close(
             fn(probs, labels, n_bins=n_bins).float(), ref, rtol=1e-5, atol=1e-6
@@ -109,7 +110,7 @@ def test_ece_mce_match_torchmetrics_multiclass(seed, n_bins):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_ece_mce_match_torchmetrics_binary(seed):
     p, y = _binary(seed)
-    for fn, norm_ in ((cal.expected_calibration_error, "l1"), (cal.maximum_calibration_error, "max")):
+    for fn, norm_ in CE_NORMS:
         ref = binary_calibration_error(p, y, n_bins=10, norm=norm_)
         torch.testing.assert_close(fn(p, y, n_bins=10), ref, rtol=1e-10, atol=1e-12)
 
@@ -175,7 +176,8 @@ def test_confidence_histogram_and_max_probability():
     np.testing.assert_array_equal(counts.numpy(), hist)
     np.testing.assert_allclose(edges.numpy(), np_edges)
     p = torch.tensor([0.1, 0.5, 0.8], dtype=torch.float64)
-    torch.testing.assert_close(cal.max_probability(p), torch.tensor([0.9, 0.5, 0.8], dtype=torch.float64))
+    expected = torch.tensor([0.9, 0.5, 0.8], dtype=torch.float64)
+    torch.testing.assert_close(cal.max_probability(p), expected)
 
 
 def test_numpy_inputs_and_float32():
@@ -274,7 +276,8 @@ GOOD_Y = torch.tensor([0, 1])
 @pytest.mark.parametrize(
     "probs, labels, exc, match",
     [
-        ([[0.7, 0.3]], GOOD_Y, TypeError, "probs must be a torch.Tensor or numpy.ndarray; got list"),
+        ([[0.7, 0.3]], GOOD_Y, TypeError,
+         "probs must be a torch.Tensor or numpy.ndarray; got list"),
         (torch.tensor([[1, 0], [0, 1]]), GOOD_Y, TypeError, "probs must be a floating-point"),
         (torch.rand(2, 2, 2), GOOD_Y, ValueError, r"probs must have shape .*got \(2, 2, 2\)"),
         (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), ValueError, "N >= 1"),
@@ -285,7 +288,8 @@ GOOD_Y = torch.tensor([0, 1])
         (torch.tensor([[0.5, 0.4], [0.5, 0.5]]), GOOD_Y, ValueError,
          "probs rows must sum to 1.*maximal deviation of 0.1"),
         (GOOD_P, GOOD_Y.double(), TypeError, "labels must be an integer or bool tensor; got dtype"),
-        (GOOD_P, torch.tensor([0, 1, 1]), ValueError, r"labels must have shape \(2\) to match probs \(2, 2\); got \(3\)"),
+        (GOOD_P, torch.tensor([0, 1, 1]), ValueError,
+         r"labels must have shape \(2,?\) to match probs \(2, 2\); got \(3,?\)"),
         (GOOD_P, torch.tensor([0, 2]), ValueError, r"labels must lie in \{0, ..., 1\}.*\[0, 2\]"),
         (torch.tensor([0.2, 0.9]), torch.tensor([-1, 1]), ValueError,
          r"labels must lie in \{0, ..., 1\}.*\[-1, 1\]"),
@@ -307,6 +311,25 @@ def test_classification_input_errors(fn, probs, labels, exc, match):
 def test_labels_on_other_device():
     with pytest.raises(ValueError, match="labels must be on the device of probs"):
         cal.accuracy(GOOD_P, GOOD_Y.cuda())
+    with pytest.raises(ValueError, match="y must be on the device of mean"):
+        cal.gaussian_nll(M.cuda(), V.cuda(), M)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    probs, labels = _multiclass(0)
+    a = cal.classification_metrics(probs, labels)
+    b = cal.classification_metrics(probs.cuda(), labels.cuda())
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-10, abs=1e-12), k
+    curve = cal.reliability_curve(probs.cuda(), labels.cuda())
+    assert curve.counts.device.type == "cuda"
+    torch.testing.assert_close(curve.counts.cpu(), cal.reliability_curve(probs, labels).counts)
+    mean, var, y = _regression(0, (50, 2))
+    a = cal.regression_metrics(mean, var, y)
+    b = cal.regression_metrics(mean.cuda(), var.cuda(), y.cuda())
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-10, abs=1e-12), k
 
 
 def test_max_probability_and_histogram_errors():
@@ -341,10 +364,13 @@ V = torch.ones(3, dtype=torch.float64)
     [
         (torch.zeros(3, dtype=torch.long), V, M, TypeError, "mean must be a floating-point tensor"),
         (torch.zeros(3, 2, 1), V, M, ValueError, r"mean must have shape \(N,\) or \(N, C\)"),
-        (M, torch.ones(3, 1), M, ValueError, r"var must have the shape of mean \(3\).*got \(3, 1\)"),
-        (M, V, torch.zeros(4), ValueError, r"y must have the shape of mean \(3\).*got \(4\)"),
-        (torch.tensor([0.0, float("nan"), 1.0]), V, M, ValueError, "mean must be finite; got 1 NaN"),
-        (M, V, torch.tensor([0.0, float("inf"), 1.0]), ValueError, "y must be finite; got 0 NaN and 1 Inf"),
+        (M, torch.ones(3, 1), M, ValueError,
+         r"var must have the shape of mean \(3,?\).*got \(3, 1\)"),
+        (M, V, torch.zeros(4), ValueError, r"y must have the shape of mean \(3,?\).*got \(4,?\)"),
+        (torch.tensor([0.0, float("nan"), 1.0]), V, M, ValueError,
+         "mean must be finite; got 1 NaN"),
+        (M, V, torch.tensor([0.0, float("inf"), 1.0]), ValueError,
+         "y must be finite; got 0 NaN and 1 Inf"),
         (M, torch.tensor([1.0, 0.0, 1.0]), M, ValueError, "var must be finite and > 0"),
         (M, torch.tensor([1.0, float("nan"), 1.0]), M, ValueError, "var must be finite; got 1 NaN"),
         ("a", V, M, TypeError, "mean must be a torch.Tensor or numpy.ndarray; got str"),
@@ -362,9 +388,10 @@ def test_regression_input_errors(fn, mean, var, y, exc, match):
 
 
 def test_rmse_and_level_errors():
-    with pytest.raises(ValueError, match=r"y must have the shape of mean \(3\)"):
+    with pytest.raises(ValueError, match=r"y must have the shape of mean \(3,?\)"):
         cal.rmse(M, torch.zeros(2))
-    with pytest.raises(ValueError, match=r"levels must be a non-empty sequence of numbers in \(0, 1\); got \[0.5, 1.0\]"):
+    msg = r"levels must be a non-empty sequence of numbers in \(0, 1\); got \[0.5, 1.0\]"
+    with pytest.raises(ValueError, match=msg):
         cal.interval_coverage(M, V, M, levels=(0.5, 1.0))
     with pytest.raises(ValueError, match="levels must be a non-empty sequence"):
         cal.regression_metrics(M, V, M, levels=())

@@ -112,9 +112,15 @@ def test_ggn_step_matches_dense_solve(likelihood: str, out: int) -> None:
     G = torch.einsum("bcp,bcd,bdq->pq", J, Lam, J)
     grad = torch.einsum("bcp,bc->p", J, grad_f)
     delta, alpha, lr = 0.1, 0.5, 0.7
-    d_ref = torch.linalg.solve(G + (delta + alpha) * torch.eye(len(theta), dtype=DT), grad + alpha * theta)
+    d_ref = torch.linalg.solve(
+        G + (delta + alpha) * torch.eye(len(theta), dtype=DT), grad + alpha * theta
+    )
     opt = NaturalGradient(
-        model.parameters(), likelihood=likelihood, lr=lr, damping=delta, prior_precision=alpha,
+        model.parameters(),
+        likelihood=likelihood,
+        lr=lr,
+        damping=delta,
+        prior_precision=alpha,
         cg_tol=1e-12,
     )
     opt.step(lambda: (model(x), y))
@@ -156,6 +162,77 @@ def test_param_groups_get_their_own_lr() -> None:
     torch.testing.assert_close(model.bias - b0, twin.bias - b0)
 
 
+def test_kfac_step_is_exact_for_linear_regression() -> None:
+    x, y = regression_data(seed=6)
+    model = nn.Linear(3, 1).to(DT)
+    opt = NaturalGradient(model.parameters(), curvature="kfac", model=model, damping=0.0)
+    opt.step(lambda: (model(x), y))
+    X = torch.cat([x, torch.ones(len(x), 1, dtype=DT)], dim=1)
+    w_ref = torch.linalg.lstsq(X, y).solution.squeeze(1)
+    torch.testing.assert_close(flat(model), w_ref, rtol=1e-9, atol=1e-10)
+    assert opt.last_solve is None
+
+
+@pytest.mark.parametrize("likelihood,out", [("regression", 2), ("classification", 3)])
+def test_kfac_step_matches_kfac_collector(likelihood: str, out: int) -> None:
+    from laplace_ggn._checks import Likelihood
+    from laplace_ggn.functional import FunctionalModel, resolve_subset
+    from laplace_ggn.kfac import KFACCollector
+    from laplace_ggn.likelihoods import get_likelihood
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(9, 2, generator=g, dtype=DT)
+    if likelihood == "regression":
+        y = torch.randn(9, out, generator=g, dtype=DT)
+    else:
+        y = torch.randint(0, out, (9,), generator=g)
+    model = _mlp(out, seed=3)
+    theta = flat(model)
+    fm = FunctionalModel(model, resolve_subset(model, "all", x))
+    col = KFACCollector(fm, get_likelihood(Likelihood(likelihood)))
+    col.update(x)
+    K = col.finalize().to_dense()
+    lik = get_likelihood(Likelihood(likelihood))
+    model_f = model(x)
+    nll = lik.nll(model_f, lik.check_targets(model_f.detach(), y))
+    grad = torch.cat([t.reshape(-1) for t in torch.autograd.grad(nll, list(model.parameters()))])
+    delta, alpha = 0.2, 0.3
+    d_ref = torch.linalg.solve(
+        K + (delta + alpha) * torch.eye(len(theta), dtype=DT), grad + alpha * theta
+    )
+    opt = NaturalGradient(
+        model.parameters(),
+        likelihood=likelihood,
+        curvature="kfac",
+        model=model,
+        damping=delta,
+        prior_precision=alpha,
+    )
+    opt.step(lambda: (model(x), y))
+    torch.testing.assert_close(flat(model), theta - d_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_kfac_errors() -> None:
+    model = _mlp(1)
+    with pytest.raises(TypeError, match="model must be the nn.Module the closure runs"):
+        NaturalGradient(model.parameters(), curvature="kfac")
+    extra = nn.Parameter(torch.ones(2, dtype=DT))
+    with pytest.raises(ValueError, match=r"every optimised parameter must belong to an nn.Linear"):
+        NaturalGradient([*model.parameters(), extra], curvature="kfac", model=model)
+    groups = [
+        {"params": list(model[0].parameters()), "damping": 0.1},
+        {"params": list(model[2].parameters())},
+    ]
+    with pytest.raises(ValueError, match="damping must be the same in every parameter group"):
+        NaturalGradient(groups, curvature="kfac", model=model)
+    opt = NaturalGradient(model.parameters(), curvature="kfac", model=model)
+    x, y = torch.randn(4, 2, dtype=DT), torch.randn(4, 1, dtype=DT)
+    with pytest.raises(ValueError, match=r"layers \['2'\] must run exactly once per forward pass"):
+        opt.step(
+            lambda: (model[2](model[1](model[0](x))) + model[2](torch.ones(4, 4, dtype=DT)), y)
+        )
+
+
 # ----------------------------------------------------------------------------- against SGD
 
 
@@ -186,7 +263,7 @@ def test_natural_gradient_beats_sgd_on_small_mlp() -> None:
         model = init()
         sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
-        def sgd_step() -> None:
+        def sgd_step(model: nn.Module = model, sgd: torch.optim.SGD = sgd) -> None:
             sgd.zero_grad()
             ((model(x) - y) ** 2).mean().backward()
             sgd.step()
@@ -201,12 +278,15 @@ def test_natural_gradient_beats_sgd_on_small_mlp() -> None:
 
 def test_construction_errors() -> None:
     params = list(nn.Linear(2, 1).parameters())
-    with pytest.raises(ValueError, match=r"likelihood must be one of \['regression', 'classification', 'binary'\]"):
+    with pytest.raises(
+        ValueError, match=r"likelihood must be one of \['regression', 'classification', 'binary'\]"
+    ):
         NaturalGradient(params, likelihood="poisson")
-    with pytest.raises(ValueError, match=r"curvature must be one of \['ggn', 'ef', 'kfac'\]; got 'gnn'. Did you mean 'ggn'"):
+    with pytest.raises(
+        ValueError,
+        match=r"curvature must be one of \['ggn', 'ef', 'kfac'\]; got 'gnn'. Did you mean 'ggn'",
+    ):
         NaturalGradient(params, curvature="gnn")
-    with pytest.raises(NotImplementedError, match="curvature='kfac' is not available in NaturalGradient"):
-        NaturalGradient(params, curvature="kfac")
     with pytest.raises(ValueError, match="lr must be a finite number > 0; got 0"):
         NaturalGradient(params, lr=0.0)
     with pytest.raises(ValueError, match="lr must be a finite number > 0; got -1"):
@@ -229,11 +309,17 @@ def test_step_errors() -> None:
     model = nn.Linear(2, 1).to(DT)
     x, y = torch.randn(4, 2, dtype=DT), torch.randn(4, 1, dtype=DT)
     opt = NaturalGradient(model.parameters())
-    with pytest.raises(TypeError, match=r"closure must be a callable returning \(outputs, targets\)"):
+    with pytest.raises(
+        TypeError, match=r"closure must be a callable returning \(outputs, targets\)"
+    ):
         opt.step(None)
-    with pytest.raises(TypeError, match=r"closure must return a pair \(outputs, targets\) of tensors; got Tensor"):
+    with pytest.raises(
+        TypeError, match=r"closure must return a pair \(outputs, targets\) of tensors; got Tensor"
+    ):
         opt.step(lambda: ((model(x) - y) ** 2).sum())
-    with pytest.raises(ValueError, match=r"outputs must have shape \(B, C\) or \(B,\); got \(4, 1, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"outputs must have shape \(B, C\) or \(B,\); got \(4, 1, 1\)"
+    ):
         opt.step(lambda: (model(x)[:, :, None], y))
     with pytest.raises(ValueError, match="outputs must be attached to the autograd graph"):
         opt.step(lambda: (model(x).detach(), y))

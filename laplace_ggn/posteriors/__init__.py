@@ -10,8 +10,22 @@ from torch import Tensor
 from ._common import Prior, PriorKind, make_prior
 from .diag import DiagPosterior
 from .full import FullPosterior
+from .kfac import KFACPosterior, make_kfac_collector
+from .lowrank import LowRankPosterior, lowrank_memory_bytes, make_lowrank_collector
 
-__all__ = ["Posterior", "Prior", "PriorKind", "make_prior", "FullPosterior", "DiagPosterior"]
+__all__ = [
+    "DiagPosterior",
+    "FullPosterior",
+    "KFACPosterior",
+    "LowRankPosterior",
+    "Posterior",
+    "Prior",
+    "PriorKind",
+    "lowrank_memory_bytes",
+    "make_kfac_collector",
+    "make_lowrank_collector",
+    "make_prior",
+]
 
 
 @runtime_checkable

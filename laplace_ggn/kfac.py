@@ -1,0 +1,371 @@
+r"""Kronecker factors of the GGN for ``nn.Linear`` and ``nn.Conv2d`` layers ("type-2", exact B).
+
+For a layer with input features :math:`\tilde a = [a; 1]` (the 1 only when the bias is in the
+subset) and output :math:`z = W \tilde a`, the per-sample gradient of the GGN square root
+column :math:`c` is :math:`g_{nc} \otimes \tilde a_n` with :math:`g_{nc} = \partial z/\partial f
+\cdot (L_n)_{:c}`.  KFAC approximates the layer's GGN block
+
+.. math::
+    G_l = \sum_n \Big(\sum_c g_{nc} g_{nc}^\top\Big) \otimes \tilde a_n \tilde a_n^\top
+        \approx B_l \otimes A_l, \qquad
+    A_l = \sum_n \tilde a_n \tilde a_n^\top, \quad
+    B_l = \frac1N \sum_n \sum_c g_{nc} g_{nc}^\top,
+
+written in the order of the row-major flattening of :math:`[W\ b]` (output index slow, input
+index fast), which is why ``B`` comes first in the Kronecker product.  The normalisation (A a
+sum, B a mean) makes KFAC exact whenever :math:`\sum_c g_{nc} g_{nc}^\top` does not depend on n,
+e.g. for the last layer of a regression net, or every layer of a deep linear net with MSE.
+
+Weight sharing follows the "expand" convention: a Linear layer applied to inputs
+``(B, T, I)`` and a Conv2d layer (inputs unfolded into patches, T output locations) treat
+each of the N·T locations as a sample: A sums over them, B is divided by N·T.
+
+The ``C`` back-propagated columns come from one batched vector-Jacobian product per batch
+(``torch.autograd.grad(..., is_grads_batched=True)`` w.r.t. the layer outputs, recorded with
+temporary forward hooks).  The ``mc`` option back-propagates a single sampled column
+:math:`\nabla_f \log p(\hat y \mid f)`, :math:`\hat y \sim p(y \mid f)`, whose outer product has
+expectation :math:`\Lambda_n`.
+
+Parameters outside Kronecker-factored layers (other module types, Linear layers run more than
+once per forward pass, tied weights, grouped or non-zero-padded convolutions) get the exact
+diagonal of their GGN block instead; the collector warns once, naming them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_finite
+from .functional import FunctionalModel, ParamLayout, capture_layers
+
+__all__ = ["KFACCollector", "KFACCurvature", "KronFactors", "kfac_factor_bytes"]
+
+
+@dataclass(frozen=True)
+class KronFactors:
+    r"""One Kronecker block :math:`B \otimes A` of the GGN.
+
+    Attributes:
+        weight: Name of the weight in the subset, or ``None`` (bias-only block).
+        bias: Name of the bias in the subset, or ``None``.
+        A: Input factor, shape ``(D, D)`` with D = I (+1 with a bias; D = 1 bias-only).
+        B: Output factor, shape ``(O, O)``.
+    """
+
+    weight: str | None
+    bias: str | None
+    A: Tensor
+    B: Tensor
+
+    @property
+    def n_out(self) -> int:
+        """O."""
+        return self.B.shape[0]
+
+    @property
+    def n_in(self) -> int:
+        """D, the input side including the bias column."""
+        return self.A.shape[0]
+
+    def index(self, layout: ParamLayout) -> Tensor:
+        """Flat positions of the block's entries in Kronecker order, shape ``(O·D,)``.
+
+        Entry ``o·D + j`` of the Kronecker-ordered block is ``W[o, j]`` for ``j < I`` and
+        ``b[o]`` for ``j = I``; the result maps it to its place in the flat parameter vector.
+        """
+        O, D = self.n_out, self.n_in
+        idx = torch.empty(O, D, dtype=torch.long)
+        I = D - (self.bias is not None)
+        if self.weight is not None:
+            start = layout.slice_of(self.weight).start
+            idx[:, :I] = start + torch.arange(O * I).reshape(O, I)
+        if self.bias is not None:
+            idx[:, I] = layout.slice_of(self.bias).start + torch.arange(O)
+        return idx.reshape(-1)
+
+
+@dataclass(frozen=True)
+class KFACCurvature:
+    """The KFAC approximation of the unit-noise GGN of a subset.
+
+    Attributes:
+        layout: The subset's layout.
+        blocks: Kronecker blocks, one per covered layer.
+        diag_names: Parameters not covered by a block (exact diagonal blocks).
+        diag: Exact GGN diagonal of ``diag_names``, in their layout order, shape ``(P_d,)``.
+    """
+
+    layout: ParamLayout
+    blocks: tuple[KronFactors, ...]
+    diag_names: tuple[str, ...]
+    diag: Tensor
+
+    def diag_index(self) -> Tensor:
+        """Flat positions of the diagonal part, shape ``(P_d,)``."""
+        parts = [
+            torch.arange(self.layout.slice_of(n).start, self.layout.slice_of(n).stop)
+            for n in self.diag_names
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def to_dense(self) -> Tensor:
+        """The approximate GGN in flat parameter order, shape ``(P, P)`` (for tests only)."""
+        P = self.layout.n_params
+        ref = self.diag if not self.blocks else self.blocks[0].A
+        G = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
+        for blk in self.blocks:
+            idx = blk.index(self.layout).to(G.device)
+            G[idx.unsqueeze(1), idx.unsqueeze(0)] = torch.kron(blk.B, blk.A)
+        di = self.diag_index().to(G.device)
+        G[di, di] = self.diag
+        return G
+
+
+def kfac_factor_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Upper bound of the bytes of the Kronecker factors and their eigenvectors of ``model``."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += (m.in_features + 1) ** 2 + m.out_features**2
+        elif isinstance(m, nn.Conv2d):
+            d = m.in_channels // m.groups * math.prod(m.kernel_size) + 1
+            total += d**2 + m.out_channels**2
+    return 2 * total * size
+
+
+def _conv_supported(m: nn.Conv2d) -> bool:
+    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+
+
+class KFACCollector:
+    r"""Accumulate Kronecker factors :math:`A_l, B_l` in one pass (``update`` per batch).
+
+    Args:
+        fmodel: The functional model (its private module receives the temporary hooks).
+        likelihood: Provides ``sqrt_hessian``, ``sample`` and ``grad_f``.
+        mc: Back-propagate one sampled column instead of the C exact columns of :math:`L_n`.
+        generator: Random generator for ``mc``.
+
+    Distributed use: :meth:`distributed_state` holds only sums (A, the un-normalised B, the
+    row counts and the diagonal part), so an all-reduce of each followed by
+    :meth:`load_distributed_state` and :meth:`finalize` divides B by the *global* count and
+    gives the single-process factors.  With ``mc`` every rank should use its own seed.
+    """
+
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        likelihood,
+        *,
+        mc: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        self.fmodel, self.likelihood = fmodel, likelihood
+        self.mc, self.generator = bool(mc), generator
+        layout = fmodel.layout
+        in_subset = set(layout.names)
+        owners: dict[int, int] = {}
+        for m in fmodel.module.modules():
+            for p in m.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self.layers: dict[str, _Layer] = {}
+        for mname, module in fmodel.module.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            if isinstance(module, nn.Conv2d) and not _conv_supported(module):
+                continue
+            if any(owners[id(p)] > 1 for p in module.parameters(recurse=False)):
+                continue  # tied weights: the block of one module would miss the other's use
+            prefix = f"{mname}." if mname else ""
+            w = prefix + "weight" if prefix + "weight" in in_subset else None
+            b = prefix + "bias" if module.bias is not None and prefix + "bias" in in_subset else None
+            if w or b:
+                self.layers[mname] = _Layer(module, w, b)
+        self._set_rest()
+        dt, dev = fmodel.dtype, fmodel.device
+        self.A: dict[str, Tensor] = {}
+        self.B: dict[str, Tensor] = {}
+        self.count: dict[str, Tensor] = {}
+        for mname, lay in self.layers.items():
+            D, O = self._dims(lay)
+            self.A[mname] = torch.zeros(D, D, dtype=dt, device=dev)
+            self.B[mname] = torch.zeros(O, O, dtype=dt, device=dev)
+            self.count[mname] = torch.zeros((), dtype=dt, device=dev)
+        self.diag = torch.zeros(self.rest.n_params, dtype=dt, device=dev)
+        self._checked = False
+
+    def _set_rest(self) -> None:
+        covered = {n for lay in self.layers.values() for n in (lay.weight, lay.bias) if n}
+        layout = self.fmodel.layout
+        self.rest = layout.sub_layout([n for n in layout.names if n not in covered])
+
+    @staticmethod
+    def _dims(lay: _Layer) -> tuple[int, int]:
+        m = lay.module
+        if isinstance(m, nn.Linear):
+            I, O = m.in_features, m.out_features
+        else:
+            I, O = m.in_channels * math.prod(m.kernel_size), m.out_channels
+        D = (I if lay.weight else 0) + (1 if lay.bias else 0)
+        return D, O
+
+    # -- data pass -----------------------------------------------------------------------------
+
+    def update(self, x: object, where: str = "") -> Tensor:
+        """Add one batch to the factors; returns the outputs ``(B, C)``.
+
+        Raises:
+            RuntimeError: If a factored layer runs a different number of times than on the
+                first batch.
+            ValueError: If the curvature holds NaN/Inf.
+        """
+        fm = self.fmodel
+        params = {
+            n: t.detach().requires_grad_(True) for n, t in fm.layout.unflatten(fm.theta).items()
+        }
+        with capture_layers({m: lay.module for m, lay in self.layers.items()}) as records:
+            f = fm.call_dict(params, x)
+        if not self._checked:
+            self._first_batch_checks(records)
+        elif any(len(records[m].outputs) != 1 for m in self.layers):
+            bad = [m for m in self.layers if len(records[m].outputs) != 1]
+            raise RuntimeError(
+                f"layers {bad} must run once per forward pass as on the first batch; they ran "
+                f"another number of times in {where or 'a later batch'}."
+            )
+        fd = f.detach()
+        if self.layers:
+            if self.mc:
+                y = self.likelihood.sample(fd, generator=self.generator)
+                cot = self.likelihood.grad_f(fd, y).unsqueeze(0)  # (1, B, C)
+            else:
+                cot = self.likelihood.sqrt_hessian(fd).permute(2, 0, 1).contiguous()  # (K, B, C)
+            outs = [records[m].outputs[0] for m in self.layers]
+            grads = _batched_grads(f, outs, cot)
+            for (mname, lay), g in zip(self.layers.items(), grads):
+                a = records[mname].inputs[0].detach()
+                A_inc, B_inc, rows = self._factor_increments(lay, a, g.detach())
+                check_finite(B_inc, f"KFAC output factor of layer {mname!r}", where)
+                self.A[mname] += A_inc
+                self.B[mname] += B_inc
+                self.count[mname] += rows
+        if self.rest.n_params:
+            J, _ = fm.jacobians_wrt(x, self.rest, n_outputs=fd.shape[1])
+            L = self.likelihood.sqrt_hessian(fd)
+            d = torch.einsum("bcp,bck->bkp", J, L).pow(2).sum((0, 1))
+            check_finite(d, "GGN diagonal (curvature)", where)
+            self.diag += d
+        return fd
+
+    def _first_batch_checks(self, records) -> None:
+        self._checked = True
+        again = [m for m in self.layers if len(records[m].outputs) != 1]
+        for m in again:
+            del self.layers[m], self.A[m], self.B[m], self.count[m]
+        if again:
+            self._set_rest()
+            self.diag = torch.zeros(
+                self.rest.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device
+            )
+        if self.rest.n_params:
+            warnings.warn(
+                f"kfac: parameters {list(self.rest.names)} are not in a Kronecker-factored "
+                "nn.Linear / nn.Conv2d layer (other module type, a layer run more than once, "
+                "tied weights or a grouped/padded-mode convolution); they get exact diagonal "
+                "GGN blocks.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _factor_increments(self, lay: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        m = lay.module
+        K = g.shape[0]
+        if isinstance(m, nn.Linear):
+            a2 = a.reshape(-1, a.shape[-1])
+            g2 = g.reshape(K, -1, g.shape[-1])
+        else:
+            patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            a2 = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·T, Cin·kh·kw)
+            g2 = g.flatten(3).transpose(2, 3).reshape(K, -1, g.shape[2])  # (K, B·T, O)
+        rows = a2.shape[0]
+        cols = []
+        if lay.weight:
+            cols.append(a2)
+        if lay.bias:
+            cols.append(torch.ones(rows, 1, dtype=a2.dtype, device=a2.device))
+        a_t = torch.cat(cols, dim=1)
+        return a_t.T @ a_t, torch.einsum("kro,krp->op", g2, g2), rows
+
+    # -- results -------------------------------------------------------------------------------
+
+    def finalize(self) -> KFACCurvature:
+        """The factors with B divided by the number of rows; see :class:`KFACCurvature`.
+
+        Raises:
+            RuntimeError: If no batch was seen.
+        """
+        if not self._checked:
+            raise RuntimeError("KFACCollector.finalize() needs at least one update(x).")
+        blocks = tuple(
+            KronFactors(lay.weight, lay.bias, self.A[m], self.B[m] / self.count[m].clamp_min(1))
+            for m, lay in self.layers.items()
+        )
+        return KFACCurvature(self.fmodel.layout, blocks, tuple(self.rest.names), self.diag)
+
+    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
+        """Sums to all-reduce across ranks: ``name -> (tensor, "sum")``.
+
+        A collector that has seen no data returns zeros of the same names and shapes, except
+        when a layer runs more than once per forward pass: the first batch moves such layers to
+        the diagonal part, which a rank without data cannot know (the entries then differ
+        between ranks and the reduction refuses them).
+        """
+        state: dict[str, tuple[Tensor, str]] = {"diag": (self.diag, "sum")}
+        for m in self.layers:
+            state[f"A.{m}"] = (self.A[m], "sum")
+            state[f"B.{m}"] = (self.B[m], "sum")
+            state[f"count.{m}"] = (self.count[m], "sum")
+        return state
+
+    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
+        """Replace the sums with their all-reduced values (keys of :meth:`distributed_state`).
+
+        A rank that saw no data can load the reduced state and :meth:`finalize` like the others.
+        """
+        self._checked = True
+        self.diag = state["diag"]
+        for m in self.layers:
+            self.A[m], self.B[m], self.count[m] = state[f"A.{m}"], state[f"B.{m}"], state[f"count.{m}"]
+
+
+def _batched_grads(f: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor]:
+    """Vector-Jacobian products of K cotangents ``(K, B, C)`` w.r.t. each layer output."""
+    try:
+        grads = torch.autograd.grad(f, outs, cot, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:
+        cols = [
+            torch.autograd.grad(f, outs, cot[k], retain_graph=True, allow_unused=True)
+            for k in range(cot.shape[0])
+        ]
+        grads = [
+            None if cols[0][i] is None else torch.stack([c[i] for c in cols])
+            for i in range(len(outs))
+        ]
+    return [
+        torch.zeros(cot.shape[0], *o.shape, dtype=o.dtype, device=o.device) if g is None else g
+        for g, o in zip(grads, outs)
+    ]

@@ -1,0 +1,595 @@
+r"""Predictive distributions: the linearised (GLM) and the sampled-network (NN) predictive.
+
+GLM: the network is linearised at the MAP, :math:`f_{lin}(x, \theta) = f(x, \theta_*) +
+J(x)(\theta - \theta_*)`, so the outputs are Gaussian,
+:math:`f(x) \sim N(f(x, \theta_*), J(x) \Sigma J(x)^\top)`.  Regression adds the observation
+noise :math:`\sigma^2 I`; classification maps the Gaussian over logits through a link:
+
+- ``probit`` (MacKay): :math:`\bar p = \mathrm{softmax}(\kappa \odot \mu)`,
+  :math:`\kappa_c = (1 + \tfrac{\pi}{8} v_c)^{-1/2}` with :math:`v = \mathrm{diag}(J \Sigma J^\top)`;
+  the sigmoid of :math:`\kappa \mu` for a binary model.
+- ``bridge`` (Laplace bridge, Hobbhahn et al. 2022): a Dirichlet with
+  :math:`\alpha_k = v_k^{-1}\big(1 - \tfrac2C + \tfrac{e^{\mu_k}}{C^2}\sum_l e^{-\mu_l}\big)`,
+  computed on the Gaussian conditioned on :math:`\sum_c f_c = 0`; mean
+  :math:`\alpha / \alpha_0`.
+- ``mc``: S draws :math:`f_s = \mu + L z_s`, :math:`L L^\top = J \Sigma J^\top`, independent
+  for every input; mean of the softmax / sigmoid.
+
+NN: :math:`\theta_s \sim N(\theta_*, \Sigma)`, the network is evaluated at every sample with
+:func:`torch.func.functional_call` (vectorised over samples with :func:`torch.func.vmap`
+where the model allows), and the likelihood's prediction is averaged.
+
+Every predictive returns a :class:`Prediction` with ``mean`` and ``variance`` of shape
+``(B, C)``.  Regression: ``variance`` is the variance of y (functional variance + σ²).
+Classification: ``variance`` is the variance of the class probability under the posterior:
+the sample variance for ``mc`` and ``nn``, the Dirichlet variance for ``bridge``, and the
+delta-method value :math:`\mathrm{diag}(A \Sigma_f A^\top)`, :math:`A = \mathrm{diag}(s) - s s^\top`,
+:math:`s = \mathrm{softmax}(\mu)`, capped at :math:`\bar p(1 - \bar p)`, for ``probit``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from ._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, PredictMethod, as_enum, shape_str
+from .functional import batch_size_of, split_batch
+
+__all__ = [
+    "Prediction",
+    "batches_of",
+    "functional_moments",
+    "glm_from_moments",
+    "glm_predictive",
+    "laplace_bridge",
+    "mc_link",
+    "nn_predictive",
+    "predict",
+    "predictive_nll",
+    "probit",
+    "psd_sqrt",
+    "resolve_options",
+    "sample_outputs",
+]
+
+_VALID = (
+    "valid combinations: method='glm' with link 'probit', 'bridge' or 'mc'; method='nn' with "
+    "link 'mc' (the default for 'nn'); regression ignores the link"
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Moments of a predictive distribution.
+
+    Attributes:
+        mean: Regression: predictive mean; classification: class probabilities (a binary
+            model gives the probability of class 1), shape ``(B, C)``.
+        variance: Regression: variance of y (functional + σ²); classification: variance of
+            the class probability under the posterior, shape ``(B, C)``.
+    """
+
+    mean: Tensor
+    variance: Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_options(
+    likelihood: Likelihood, method: str | PredictMethod, link: str | Link | None
+) -> tuple[PredictMethod, Link | None]:
+    """Convert and check the ``method`` / ``link`` pair for a likelihood.
+
+    ``link=None`` means ``probit`` for ``glm`` and ``mc`` for ``nn``.  Regression has no link:
+    ``None`` and the default ``"probit"`` are accepted and ignored, other links raise.
+
+    Args:
+        likelihood: The wrapper's likelihood.
+        method: ``"glm"`` or ``"nn"``.
+        link: ``"probit"``, ``"bridge"``, ``"mc"`` or ``None``.
+
+    Returns:
+        ``(method, link)``; the link is ``None`` for regression.
+
+    Raises:
+        ValueError: If an option is unknown or the combination is invalid (the message lists
+            the valid ones).
+    """
+    m = as_enum(PredictMethod, method, "method")
+    lk = None if link is None else as_enum(Link, link, "link")
+    if likelihood is Likelihood.REGRESSION:
+        if lk not in (None, Link.PROBIT):
+            raise ValueError(
+                f"link must be None (or the default 'probit', ignored) for "
+                f"likelihood='regression'; got link={lk.value!r}. The regression predictive is "
+                f"Gaussian and needs no link; {_VALID}."
+            )
+        return m, None
+    if m is PredictMethod.NN:
+        if lk not in (None, Link.MC):
+            raise ValueError(
+                f"link must be 'mc' (or None) with method='nn'; got link={lk.value!r}. The "
+                f"sampled-network predictive averages over network samples; {_VALID}."
+            )
+        return m, Link.MC
+    return m, (Link.PROBIT if lk is None else lk)
+
+
+def _check_n_samples(n_samples: object) -> int:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+    return n_samples
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None; got {type(generator).__name__}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Links: Gaussian over logits -> class probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+def probit(mean: Tensor, var: Tensor, *, binary: bool = False) -> Prediction:
+    r"""MacKay's probit approximation of the expected softmax / sigmoid.
+
+    .. math::
+        \bar p = \mathrm{softmax}(\kappa \odot \mu), \qquad
+        \kappa_c = (1 + \tfrac{\pi}{8} v_c)^{-1/2}.
+
+    The variance is the delta-method variance of the probabilities (see the module
+    docstring), capped at :math:`\bar p (1 - \bar p)`.
+
+    Args:
+        mean: Logit means μ, shape ``(B, C)`` (``(B, 1)`` if ``binary``).
+        var: Logit covariances, shape ``(B, C, C)``, or their diagonals ``(B, C)``.
+        binary: One logit and the sigmoid instead of the softmax.
+
+    Returns:
+        The :class:`Prediction` with shapes ``(B, C)``.
+
+    Example:
+        >>> p = probit(torch.zeros(2, 3), torch.ones(2, 3))
+        >>> p.mean
+        tensor([[0.3333, 0.3333, 0.3333],
+                [0.3333, 0.3333, 0.3333]])
+    """
+    cov = var if var.ndim == 3 else torch.diag_embed(var)
+    v = torch.diagonal(cov, dim1=1, dim2=2)
+    kappa = torch.rsqrt(1.0 + math.pi / 8.0 * v)
+    if binary:
+        p_bar = torch.sigmoid(kappa * mean)
+        s = torch.sigmoid(mean)
+        delta = (s * (1 - s)) ** 2 * v
+    else:
+        p_bar = torch.softmax(kappa * mean, dim=-1)
+        s = torch.softmax(mean, dim=-1)
+        A = torch.diag_embed(s) - s.unsqueeze(2) * s.unsqueeze(1)
+        delta = torch.diagonal(A @ cov @ A.transpose(1, 2), dim1=1, dim2=2)
+    variance = torch.minimum(delta.clamp_min(0), p_bar * (1 - p_bar))
+    return Prediction(p_bar, variance)
+
+
+def _binary_as_two_class(mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+    """Logit a of a sigmoid as two softmax logits (-a/2, a/2) with their covariance."""
+    mu = torch.cat([-mean / 2, mean / 2], dim=1)
+    v = cov[:, 0, 0] / 4
+    sign = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=mean.dtype, device=mean.device)
+    return mu, v[:, None, None] * sign
+
+
+def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Prediction:
+    r"""Laplace bridge: the Dirichlet matched to a Gaussian over logits (Hobbhahn et al.).
+
+    The Gaussian is first conditioned on :math:`\sum_c f_c = 0` (the softmax is invariant to
+    that direction): :math:`\mu' = \mu - \Sigma 1\, (1^\top\mu)/(1^\top\Sigma 1)`,
+    :math:`\Sigma' = \Sigma - \Sigma 1 1^\top \Sigma / (1^\top \Sigma 1)`.  Then
+
+    .. math::
+        \alpha_k = \frac{1}{\Sigma'_{kk}}\Big(1 - \frac2C + \frac{e^{\mu'_k}}{C^2}
+        \sum_l e^{-\mu'_l}\Big), \quad
+        \mathbb E[p_k] = \frac{\alpha_k}{\alpha_0}, \quad
+        \mathrm{Var}[p_k] = \frac{\alpha_k(\alpha_0 - \alpha_k)}{\alpha_0^2(\alpha_0 + 1)},
+
+    with :math:`\alpha_0 = \sum_k \alpha_k`, computed in log space.  A binary logit a is the
+    pair :math:`(-a/2, a/2)`.
+
+    Args:
+        mean: Logit means, shape ``(B, C)`` (``(B, 1)`` if ``binary``).
+        cov: Logit covariances, shape ``(B, C, C)``.
+        binary: One logit and the sigmoid.
+
+    Returns:
+        The :class:`Prediction`, shapes ``(B, C)``.
+
+    Example:
+        >>> laplace_bridge(torch.zeros(1, 2), torch.eye(2).expand(1, 2, 2)).mean
+        tensor([[0.5000, 0.5000]])
+    """
+    if binary:
+        mean, cov = _binary_as_two_class(mean, cov)
+    C = mean.shape[1]
+    s1 = cov.sum(-1)
+    total = s1.sum(-1)
+    trace = torch.diagonal(cov, dim1=1, dim2=2).sum(-1)
+    ok = (total > 1e-12 * trace.clamp_min(torch.finfo(cov.dtype).tiny)).to(cov.dtype)
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    mu = mean - ok[:, None] * s1 * (mean.sum(-1) / denom)[:, None]
+    cov_c = cov - ok[:, None, None] * s1.unsqueeze(2) * s1.unsqueeze(1) / denom[:, None, None]
+    v = torch.diagonal(cov_c, dim1=1, dim2=2).clamp_min(torch.finfo(cov.dtype).tiny)
+    const = torch.full_like(mu, math.log(1.0 - 2.0 / C) if C > 2 else -math.inf)
+    log_num = torch.logaddexp(
+        const, mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(C)
+    )
+    log_alpha = log_num - torch.log(v)
+    m = torch.softmax(log_alpha, dim=-1)
+    alpha0 = torch.exp(torch.logsumexp(log_alpha, dim=-1, keepdim=True))
+    variance = m * (1 - m) / (alpha0 + 1)
+    if binary:
+        return Prediction(m[:, 1:], variance[:, 1:])
+    return Prediction(m, variance)
+
+
+def psd_sqrt(cov: Tensor) -> Tensor:
+    r"""A factor L with :math:`L L^\top = \Sigma` for PSD (possibly singular) matrices.
+
+    Args:
+        cov: Shape ``(B, C, C)``.
+
+    Returns:
+        Shape ``(B, C, C)``; eigenvalues below 0 (round-off) are clamped to 0.
+    """
+    lam, U = torch.linalg.eigh(cov)
+    return U * lam.clamp_min(0).sqrt().unsqueeze(-2)
+
+
+def mc_link(
+    mean: Tensor,
+    cov: Tensor,
+    *,
+    n_samples: int = 100,
+    binary: bool = False,
+    generator: torch.Generator | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Prediction:
+    r"""Monte Carlo expectation of the softmax / sigmoid under :math:`N(\mu, \Sigma_f)`.
+
+    .. math::
+        f_s = \mu + L z_s, \quad z_s \sim N(0, I), \quad
+        \bar p = \frac1S \sum_s \mathrm{softmax}(f_s),
+
+    with fresh, independent noise for every input and sample.  The variance is the unbiased
+    sample variance of the probabilities (0 when S = 1).
+
+    Args:
+        mean: Logit means, shape ``(B, C)``.
+        cov: Logit covariances, shape ``(B, C, C)``.
+        n_samples: S.
+        binary: One logit and the sigmoid.
+        generator: Random generator for reproducible draws.
+        memory_budget: Bytes for the ``(S, B, C)`` draws; inputs are processed in chunks
+            (draws depend on the chunking, so on the budget, for a given generator state).
+
+    Returns:
+        The :class:`Prediction`, shapes ``(B, C)``.
+
+    Raises:
+        ValueError: If ``n_samples`` is not a positive integer.
+        TypeError: If ``generator`` is not a ``torch.Generator``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> mc_link(torch.zeros(4, 1), torch.zeros(4, 1, 1), binary=True, generator=g).mean[:, 0]
+        tensor([0.5000, 0.5000, 0.5000, 0.5000])
+    """
+    S = _check_n_samples(n_samples)
+    _check_generator(generator)
+    B, C = mean.shape
+    rows = max(1, int(memory_budget // max(1, 4 * S * C * mean.element_size())))
+    means, variances = [], []
+    for start in range(0, B, rows):
+        mu, L = mean[start : start + rows], psd_sqrt(cov[start : start + rows])
+        z = torch.randn((S, *mu.shape), dtype=mu.dtype, device=mu.device, generator=generator)
+        logits = mu + torch.einsum("bcd,sbd->sbc", L, z)
+        p = torch.sigmoid(logits) if binary else torch.softmax(logits, dim=-1)
+        means.append(p.mean(0))
+        variances.append(p.var(dim=0, correction=1) if S > 1 else torch.zeros_like(mu))
+    return Prediction(torch.cat(means), torch.cat(variances))
+
+
+# ---------------------------------------------------------------------------------------------
+# GLM predictive
+# ---------------------------------------------------------------------------------------------
+
+
+def glm_from_moments(
+    f: Tensor,
+    cov: Tensor,
+    *,
+    likelihood: Likelihood,
+    link: Link | None,
+    sigma_noise: Tensor | float = 1.0,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Prediction:
+    r"""Map the linearised outputs :math:`N(f, \Sigma_f)` to the predictive.
+
+    Regression: mean ``f``, variance :math:`\mathrm{diag}(\Sigma_f) + \sigma^2`.
+    Classification and binary: the link (see the module docstring).
+
+    Args:
+        f: Outputs at θ*, shape ``(B, C)``.
+        cov: Functional covariances :math:`J \Sigma J^\top`, shape ``(B, C, C)``.
+        likelihood: The likelihood.
+        link: The link (ignored for regression).
+        sigma_noise: σ (regression).
+        n_samples: S for the ``mc`` link.
+        generator: Random generator for the ``mc`` link.
+        memory_budget: Bytes for the draws of the ``mc`` link.
+
+    Returns:
+        The :class:`Prediction`, shapes ``(B, C)``.
+    """
+    if likelihood is Likelihood.REGRESSION:
+        sigma = torch.as_tensor(sigma_noise, dtype=f.dtype, device=f.device)
+        return Prediction(f, torch.diagonal(cov, dim1=1, dim2=2) + sigma**2)
+    binary = likelihood is Likelihood.BINARY
+    if link is Link.PROBIT:
+        return probit(f, cov, binary=binary)
+    if link is Link.BRIDGE:
+        return laplace_bridge(f, cov, binary=binary)
+    return mc_link(f, cov, n_samples=n_samples, binary=binary, generator=generator,
+                   memory_budget=memory_budget)
+
+
+def functional_moments(fmodel, posterior, x: object, *, n_outputs: int) -> tuple[Tensor, Tensor]:
+    r"""Outputs at θ* and :math:`J(x) \Sigma J(x)^\top`, Jacobians computed in chunks.
+
+    Σ is never formed: each chunk's Jacobians go through ``posterior.functional_covariance``.
+
+    Args:
+        fmodel: The :class:`~laplace_ggn.functional.FunctionalModel`.
+        posterior: Any posterior structure.
+        x: Model input of batch size B.
+        n_outputs: C.
+
+    Returns:
+        ``(f, cov)`` of shapes ``(B, C)`` and ``(B, C, C)``.
+    """
+    P = fmodel.n_params
+    per_sample = 4 * n_outputs * P * fmodel.theta.element_size()
+    fs, covs = [], []
+    for xc in fmodel.chunks(x, fmodel.chunk_size(per_sample)):
+        J, f = fmodel.jacobians(xc, n_outputs=n_outputs)
+        fs.append(f)
+        covs.append(posterior.functional_covariance(J))
+    return torch.cat(fs), torch.cat(covs)
+
+
+def glm_predictive(
+    fmodel,
+    posterior,
+    x: object,
+    *,
+    likelihood: Likelihood,
+    link: Link | None,
+    sigma_noise: Tensor | float = 1.0,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    n_outputs: int,
+) -> Prediction:
+    """Linearised predictive at inputs ``x`` (see :func:`glm_from_moments`).
+
+    Returns:
+        The :class:`Prediction`, shapes ``(B, C)``.
+    """
+    with torch.no_grad():
+        f, cov = functional_moments(fmodel, posterior, x, n_outputs=n_outputs)
+        return glm_from_moments(
+            f, cov, likelihood=likelihood, link=link, sigma_noise=sigma_noise,
+            n_samples=n_samples, generator=generator, memory_budget=fmodel.memory_budget,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# NN (sampling) predictive
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair_bytes(fmodel, n_outputs: int) -> int:
+    # outputs plus an allowance for the activations of one (sample, input) pair
+    return 16 * max(n_outputs, 16) * fmodel.theta.element_size()
+
+
+def sample_outputs(fmodel, thetas: Tensor, x: object, *, n_outputs: int) -> Tensor:
+    r"""Network outputs :math:`f(x, \theta_s)` for every sample, shape ``(S, B, C)``.
+
+    Vectorised over samples with :func:`torch.func.vmap` (a per-sample loop if the model
+    cannot be vmapped) and chunked over samples and inputs so that the intermediates stay
+    under ``fmodel.memory_budget``.  The user's model is never written.
+
+    Args:
+        fmodel: The :class:`~laplace_ggn.functional.FunctionalModel`.
+        thetas: Parameter samples of the subset, shape ``(S, P)``.
+        x: Model input of batch size B.
+        n_outputs: C (for chunking).
+
+    Returns:
+        Shape ``(S, B, C)``.
+    """
+    S, P = thetas.shape
+    elt = fmodel.theta.element_size()
+    pairs = max(1, fmodel.memory_budget // _pair_bytes(fmodel, n_outputs))
+    B = batch_size_of(x)
+    x_chunk = min(B, pairs)
+    s_chunk = max(1, min(S, pairs // x_chunk, fmodel.memory_budget // max(1, 4 * P * elt)))
+    rows = []
+    with torch.no_grad():
+        for xc in fmodel.chunks(x, x_chunk):
+            cols = []
+            for start in range(0, S, s_chunk):
+                cols.append(_eval_samples(fmodel, thetas[start : start + s_chunk], xc))
+            rows.append(torch.cat(cols, dim=0))
+    return torch.cat(rows, dim=1)
+
+
+def _eval_samples(fmodel, thetas: Tensor, x: object) -> Tensor:
+    if getattr(fmodel, "_vmap_samples_ok", True):
+        try:
+            return vmap(fmodel, in_dims=(0, None))(thetas, x)
+        except (RuntimeError, NotImplementedError) as err:
+            fmodel._vmap_samples_ok = False
+            warnings.warn(
+                f"vmap over parameter samples failed ({type(err).__name__}: {str(err)[:120]}); "
+                "falling back to a per-sample loop.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return torch.stack([fmodel(t, x) for t in thetas])
+
+
+def nn_predictive(
+    fmodel,
+    posterior,
+    x: object,
+    *,
+    likelihood: Likelihood,
+    sigma_noise: Tensor | float = 1.0,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    n_outputs: int,
+) -> Prediction:
+    r"""Sampled-network predictive: :math:`\theta_s \sim N(\theta_*, \Sigma)`, S network runs.
+
+    Regression: mean and unbiased sample variance of :math:`f(x, \theta_s)`, plus σ².
+    Classification / binary: mean and sample variance of the softmax / sigmoid.
+
+    Args:
+        fmodel: The :class:`~laplace_ggn.functional.FunctionalModel`.
+        posterior: Any posterior structure (gives ``sample``).
+        x: Model input of batch size B.
+        likelihood: The likelihood.
+        sigma_noise: σ (regression).
+        n_samples: S.
+        generator: Random generator for reproducible samples.
+        n_outputs: C.
+
+    Returns:
+        The :class:`Prediction`, shapes ``(B, C)``.
+    """
+    S = _check_n_samples(n_samples)
+    thetas = posterior.sample(S, generator=generator)
+    out = sample_outputs(fmodel, thetas, x, n_outputs=n_outputs)
+    if likelihood is Likelihood.CLASSIFICATION:
+        out = torch.softmax(out, dim=-1)
+    elif likelihood is Likelihood.BINARY:
+        out = torch.sigmoid(out)
+    var = out.var(dim=0, correction=1) if S > 1 else torch.zeros_like(out[0])
+    if likelihood is Likelihood.REGRESSION:
+        var = var + torch.as_tensor(sigma_noise, dtype=out.dtype, device=out.device) ** 2
+    return Prediction(out.mean(0), var)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point and scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def predict(
+    fmodel,
+    posterior,
+    x: object,
+    *,
+    likelihood: Likelihood,
+    method: str | PredictMethod = "glm",
+    link: str | Link | None = None,
+    sigma_noise: Tensor | float = 1.0,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    n_outputs: int,
+) -> Prediction:
+    """Predictive at inputs ``x``: options checked first, then GLM or NN.
+
+    Args:
+        fmodel: The :class:`~laplace_ggn.functional.FunctionalModel`.
+        posterior: Any posterior structure.
+        x: Model input of batch size B.
+        likelihood: The likelihood.
+        method: ``"glm"`` or ``"nn"``.
+        link: ``"probit"``, ``"bridge"``, ``"mc"`` or ``None`` (probit for glm, mc for nn).
+        sigma_noise: σ (regression).
+        n_samples: S for ``mc`` / ``nn``.
+        generator: Random generator for ``mc`` / ``nn``.
+        n_outputs: C.
+
+    Returns:
+        The :class:`Prediction`, shapes ``(B, C)``.
+
+    Raises:
+        ValueError: If the options or their combination are invalid, or ``n_samples`` is not
+            a positive integer.
+        TypeError: If ``generator`` is not a ``torch.Generator``.
+    """
+    m, lk = resolve_options(likelihood, method, link)
+    _check_n_samples(n_samples)
+    _check_generator(generator)
+    kw = {
+        "likelihood": likelihood, "sigma_noise": sigma_noise, "n_samples": n_samples,
+        "generator": generator, "n_outputs": n_outputs,
+    }
+    if m is PredictMethod.NN:
+        return nn_predictive(fmodel, posterior, x, **kw)
+    return glm_predictive(fmodel, posterior, x, link=lk, **kw)
+
+
+def predictive_nll(pred: Prediction, y: Tensor, likelihood: Likelihood) -> Tensor:
+    r"""Per-point negative log predictive density, shape ``(B,)``.
+
+    Regression: :math:`\sum_c \tfrac12\log(2\pi v_c) + (y_c - m_c)^2 / (2 v_c)`;
+    classification: :math:`-\log \bar p_{y}`; binary: :math:`-y\log\bar p - (1-y)\log(1-\bar p)`.
+
+    Args:
+        pred: The predictive, shapes ``(B, C)``.
+        y: Targets as the likelihood's ``check_targets`` returns them: ``(B, C)`` floats,
+            ``(B,)`` class indices or ``(B, 1)`` zeros and ones.
+        likelihood: The likelihood.
+
+    Returns:
+        Shape ``(B,)``.
+
+    Raises:
+        ValueError: If ``y`` does not match the prediction's batch size.
+    """
+    B = pred.mean.shape[0]
+    if y.shape[0] != B:
+        raise ValueError(f"y must have batch size {B}; got shape {shape_str(y.shape)}.")
+    tiny = torch.finfo(pred.mean.dtype).tiny
+    if likelihood is Likelihood.REGRESSION:
+        v = pred.variance
+        r = (y.reshape(pred.mean.shape) - pred.mean) ** 2
+        return (0.5 * torch.log(2 * math.pi * v) + 0.5 * r / v).sum(-1)
+    if likelihood is Likelihood.CLASSIFICATION:
+        p = pred.mean.gather(1, y.long().reshape(-1, 1))[:, 0]
+        return -torch.log(p.clamp_min(tiny))
+    p = pred.mean[:, 0]
+    t = y.reshape(-1).to(p.dtype)
+    return -(t * torch.log(p.clamp_min(tiny)) + (1 - t) * torch.log((1 - p).clamp_min(tiny)))
+
+
+def batches_of(loader: Iterable, *, input_key: str, target_key: str) -> Iterable[tuple[object, Tensor]]:
+    """Yield ``(x, y)`` from a loader of pairs or mappings."""
+    for i, batch in enumerate(loader):
+        yield split_batch(batch, input_key=input_key, target_key=target_key, where=f"batch {i}")

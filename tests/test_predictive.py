@@ -1,0 +1,404 @@
+"""Predictives: GLM against a hand-built linearised model, links against their formulas and
+quadrature, the sampled-network predictive against the MAP network, randomness, errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from cases import make_case
+from torch import nn
+
+from laplace_ggn import LaplaceWrapper, Prediction
+from laplace_ggn.predictive import laplace_bridge, mc_link, predictive_nll, probit, psd_sqrt
+from laplace_ggn.testing import dense_jacobian
+from laplace_ggn.wrapper import STRUCTURES
+
+DT = torch.float64
+STRUCT_NAMES = [s.value for s in STRUCTURES]
+CASES = ["mlp_regression", "mlp_classification", "mlp_binary"]
+
+
+def _fit(case, structure, **kw):
+    return LaplaceWrapper(case.model, case.likelihood, structure=structure, **kw).fit(case.loader())
+
+
+def _x_test(seed=5, n=6):
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+# -- hand-written link formulas ------------------------------------------------------------------
+
+
+def _probit_ref(f, cov, binary):
+    v = torch.diagonal(cov, dim1=1, dim2=2)
+    k = 1 / torch.sqrt(1 + math.pi * v / 8)
+    if binary:
+        p = 1 / (1 + torch.exp(-k * f))
+        s = 1 / (1 + torch.exp(-f))
+        var = (s * (1 - s)) ** 2 * v
+    else:
+        p = torch.exp(k * f) / torch.exp(k * f).sum(-1, keepdim=True)
+        s = torch.exp(f) / torch.exp(f).sum(-1, keepdim=True)
+        A = torch.stack([torch.diag(si) - torch.outer(si, si) for si in s])
+        var = torch.stack([torch.diag(a @ c @ a.T) for a, c in zip(A, cov)])
+    return p, torch.minimum(var, p * (1 - p))
+
+
+def _bridge_ref(f, cov, binary):
+    if binary:
+        f = torch.cat([-f / 2, f / 2], 1)
+        v = cov[:, 0, 0] / 4
+        cov = torch.stack([vi * torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=DT) for vi in v])
+    means, variances = [], []
+    for mu, S in zip(f, cov):
+        one = torch.ones_like(mu)
+        if float(one @ S @ one) > 1e-12 * float(S.trace()):
+            mu = mu - S @ one * (one @ mu) / (one @ S @ one)
+            S = S - torch.outer(S @ one, S @ one) / (one @ S @ one)
+        K = mu.shape[0]
+        alpha = (1 - 2 / K + torch.exp(mu) / K**2 * torch.exp(-mu).sum()) / torch.diag(S)
+        a0 = alpha.sum()
+        means.append(alpha / a0)
+        variances.append(alpha * (a0 - alpha) / (a0**2 * (a0 + 1)))
+    m, v = torch.stack(means), torch.stack(variances)
+    return (m[:, 1:], v[:, 1:]) if binary else (m, v)
+
+
+# -- GLM predictive = hand-built linearised model with the dense Σ -------------------------------
+
+
+@pytest.mark.parametrize("structure", STRUCT_NAMES)
+@pytest.mark.parametrize("name", CASES)
+def test_glm_equals_dense_linearised_model(structure, name):
+    case = make_case(name, seed=1)
+    kw = {"sigma_noise": 0.7} if case.likelihood == "regression" else {}
+    la = _fit(case, structure, prior_precision=0.5, **kw)
+    Sigma = la.posterior.to_dense()
+    x = _x_test()
+    J = dense_jacobian(case.model, x)
+    with torch.no_grad():
+        f = case.model(x)
+    cov = torch.einsum("bcp,pq,bdq->bcd", J, Sigma, J)
+    tol = {"rtol": 1e-9, "atol": 1e-11}
+    if case.likelihood == "regression":
+        pred = la.predict(x)
+        torch.testing.assert_close(pred.mean, f, **tol)
+        torch.testing.assert_close(pred.variance, torch.diagonal(cov, dim1=1, dim2=2) + 0.49, **tol)
+        torch.testing.assert_close(la.predict(x, link="probit").variance, pred.variance, **tol)
+        return
+    binary = case.likelihood == "binary"
+    pred = la.predict(x, "glm", link="probit")
+    p_ref, v_ref = _probit_ref(f, cov, binary)
+    torch.testing.assert_close(pred.mean, p_ref, **tol)
+    torch.testing.assert_close(pred.variance, v_ref, **tol)
+    pred = la.predict(x, "glm", link="bridge")
+    m_ref, v_ref = _bridge_ref(f, cov, binary)
+    torch.testing.assert_close(pred.mean, m_ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(pred.variance, v_ref, rtol=1e-8, atol=1e-10)
+    pred = la.predict(x, "glm", link="mc", n_samples=50, generator=torch.Generator().manual_seed(3))
+    ref = mc_link(f, cov, n_samples=50, binary=binary, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(pred.mean, ref.mean, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(pred.variance, ref.variance, rtol=1e-7, atol=1e-9)
+
+
+def test_default_link_is_probit_and_prediction_shapes():
+    case = make_case("mlp_classification")
+    la = _fit(case, "diag")
+    x = _x_test()
+    p = la.predict(x)
+    assert isinstance(p, Prediction)
+    assert p.mean.shape == p.variance.shape == (6, 3)
+    torch.testing.assert_close(p.mean, la.predict(x, "glm", link="probit").mean)
+    torch.testing.assert_close(p.mean.sum(-1), torch.ones(6, dtype=DT))
+    with pytest.raises(AttributeError):
+        p.mean = p.variance  # frozen
+
+
+def test_glm_chunked_equals_unchunked():
+    case = make_case("mlp_classification")
+    x = _x_test(n=9)
+    big = _fit(case, "kfac").predict(x)
+    small = _fit(case, "kfac", memory_budget=4 * 3 * 31 * 8).predict(x)  # 1 sample per chunk
+    torch.testing.assert_close(small.mean, big.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(small.variance, big.variance, rtol=1e-12, atol=1e-14)
+
+
+# -- links against formulas and quadrature ---------------------------------------------------------
+
+
+def _random_cov(B, C, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, C, C, generator=g, dtype=DT)
+    return scale * A @ A.transpose(1, 2) / C
+
+
+def test_probit_formula_multiclass_and_binary():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(5, 4, generator=g, dtype=DT)
+    cov = _random_cov(5, 4, 1)
+    p = probit(f, cov)
+    p_ref, v_ref = _probit_ref(f, cov, False)
+    torch.testing.assert_close(p.mean, p_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(p.variance, v_ref, rtol=1e-12, atol=1e-14)
+    # only the diagonal matters for the mean; a (B, C) variance is accepted
+    torch.testing.assert_close(probit(f, torch.diagonal(cov, dim1=1, dim2=2)).mean, p.mean)
+    fb, cb = f[:, :1], cov[:, :1, :1]
+    pb = probit(fb, cb, binary=True)
+    pb_ref, vb_ref = _probit_ref(fb, cb, True)
+    torch.testing.assert_close(pb.mean, pb_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(pb.variance, vb_ref, rtol=1e-12, atol=1e-14)
+    # zero variance: the MAP probabilities, zero variance
+    z = probit(f, torch.zeros(5, 4, 4, dtype=DT))
+    torch.testing.assert_close(z.mean, torch.softmax(f, -1))
+    assert float(z.variance.abs().max()) == 0.0
+
+
+def test_bridge_formula_multiclass_and_binary():
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(6, 5, generator=g, dtype=DT)
+    cov = _random_cov(6, 5, 3)
+    b = laplace_bridge(f, cov)
+    m_ref, v_ref = _bridge_ref(f, cov, False)
+    torch.testing.assert_close(b.mean, m_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.variance, v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.mean.sum(-1), torch.ones(6, dtype=DT))
+    fb, cb = f[:, :1], cov[:, :1, :1]
+    bb = laplace_bridge(fb, cb, binary=True)
+    mb_ref, vb_ref = _bridge_ref(fb, cb, True)
+    torch.testing.assert_close(bb.mean, mb_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bb.variance, vb_ref, rtol=1e-10, atol=1e-12)
+    # huge logits stay finite (log-space evaluation)
+    big = laplace_bridge(torch.tensor([[800.0, -800.0, 0.0]], dtype=DT), torch.eye(3, dtype=DT)[None])
+    assert bool(torch.isfinite(big.mean).all()) and bool(torch.isfinite(big.variance).all())
+
+
+def _quadrature_sigmoid(m, v, n=120):
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    a = m + math.sqrt(v) * x
+    s = 1 / (1 + np.exp(-a))
+    w = w / w.sum()
+    mean = float((w * s).sum())
+    return mean, float((w * s**2).sum()) - mean**2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mc_link_converges_to_quadrature_for_two_classes(seed):
+    S = 40_000
+    g = torch.Generator().manual_seed(seed)
+    # binary: p = E[sigmoid(a)], a ~ N(m, v)
+    m = torch.tensor([[0.7], [-1.5], [2.0]], dtype=DT)
+    v = torch.tensor([0.5, 2.0, 4.0], dtype=DT)
+    pred = mc_link(m, v[:, None, None], n_samples=S, binary=True, generator=g)
+    for b in range(3):
+        mean, var = _quadrature_sigmoid(float(m[b, 0]), float(v[b]))
+        se = math.sqrt(var / S)
+        assert abs(float(pred.mean[b, 0]) - mean) < 5 * se
+        assert abs(float(pred.variance[b, 0]) - var) < 0.05 * var
+    # 2-class softmax: p_2 = sigmoid(f2 - f1), f2 - f1 ~ N(m2 - m1, S11 + S22 - 2 S12)
+    f = torch.tensor([[0.3, -0.4], [1.0, 2.0]], dtype=DT)
+    cov = torch.tensor([[[1.0, 0.3], [0.3, 0.5]], [[2.0, -0.5], [-0.5, 1.0]]], dtype=DT)
+    pred = mc_link(f, cov, n_samples=S, generator=g)
+    for b in range(2):
+        d = float(f[b, 1] - f[b, 0])
+        dv = float(cov[b, 0, 0] + cov[b, 1, 1] - 2 * cov[b, 0, 1])
+        mean, var = _quadrature_sigmoid(d, dv)
+        se = math.sqrt(var / S)
+        assert abs(float(pred.mean[b, 1]) - mean) < 5 * se
+        assert abs(float(pred.mean[b, 0]) - (1 - mean)) < 5 * se
+        assert abs(float(pred.variance[b, 1]) - var) < 0.05 * var
+
+
+def test_probit_variance_matches_quadrature_for_small_variance():
+    m, v = 0.8, 0.01
+    mean, var = _quadrature_sigmoid(m, v)
+    p = probit(torch.tensor([[m]], dtype=DT), torch.tensor([[v]], dtype=DT), binary=True)
+    assert abs(float(p.variance) - var) < 0.02 * var
+    assert abs(float(p.mean) - mean) < 1e-3
+
+
+def test_psd_sqrt_of_singular_matrix():
+    u = torch.tensor([1.0, -1.0, 2.0], dtype=DT)
+    cov = torch.outer(u, u)[None]
+    L = psd_sqrt(cov)
+    torch.testing.assert_close(L @ L.transpose(1, 2), cov, rtol=1e-12, atol=1e-12)
+
+
+# -- randomness -------------------------------------------------------------------------------------
+
+
+def test_mc_draws_reproducible_and_independent_across_inputs():
+    case = make_case("mlp_classification")
+    la = _fit(case, "full")
+    x = _x_test(n=2)
+    a = la.predict(x, link="mc", n_samples=30, generator=torch.Generator().manual_seed(7))
+    b = la.predict(x, link="mc", n_samples=30, generator=torch.Generator().manual_seed(7))
+    c = la.predict(x, link="mc", n_samples=30, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
+    assert not torch.equal(a.mean, c.mean)
+    # B copies of one input: independent draws make the per-row estimates scatter with
+    # variance Var[p]/S (shared draws would make every row equal)
+    B, S = 400, 10
+    xr = x[:1].expand(B, 3)
+    pred = la.predict(xr, link="mc", n_samples=S, generator=torch.Generator().manual_seed(1))
+    spread = pred.mean[:, 0].var()
+    expected = pred.variance[:, 0].mean() / S
+    assert 0.7 < float(spread / expected) < 1.4
+
+
+def test_nn_reproducible_and_shares_network_samples_across_inputs():
+    case = make_case("mlp_regression")
+    la = _fit(case, "diag", prior_precision=2.0)
+    x = _x_test(n=3)
+    a = la.predict(x, "nn", n_samples=20, generator=torch.Generator().manual_seed(4))
+    b = la.predict(x, "nn", n_samples=20, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
+    torch.testing.assert_close(a.variance, b.variance, rtol=0, atol=0)
+    # the same draws, network by network, as la.sample with that generator
+    thetas = la.sample(20, generator=torch.Generator().manual_seed(4))
+    outs = torch.stack([la._fmodel(t, x) for t in thetas])
+    torch.testing.assert_close(a.mean, outs.mean(0), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(a.variance, outs.var(0) + la.sigma_noise**2, rtol=1e-12, atol=1e-13)
+
+
+# -- sampled network ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", STRUCT_NAMES)
+@pytest.mark.parametrize("name", CASES)
+def test_nn_with_vanishing_covariance_is_the_map_network(structure, name):
+    case = make_case(name)
+    kw = {"sigma_noise": 0.3} if case.likelihood == "regression" else {}
+    la = _fit(case, structure, prior_precision=1e14, **kw)
+    before = {k: v.clone() for k, v in case.model.state_dict().items()}
+    x = _x_test()
+    pred = la.predict(x, "nn", n_samples=7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f = case.model(x)
+    if case.likelihood == "regression":
+        torch.testing.assert_close(pred.mean, f, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pred.variance, torch.full_like(f, 0.09), rtol=1e-6, atol=1e-8)
+    else:
+        p = torch.softmax(f, -1) if case.likelihood == "classification" else torch.sigmoid(f)
+        torch.testing.assert_close(pred.mean, p, rtol=1e-6, atol=1e-6)
+        assert float(pred.variance.max()) < 1e-10
+    for k, v in case.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in case.model.parameters())
+
+
+def test_nn_chunked_over_samples_and_inputs_equals_unchunked():
+    case = make_case("mlp_classification")
+    x = _x_test(n=7)
+    big = _fit(case, "diag")
+    small = _fit(case, "diag", memory_budget=4096)
+    a = big.predict(x, "nn", n_samples=9, generator=torch.Generator().manual_seed(2))
+    b = small.predict(x, "nn", n_samples=9, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.variance, b.variance, rtol=1e-12, atol=1e-14)
+
+
+class _NotVmappable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if float(self.lin.weight.detach().abs().sum()) > 1e9:  # value-dependent: vmap refuses it
+            x = x * 0
+        return self.lin(x)
+
+
+def test_nn_falls_back_to_a_loop_when_vmap_fails():
+    torch.manual_seed(0)
+    model = _NotVmappable().double()
+    case = make_case("linear_regression")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = LaplaceWrapper(model, "regression", structure="full").fit(case.loader())
+    x = _x_test()
+    with pytest.warns(RuntimeWarning, match="vmap over parameter samples failed"):
+        pred = la.predict(x, "nn", n_samples=5, generator=torch.Generator().manual_seed(0))
+    thetas = la.sample(5, generator=torch.Generator().manual_seed(0))
+    outs = torch.stack([la._fmodel(t, x) for t in thetas])
+    torch.testing.assert_close(pred.mean, outs.mean(0), rtol=1e-12, atol=1e-13)
+
+
+# -- validation NLL ------------------------------------------------------------------------------
+
+
+def test_predictive_nll_formulas():
+    m = torch.tensor([[0.2, -1.0]], dtype=DT)
+    v = torch.tensor([[0.5, 2.0]], dtype=DT)
+    y = torch.tensor([[1.0, 0.0]], dtype=DT)
+    from laplace_ggn._checks import Likelihood
+
+    ref = sum(0.5 * math.log(2 * math.pi * vi) + (yi - mi) ** 2 / (2 * vi)
+              for mi, vi, yi in zip(m[0].tolist(), v[0].tolist(), y[0].tolist()))
+    torch.testing.assert_close(predictive_nll(Prediction(m, v), y, Likelihood.REGRESSION),
+                               torch.tensor([ref], dtype=DT))
+    p = torch.tensor([[0.2, 0.5, 0.3]], dtype=DT)
+    torch.testing.assert_close(
+        predictive_nll(Prediction(p, p), torch.tensor([2]), Likelihood.CLASSIFICATION),
+        torch.tensor([-math.log(0.3)], dtype=DT))
+    pb = torch.tensor([[0.8]], dtype=DT)
+    torch.testing.assert_close(
+        predictive_nll(Prediction(pb, pb), torch.tensor([[0.0]], dtype=DT), Likelihood.BINARY),
+        torch.tensor([-math.log(0.2)], dtype=DT))
+    with pytest.raises(ValueError, match="y must have batch size 1"):
+        predictive_nll(Prediction(pb, pb), torch.zeros(3, 1, dtype=DT), Likelihood.BINARY)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def test_predict_errors():
+    cls = make_case("mlp_classification")
+    reg = make_case("mlp_regression")
+    la = _fit(cls, "diag")
+    lr = _fit(reg, "diag")
+    x = _x_test()
+    with pytest.raises(ValueError, match=r"method must be one of \['glm', 'nn'\]; got 'glmm'"):
+        la.predict(x, "glmm")
+    with pytest.raises(ValueError, match=r"link must be one of \['probit', 'bridge', 'mc'\]"):
+        la.predict(x, link="logit")
+    with pytest.raises(ValueError, match=r"link must be 'mc' \(or None\) with method='nn'; got "
+                                         r"link='probit'.*valid combinations"):
+        la.predict(x, "nn", link="probit")
+    with pytest.raises(ValueError, match=r"link must be None .* for likelihood='regression'; got "
+                                         r"link='bridge'.*valid combinations"):
+        lr.predict(x, link="bridge")
+    with pytest.raises(ValueError, match="n_samples must be a positive integer; got 0"):
+        la.predict(x, link="mc", n_samples=0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None; got int"):
+        la.predict(x, link="mc", generator=3)
+    with pytest.raises(ValueError, match="input must be finite"):
+        la.predict(torch.full((2, 3), float("nan"), dtype=DT))
+    fresh = LaplaceWrapper(cls.model, "classification", structure="diag")
+    with pytest.raises(RuntimeError, match=r"predict\(\) needs a fitted posterior"):
+        fresh.predict(x)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer; got 0"):
+        mc_link(torch.zeros(1, 2), torch.zeros(1, 2, 2), n_samples=0)
+    # the nn default link is mc, regression accepts the default 'probit'
+    assert la.predict(x, "nn", n_samples=3).mean.shape == (6, 3)
+    assert lr.predict(x, "nn", link="probit", n_samples=3).mean.shape == (6, 2)
+
+
+def test_mc_link_chunks_inputs_to_the_memory_budget():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(5, 3, generator=g, dtype=DT)
+    cov = _random_cov(5, 3, 4)
+    S = 6
+    one_row = 4 * S * 3 * 8  # bytes of one input's draws
+    pred = mc_link(f, cov, n_samples=S, generator=torch.Generator().manual_seed(1),
+                   memory_budget=2 * one_row)
+    g = torch.Generator().manual_seed(1)
+    means = []
+    for start in range(0, 5, 2):
+        mu, L = f[start : start + 2], psd_sqrt(cov[start : start + 2])
+        z = torch.randn((S, *mu.shape), generator=g, dtype=DT)
+        means.append(torch.softmax(mu + torch.einsum("bcd,sbd->sbc", L, z), -1).mean(0))
+    torch.testing.assert_close(pred.mean, torch.cat(means), rtol=1e-12, atol=1e-14)
