@@ -119,7 +119,7 @@ def curvature_spectrum(posterior, kind: PriorKind) -> Tensor | None:
     if kind is not PriorKind.SCALAR:
         return None
     if isinstance(posterior, FullPosterior):
-        return posterior.eig[0]
+        return posterior.eigenvalues
     if isinstance(posterior, KFACPosterior):
         parts = [torch.outer(e.lam_B, e.lam_A).reshape(-1) for e in posterior._eig]
         parts.append(posterior.curvature.diag.reshape(-1))

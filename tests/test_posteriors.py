@@ -29,12 +29,16 @@ def _ggn(g, rank=None):
 @pytest.mark.parametrize("prior_kind", ["scalar", "layerwise", "diagonal"])
 @pytest.mark.parametrize("scale", [1.0, 0.25])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_full_posterior_battery(prior_kind, scale, seed):
+@pytest.mark.parametrize("eigenbasis", [False, True], ids=["cholesky", "eigh"])
+def test_full_posterior_battery(prior_kind, scale, seed, eigenbasis):
     g = torch.Generator().manual_seed(seed)
     G = _ggn(g, rank=4)  # singular G: the prior must regularise
     prior = _prior(prior_kind, g)
     mean = torch.randn(P, dtype=torch.float64, generator=g)
     post = FullPosterior(mean, G, prior, scale)
+    if eigenbasis:
+        _ = post.eig  # once computed, scalar priors use the eigenbasis for every product
+    assert post._use_eig == (eigenbasis and prior_kind == "scalar")
     Sigma = dense_posterior_covariance(G, prior.diag(), scale)
     check_posterior(post, Sigma, rtol=1e-6, atol=1e-9, seed=seed)
 
@@ -57,7 +61,9 @@ def test_with_prior_reuses_eigendecomposition_and_is_new_object():
     mean = torch.zeros(P, dtype=torch.float64)
     post = FullPosterior(mean, G, _prior("scalar", g))
     _ = post.log_det()
+    assert "eig" not in post._cache  # the log determinant needs eigenvalues only
     new = post.with_prior(make_prior(3.0, LAYOUT, dtype=torch.float64, device=torch.device("cpu")))
+    assert new.eigenvalues is post.eigenvalues
     assert new is not post and new.eig is post.eig
     Sigma = dense_posterior_covariance(G, 3.0)
     torch.testing.assert_close(new.to_dense(), Sigma, rtol=1e-8, atol=1e-10)

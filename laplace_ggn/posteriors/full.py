@@ -1,9 +1,12 @@
 r"""Dense posterior: :math:`\Lambda = s\,G + \Lambda_0`, :math:`\Sigma = \Lambda^{-1}`, P×P.
 
-``s = 1/(τσ²)`` is the curvature scale (temperature τ, regression noise σ).  With a scalar
-prior the eigendecomposition :math:`G = U \mathrm{diag}(\lambda) U^\top` is computed once and
-shared by every :meth:`FullPosterior.with_prior`, so a new prior costs O(P²) and the log
-determinant O(P); other priors use a Cholesky factor of Λ.
+``s = 1/(τσ²)`` is the curvature scale (temperature τ, regression noise σ).  Factorisations
+of G are computed lazily and shared by every posterior derived with
+:meth:`FullPosterior.with_prior`: with a scalar prior the log determinant needs only the
+eigenvalues of G (``eigvalsh``, computed once; each new prior then costs O(P)); covariance
+products use the eigendecomposition :math:`G = U \mathrm{diag}(\lambda) U^\top` once some
+caller has asked for it (e.g. :attr:`FullPosterior.eig`), and a Cholesky factor of Λ
+otherwise, which is several times cheaper than a full ``eigh``.
 """
 
 from __future__ import annotations
@@ -37,12 +40,16 @@ class FullPosterior:
         scale: Tensor | float = 1.0,
         *,
         eig: tuple[Tensor, Tensor] | None = None,
+        _cache: dict | None = None,
     ):
         self.mean = mean
         self.ggn = ggn
         self.prior = prior
         self.scale = torch.as_tensor(scale, dtype=mean.dtype, device=mean.device)
-        self._eig = eig
+        # factorisations of G, shared (by reference) with every posterior made by with_prior
+        self._cache = {} if _cache is None else _cache
+        if eig is not None:
+            self._cache["eig"] = eig
 
     @property
     def n_params(self) -> int:
@@ -53,16 +60,30 @@ class FullPosterior:
 
     @property
     def eig(self) -> tuple[Tensor, Tensor]:
-        """Eigenvalues ``(P,)`` (clamped at 0) and eigenvectors ``(P, P)`` of G."""
-        if self._eig is None:
+        """Eigenvalues ``(P,)`` (clamped at 0) and eigenvectors ``(P, P)`` of G (computed once)."""
+        if "eig" not in self._cache:
             lam, U = torch.linalg.eigh(self.ggn)
-            self._eig = (lam.clamp_min(0), U)
-        return self._eig
+            self._cache["eig"] = (lam.clamp_min(0), U)
+        return self._cache["eig"]
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """Eigenvalues of G ``(P,)``, clamped at 0; from ``eigvalsh`` unless ``eig`` is known."""
+        if "eig" in self._cache:
+            return self._cache["eig"][0]
+        if "eigenvalues" not in self._cache:
+            self._cache["eigenvalues"] = torch.linalg.eigvalsh(self.ggn).clamp_min(0)
+        return self._cache["eigenvalues"]
+
+    @property
+    def _use_eig(self) -> bool:
+        """Covariance products through the eigenbasis (scalar prior, eigh already paid for)."""
+        return self.prior.is_scalar and "eig" in self._cache
 
     @cached_property
     def _eig_precision(self) -> Tensor:
         """Eigenvalues of Λ = sG + αI (scalar prior only), shape ``(P,)``."""
-        return self.scale * self.eig[0] + self.prior.precision
+        return self.scale * self.eigenvalues + self.prior.precision
 
     def precision(self) -> Tensor:
         r"""Λ = sG + Λ₀, shape ``(P, P)``."""
@@ -77,12 +98,12 @@ class FullPosterior:
     def log_det(self) -> Tensor:
         r"""log|Λ| of the precision Λ = sG + Λ₀ (not of Σ), shape ``()``."""
         if self.prior.is_scalar:
-            return torch.log(self._eig_precision).sum()
+            return torch.log(self._eig_precision).sum()  # O(P) once the eigenvalues are known
         return 2 * torch.log(torch.diagonal(self._chol)).sum()
 
     def to_dense(self) -> Tensor:
         r"""Σ = Λ⁻¹, shape ``(P, P)``."""
-        if self.prior.is_scalar:
+        if self._use_eig:
             _, U = self.eig
             return (U / self._eig_precision) @ U.T
         return torch.cholesky_inverse(self._chol)
@@ -91,7 +112,7 @@ class FullPosterior:
         """Σ V for ``V`` of shape ``(P,)`` or ``(P, K)``; same shape back."""
         check_V(V, self.n_params)
         W = V.unsqueeze(1) if V.ndim == 1 else V
-        if self.prior.is_scalar:
+        if self._use_eig:
             _, U = self.eig
             out = U @ ((U.T @ W) / self._eig_precision.unsqueeze(1))
         else:
@@ -101,7 +122,7 @@ class FullPosterior:
     def functional_covariance(self, J: Tensor) -> Tensor:
         """J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``."""
         check_J(J, self.n_params)
-        if self.prior.is_scalar:
+        if self._use_eig:
             _, U = self.eig
             JU = J @ U
             return (JU / self._eig_precision) @ JU.transpose(1, 2)
@@ -115,7 +136,7 @@ class FullPosterior:
         z = standard_normal(
             n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
         )
-        if self.prior.is_scalar:
+        if self._use_eig:
             _, U = self.eig
             return self.mean + (z / self._eig_precision.sqrt()) @ U.T
         # Λ = L Lᵀ  =>  θ = θ* + L⁻ᵀ z has covariance Λ⁻¹
@@ -124,8 +145,8 @@ class FullPosterior:
 
     def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> FullPosterior:
         """A new posterior with another prior (and curvature scale); no new pass over data."""
-        eig = self.eig if prior.is_scalar else self._eig  # factorise once, share with the new one
-        return FullPosterior(self.mean, self.ggn, prior, self.scale if scale is None else scale, eig=eig)
+        scale = self.scale if scale is None else scale
+        return FullPosterior(self.mean, self.ggn, prior, scale, _cache=self._cache)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the curvature part (the prior is stored by the wrapper)."""
