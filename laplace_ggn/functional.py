@@ -94,6 +94,10 @@ class ParamLayout:
         lead = parts[0].shape[:n_lead]
         return torch.cat([t.reshape(*lead, -1) for t in parts], dim=-1)
 
+    def unflatten_batched(self, X: Tensor) -> dict[str, Tensor]:
+        """Split the last dimension ``P`` of ``X`` ``(..., P)`` into a name -> ``(..., numel)`` dict."""
+        return dict(zip(self.names, X.split(self.numels, dim=-1)))
+
     def expand_per_tensor(self, values: Tensor) -> Tensor:
         """Repeat one value per tensor ``(T,)`` into a per-parameter vector ``(P,)``."""
         reps = torch.tensor(self.numels, device=values.device)

@@ -52,7 +52,7 @@ from torch.func import jvp, vjp, vmap
 
 from .._checks import check_finite
 from ..functional import FunctionalModel
-from ..ggn import sqrt_ggn_rows
+from ..ggn import SqrtGGNRows
 from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
 
 __all__ = [
@@ -120,6 +120,7 @@ class ExactLowRankCollector:
         self.memory_budget = int(memory_budget)
         self.rows: list[Tensor] = []
         self.n_rows = 0
+        self._sqrt_rows = SqrtGGNRows(fmodel, likelihood)
 
     def update(self, x: object, where: str = "") -> Tensor:
         """Store one batch's rows; returns the outputs ``(B, C)``.
@@ -128,7 +129,7 @@ class ExactLowRankCollector:
             ValueError: If the rows exceed the memory budget (the message gives the bytes and
                 suggests ``rank=k``), or hold NaN/Inf.
         """
-        R, f = sqrt_ggn_rows(self.fmodel, x, self.likelihood)
+        R, f = self._sqrt_rows.rows(x)
         check_finite(R, "GGN square-root rows (curvature)", where)
         R = R.reshape(-1, R.shape[-1])
         P = R.shape[1]
