@@ -123,13 +123,16 @@ def main(out: Path) -> None:
     for name, p in probs.items():
         m = cal.classification_metrics(p, yte)
         print(f"{name:32s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    d = ReliabilityDisplay.from_predictions(probs, yte, n_bins=15,
-                                            title=f"Digits MLP: MAP vs temperature T = {t:.2f}")
+    d = ReliabilityDisplay.from_predictions(
+        probs, yte, n_bins=15, title=f"Digits MLP: MAP vs temperature T = {t:.2f}"
+    )
     d.figure_.savefig(out / "reliability.png", dpi=100, bbox_inches="tight")
 
     d = ConfidenceHistogramDisplay.from_predictions(
         {"in-distribution": logits_te.softmax(1), "rotated + noise (OOD)": logits_ood.softmax(1)},
-        n_bins=20, log=True, title="Digits MLP (MAP): confidence in and out of distribution",
+        n_bins=20,
+        log=True,
+        title="Digits MLP (MAP): confidence in and out of distribution",
     )
     d.figure_.savefig(out / "confidence_histogram.png", dpi=100, bbox_inches="tight")
 
@@ -139,13 +142,18 @@ def main(out: Path) -> None:
     width = lam_max / 40
     density = torch.exp(-0.5 * ((grid[:, None] - ev[None, :]) / width) ** 2).sum(1)
     density = density / (len(ev) * width * math.sqrt(2 * math.pi))
-    d = SpectrumDisplay.from_spectrum(eigenvalues=ev, grid=grid, density=density,
-                                      title="Last-layer GGN of the digits MLP")
+    d = SpectrumDisplay.from_spectrum(
+        eigenvalues=ev, grid=grid, density=density, title="Last-layer GGN of the digits MLP"
+    )
     d.figure_.savefig(out / "spectrum.png", dpi=100, bbox_inches="tight")
 
     rg = torch.Generator().manual_seed(1)
-    x_tr = torch.cat([torch.rand(40, generator=rg, dtype=torch.float64) * 2.5 - 3.5,
-                      torch.rand(40, generator=rg, dtype=torch.float64) * 2.0 + 1.0])
+    x_tr = torch.cat(
+        [
+            torch.rand(40, generator=rg, dtype=torch.float64) * 2.5 - 3.5,
+            torch.rand(40, generator=rg, dtype=torch.float64) * 2.0 + 1.0,
+        ]
+    )
     noise = 0.3
 
     def target(x):
@@ -157,17 +165,27 @@ def main(out: Path) -> None:
     x_grid = torch.linspace(-4, 4, 300, dtype=torch.float64)
     mean, var = blr_predict(x_tr, y_tr, x_grid, sigma=noise)
     d = UncertaintyBandDisplay.from_predictions(
-        x_grid, mean, var, x_train=x_tr, y_train=y_tr, x_test=x_te[:60], y_test=y_te[:60],
+        x_grid,
+        mean,
+        var,
+        x_train=x_tr,
+        y_train=y_tr,
+        x_test=x_te[:60],
+        y_test=y_te[:60],
         title="Bayesian RBF regression: a gap in the data widens the band",
     )
     d.figure_.savefig(out / "uncertainty_band.png", dpi=100, bbox_inches="tight")
 
     means, variances = {}, {}
-    for label, sigma in (("σ = 0.10 (too small)", 0.1), ("σ = 0.30 (true)", 0.3),
-                         ("σ = 0.60 (too large)", 0.6)):
+    for label, sigma in (
+        ("σ = 0.10 (too small)", 0.1),
+        ("σ = 0.30 (true)", 0.3),
+        ("σ = 0.60 (too large)", 0.6),
+    ):
         means[label], variances[label] = blr_predict(x_tr, y_tr, x_te, sigma=sigma)
-    d = RegressionCalibrationDisplay.from_predictions(means, variances, y_te,
-                                                      title="Coverage of central intervals")
+    d = RegressionCalibrationDisplay.from_predictions(
+        means, variances, y_te, title="Coverage of central intervals"
+    )
     d.figure_.savefig(out / "regression_calibration.png", dpi=100, bbox_inches="tight")
     print(f"wrote 5 figures to {out}")
 

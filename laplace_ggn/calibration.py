@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
 from ._checks import check_finite, check_positive, shape_str
 
 __all__ = [

@@ -126,9 +126,7 @@ def load_digits_splits(config: DemoConfig, *, seed: int) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------ model
 
 
-def train_mlp(
-    x: Tensor, y: Tensor, config: DemoConfig, *, seed: int, progress: bool
-) -> nn.Module:
+def train_mlp(x: Tensor, y: Tensor, config: DemoConfig, *, seed: int, progress: bool) -> nn.Module:
     r"""Train a tanh MLP ``64 → h → h → 10`` with Adam: the MAP under the prior N(0, α⁻¹I).
 
     The objective is the mean cross-entropy plus the weight decay :math:`\alpha/N`, i.e.
@@ -144,11 +142,13 @@ def train_mlp(
     model = nn.Sequential(
         nn.Linear(64, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 10)
     ).to(_DEMO_DTYPE)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2,
-                           weight_decay=config.prior_precision / x.shape[0])
+    opt = torch.optim.Adam(
+        model.parameters(), lr=1e-2, weight_decay=config.prior_precision / x.shape[0]
+    )
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(config.epochs), desc="train MAP", disable=not progress, leave=False,
-               file=sys.stderr)
+    bar = tqdm(
+        range(config.epochs), desc="train MAP", disable=not progress, leave=False, file=sys.stderr
+    )
     for _ in bar:
         perm = torch.randperm(x.shape[0], generator=gen)
         for start in range(0, x.shape[0], config.batch_size):
@@ -236,8 +236,13 @@ def _fit_one(structure: str, model: nn.Module, loader, config: DemoConfig):
 
     rank = config.lowrank_rank if structure == "lowrank" else None
     start = time.perf_counter()
-    la = LaplaceWrapper(model, "classification", structure=structure, rank=rank,
-                        prior_precision=config.prior_precision)
+    la = LaplaceWrapper(
+        model,
+        "classification",
+        structure=structure,
+        rank=rank,
+        prior_precision=config.prior_precision,
+    )
     la.fit(loader, progress=False)
     la.optimize_prior_precision(method="marglik")
     return la, time.perf_counter() - start
@@ -279,14 +284,22 @@ def run_demo(
     # faster on a busy one
     torch.set_num_threads(1)
     try:
-        return _run_demo(structure, Path(out), small, progress, seed,
-                         sys.stdout if stream is None else stream, figures)
+        return _run_demo(
+            structure,
+            Path(out),
+            small,
+            progress,
+            seed,
+            sys.stdout if stream is None else stream,
+            figures,
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(structure: str, out: Path, small: bool, progress: bool, seed: int,
-              stream: TextIO, figures: bool) -> DemoResult:
+def _run_demo(
+    structure: str, out: Path, small: bool, progress: bool, seed: int, stream: TextIO, figures: bool
+) -> DemoResult:
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm.auto import tqdm
 
@@ -304,8 +317,9 @@ def _run_demo(structure: str, out: Path, small: bool, progress: bool, seed: int,
         f"(Adam, weight decay = prior precision {config.prior_precision:g} / N).",
         file=stream,
     )
-    loader = DataLoader(TensorDataset(data["x_train"], data["y_train"]),
-                        batch_size=config.batch_size)
+    loader = DataLoader(
+        TensorDataset(data["x_train"], data["y_train"]), batch_size=config.batch_size
+    )
 
     probs: dict[str, dict[str, Tensor]] = {}
     with torch.no_grad():
@@ -326,8 +340,10 @@ def _run_demo(structure: str, out: Path, small: bool, progress: bool, seed: int,
         except NotImplementedError as err:
             result.skipped[name] = str(err) or "not implemented"
             continue
-        result.metrics[label] = {"fit_s": seconds,
-                                 "prior_precision": float(la.prior_precision.mean())}
+        result.metrics[label] = {
+            "fit_s": seconds,
+            "prior_precision": float(la.prior_precision.mean()),
+        }
 
     for label, p in probs.items():
         result.metrics[label]["test"] = _set_metrics(p["test"], data["y_test"])
@@ -341,10 +357,12 @@ def _run_demo(structure: str, out: Path, small: bool, progress: bool, seed: int,
     if figures:
         result.files.update(_draw(probs, data["y_test"], out))
     metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(
-        {"n_params": result.n_params, "metrics": result.metrics, "skipped": result.skipped},
-        indent=2,
-    ))
+    metrics_path.write_text(
+        json.dumps(
+            {"n_params": result.n_params, "metrics": result.metrics, "skipped": result.skipped},
+            indent=2,
+        )
+    )
     result.files["metrics"] = metrics_path
     print("\nWrote:", file=stream)
     for path in result.files.values():
@@ -366,8 +384,9 @@ def _print_tables(result: DemoResult, *, n_test: int, stream: TextIO) -> None:
         "probability); fit s = curvature pass + tuning.",
         file=stream,
     )
-    head = (f"{'model':<{w}}{'acc':>7}{'NLL':>8}{'ECE':>8}{'Brier':>8}{'conf':>7}{'α':>9}"
-            f"{'fit s':>8}")
+    head = (
+        f"{'model':<{w}}{'acc':>7}{'NLL':>8}{'ECE':>8}{'Brier':>8}{'conf':>7}{'α':>9}{'fit s':>8}"
+    )
     print(head, file=stream)
     print("-" * len(head), file=stream)
     for name, m in rows.items():
@@ -425,14 +444,18 @@ def _draw(probs: dict[str, dict[str, Tensor]], labels: Tensor, out: Path) -> dic
         files[name] = out / f"{name}.png"
         display.figure_.savefig(files[name], dpi=110, bbox_inches="tight")
 
-    sets = {"in distribution, MAP": probs["MAP"]["test"],
-            "rotated + noisy, MAP": probs["MAP"]["ood"]}
+    sets = {
+        "in distribution, MAP": probs["MAP"]["test"],
+        "rotated + noisy, MAP": probs["MAP"]["ood"],
+    }
     if laplace:
         best = shown[1]
         sets[f"in distribution, {best}"] = probs[best]["test"]
         sets[f"rotated + noisy, {best}"] = probs[best]["ood"]
     display = ConfidenceHistogramDisplay.from_predictions(
-        sets, n_bins=20, title="Confidence of the predictions",
+        sets,
+        n_bins=20,
+        title="Confidence of the predictions",
         colors=("#56B4E9", "#E69F00", "#0072B2", "#D55E00"),
     )
     display.ax_.set_xlim(0.0, 1.0)
@@ -467,7 +490,7 @@ def run_benchmark(*, quick: bool, extra: list[str], stream: TextIO | None = None
         print(
             "laplace-ggn benchmark: benchmarks/run_all.py not found. The benchmark suite ships "
             "with the source repository, not with the installed package: clone the repository, "
-            "`pip install -e \".[bench]\"` in it and run `laplace-ggn benchmark` there.",
+            '`pip install -e ".[bench]"` in it and run `laplace-ggn benchmark` there.',
             file=stream,
         )
         return 2
@@ -506,19 +529,30 @@ def build_parser() -> argparse.ArgumentParser:
         "distribution). Writes reliability.png, reliability_ood.png, confidence.png and "
         "metrics.json to --out.",
     )
-    demo.add_argument("--structure", choices=_STRUCTURE_CHOICES, default="all",
-                      help="posterior structure to fit (default: all available)")
-    demo.add_argument("--out", default="laplace-ggn-demo", metavar="DIR",
-                      help="directory for the figures and metrics.json (default: %(default)s)")
-    demo.add_argument("--small", action="store_true",
-                      help="smaller data and network: a smoke test of a few seconds")
+    demo.add_argument(
+        "--structure",
+        choices=_STRUCTURE_CHOICES,
+        default="all",
+        help="posterior structure to fit (default: all available)",
+    )
+    demo.add_argument(
+        "--out",
+        default="laplace-ggn-demo",
+        metavar="DIR",
+        help="directory for the figures and metrics.json (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--small",
+        action="store_true",
+        help="smaller data and network: a smoke test of a few seconds",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     bench = sub.add_parser(
         "benchmark",
         help="run the benchmark suite (benchmarks/run_all.py of a source checkout)",
         description="Run benchmarks/run_all.py of the source repository against laplace-torch, "
-        "curvlinops and BackPACK where installed (pip install -e \".[bench]\"). Other options "
+        'curvlinops and BackPACK where installed (pip install -e ".[bench]"). Other options '
         "(--only digits,cnn, --out PATH, --threads N, --device cuda, ...) are passed on to "
         "run_all.py; see `python benchmarks/run_all.py --help`.",
     )
@@ -540,8 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "benchmark":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
-        run_demo(structure=args.structure, out=args.out, small=args.small,
-                 progress=not args.no_progress, seed=args.seed)
+        run_demo(
+            structure=args.structure,
+            out=args.out,
+            small=args.small,
+            progress=not args.no_progress,
+            seed=args.seed,
+        )
         return 0
     if args.command == "benchmark":
         return run_benchmark(quick=args.quick, extra=extra)

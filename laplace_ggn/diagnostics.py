@@ -143,7 +143,7 @@ class KernelDecomposition:
 
     @property
     def predictive_variance(self) -> Tensor:
-        """Sum of the three parts: the diagonal of :math:`J\\Sigma J^\\top`, shape ``(B, C)``."""
+        r"""Sum of the three parts: the diagonal of :math:`J\Sigma J^\top`, shape ``(B, C)``."""
         return (
             self.predictive_variance_kernel
             + self.predictive_variance_nonkernel
@@ -334,7 +334,9 @@ def _check_options(tol: object, rank: object, n_samples: object, R: int) -> None
             f"got {rank!r}."
         )
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
-        raise ValueError(f"n_samples must be an int >= 0 (0 skips the sample table); got {n_samples!r}.")
+        raise ValueError(
+            f"n_samples must be an int >= 0 (0 skips the sample table); got {n_samples!r}."
+        )
 
 
 def _variance_parts(posterior, J: Tensor, lam: Tensor, U: Tensor, r: int):
@@ -509,7 +511,9 @@ def kernel_decomposition(
     if y is not None:
         y = torch.as_tensor(y).to(fmodel.device)
         if y.shape[0] != B:
-            raise ValueError(f"y must have {B} rows like the inputs; got shape {shape_str(y.shape)}.")
+            raise ValueError(
+                f"y must have {B} rows like the inputs; got shape {shape_str(y.shape)}."
+            )
         y = lik.check_targets(f_map, y, "y")
         check_finite(y, "y")
         targets = "given"
@@ -590,4 +594,3 @@ def _map_targets(f: Tensor, likelihood: Likelihood) -> Tensor:
     if likelihood is Likelihood.CLASSIFICATION:
         return f.argmax(-1)
     return (f > 0).to(f.dtype)
-

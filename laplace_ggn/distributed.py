@@ -51,7 +51,9 @@ GATHER = "gather"
 _OPS = (SUM, GATHER)
 
 
-def resolve_distributed(distributed: bool | None, process_group: Any = None) -> DistributedFit | None:
+def resolve_distributed(
+    distributed: bool | None, process_group: Any = None
+) -> DistributedFit | None:
     """Decide whether a fit runs distributed, and over which group.
 
     Args:
@@ -293,7 +295,9 @@ class DistributedFit:
         }
         reports = self._all_gather(report)
         self._raise_errors(reports, error, "during the pass")
-        outs = {r: rep["n_outputs"] for r, rep in enumerate(reports) if rep["n_outputs"] is not None}
+        outs = {
+            r: rep["n_outputs"] for r, rep in enumerate(reports) if rep["n_outputs"] is not None
+        }
         if len(set(outs.values())) > 1:
             raise ValueError(
                 f"model output must have the same number of columns C on every rank; got {outs}."
@@ -306,8 +310,11 @@ class DistributedFit:
         for rep in reports:
             loss += rep["loss_sum"]
         C = next(iter(outs.values())) if outs else 0
-        rows = {name: [rep["meta"][name].shape[0] for rep in reports]
-                for name, m in ref.items() if m.op == GATHER}
+        rows = {
+            name: [rep["meta"][name].shape[0] for rep in reports]
+            for name, m in ref.items()
+            if m.op == GATHER
+        }
         collector.load_distributed_state(self._reduce(state, ref, rows))
         return total, C, loss
 

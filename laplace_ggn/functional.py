@@ -432,7 +432,9 @@ class FunctionalModel:
             fs.append(f)
         return torch.cat(Js), torch.cat(fs)
 
-    def _jacobian_chunk(self, theta: Tensor, x: object, layout: ParamLayout) -> tuple[Tensor, Tensor]:
+    def _jacobian_chunk(
+        self, theta: Tensor, x: object, layout: ParamLayout
+    ) -> tuple[Tensor, Tensor]:
         def f_single(th: Tensor, xs: object) -> tuple[Tensor, Tensor]:
             xb = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, xs)
             out = self.call_dict(layout.unflatten(th), xb)[0]

@@ -95,9 +95,7 @@ class SqrtGGNRows:
             grads = torch.autograd.grad(f, outs, cot, is_grads_batched=True)
         except RuntimeError:
             grads = _grads_loop(f, outs, cot)
-        out = {
-            m: (records[m].inputs[0].detach(), g.detach()) for m, g in zip(self.modules, grads)
-        }
+        out = {m: (records[m].inputs[0].detach(), g.detach()) for m, g in zip(self.modules, grads)}
         return out, f.detach(), L
 
     def _rest_rows(self, x: object, f: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,7 +105,7 @@ class SqrtGGNRows:
         return torch.einsum("bcp,bck->bkp", J, L), f, L
 
     def rows(self, x: object) -> tuple[Tensor, Tensor]:
-        """Rows ``R`` of shape ``(B, K, P)`` with :math:`G_{batch} = \sum_{b,k} R_{bk} R_{bk}^\top`, and ``f``."""
+        r"""Rows ``R`` ``(B, K, P)`` with :math:`G_{batch} = \sum_{b,k} R_{bk} R_{bk}^\top`, and ``f``."""
         layout = self.fmodel.layout
         grads, f = None, None
         if self.hooks_ok:
@@ -270,4 +268,3 @@ def _linear_diag(a: Tensor, g: Tensor, has_bias: bool) -> tuple[Tensor, Tensor |
     dw = gw.pow(2).sum((0, 1))
     db = g4.sum(2).pow(2).sum((0, 1)) if has_bias else None
     return dw, db
-

@@ -49,7 +49,7 @@ class FitStatistics:
 
 
 class Gaussian:
-    """Gaussian likelihood :math:`y \\sim N(f, \\sigma^2 I)`; targets of the output's shape."""
+    r"""Gaussian likelihood :math:`y \sim N(f, \sigma^2 I)`; targets of the output's shape."""
 
     kind = Likelihood.REGRESSION
 

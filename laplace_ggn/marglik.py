@@ -158,8 +158,17 @@ class SpectralEvidence:
         temperature: τ.
     """
 
-    def __init__(self, lam: Tensor, mean: Tensor, stats: FitStatistics, likelihood, *,
-                 kind: PriorKind, layout, temperature: float):
+    def __init__(
+        self,
+        lam: Tensor,
+        mean: Tensor,
+        stats: FitStatistics,
+        likelihood,
+        *,
+        kind: PriorKind,
+        layout,
+        temperature: float,
+    ):
         self.lam = lam.detach()
         self.d2 = mean.detach().to(device=self.lam.device, dtype=self.lam.dtype) ** 2
         self.d2_sum = self.d2.sum(dtype=torch.float64)
@@ -195,7 +204,11 @@ class SpectralEvidence:
             log_det = float(np.log(d).sum(dtype=np.float64))
             r = np.reciprocal(d, out=d)
             r_sum = float(r.sum(dtype=np.float64))
-            lam_r = float(np.dot(self._lam_np.astype(np.float64, copy=False), r)) if self.regression else 0.0
+            lam_r = (
+                float(np.dot(self._lam_np.astype(np.float64, copy=False), r))
+                if self.regression
+                else 0.0
+            )
         else:
             d = self.lam * s
             d += alpha
@@ -243,8 +256,11 @@ class SpectralEvidence:
             gu = 0.5 * (self.P - quad - alpha * r.sum())
         else:
             per = 0.5 * (1.0 - a * self.d2 - a * r)
-            gu = per if self.kind is PriorKind.DIAGONAL else torch.zeros_like(u).index_add_(
-                0, self.segments, per)
+            gu = (
+                per
+                if self.kind is PriorKind.DIAGONAL
+                else torch.zeros_like(u).index_add_(0, self.segments, per)
+            )
         gls = None
         if self.regression:
             nc = self.stats.n_data * self.stats.n_outputs
@@ -277,8 +293,9 @@ class MarglikResult:
 class _Adam:
     """Adam ascent on one tensor (no autograd state; a few tensor ops per step)."""
 
-    def __init__(self, x: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+    def __init__(
+        self, x: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ):
         self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
         self.m = torch.zeros_like(x)
         self.v = torch.zeros_like(x)
@@ -301,9 +318,18 @@ def _failure(step: int | str, detail: str = "") -> RuntimeError:
     )
 
 
-def _optimize_scalar(spectral: SpectralEvidence, u: float, ls: float, *, dtype, device,
-                     tune_sigma_noise: bool, n_steps: int, lr: float,
-                     progress: bool) -> MarglikResult:
+def _optimize_scalar(
+    spectral: SpectralEvidence,
+    u: float,
+    ls: float,
+    *,
+    dtype,
+    device,
+    tune_sigma_noise: bool,
+    n_steps: int,
+    lr: float,
+    progress: bool,
+) -> MarglikResult:
     """Adam on (log α, log σ) in Python floats over a shared spectrum."""
     b1, b2, eps = 0.9, 0.999, 1e-8
     mu = vu = ms = vs = 0.0
@@ -331,7 +357,8 @@ def _optimize_scalar(spectral: SpectralEvidence, u: float, ls: float, *, dtype, 
     return MarglikResult(
         torch.tensor(math.exp(u), dtype=dtype, device=device),
         torch.tensor(math.exp(ls), dtype=dtype, device=device),
-        torch.from_numpy(np.asarray(history, dtype=np.float64)).to(dtype), True,
+        torch.from_numpy(np.asarray(history, dtype=np.float64)).to(dtype),
+        True,
     )
 
 
@@ -348,8 +375,11 @@ def convert_prior(precision: Tensor, kind: PriorKind, layout) -> Tensor:
     """
     T, P = len(layout.names), layout.n_params
     p = precision.detach()
-    same = {PriorKind.SCALAR: p.ndim == 0 or p.shape == (1,),
-            PriorKind.LAYERWISE: p.shape == (T,), PriorKind.DIAGONAL: p.shape == (P,)}[kind]
+    same = {
+        PriorKind.SCALAR: p.ndim == 0 or p.shape == (1,),
+        PriorKind.LAYERWISE: p.shape == (T,),
+        PriorKind.DIAGONAL: p.shape == (P,),
+    }[kind]
     if same:
         return p.reshape(()).clone() if kind is PriorKind.SCALAR else p.clone()
     if p.ndim == 0 or p.shape == (1,):
@@ -362,8 +392,9 @@ def convert_prior(precision: Tensor, kind: PriorKind, layout) -> Tensor:
     if kind is PriorKind.SCALAR:
         return torch.exp(logs.mean())
     if kind is PriorKind.LAYERWISE:
-        return torch.exp(torch.stack([logs[sl].mean() for sl in
-                                      (layout.slice_of(n) for n in layout.names)]))
+        return torch.exp(
+            torch.stack([logs[sl].mean() for sl in (layout.slice_of(n) for n in layout.names)])
+        )
     return torch.exp(logs).clone()
 
 
@@ -413,8 +444,15 @@ def optimize_marglik(
     u = torch.log(prior_precision.detach().to(device=device, dtype=work)).clone()
     log_sigma = torch.log(sigma_noise.detach().to(device=device, dtype=work)).clone()
     if lam is not None:
-        spectral = SpectralEvidence(lam, posterior.mean, stats, likelihood, kind=kind,
-                                    layout=posterior.prior.layout, temperature=temperature)
+        spectral = SpectralEvidence(
+            lam,
+            posterior.mean,
+            stats,
+            likelihood,
+            kind=kind,
+            layout=posterior.prior.layout,
+            temperature=temperature,
+        )
 
         def value_and_grad(u: Tensor, log_sigma: Tensor):
             return spectral.value_and_grad(u, log_sigma)
@@ -429,9 +467,17 @@ def optimize_marglik(
             return e.detach(), grads[0], grads[1] if tune_sigma_noise else None
 
     if lam is not None and kind is PriorKind.SCALAR:
-        return _optimize_scalar(spectral, float(u), float(log_sigma), dtype=dtype, device=device,
-                                tune_sigma_noise=tune_sigma_noise, n_steps=n_steps, lr=lr,
-                                progress=progress)
+        return _optimize_scalar(
+            spectral,
+            float(u),
+            float(log_sigma),
+            dtype=dtype,
+            device=device,
+            tune_sigma_noise=tune_sigma_noise,
+            n_steps=n_steps,
+            lr=lr,
+            progress=progress,
+        )
     adam_u, adam_s = _Adam(u, lr), _Adam(log_sigma, lr)
     history = []
     try:
@@ -450,16 +496,27 @@ def optimize_marglik(
         ) from err
     hist = torch.stack(history)
     alpha, sigma = torch.exp(u), torch.exp(log_sigma)
-    if not (bool(torch.isfinite(hist).all()) and bool(torch.isfinite(alpha).all())
-            and bool((alpha > 0).all()) and bool(torch.isfinite(sigma)) and float(sigma) > 0):
-        bad = int((~torch.isfinite(hist)).nonzero()[0]) if not bool(torch.isfinite(hist).all()) else n_steps
+    if not (
+        bool(torch.isfinite(hist).all())
+        and bool(torch.isfinite(alpha).all())
+        and bool((alpha > 0).all())
+        and bool(torch.isfinite(sigma))
+        and float(sigma) > 0
+    ):
+        bad = (
+            int((~torch.isfinite(hist)).nonzero()[0])
+            if not bool(torch.isfinite(hist).all())
+            else n_steps
+        )
         raise RuntimeError(
             f"marginal-likelihood tuning must keep the evidence finite; got a non-finite value "
             f"at step {bad}. The hyperparameters were left unchanged; try a smaller lr= or "
             "another starting prior_precision."
         )
     return MarglikResult(
-        alpha.to(dtype).reshape(prior_precision.shape), sigma.to(dtype), hist.to(dtype),
+        alpha.to(dtype).reshape(prior_precision.shape),
+        sigma.to(dtype),
+        hist.to(dtype),
         lam is not None,
     )
 
@@ -498,9 +555,12 @@ def default_grid(
     Raises:
         ValueError: If the range is not two finite numbers ``lo <= hi`` or ``n_points < 1``.
     """
-    if (not isinstance(log_range, Sequence) or len(log_range) != 2
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in log_range)
-            or log_range[0] > log_range[1]):
+    if (
+        not isinstance(log_range, Sequence)
+        or len(log_range) != 2
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in log_range)
+        or log_range[0] > log_range[1]
+    ):
         raise ValueError(
             f"log_range must be two finite numbers (lo, hi) with lo <= hi (powers of 10); "
             f"got {log_range!r}."
@@ -521,11 +581,16 @@ def check_grid(grid: object, *, dtype=torch.float64) -> Tensor:
     """
     g = torch.as_tensor(grid, dtype=dtype).detach()
     if g.ndim != 1 or g.numel() == 0:
-        raise ValueError(f"grid must be a non-empty 1-D sequence of precisions; got shape "
-                         f"{shape_str(g.shape) if g.ndim else '()'}.")
+        raise ValueError(
+            f"grid must be a non-empty 1-D sequence of precisions; got shape "
+            f"{shape_str(g.shape) if g.ndim else '()'}."
+        )
     if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
-        raise ValueError(f"grid values must be finite and > 0; got {g[:5].tolist()}"
-                         + ("..." if g.numel() > 5 else "") + ".")
+        raise ValueError(
+            f"grid values must be finite and > 0; got {g[:5].tolist()}"
+            + ("..." if g.numel() > 5 else "")
+            + "."
+        )
     return torch.sort(g).values
 
 
@@ -588,7 +653,9 @@ def gridsearch(
                 prepared.append((x, J, f, lik.check_targets(f, y.to(fmodel.device), "val_loader")))
             else:
                 f = fmodel.forward(x)
-                prepared.append((x, None, f, lik.check_targets(f, y.to(fmodel.device), "val_loader")))
+                prepared.append(
+                    (x, None, f, lik.check_targets(f, y.to(fmodel.device), "val_loader"))
+                )
     scores = []
     for alpha in tqdm(grid.tolist(), disable=not progress, desc="gridsearch"):
         total = 0.0
@@ -598,8 +665,14 @@ def gridsearch(
                 for x, J, f, y in prepared:
                     if m is PredictMethod.NN:
                         pred = nn_predictive(
-                            fmodel, post, x, likelihood=likelihood, sigma_noise=sigma_noise,
-                            n_samples=n_samples, generator=generator, n_outputs=n_outputs,
+                            fmodel,
+                            post,
+                            x,
+                            likelihood=likelihood,
+                            sigma_noise=sigma_noise,
+                            n_samples=n_samples,
+                            generator=generator,
+                            n_outputs=n_outputs,
                         )
                     else:
                         if J is None:
@@ -607,8 +680,13 @@ def gridsearch(
                         else:
                             cov = post.functional_covariance(J)
                         pred = glm_from_moments(
-                            f, cov, likelihood=likelihood, link=lk, sigma_noise=sigma_noise,
-                            n_samples=n_samples, generator=generator,
+                            f,
+                            cov,
+                            likelihood=likelihood,
+                            link=lk,
+                            sigma_noise=sigma_noise,
+                            n_samples=n_samples,
+                            generator=generator,
                             memory_budget=fmodel.memory_budget,
                         )
                     total += float(predictive_nll(pred, y, likelihood).sum())
@@ -648,8 +726,16 @@ class TuningOptions:
 
 
 _MARGLIK_ONLY = ("n_steps", "lr", "tune_sigma_noise", "prior_structure")
-_GRID_ONLY = ("val_loader", "grid", "log_range", "n_points", "predict_method", "link",
-              "n_samples", "generator")
+_GRID_ONLY = (
+    "val_loader",
+    "grid",
+    "log_range",
+    "n_points",
+    "predict_method",
+    "link",
+    "n_samples",
+    "generator",
+)
 
 
 def check_tuning_options(likelihood: Likelihood, method: object, **given: object) -> TuningOptions:
@@ -691,7 +777,11 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}.")
     lr = 0.1 if given.get("lr") is None else given["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, (int, float))
+        or not (math.isfinite(lr) and lr > 0)
+    ):
         raise ValueError(f"lr must be a finite float > 0; got {lr!r}.")
     grid = None
     predict_method, link, n_samples = PredictMethod.GLM, None, 100
@@ -713,7 +803,8 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
             n = 41 if given.get("n_points") is None else given["n_points"]
             grid = default_grid(lo_hi, n)
         predict_method, link = resolve_options(
-            likelihood, "glm" if given.get("predict_method") is None else given["predict_method"],
+            likelihood,
+            "glm" if given.get("predict_method") is None else given["predict_method"],
             given.get("link"),
         )
         n_samples = 100 if given.get("n_samples") is None else given["n_samples"]
@@ -721,5 +812,7 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
             raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
         gen = given.get("generator")
         if gen is not None and not isinstance(gen, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None; got {type(gen).__name__}.")
+            raise TypeError(
+                f"generator must be a torch.Generator or None; got {type(gen).__name__}."
+            )
     return TuningOptions(m, kind, n_steps, float(lr), grid, predict_method, link, n_samples)

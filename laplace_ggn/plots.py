@@ -149,8 +149,10 @@ class ReliabilityDisplay:
         """
         named = _named(probs, "probs")
         curves = {k: cal.reliability_curve(p, labels, n_bins=n_bins) for k, p in named.items()}
-        ece = {k: float(cal.expected_calibration_error(p, labels, n_bins=n_bins))
-               for k, p in named.items()}
+        ece = {
+            k: float(cal.expected_calibration_error(p, labels, n_bins=n_bins))
+            for k, p in named.items()
+        }
         first = next(iter(named.values()))
         binary = first.ndim == 1 or (first.ndim == 2 and first.shape[1] == 1)
         return cls(curves, ece=ece, binary=binary).plot(
@@ -175,7 +177,10 @@ class ReliabilityDisplay:
         if ax is None:
             if show_histogram:
                 fig, (ax, hist_ax) = plt.subplots(
-                    2, 1, figsize=(5.4, 6.4), sharex=True,
+                    2,
+                    1,
+                    figsize=(5.4, 6.4),
+                    sharex=True,
                     gridspec_kw={"height_ratios": [3.2, 1], "hspace": 0.08},
                 )
             else:
@@ -188,33 +193,67 @@ class ReliabilityDisplay:
         xlabel = "Predicted probability of class 1" if self.binary else "Confidence"
         ylabel = "Frequency of class 1" if self.binary else "Accuracy"
 
-        self.diagonal_ = ax.plot([0, 1], [0, 1], ls="--", color=_GREY, lw=1.2,
-                                 label="Perfect calibration", zorder=1)[0]
+        self.diagonal_ = ax.plot(
+            [0, 1], [0, 1], ls="--", color=_GREY, lw=1.2, label="Perfect calibration", zorder=1
+        )[0]
         self.lines_, self.gap_fills_, self.hist_patches_ = {}, {}, {}
         for (name, curve), color in zip(self.curves.items(), _colors(len(self.curves), colors)):
             m = curve.nonempty.cpu().numpy()
             conf = curve.confidence.cpu().numpy()[m]
             acc = curve.accuracy.cpu().numpy()[m]
-            self.gap_fills_[name] = ax.fill_between(conf, conf, acc, color=color, alpha=0.16,
-                                                    lw=0, zorder=2)
+            self.gap_fills_[name] = ax.fill_between(
+                conf, conf, acc, color=color, alpha=0.16, lw=0, zorder=2
+            )
             self.lines_[name] = ax.plot(
-                conf, acc, marker="o", ms=5, lw=2, color=color, zorder=3,
-                markeredgecolor="white", markeredgewidth=0.8,
+                conf,
+                acc,
+                marker="o",
+                ms=5,
+                lw=2,
+                color=color,
+                zorder=3,
+                markeredgecolor="white",
+                markeredgewidth=0.8,
                 label=f"{name}  (ECE {100 * self.ece[name]:.1f}%)",
             )[0]
             if show_histogram:
                 self.hist_patches_[name] = hist_ax.stairs(
-                    curve.counts.cpu().numpy(), curve.edges.cpu().numpy(), fill=True,
-                    facecolor=color, alpha=0.2, edgecolor=color, lw=1.4, label=name,
+                    curve.counts.cpu().numpy(),
+                    curve.edges.cpu().numpy(),
+                    fill=True,
+                    facecolor=color,
+                    alpha=0.2,
+                    edgecolor=color,
+                    lw=1.4,
+                    label=name,
                 )
-                hist_ax.stairs(curve.counts.cpu().numpy(), curve.edges.cpu().numpy(),
-                               color=color, lw=1.4)
+                hist_ax.stairs(
+                    curve.counts.cpu().numpy(), curve.edges.cpu().numpy(), color=color, lw=1.4
+                )
         ax.set(xlim=(0, 1), ylim=(0, 1), ylabel=ylabel)
         if not self.binary:  # for a positive-class curve, above the diagonal is not "under"
-            ax.text(0.03, 0.97, "under-confident", transform=ax.transAxes, va="top", ha="left",
-                    color=_GREY, fontsize=8.5, style="italic")
-            ax.text(0.97, 0.03, "over-confident", transform=ax.transAxes, va="bottom",
-                    ha="right", color=_GREY, fontsize=8.5, style="italic")
+            ax.text(
+                0.03,
+                0.97,
+                "under-confident",
+                transform=ax.transAxes,
+                va="top",
+                ha="left",
+                color=_GREY,
+                fontsize=8.5,
+                style="italic",
+            )
+            ax.text(
+                0.97,
+                0.03,
+                "over-confident",
+                transform=ax.transAxes,
+                va="bottom",
+                ha="right",
+                color=_GREY,
+                fontsize=8.5,
+                style="italic",
+            )
         _style_axes(ax)
         ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.92), frameon=False, fontsize=9)
         if title:
@@ -295,8 +334,10 @@ class RegressionCalibrationDisplay:
             raise ValueError(
                 f"var must have the model names of mean {list(means)}; got {list(vars_)}."
             )
-        curves = {k: cal.regression_calibration_curve(means[k], vars_[k], y, n_levels=n_levels)
-                  for k in means}
+        curves = {
+            k: cal.regression_calibration_curve(means[k], vars_[k], y, n_levels=n_levels)
+            for k in means
+        }
         return cls(curves).plot(ax=ax, title=title, colors=colors)
 
     def plot(
@@ -310,22 +351,52 @@ class RegressionCalibrationDisplay:
         plt = _pyplot()
         if ax is None:
             _, ax = plt.subplots(figsize=(5.0, 5.0))
-        self.diagonal_ = ax.plot([0, 1], [0, 1], ls="--", color=_GREY, lw=1.2,
-                                 label="Perfect calibration", zorder=1)[0]
+        self.diagonal_ = ax.plot(
+            [0, 1], [0, 1], ls="--", color=_GREY, lw=1.2, label="Perfect calibration", zorder=1
+        )[0]
         self.lines_, self.gap_fills_ = {}, {}
         for (name, c), color in zip(self.curves.items(), _colors(len(self.curves), colors)):
             q, o = c.nominal.cpu().numpy(), c.observed.cpu().numpy()
             self.gap_fills_[name] = ax.fill_between(q, q, o, color=color, alpha=0.16, lw=0)
             self.lines_[name] = ax.plot(
-                q, o, marker="o", ms=4.5, lw=2, color=color, markeredgecolor="white",
-                markeredgewidth=0.8, label=f"{name}  (error {float(c.error):.3f})", zorder=3,
+                q,
+                o,
+                marker="o",
+                ms=4.5,
+                lw=2,
+                color=color,
+                markeredgecolor="white",
+                markeredgewidth=0.8,
+                label=f"{name}  (error {float(c.error):.3f})",
+                zorder=3,
             )[0]
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Nominal coverage of central interval",
-               ylabel="Observed coverage")
-        ax.text(0.03, 0.97, "under-confident", transform=ax.transAxes, va="top", color=_GREY,
-                fontsize=8.5, style="italic")
-        ax.text(0.97, 0.03, "over-confident", transform=ax.transAxes, va="bottom", ha="right",
-                color=_GREY, fontsize=8.5, style="italic")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel="Nominal coverage of central interval",
+            ylabel="Observed coverage",
+        )
+        ax.text(
+            0.03,
+            0.97,
+            "under-confident",
+            transform=ax.transAxes,
+            va="top",
+            color=_GREY,
+            fontsize=8.5,
+            style="italic",
+        )
+        ax.text(
+            0.97,
+            0.03,
+            "over-confident",
+            transform=ax.transAxes,
+            va="bottom",
+            ha="right",
+            color=_GREY,
+            fontsize=8.5,
+            style="italic",
+        )
         _style_axes(ax)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, fontsize=9)
         if title:
@@ -363,8 +434,18 @@ class UncertaintyBandDisplay:
         train_scatter_, test_scatter_: ``PathCollection`` of the data, or ``None``.
     """
 
-    def __init__(self, x, mean, std, *, x_train=None, y_train=None, x_test=None, y_test=None,
-                 n_std: float = 2.0) -> None:
+    def __init__(
+        self,
+        x,
+        mean,
+        std,
+        *,
+        x_train=None,
+        y_train=None,
+        x_test=None,
+        y_test=None,
+        n_std: float = 2.0,
+    ) -> None:
         self.x, self.mean, self.std = x, mean, std
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
         self.n_std = n_std
@@ -419,8 +500,10 @@ class UncertaintyBandDisplay:
         if not np.all(v >= 0):
             raise ValueError(f"var must be >= 0; got a minimum of {v.min():.3g}.")
         data = {}
-        for xn, yn, xv, yv in (("x_train", "y_train", x_train, y_train),
-                               ("x_test", "y_test", x_test, y_test)):
+        for xn, yn, xv, yv in (
+            ("x_train", "y_train", x_train, y_train),
+            ("x_test", "y_test", x_test, y_test),
+        ):
             if (xv is None) != (yv is None):
                 raise ValueError(f"{xn} and {yn} must be given together; got only one of them.")
             if xv is not None:
@@ -428,7 +511,8 @@ class UncertaintyBandDisplay:
                 data[xn], data[yn] = a, _vector(yv, yn, a.shape[0])
         order = np.argsort(xs, kind="stable")
         return cls(xs[order], mu[order], np.sqrt(v[order]), n_std=n_std, **data).plot(
-            ax=ax, title=title)
+            ax=ax, title=title
+        )
 
     def plot(self, ax: Any = None, *, title: str | None = None) -> UncertaintyBandDisplay:
         """Draw the band (see :meth:`from_predictions` for the arguments).
@@ -441,22 +525,43 @@ class UncertaintyBandDisplay:
             _, ax = plt.subplots(figsize=(6.4, 3.8))
         color = PALETTE[1]
         self.band_ = ax.fill_between(
-            self.x, self.mean - self.n_std * self.std, self.mean + self.n_std * self.std,
-            color=color, alpha=0.2, lw=0, label=f"mean ± {self.n_std:g} std",
+            self.x,
+            self.mean - self.n_std * self.std,
+            self.mean + self.n_std * self.std,
+            color=color,
+            alpha=0.2,
+            lw=0,
+            label=f"mean ± {self.n_std:g} std",
         )
         self.line_ = ax.plot(self.x, self.mean, color=color, lw=2, label="predictive mean")[0]
         self.train_scatter_ = self.test_scatter_ = None
         if self.x_train is not None:
-            self.train_scatter_ = ax.scatter(self.x_train, self.y_train, s=14, color="#222222",
-                                             alpha=0.8, lw=0, label="training data", zorder=3)
+            self.train_scatter_ = ax.scatter(
+                self.x_train,
+                self.y_train,
+                s=14,
+                color="#222222",
+                alpha=0.8,
+                lw=0,
+                label="training data",
+                zorder=3,
+            )
         if self.x_test is not None:
-            self.test_scatter_ = ax.scatter(self.x_test, self.y_test, s=16, facecolor="none",
-                                            edgecolor=PALETTE[0], lw=1, label="test data",
-                                            zorder=3)
+            self.test_scatter_ = ax.scatter(
+                self.x_test,
+                self.y_test,
+                s=16,
+                facecolor="none",
+                edgecolor=PALETTE[0],
+                lw=1,
+                label="test data",
+                zorder=3,
+            )
         ax.set(xlabel="x", ylabel="y", xlim=(self.x[0], self.x[-1]))
         _style_axes(ax)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False,
-                  fontsize=9)
+        ax.legend(
+            loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False, fontsize=9
+        )
         if title:
             ax.set_title(title, fontsize=12, loc="left")
         self.figure_, self.ax_ = ax.figure, ax
@@ -532,11 +637,13 @@ class SpectrumDisplay:
         if grid is not None:
             g = _vector(grid, "grid")
             d = _vector(density, "density", g.shape[0])
-        return cls(eigenvalues=ev, grid=g, density=d).plot(ax=ax, log_density=log_density,
-                                                           title=title)
+        return cls(eigenvalues=ev, grid=g, density=d).plot(
+            ax=ax, log_density=log_density, title=title
+        )
 
-    def plot(self, ax: Any = None, *, log_density: bool = True,
-             title: str | None = None) -> SpectrumDisplay:
+    def plot(
+        self, ax: Any = None, *, log_density: bool = True, title: str | None = None
+    ) -> SpectrumDisplay:
         """Draw the panels (see :meth:`from_spectrum` for the arguments).
 
         Returns:
@@ -564,13 +671,22 @@ class SpectrumDisplay:
             ev = np.sort(self.eigenvalues)[::-1]
             pos = ev[ev > 0]
             self.n_nonpositive_ = int(ev.size - pos.size)
-            self.eigenvalue_line_ = a.plot(np.arange(1, pos.size + 1), pos, marker="o",
-                                           ms=3, lw=1.4, color=PALETTE[1])[0]
+            self.eigenvalue_line_ = a.plot(
+                np.arange(1, pos.size + 1), pos, marker="o", ms=3, lw=1.4, color=PALETTE[1]
+            )[0]
             a.set_yscale("log")
             a.set(xlabel="Rank", ylabel="Eigenvalue")
             if self.n_nonpositive_:
-                a.text(0.97, 0.95, f"{self.n_nonpositive_} eigenvalues ≤ 0 not shown",
-                       transform=a.transAxes, ha="right", va="top", fontsize=8.5, color=_GREY)
+                a.text(
+                    0.97,
+                    0.95,
+                    f"{self.n_nonpositive_} eigenvalues ≤ 0 not shown",
+                    transform=a.transAxes,
+                    ha="right",
+                    va="top",
+                    fontsize=8.5,
+                    color=_GREY,
+                )
             _style_axes(a)
         if self.grid is not None:
             a = axes[i]
@@ -611,8 +727,9 @@ class ConfidenceHistogramDisplay:
         mean_lines_: ``{name: Line2D}`` vertical line at the mean confidence.
     """
 
-    def __init__(self, histograms, *, means: Mapping[str, float], normalize: bool = True,
-                 log: bool = False) -> None:
+    def __init__(
+        self, histograms, *, means: Mapping[str, float], normalize: bool = True, log: bool = False
+    ) -> None:
         self.histograms, self.means = dict(histograms), dict(means)
         self.normalize, self.log = normalize, log
 
@@ -659,10 +776,12 @@ class ConfidenceHistogramDisplay:
         hists = {k: cal.confidence_histogram(p, n_bins=n_bins) for k, p in named.items()}
         means = {k: float(cal.max_probability(p).mean()) for k, p in named.items()}
         return cls(hists, means=means, normalize=normalize, log=log).plot(
-            ax=ax, title=title, colors=colors)
+            ax=ax, title=title, colors=colors
+        )
 
-    def plot(self, ax: Any = None, *, title: str | None = None,
-             colors: Sequence[str] | None = None) -> ConfidenceHistogramDisplay:
+    def plot(
+        self, ax: Any = None, *, title: str | None = None, colors: Sequence[str] | None = None
+    ) -> ConfidenceHistogramDisplay:
         """Draw the histograms (see :meth:`from_predictions` for the arguments).
 
         Returns:
@@ -672,23 +791,37 @@ class ConfidenceHistogramDisplay:
         if ax is None:
             _, ax = plt.subplots(figsize=(5.8, 3.8))
         self.patches_, self.mean_lines_ = {}, {}
-        for (name, (counts, edges)), color in zip(self.histograms.items(),
-                                                  _colors(len(self.histograms), colors)):
+        for (name, (counts, edges)), color in zip(
+            self.histograms.items(), _colors(len(self.histograms), colors)
+        ):
             c = counts.cpu().numpy().astype(np.float64)
             values = c / c.sum() if self.normalize else c
-            self.patches_[name] = ax.stairs(values, edges.cpu().numpy(), fill=True,
-                                            facecolor=color, alpha=0.2, label=None)
-            ax.stairs(values, edges.cpu().numpy(), color=color, lw=1.6,
-                      label=f"{name}  (mean {self.means[name]:.3f})")
+            self.patches_[name] = ax.stairs(
+                values, edges.cpu().numpy(), fill=True, facecolor=color, alpha=0.2, label=None
+            )
+            ax.stairs(
+                values,
+                edges.cpu().numpy(),
+                color=color,
+                lw=1.6,
+                label=f"{name}  (mean {self.means[name]:.3f})",
+            )
             self.mean_lines_[name] = ax.axvline(self.means[name], color=color, ls="--", lw=1.3)
         lo = min(float(edges[:-1][counts > 0].min()) for counts, edges in self.histograms.values())
-        ax.set(xlim=(max(0.0, lo - 0.02), 1.0), xlabel="Confidence (max probability)",
-               ylabel="Fraction of set" if self.normalize else "Count")
+        ax.set(
+            xlim=(max(0.0, lo - 0.02), 1.0),
+            xlabel="Confidence (max probability)",
+            ylabel="Fraction of set" if self.normalize else "Count",
+        )
         if self.log:
-            tops = [float(c.max()) / (float(c.sum()) if self.normalize else 1.0)
-                    for c, _ in self.histograms.values()]
-            bottoms = [1.0 / (float(c.sum()) if self.normalize else 1.0)
-                       for c, _ in self.histograms.values()]
+            tops = [
+                float(c.max()) / (float(c.sum()) if self.normalize else 1.0)
+                for c, _ in self.histograms.values()
+            ]
+            bottoms = [
+                1.0 / (float(c.sum()) if self.normalize else 1.0)
+                for c, _ in self.histograms.values()
+            ]
             ax.set_yscale("log")
             ax.set_ylim(0.7 * min(bottoms), 2.0 * max(tops))
         _style_axes(ax)
@@ -750,9 +883,12 @@ def plot_kernel_decomposition(
     has_cross = bool(np.abs(cross).max() > 1e-12 * max(float((kern + nonk).max()), 1e-300))
     n_panels = 3 if report.sample_fit else 1
     fig, axes = plt.subplots(
-        1, n_panels, figsize=(5.2 + 3.6 * (n_panels - 1), 3.6),
+        1,
+        n_panels,
+        figsize=(5.2 + 3.6 * (n_panels - 1), 3.6),
         gridspec_kw={"width_ratios": [1.6] + [1] * (n_panels - 1)},
-        squeeze=False, layout="constrained",
+        squeeze=False,
+        layout="constrained",
     )
     ax = axes[0, 0]
     if x_axis is not None:
@@ -761,29 +897,70 @@ def plot_kernel_decomposition(
             raise ValueError(f"x_axis must have {B} entries (one per input); got {xs.shape[0]}.")
         order = np.argsort(xs)
         xs, k, n = xs[order], kern[order], nonk[order]
-        ax.fill_between(xs, 0, n, color=KERNEL_COLORS["non-kernel"], alpha=0.75, lw=0,
-                        label="non-kernel  J P⊥ Σ P⊥ Jᵀ")
-        ax.fill_between(xs, n, n + k, color=KERNEL_COLORS["kernel"], alpha=0.75, lw=0,
-                        label="kernel  J Pker Σ Pker Jᵀ")
+        ax.fill_between(
+            xs,
+            0,
+            n,
+            color=KERNEL_COLORS["non-kernel"],
+            alpha=0.75,
+            lw=0,
+            label="non-kernel  J P⊥ Σ P⊥ Jᵀ",
+        )
+        ax.fill_between(
+            xs,
+            n,
+            n + k,
+            color=KERNEL_COLORS["kernel"],
+            alpha=0.75,
+            lw=0,
+            label="kernel  J Pker Σ Pker Jᵀ",
+        )
         if has_cross:
             ax.plot(xs, n + k + cross[order], color="k", lw=1.2, label="total incl. cross part")
         if train_x is not None:
             tx = _kernel_np(train_x).reshape(-1)
-            ax.plot(tx, np.zeros_like(tx), "|", color="k", ms=12, mew=1.5, clip_on=False,
-                    label="training inputs")
+            ax.plot(
+                tx,
+                np.zeros_like(tx),
+                "|",
+                color="k",
+                ms=12,
+                mew=1.5,
+                clip_on=False,
+                label="training inputs",
+            )
         ax.set_xlabel("input x")
         ax.set_xlim(xs[0], xs[-1])
     else:
         order = np.argsort(-(kern + nonk))
         pos = np.arange(B)
         width = 0.8 if B <= 40 else 1.0
-        ax.bar(pos, nonk[order], width, color=KERNEL_COLORS["non-kernel"], lw=0,
-               label="non-kernel  J P⊥ Σ P⊥ Jᵀ")
-        ax.bar(pos, kern[order], width, bottom=nonk[order], color=KERNEL_COLORS["kernel"], lw=0,
-               label="kernel  J Pker Σ Pker Jᵀ")
+        ax.bar(
+            pos,
+            nonk[order],
+            width,
+            color=KERNEL_COLORS["non-kernel"],
+            lw=0,
+            label="non-kernel  J P⊥ Σ P⊥ Jᵀ",
+        )
+        ax.bar(
+            pos,
+            kern[order],
+            width,
+            bottom=nonk[order],
+            color=KERNEL_COLORS["kernel"],
+            lw=0,
+            label="kernel  J Pker Σ Pker Jᵀ",
+        )
         if has_cross:
-            ax.plot(pos, (kern + nonk + cross)[order], ".", color="k", ms=3,
-                    label="total incl. cross part")
+            ax.plot(
+                pos,
+                (kern + nonk + cross)[order],
+                ".",
+                color="k",
+                ms=3,
+                label="total incl. cross part",
+            )
         ax.set_xlabel("input (sorted by total variance)")
         ax.set_xlim(-0.5, B - 0.5)
     top = float(np.max(kern + nonk + np.maximum(cross, 0)))
@@ -800,8 +977,11 @@ def plot_kernel_decomposition(
     _style_axes(ax)
 
     if report.sample_fit:
-        kinds = [k for k in ("MAP", "kernel", "non-kernel", "full")
-                 if any(r.samples == k for r in report.sample_fit)]
+        kinds = [
+            k
+            for k in ("MAP", "kernel", "non-kernel", "full")
+            if any(r.samples == k for r in report.sample_fit)
+        ]
         pos = np.arange(len(kinds))
         w = 0.38
         for ax, attr, label in (
@@ -812,12 +992,21 @@ def plot_kernel_decomposition(
                 rows = [report.fit_of(k, model) for k in kinds]
                 means = [getattr(r, f"{attr}_mean") for r in rows]
                 stds = [getattr(r, f"{attr}_std") for r in rows]
-                ax.bar(pos + (j - 0.5) * w, means, w, yerr=stds, capsize=3,
-                       color=KERNEL_COLORS[model], label=model, lw=0,
-                       error_kw={"elinewidth": 1, "ecolor": "#222222"})
+                ax.bar(
+                    pos + (j - 0.5) * w,
+                    means,
+                    w,
+                    yerr=stds,
+                    capsize=3,
+                    color=KERNEL_COLORS[model],
+                    label=model,
+                    lw=0,
+                    error_kw={"elinewidth": 1, "ecolor": "#222222"},
+                )
             ax.set_xticks(pos, [k if k != "non-kernel" else "non-\nkernel" for k in kinds])
-            vals = np.array([getattr(r, f"{attr}_mean") + getattr(r, f"{attr}_std")
-                             for r in report.sample_fit])
+            vals = np.array(
+                [getattr(r, f"{attr}_mean") + getattr(r, f"{attr}_std") for r in report.sample_fit]
+            )
             if attr == "nll" and vals.max() - vals.min() > 100:
                 ax.set_yscale("symlog", linthresh=1.0)
             ax.set_xlabel("samples")

@@ -351,8 +351,9 @@ def glm_from_moments(
         return probit(f, cov, binary=binary)
     if link is Link.BRIDGE:
         return laplace_bridge(f, cov, binary=binary)
-    return mc_link(f, cov, n_samples=n_samples, binary=binary, generator=generator,
-                   memory_budget=memory_budget)
+    return mc_link(
+        f, cov, n_samples=n_samples, binary=binary, generator=generator, memory_budget=memory_budget
+    )
 
 
 def functional_moments(fmodel, posterior, x: object, *, n_outputs: int) -> tuple[Tensor, Tensor]:
@@ -399,8 +400,14 @@ def glm_predictive(
     with torch.no_grad():
         f, cov = functional_moments(fmodel, posterior, x, n_outputs=n_outputs)
         return glm_from_moments(
-            f, cov, likelihood=likelihood, link=link, sigma_noise=sigma_noise,
-            n_samples=n_samples, generator=generator, memory_budget=fmodel.memory_budget,
+            f,
+            cov,
+            likelihood=likelihood,
+            link=link,
+            sigma_noise=sigma_noise,
+            n_samples=n_samples,
+            generator=generator,
+            memory_budget=fmodel.memory_budget,
         )
 
 
@@ -547,8 +554,11 @@ def predict(
     _check_n_samples(n_samples)
     _check_generator(generator)
     kw = {
-        "likelihood": likelihood, "sigma_noise": sigma_noise, "n_samples": n_samples,
-        "generator": generator, "n_outputs": n_outputs,
+        "likelihood": likelihood,
+        "sigma_noise": sigma_noise,
+        "n_samples": n_samples,
+        "generator": generator,
+        "n_outputs": n_outputs,
     }
     if m is PredictMethod.NN:
         return nn_predictive(fmodel, posterior, x, **kw)
@@ -589,7 +599,9 @@ def predictive_nll(pred: Prediction, y: Tensor, likelihood: Likelihood) -> Tenso
     return -(t * torch.log(p.clamp_min(tiny)) + (1 - t) * torch.log((1 - p).clamp_min(tiny)))
 
 
-def batches_of(loader: Iterable, *, input_key: str, target_key: str) -> Iterable[tuple[object, Tensor]]:
+def batches_of(
+    loader: Iterable, *, input_key: str, target_key: str
+) -> Iterable[tuple[object, Tensor]]:
     """Yield ``(x, y)`` from a loader of pairs or mappings."""
     for i, batch in enumerate(loader):
         yield split_batch(batch, input_key=input_key, target_key=target_key, where=f"batch {i}")

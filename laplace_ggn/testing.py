@@ -72,13 +72,13 @@ def nll_per_sample(likelihood: str, f: Tensor, y: Tensor, sigma: float = 1.0) ->
     if likelihood == "binary":
         z = f[:, 0]
         t = y.reshape(-1).to(f.dtype)
-        return -(t * torch.nn.functional.logsigmoid(z) + (1 - t) * torch.nn.functional.logsigmoid(-z))
+        return -(
+            t * torch.nn.functional.logsigmoid(z) + (1 - t) * torch.nn.functional.logsigmoid(-z)
+        )
     raise ValueError(f"likelihood must be regression/classification/binary; got {likelihood!r}.")
 
 
-def dense_output_hessians(
-    likelihood: str, f: Tensor, y: Tensor, sigma: float = 1.0
-) -> Tensor:
+def dense_output_hessians(likelihood: str, f: Tensor, y: Tensor, sigma: float = 1.0) -> Tensor:
     """Output Hessians Λ_n of the NLL by autograd, shape ``(B, C, C)``."""
     Hs = []
     for n in range(f.shape[0]):

@@ -41,18 +41,18 @@ from .functional import (
     to_device,
 )
 from .ggn import DiagGGNCollector, FullGGNCollector, dense_bytes
-from .likelihoods import FitStatistics, get_likelihood
 from .kfac import kfac_factor_bytes
+from .likelihoods import FitStatistics, get_likelihood
 from .posteriors import (
     DiagPosterior,
     FullPosterior,
-    Prior,
-    make_prior,
     KFACPosterior,
     LowRankPosterior,
+    Prior,
     lowrank_memory_bytes,
     make_kfac_collector,
     make_lowrank_collector,
+    make_prior,
 )
 from .posteriors.kfac import check_kfac_prior
 from .predictive import Prediction
@@ -101,8 +101,9 @@ STRUCTURES: dict[Structure, StructureSpec] = {
         ),
         build=lambda K, mean, prior, scale, la: KFACPosterior(mean, K, prior, scale),
         posterior_cls=KFACPosterior,
-        memory_bytes=lambda P, dtype, la: kfac_factor_bytes(la.model, dtype)
-        + 2 * P * torch.empty((), dtype=dtype).element_size(),
+        memory_bytes=lambda P, dtype, la: (
+            kfac_factor_bytes(la.model, dtype) + 2 * P * torch.empty((), dtype=dtype).element_size()
+        ),
         check_prior=check_kfac_prior,
     ),
     Structure.LOWRANK: StructureSpec(
@@ -216,7 +217,9 @@ class LaplaceWrapper:
         self.rank = rank
         self.input_key, self.target_key = input_key, target_key
         if not isinstance(memory_budget, int) or memory_budget <= 0:
-            raise ValueError(f"memory_budget must be a positive int (bytes); got {memory_budget!r}.")
+            raise ValueError(
+                f"memory_budget must be a positive int (bytes); got {memory_budget!r}."
+            )
         self.memory_budget = memory_budget
         self._posterior = None
         self._fmodel: FunctionalModel | None = None
@@ -225,7 +228,9 @@ class LaplaceWrapper:
     # -- validation helpers ------------------------------------------------------------------
 
     def _check_prior_input(self, prior_precision: float | Tensor) -> Tensor:
-        if isinstance(prior_precision, bool) or not isinstance(prior_precision, (int, float, Tensor)):
+        if isinstance(prior_precision, bool) or not isinstance(
+            prior_precision, (int, float, Tensor)
+        ):
             raise TypeError(
                 f"prior_precision must be a float or a tensor; got {type(prior_precision).__name__}."
             )
@@ -345,8 +350,9 @@ class LaplaceWrapper:
                     )
             elif layout is None:
                 # 'last_layer' is traced on a private eval-mode copy, never on the user's model
-                x0, _ = split_batch(first, input_key=self.input_key, target_key=self.target_key,
-                                    where="batch 0")
+                x0, _ = split_batch(
+                    first, input_key=self.input_key, target_key=self.target_key, where="batch 0"
+                )
                 private = copy.deepcopy(self.model).eval()
                 layout = resolve_subset(private, self.subset, self._to_device(x0))
         except Exception as exc:
@@ -364,8 +370,9 @@ class LaplaceWrapper:
         if private is not None:
             for p in private.parameters():
                 p.requires_grad_(False)
-            fmodel = FunctionalModel(private, layout, memory_budget=self.memory_budget,
-                                     copy_model=False)
+            fmodel = FunctionalModel(
+                private, layout, memory_budget=self.memory_budget, copy_model=False
+            )
         else:
             fmodel = FunctionalModel(self.model, layout, memory_budget=self.memory_budget)
         collector = spec.make_collector(fmodel, self._lik, self)
@@ -374,14 +381,22 @@ class LaplaceWrapper:
             total = len(train_loader)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        show = progress if progress is not None else (total is not None and total >= _PROGRESS_MIN_BATCHES)
+        show = (
+            progress
+            if progress is not None
+            else (total is not None and total >= _PROGRESS_MIN_BATCHES)
+        )
         show = show and (dctx is None or dctx.rank == 0)
         batches = _chain_first(first, iterator) if first is not None else ()
         try:
-            with tqdm(batches, total=total, disable=not show, desc=f"fit {self.structure.value}") as bar:
+            with tqdm(
+                batches, total=total, disable=not show, desc=f"fit {self.structure.value}"
+            ) as bar:
                 for i, batch in enumerate(bar):
                     where = f"batch {i}"
-                    x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
+                    x, y = split_batch(
+                        batch, input_key=self.input_key, target_key=self.target_key, where=where
+                    )
                     x = self._to_device(x)
                     for t in input_tensors(x):
                         if t.is_floating_point() and t.dtype != self._dtype:
@@ -457,7 +472,9 @@ class LaplaceWrapper:
         return self._posterior.to_dense()
 
     def log_marginal_likelihood(
-        self, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
+        self,
+        prior_precision: float | Tensor | None = None,
+        sigma_noise: float | Tensor | None = None,
     ) -> Tensor:
         r"""Laplace evidence :math:`\log p(\mathcal D)`, shape ``()``.
 
@@ -498,7 +515,10 @@ class LaplaceWrapper:
         return self._posterior.with_prior(self._prior(prec), self._scale(sigma))
 
     def set_hyperparameters(
-        self, *, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
+        self,
+        *,
+        prior_precision: float | Tensor | None = None,
+        sigma_noise: float | Tensor | None = None,
     ) -> LaplaceWrapper:
         """Replace the prior precision and/or σ (no refit); validated before anything changes.
 
@@ -510,12 +530,20 @@ class LaplaceWrapper:
             ValueError: If a value is invalid.
         """
         self._require_fit("set_hyperparameters()")
-        prec = self._prior_precision if prior_precision is None else self._check_prior_input(prior_precision)
+        prec = (
+            self._prior_precision
+            if prior_precision is None
+            else self._check_prior_input(prior_precision)
+        )
         sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
         if self.likelihood is not Likelihood.REGRESSION and float(sigma) != 1.0:
             raise ValueError("sigma_noise applies to likelihood='regression' only.")
         post = self._posterior.with_prior(self._prior(prec.detach()), self._scale(sigma.detach()))
-        self._prior_precision, self._sigma_noise, self._posterior = prec.detach(), sigma.detach(), post
+        self._prior_precision, self._sigma_noise, self._posterior = (
+            prec.detach(),
+            sigma.detach(),
+            post,
+        )
         return self
 
     def jacobians(self, x: object) -> tuple[Tensor, Tensor]:
@@ -621,8 +649,15 @@ class LaplaceWrapper:
         for t in input_tensors(x):
             check_finite(t, "input")
         return _predictive.predict(
-            self._fmodel, self._posterior, x, likelihood=self.likelihood, method=method,
-            link=link, sigma_noise=self._sigma_noise, n_samples=n_samples, generator=generator,
+            self._fmodel,
+            self._posterior,
+            x,
+            likelihood=self.likelihood,
+            method=method,
+            link=link,
+            sigma_noise=self._sigma_noise,
+            n_samples=n_samples,
+            generator=generator,
             n_outputs=self._stats.n_outputs,
         )
 
@@ -678,26 +713,45 @@ class LaplaceWrapper:
             TypeError: If ``generator`` is not a ``torch.Generator``.
         """
         opts = _marglik.check_tuning_options(
-            self.likelihood, method, val_loader=val_loader, tune_sigma_noise=tune_sigma_noise,
-            prior_structure=prior_structure, n_steps=n_steps, lr=lr, grid=grid,
-            log_range=log_range, n_points=n_points, predict_method=predict_method, link=link,
-            n_samples=n_samples, generator=generator,
+            self.likelihood,
+            method,
+            val_loader=val_loader,
+            tune_sigma_noise=tune_sigma_noise,
+            prior_structure=prior_structure,
+            n_steps=n_steps,
+            lr=lr,
+            grid=grid,
+            log_range=log_range,
+            n_points=n_points,
+            predict_method=predict_method,
+            link=link,
+            n_samples=n_samples,
+            generator=generator,
         )
         self._require_fit("optimize_prior_precision()")
         if opts.method is _marglik.TuneMethod.GRIDSEARCH:
             batches = []
-            for x, y in _predictive.batches_of(val_loader, input_key=self.input_key,
-                                               target_key=self.target_key):
+            for x, y in _predictive.batches_of(
+                val_loader, input_key=self.input_key, target_key=self.target_key
+            ):
                 x = self._to_device(x)
                 for t in input_tensors(x):
                     check_finite(t, "val_loader input")
                 batches.append((x, y))
             result = _marglik.gridsearch(
-                self._fmodel, posterior_at=lambda a: self._posterior_at(a, None),
-                batches=batches, likelihood=self.likelihood, lik=self._lik,
-                grid=opts.grid.to(self._dtype), method=opts.predict_method, link=opts.link,
-                sigma_noise=self._sigma_noise, n_samples=opts.n_samples, generator=generator,
-                n_outputs=self._stats.n_outputs, progress=progress,
+                self._fmodel,
+                posterior_at=lambda a: self._posterior_at(a, None),
+                batches=batches,
+                likelihood=self.likelihood,
+                lik=self._lik,
+                grid=opts.grid.to(self._dtype),
+                method=opts.predict_method,
+                link=opts.link,
+                sigma_noise=self._sigma_noise,
+                n_samples=opts.n_samples,
+                generator=generator,
+                n_outputs=self._stats.n_outputs,
+                progress=progress,
             )
             self.set_hyperparameters(prior_precision=result.best)
             self.gridsearch_result_ = result
@@ -706,10 +760,18 @@ class LaplaceWrapper:
         init = _marglik.convert_prior(self._prior_precision, kind, self._layout)
         self._posterior_at(init, None)  # validates the prior structure for this posterior
         result = _marglik.optimize_marglik(
-            self._posterior, self._stats, self._lik, posterior_at=self._posterior_at,
-            prior_precision=init, kind=kind, sigma_noise=self._sigma_noise,
-            temperature=self.temperature, tune_sigma_noise=tune_sigma_noise,
-            n_steps=opts.n_steps, lr=opts.lr, progress=progress,
+            self._posterior,
+            self._stats,
+            self._lik,
+            posterior_at=self._posterior_at,
+            prior_precision=init,
+            kind=kind,
+            sigma_noise=self._sigma_noise,
+            temperature=self.temperature,
+            tune_sigma_noise=tune_sigma_noise,
+            n_steps=opts.n_steps,
+            lr=opts.lr,
+            progress=progress,
         )
         self.set_hyperparameters(
             prior_precision=result.prior_precision,
@@ -799,8 +861,10 @@ class LaplaceWrapper:
             "memory_budget": self.memory_budget,
             "mean": self._posterior.mean.detach().clone(),
             "fit_statistics": asdict(self._stats),
-            "posterior": {k: v.detach().clone() if isinstance(v, Tensor) else v
-                          for k, v in self._posterior.state_dict().items()},
+            "posterior": {
+                k: v.detach().clone() if isinstance(v, Tensor) else v
+                for k, v in self._posterior.state_dict().items()
+            },
         }
 
     @classmethod
@@ -828,7 +892,9 @@ class LaplaceWrapper:
         named = dict(model.named_parameters())
         for name, shape in zip(state["subset"], state["shapes"]):
             if name not in named:
-                raise ValueError(f"model must have parameter {name!r} of the saved state; it has none.")
+                raise ValueError(
+                    f"model must have parameter {name!r} of the saved state; it has none."
+                )
             if tuple(named[name].shape) != tuple(shape):
                 raise ValueError(
                     f"parameter {name!r} must have shape {tuple(shape)} as in the saved state; "

@@ -56,7 +56,8 @@ def test_multiclass_scores_match_references(seed):
     torch.testing.assert_close(
         cal.accuracy(probs, labels),
         multiclass_accuracy(probs, labels, num_classes=c, average="micro").double(),
-        rtol=0, atol=1e-7,  # torchmetrics returns float32
+        rtol=0,
+        atol=1e-7,  # torchmetrics returns float32
     )
     assert float(cal.negative_log_likelihood(probs, labels)) == pytest.approx(
         log_loss(labels.numpy(), probs.numpy(), labels=list(range(c))), rel=1e-12
@@ -83,8 +84,10 @@ def test_binary_scores_match_references(seed, column):
     # The binary NLL equals the multiclass NLL of the two-column form.
     two = torch.stack([1 - p, p], dim=1)
     torch.testing.assert_close(
-        cal.negative_log_likelihood(probs, y), cal.negative_log_likelihood(two, y),
-        rtol=1e-12, atol=0,
+        cal.negative_log_likelihood(probs, y),
+        cal.negative_log_likelihood(two, y),
+        rtol=1e-12,
+        atol=0,
     )
 
 
@@ -124,11 +127,13 @@ def test_ece_mce_equal_the_reliability_curve(seed):
     m = curve.nonempty
     gaps = (curve.accuracy[m] - curve.confidence[m]).abs()
     ece_ref = (curve.counts[m].double() / probs.shape[0] * gaps).sum()
-    torch.testing.assert_close(cal.expected_calibration_error(probs, labels), ece_ref,
-                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        cal.expected_calibration_error(probs, labels), ece_ref, rtol=1e-12, atol=1e-14
+    )
     torch.testing.assert_close(curve.ece, ece_ref, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(cal.maximum_calibration_error(probs, labels), gaps.max(),
-                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        cal.maximum_calibration_error(probs, labels), gaps.max(), rtol=1e-12, atol=1e-14
+    )
 
 
 def test_perfect_one_hot_predictions_have_zero_calibration_error():
@@ -210,8 +215,9 @@ def test_gaussian_nll_and_rmse(shape):
     ref = torch.nn.functional.gaussian_nll_loss(mean, y, var, full=True, reduction="sum") / n
     torch.testing.assert_close(cal.gaussian_nll(mean, var, y), ref, rtol=1e-12, atol=0)
     dist = torch.distributions.Normal(mean, var.sqrt())
-    torch.testing.assert_close(cal.gaussian_nll(mean, var, y), -dist.log_prob(y).sum() / n,
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        cal.gaussian_nll(mean, var, y), -dist.log_prob(y).sum() / n, rtol=1e-12, atol=0
+    )
     ref_rmse = math.sqrt(float(((y - mean) ** 2).sum()) / y.numel())
     assert float(cal.rmse(mean, y)) == pytest.approx(ref_rmse, rel=1e-12)
 
@@ -258,8 +264,16 @@ def test_regression_calibration_curve_and_error():
 def test_regression_metrics_dict():
     mean, var, y = _regression(2)
     m = cal.regression_metrics(mean, var, y)
-    assert list(m) == ["nll", "rmse", "calibration_error", "coverage_50", "coverage_80",
-                       "coverage_90", "coverage_95", "coverage_99"]
+    assert list(m) == [
+        "nll",
+        "rmse",
+        "calibration_error",
+        "coverage_50",
+        "coverage_80",
+        "coverage_90",
+        "coverage_95",
+        "coverage_99",
+    ]
     cov = cal.interval_coverage(mean, var, y).tolist()
     assert [m[k] for k in list(m)[3:]] == cov
     assert m["nll"] == float(cal.gaussian_nll(mean, var, y))
@@ -276,30 +290,61 @@ GOOD_Y = torch.tensor([0, 1])
 @pytest.mark.parametrize(
     "probs, labels, exc, match",
     [
-        ([[0.7, 0.3]], GOOD_Y, TypeError,
-         "probs must be a torch.Tensor or numpy.ndarray; got list"),
+        (
+            [[0.7, 0.3]],
+            GOOD_Y,
+            TypeError,
+            "probs must be a torch.Tensor or numpy.ndarray; got list",
+        ),
         (torch.tensor([[1, 0], [0, 1]]), GOOD_Y, TypeError, "probs must be a floating-point"),
         (torch.rand(2, 2, 2), GOOD_Y, ValueError, r"probs must have shape .*got \(2, 2, 2\)"),
         (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), ValueError, "N >= 1"),
-        (torch.tensor([[0.5, float("nan")], [0.5, 0.5]]), GOOD_Y, ValueError,
-         "probs must be finite; got 1 NaN"),
-        (torch.tensor([[1.5, -0.5], [0.5, 0.5]]), GOOD_Y, ValueError,
-         r"probs must lie in \[0, 1\]; got values in \[-0.5, 1.5\]. Apply softmax"),
-        (torch.tensor([[0.5, 0.4], [0.5, 0.5]]), GOOD_Y, ValueError,
-         "probs rows must sum to 1.*maximal deviation of 0.1"),
+        (
+            torch.tensor([[0.5, float("nan")], [0.5, 0.5]]),
+            GOOD_Y,
+            ValueError,
+            "probs must be finite; got 1 NaN",
+        ),
+        (
+            torch.tensor([[1.5, -0.5], [0.5, 0.5]]),
+            GOOD_Y,
+            ValueError,
+            r"probs must lie in \[0, 1\]; got values in \[-0.5, 1.5\]. Apply softmax",
+        ),
+        (
+            torch.tensor([[0.5, 0.4], [0.5, 0.5]]),
+            GOOD_Y,
+            ValueError,
+            "probs rows must sum to 1.*maximal deviation of 0.1",
+        ),
         (GOOD_P, GOOD_Y.double(), TypeError, "labels must be an integer or bool tensor; got dtype"),
-        (GOOD_P, torch.tensor([0, 1, 1]), ValueError,
-         r"labels must have shape \(2,?\) to match probs \(2, 2\); got \(3,?\)"),
+        (
+            GOOD_P,
+            torch.tensor([0, 1, 1]),
+            ValueError,
+            r"labels must have shape \(2,?\) to match probs \(2, 2\); got \(3,?\)",
+        ),
         (GOOD_P, torch.tensor([0, 2]), ValueError, r"labels must lie in \{0, ..., 1\}.*\[0, 2\]"),
-        (torch.tensor([0.2, 0.9]), torch.tensor([-1, 1]), ValueError,
-         r"labels must lie in \{0, ..., 1\}.*\[-1, 1\]"),
+        (
+            torch.tensor([0.2, 0.9]),
+            torch.tensor([-1, 1]),
+            ValueError,
+            r"labels must lie in \{0, ..., 1\}.*\[-1, 1\]",
+        ),
         (GOOD_P, [0, 1], TypeError, "labels must be a torch.Tensor or numpy.ndarray"),
     ],
 )
 @pytest.mark.parametrize(
     "fn",
-    [cal.accuracy, cal.negative_log_likelihood, cal.brier_score, cal.expected_calibration_error,
-     cal.maximum_calibration_error, cal.reliability_curve, cal.classification_metrics],
+    [
+        cal.accuracy,
+        cal.negative_log_likelihood,
+        cal.brier_score,
+        cal.expected_calibration_error,
+        cal.maximum_calibration_error,
+        cal.reliability_curve,
+        cal.classification_metrics,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_classification_input_errors(fn, probs, labels, exc, match):
@@ -341,13 +386,20 @@ def test_max_probability_and_histogram_errors():
 
 @pytest.mark.parametrize(
     "n_bins, exc, match",
-    [(0, ValueError, "n_bins must be >= 1; got 0"), (2.5, TypeError, "n_bins must be an int"),
-     (True, TypeError, "n_bins must be an int; got bool")],
+    [
+        (0, ValueError, "n_bins must be >= 1; got 0"),
+        (2.5, TypeError, "n_bins must be an int"),
+        (True, TypeError, "n_bins must be an int; got bool"),
+    ],
 )
 @pytest.mark.parametrize(
     "fn",
-    [cal.expected_calibration_error, cal.maximum_calibration_error, cal.reliability_curve,
-     cal.classification_metrics],
+    [
+        cal.expected_calibration_error,
+        cal.maximum_calibration_error,
+        cal.reliability_curve,
+        cal.classification_metrics,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_n_bins_errors(fn, n_bins, exc, match):
@@ -364,13 +416,28 @@ V = torch.ones(3, dtype=torch.float64)
     [
         (torch.zeros(3, dtype=torch.long), V, M, TypeError, "mean must be a floating-point tensor"),
         (torch.zeros(3, 2, 1), V, M, ValueError, r"mean must have shape \(N,\) or \(N, C\)"),
-        (M, torch.ones(3, 1), M, ValueError,
-         r"var must have the shape of mean \(3,?\).*got \(3, 1\)"),
+        (
+            M,
+            torch.ones(3, 1),
+            M,
+            ValueError,
+            r"var must have the shape of mean \(3,?\).*got \(3, 1\)",
+        ),
         (M, V, torch.zeros(4), ValueError, r"y must have the shape of mean \(3,?\).*got \(4,?\)"),
-        (torch.tensor([0.0, float("nan"), 1.0]), V, M, ValueError,
-         "mean must be finite; got 1 NaN"),
-        (M, V, torch.tensor([0.0, float("inf"), 1.0]), ValueError,
-         "y must be finite; got 0 NaN and 1 Inf"),
+        (
+            torch.tensor([0.0, float("nan"), 1.0]),
+            V,
+            M,
+            ValueError,
+            "mean must be finite; got 1 NaN",
+        ),
+        (
+            M,
+            V,
+            torch.tensor([0.0, float("inf"), 1.0]),
+            ValueError,
+            "y must be finite; got 0 NaN and 1 Inf",
+        ),
         (M, torch.tensor([1.0, 0.0, 1.0]), M, ValueError, "var must be finite and > 0"),
         (M, torch.tensor([1.0, float("nan"), 1.0]), M, ValueError, "var must be finite; got 1 NaN"),
         ("a", V, M, TypeError, "mean must be a torch.Tensor or numpy.ndarray; got str"),
@@ -378,8 +445,13 @@ V = torch.ones(3, dtype=torch.float64)
 )
 @pytest.mark.parametrize(
     "fn",
-    [cal.gaussian_nll, cal.interval_coverage, cal.regression_calibration_curve,
-     cal.regression_calibration_error, cal.regression_metrics],
+    [
+        cal.gaussian_nll,
+        cal.interval_coverage,
+        cal.regression_calibration_curve,
+        cal.regression_calibration_error,
+        cal.regression_metrics,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_regression_input_errors(fn, mean, var, y, exc, match):

@@ -22,8 +22,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_help_lists_the_commands():
-    proc = subprocess.run([sys.executable, "-m", "laplace_ggn.cli", "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "laplace_ggn.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "demo" in proc.stdout and "benchmark" in proc.stdout
 
@@ -72,8 +76,9 @@ def test_digit_splits_are_standardised_and_ood_is_rotated():
     d = cli.load_digits_splits(config, seed=0)
     assert d["x_train"].shape == (config.n_train, 64) and d["x_test"].shape == (config.n_test, 64)
     assert d["x_ood"].shape == d["x_test"].shape and d["y_test"].shape == (config.n_test,)
-    torch.testing.assert_close(d["x_train"].mean(0), torch.zeros(64, dtype=torch.float64),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        d["x_train"].mean(0), torch.zeros(64, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     # OOD images are far from their unrotated originals
     dist = (d["x_ood"] - d["x_test"]).norm(dim=1) / d["x_test"].norm(dim=1).clamp_min(1e-9)
     assert float(dist.median()) > 0.5
@@ -162,8 +167,9 @@ def test_demo_skips_a_structure_that_raises_not_implemented(tmp_path, monkeypatc
     if Structure.LOWRANK not in STRUCTURES:
         pytest.skip("lowrank not available")
     monkeypatch.setitem(STRUCTURES, Structure.LOWRANK, _raising_spec(STRUCTURES[Structure.LOWRANK]))
-    result = cli.run_demo(structure="lowrank", out=tmp_path, small=True, progress=False,
-                          figures=False)
+    result = cli.run_demo(
+        structure="lowrank", out=tmp_path, small=True, progress=False, figures=False
+    )
     text = capsys.readouterr().out
     assert "note: structure 'lowrank' skipped: lowrank is switched off in this test" in text
     assert set(result.metrics) == {"MAP"} and "lowrank" in result.skipped
@@ -172,8 +178,7 @@ def test_demo_skips_a_structure_that_raises_not_implemented(tmp_path, monkeypatc
 
 def test_demo_notes_an_unavailable_structure(tmp_path, monkeypatch, capsys):
     monkeypatch.delitem(STRUCTURES, Structure.KFAC, raising=False)
-    result = cli.run_demo(structure="kfac", out=tmp_path, small=True, progress=False,
-                          figures=False)
+    result = cli.run_demo(structure="kfac", out=tmp_path, small=True, progress=False, figures=False)
     assert "note: structure 'kfac' skipped: not available" in capsys.readouterr().out
     assert set(result.metrics) == {"MAP"}
 
@@ -183,8 +188,14 @@ def test_demo_restores_the_thread_count(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cli.run_demo(structure="kfac", out=tmp_path, small=True, progress=False, figures=False,
-                     stream=open(tmp_path / "log.txt", "w"))
+        cli.run_demo(
+            structure="kfac",
+            out=tmp_path,
+            small=True,
+            progress=False,
+            figures=False,
+            stream=open(tmp_path / "log.txt", "w"),
+        )
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -204,9 +215,7 @@ def test_benchmark_runs_the_suite_with_its_arguments(tmp_path, monkeypatch):
     script.parent.mkdir()
     record = tmp_path / "args.json"
     script.write_text(
-        "import json, sys\n"
-        f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n"
-        "sys.exit(3)\n"
+        f"import json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\nsys.exit(3)\n"
     )
     monkeypatch.setattr(cli, "_benchmark_script", lambda: script)
     assert cli.main(["benchmark", "--quick", "--only", "digits"]) == 3
@@ -224,8 +233,8 @@ def test_benchmark_script_is_found_in_the_checkout():
 
 def _section(text: str, heading: str) -> str:
     start = text.index(heading)
-    nxt = re.search(r"^## ", text[start + len(heading):], flags=re.M)
-    return text[start: start + len(heading) + (nxt.start() if nxt else len(text))]
+    nxt = re.search(r"^## ", text[start + len(heading) :], flags=re.M)
+    return text[start : start + len(heading) + (nxt.start() if nxt else len(text))]
 
 
 def _code_blocks(text: str, lang: str | None = None) -> list[str]:
@@ -267,8 +276,9 @@ def test_usage_example_runs(path):
     la, pred = ns["la"], ns["pred"]
     assert la.is_fitted
     B, C = pred.mean.shape
-    torch.testing.assert_close(pred.mean.sum(-1), torch.ones(B, dtype=pred.mean.dtype),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        pred.mean.sum(-1), torch.ones(B, dtype=pred.mean.dtype), rtol=0, atol=1e-5
+    )
     assert pred.variance.shape == (B, C) and bool((pred.variance >= 0).all())
     # the prior was tuned away from its initial value by the evidence
     assert float(la.prior_precision) != 1.0

@@ -56,8 +56,15 @@ def _reference(case, la, x, tol):
     J = dense_jacobian(case.model, x)
     var = lambda M: torch.einsum("bcp,pq,bcq->bc", J, M, J)
     return {
-        "G": G, "lam": lam, "U": U, "r": r, "Sigma": Sigma, "P_ker": P_ker, "P_perp": P_perp,
-        "J": J, "s": s,
+        "G": G,
+        "lam": lam,
+        "U": U,
+        "r": r,
+        "Sigma": Sigma,
+        "P_ker": P_ker,
+        "P_perp": P_perp,
+        "J": J,
+        "s": s,
         "kern": var(P_ker @ Sigma @ P_ker),
         "nonk": var(P_perp @ Sigma @ P_perp),
         "cross": var(P_ker @ Sigma @ P_perp + P_perp @ Sigma @ P_ker),
@@ -104,8 +111,10 @@ def test_matches_dense_eigh_reference(name, prior, seed):
         alpha = float(la.prior_precision)
         _close(rep.kernel_variance_fraction, ((P - ref["r"]) / alpha) / torch.trace(ref["Sigma"]))
         J = ref["J"]
-        _close(rep.predictive_variance_kernel,
-               torch.einsum("bcp,pq,bcq->bc", J, ref["P_ker"], J) / alpha)
+        _close(
+            rep.predictive_variance_kernel,
+            torch.einsum("bcp,pq,bcq->bc", J, ref["P_ker"], J) / alpha,
+        )
         lam_r = ref["lam"][: ref["r"]]
         Ur = ref["U"][:, : ref["r"]]
         nonk = ((J @ Ur) ** 2 / (ref["s"] * lam_r + alpha)).sum(-1)
@@ -116,8 +125,16 @@ def test_matches_dense_eigh_reference(name, prior, seed):
         assert float(ref["cross"].abs().max()) > 1e-6 * float(ref["nonk"].abs().max())
 
 
-@pytest.mark.parametrize("name", ["linear_regression", "mlp_regression", "mlp_classification",
-                                  "mlp_binary", "mlp_nobias_classification"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear_regression",
+        "mlp_regression",
+        "mlp_classification",
+        "mlp_binary",
+        "mlp_nobias_classification",
+    ],
+)
 @pytest.mark.parametrize("prior", ["scalar", "diagonal"])
 def test_parts_sum_to_functional_variance(name, prior):
     case = make_case(name, 0)
@@ -145,7 +162,9 @@ def test_kernel_part_vanishes_on_training_inputs_for_mse(seed):
     # away from the data the kernel part is a sizeable share
     x = 3 * torch.randn(20, 3, generator=torch.Generator().manual_seed(seed), dtype=DT)
     away = la.kernel_decomposition(x, n_samples=0)
-    assert float(away.predictive_variance_kernel.sum()) > 1e-2 * float(away.predictive_variance.sum())
+    assert float(away.predictive_variance_kernel.sum()) > 1e-2 * float(
+        away.predictive_variance.sum()
+    )
 
 
 def test_kernel_part_nonzero_on_training_inputs_for_softmax():
@@ -171,10 +190,10 @@ class _Linear(nn.Module):
 @pytest.mark.parametrize(
     ("N", "d", "C", "rank_deficient", "empty"),
     [
-        (8, 3, 2, False, True),   # P = 8 <= N·C = 16, [X 1] full column rank
-        (4, 3, 1, False, True),   # P = 4 = N·C, square and invertible
+        (8, 3, 2, False, True),  # P = 8 <= N·C = 16, [X 1] full column rank
+        (4, 3, 1, False, True),  # P = 4 = N·C, square and invertible
         (3, 3, 2, False, False),  # P = 8 > N·C = 6
-        (8, 3, 2, True, False),   # P <= N·C but a repeated column
+        (8, 3, 2, True, False),  # P <= N·C but a repeated column
     ],
 )
 def test_linear_model_kernel_empty_iff_full_column_rank(N, d, C, rank_deficient, empty):
@@ -264,7 +283,9 @@ def test_sample_table_matches_reference(name):
 def test_kernel_samples_leave_linearised_training_fit_unchanged_for_mse():
     case = make_case("mlp_regression", 0, n=6)
     la = _fit(case)
-    rep = la.kernel_decomposition(case.loader(3), n_samples=8, generator=torch.Generator().manual_seed(0))
+    rep = la.kernel_decomposition(
+        case.loader(3), n_samples=8, generator=torch.Generator().manual_seed(0)
+    )
     assert rep.targets == "given"
     lin, base = rep.fit_of("kernel", "linearised"), rep.fit_of("MAP", "linearised")
     assert lin.metric_mean == pytest.approx(base.metric_mean, rel=1e-7)
@@ -276,8 +297,12 @@ def test_kernel_samples_leave_linearised_training_fit_unchanged_for_mse():
 def test_loader_equals_tensors_and_map_targets():
     case = make_case("mlp_classification", 1, n=6)
     la = _fit(case)
-    a = la.kernel_decomposition(case.loader(4), n_samples=5, generator=torch.Generator().manual_seed(2))
-    b = la.kernel_decomposition(case.X, y=case.y, n_samples=5, generator=torch.Generator().manual_seed(2))
+    a = la.kernel_decomposition(
+        case.loader(4), n_samples=5, generator=torch.Generator().manual_seed(2)
+    )
+    b = la.kernel_decomposition(
+        case.X, y=case.y, n_samples=5, generator=torch.Generator().manual_seed(2)
+    )
     assert a.sample_fit == b.sample_fit and a.rank == b.rank
     torch.testing.assert_close(a.predictive_variance_kernel, b.predictive_variance_kernel)
     c = la.kernel_decomposition(case.X, n_samples=3, generator=torch.Generator().manual_seed(2))
@@ -287,7 +312,10 @@ def test_loader_equals_tensors_and_map_targets():
 
 
 def test_gather_inputs_dict_and_tuple_batches():
-    xs = [{"a": torch.ones(2, 3), "b": torch.zeros(2, 1)}, {"a": 2 * torch.ones(1, 3), "b": torch.ones(1, 1)}]
+    xs = [
+        {"a": torch.ones(2, 3), "b": torch.zeros(2, 1)},
+        {"a": 2 * torch.ones(1, 3), "b": torch.ones(1, 1)},
+    ]
     loader = [(x, torch.arange(x["a"].shape[0])) for x in xs]
     inputs, y = gather_inputs(b for b in loader)  # any iterable of batches that is not a list
     assert inputs["a"].shape == (3, 3) and inputs["b"].shape == (3, 1)
@@ -338,14 +366,25 @@ def test_topk_lowrank_posterior_against_dense(prior, k):
     G = dense_ggn(case.model, case.X, case.y, case.likelihood)
     lam, U = torch.linalg.eigh(G)
     lam, U = lam.flip(0)[:k].clamp_min(0), U.flip(1)[:, :k]
-    post = _EigenPosterior(la.posterior.mean, lam[torch.tensor([2, 0, 1] + list(range(3, k)))],
-                           U[:, torch.tensor([2, 0, 1] + list(range(3, k)))],
-                           la.posterior.prior, float(la.posterior.scale))
+    post = _EigenPosterior(
+        la.posterior.mean,
+        lam[torch.tensor([2, 0, 1] + list(range(3, k)))],
+        U[:, torch.tensor([2, 0, 1] + list(range(3, k)))],
+        la.posterior.prior,
+        float(la.posterior.scale),
+    )
     x = torch.cat([case.X, torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=DT)])
     rep = kernel_decomposition(
-        post, la._fmodel, x, likelihood=Likelihood.REGRESSION, lik=get_likelihood(Likelihood.REGRESSION),
-        structure=Structure.LOWRANK, y=torch.cat([case.y, case.y[:3]]), n_samples=4,
-        kept_eigenpairs=k, generator=torch.Generator().manual_seed(0),
+        post,
+        la._fmodel,
+        x,
+        likelihood=Likelihood.REGRESSION,
+        lik=get_likelihood(Likelihood.REGRESSION),
+        structure=Structure.LOWRANK,
+        y=torch.cat([case.y, case.y[:3]]),
+        n_samples=4,
+        kept_eigenpairs=k,
+        generator=torch.Generator().manual_seed(0),
     )
     r = int((lam > 1e-9 * lam[0]).sum())
     P = U.shape[0]
@@ -358,8 +397,11 @@ def test_topk_lowrank_posterior_against_dense(prior, k):
     tot = float(var(Sigma).max())
     _close(rep.predictive_variance_kernel, var(P_ker @ Sigma @ P_ker), scale=tot)
     _close(rep.predictive_variance_nonkernel, var(P_perp @ Sigma @ P_perp), scale=tot)
-    _close(rep.predictive_variance_cross, var(P_ker @ Sigma @ P_perp + P_perp @ Sigma @ P_ker),
-           scale=tot)
+    _close(
+        rep.predictive_variance_cross,
+        var(P_ker @ Sigma @ P_perp + P_perp @ Sigma @ P_ker),
+        scale=tot,
+    )
     _close(rep.predictive_variance, var(Sigma), rtol=1e-9)
     if prior == "scalar":
         alpha = float(la.prior_precision)
@@ -386,8 +428,9 @@ def test_eigenbasis_sorts_and_clamps():
 def test_str_and_repr_state_tol_and_rank():
     case = make_case("mlp_regression", 0, n=6)
     la = _fit(case)
-    rep = la.kernel_decomposition(case.X, y=case.y, tol=1e-7, n_samples=3,
-                                  generator=torch.Generator().manual_seed(0))
+    rep = la.kernel_decomposition(
+        case.X, y=case.y, tol=1e-7, n_samples=3, generator=torch.Generator().manual_seed(0)
+    )
     assert isinstance(rep, KernelDecomposition)
     text = str(rep)
     assert "tol·λ_max = 1e-07" in text
@@ -406,7 +449,9 @@ def test_plot_draws_the_numbers():
 
     case = make_case("mlp_classification", 0, n=6)
     la = _fit(case)
-    rep = la.kernel_decomposition(case.X, y=case.y, n_samples=4, generator=torch.Generator().manual_seed(0))
+    rep = la.kernel_decomposition(
+        case.X, y=case.y, n_samples=4, generator=torch.Generator().manual_seed(0)
+    )
     fig = rep.plot()
     ax_var, ax_met, ax_nll = fig.axes[:3]
     B = case.X.shape[0]
@@ -445,7 +490,9 @@ def fitted():
 def test_error_structure_not_supported():
     case = make_case("mlp_regression", 0, n=6)
     la = LaplaceWrapper(case.model, "regression", structure="diag").fit(case.loader())
-    with pytest.raises(ValueError, match=r"structure must be one of \['full', 'lowrank'\].*got 'diag'"):
+    with pytest.raises(
+        ValueError, match=r"structure must be one of \['full', 'lowrank'\].*got 'diag'"
+    ):
         la.kernel_decomposition(case.X)
 
 
@@ -478,7 +525,9 @@ def test_error_inputs_and_targets(fitted):
     case, la = fitted
     with pytest.raises(ValueError, match="y must be None when x is a loader"):
         la.kernel_decomposition(case.loader(), y=case.y)
-    with pytest.raises(TypeError, match="x must be a tensor, a tuple or dict of tensors, or a DataLoader"):
+    with pytest.raises(
+        TypeError, match="x must be a tensor, a tuple or dict of tensors, or a DataLoader"
+    ):
         la.kernel_decomposition(3.0)
     with pytest.raises(ValueError, match="x must yield at least one batch"):
         la.kernel_decomposition(DataLoader(TensorDataset(case.X[:0], case.y[:0]), batch_size=2))
@@ -496,8 +545,12 @@ def test_error_inputs_and_targets(fitted):
 
 def test_error_report_lookups_and_plot_args(fitted):
     case, la = fitted
-    rep = la.kernel_decomposition(case.X, y=case.y, n_samples=2, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"\(samples, model\) must be one of .*got \('kernel', 'nn'\)"):
+    rep = la.kernel_decomposition(
+        case.X, y=case.y, n_samples=2, generator=torch.Generator().manual_seed(0)
+    )
+    with pytest.raises(
+        ValueError, match=r"\(samples, model\) must be one of .*got \('kernel', 'nn'\)"
+    ):
         rep.fit_of("kernel", "nn")
     with pytest.raises(ValueError, match=r"output must be None or an int in \[0, 1\]; got 2"):
         rep.plot(output=2)
@@ -507,14 +560,22 @@ def test_error_report_lookups_and_plot_args(fitted):
 
 def test_error_posterior_without_eigenbasis(fitted):
     case, la = fitted
-    with pytest.raises(ValueError, match="posterior must hold an eigendecomposition of G.*got object"):
+    with pytest.raises(
+        ValueError, match="posterior must hold an eigendecomposition of G.*got object"
+    ):
         eigenbasis(object())
     prior = make_prior(1.0, la._layout, dtype=DT, device=torch.device("cpu"))
     diag_post = type("Diagonal", (), {"prior": prior, "mean": la.posterior.mean})()
-    with pytest.raises(ValueError, match="posterior must hold an eigendecomposition of G.*Diagonal"):
+    with pytest.raises(
+        ValueError, match="posterior must hold an eigendecomposition of G.*Diagonal"
+    ):
         kernel_decomposition(
-            diag_post, la._fmodel, case.X, likelihood=Likelihood.REGRESSION,
-            lik=get_likelihood(Likelihood.REGRESSION), structure=Structure.FULL,
+            diag_post,
+            la._fmodel,
+            case.X,
+            likelihood=Likelihood.REGRESSION,
+            lik=get_likelihood(Likelihood.REGRESSION),
+            structure=Structure.FULL,
         )
 
 
@@ -527,8 +588,10 @@ def test_error_posterior_without_eigenbasis(fitted):
 @pytest.mark.parametrize("prior", ["scalar", "layerwise"])
 def test_exact_lowrank_equals_full(name, prior):
     case = make_case(name, 0, n=6)
-    kw = {"prior_precision": _prior_precision(prior, case.model),
-          "sigma_noise": 0.6 if case.likelihood == "regression" else 1.0}
+    kw = {
+        "prior_precision": _prior_precision(prior, case.model),
+        "sigma_noise": 0.6 if case.likelihood == "regression" else 1.0,
+    }
     full = LaplaceWrapper(case.model, case.likelihood, structure="full", **kw).fit(case.loader(4))
     low = LaplaceWrapper(case.model, case.likelihood, structure="lowrank", **kw).fit(case.loader(4))
     x = torch.cat([case.X, torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=DT)])
@@ -539,8 +602,11 @@ def test_exact_lowrank_equals_full(name, prior):
     _close(b.kernel_variance_fraction, a.kernel_variance_fraction)
     tot = float(a.predictive_variance.max())
     for part in ("kernel", "nonkernel", "cross"):
-        _close(getattr(b, f"predictive_variance_{part}"), getattr(a, f"predictive_variance_{part}"),
-               scale=tot)
+        _close(
+            getattr(b, f"predictive_variance_{part}"),
+            getattr(a, f"predictive_variance_{part}"),
+            scale=tot,
+        )
     fvar = torch.diagonal(low.functional_covariance(x), dim1=1, dim2=2)
     _close(b.predictive_variance, fvar, rtol=1e-9)
 
@@ -549,10 +615,18 @@ def test_exact_lowrank_equals_full(name, prior):
 def test_topk_lowrank_wrapper_against_dense(prior):
     case = make_case("mlp_regression", 1, n=6)
     k = 4
-    la = LaplaceWrapper(case.model, "regression", structure="lowrank", rank=k,
-                        prior_precision=_prior_precision(prior, case.model), sigma_noise=0.6)
+    la = LaplaceWrapper(
+        case.model,
+        "regression",
+        structure="lowrank",
+        rank=k,
+        prior_precision=_prior_precision(prior, case.model),
+        sigma_noise=0.6,
+    )
     la.fit(case.loader(4))
-    rep = la.kernel_decomposition(case.X, y=case.y, n_samples=3, generator=torch.Generator().manual_seed(0))
+    rep = la.kernel_decomposition(
+        case.X, y=case.y, n_samples=3, generator=torch.Generator().manual_seed(0)
+    )
     lam, U = la.posterior.eigenvalues, la.posterior.eigenvectors
     s, d = float(la.posterior.scale), la.posterior.prior.diag()
     Sigma = torch.linalg.inv(s * (U * lam) @ U.T + torch.diag(d))
@@ -576,7 +650,10 @@ def test_warns_when_tol_is_below_float32_accuracy():
     la = LaplaceWrapper(model, "regression", structure="full").fit(
         DataLoader(TensorDataset(case.X.float(), case.y.float()), batch_size=6)
     )
-    with pytest.warns(RuntimeWarning, match=r"tol=1e-09 is below the accuracy of the eigenvalues of G in torch.float32"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"tol=1e-09 is below the accuracy of the eigenvalues of G in torch.float32",
+    ):
         la.kernel_decomposition(case.X.float(), n_samples=0)
     import warnings
 

@@ -28,7 +28,10 @@ SPLIT = 7  # rank 0 holds the first 7 of 12 points, rank 1 the other 5 (unequal 
 SETTINGS = {
     # name: (case, wrapper keyword arguments)
     "clf": ("mlp_classification", {"prior_precision": 0.7}),
-    "reg": ("mlp_regression", {"sigma_noise": 0.6, "prior_precision": torch.tensor([0.5, 1.0, 2.0, 3.0])}),
+    "reg": (
+        "mlp_regression",
+        {"sigma_noise": 0.6, "prior_precision": torch.tensor([0.5, 1.0, 2.0, 3.0])},
+    ),
     "bin": ("mlp_binary", {"subset": "last_layer"}),
 }
 
@@ -40,8 +43,9 @@ def _structures() -> list[str]:
 def _wrapper(setting: str, structure: str, model=None) -> LaplaceWrapper:
     case_name, kwargs = SETTINGS[setting]
     case = make_case(case_name, 0)
-    return LaplaceWrapper(model if model is not None else case.model, case.likelihood,
-                          structure=structure, **kwargs)
+    return LaplaceWrapper(
+        model if model is not None else case.model, case.likelihood, structure=structure, **kwargs
+    )
 
 
 def _loader(X, y, batch_size=3) -> DataLoader:
@@ -138,26 +142,43 @@ def _faults(rank: int) -> dict:
     out = {}
     fit = D.DistributedFit()
     vec = torch.zeros(3 + rank, dtype=torch.float64)
-    out["shape"] = _error_of(lambda: fit.finish(
-        _StateCollector({"a": (vec, "sum")}), n_data=1, n_outputs=2, loss_sum=0.0))
+    out["shape"] = _error_of(
+        lambda: fit.finish(
+            _StateCollector({"a": (vec, "sum")}), n_data=1, n_outputs=2, loss_sum=0.0
+        )
+    )
     names = {"a": (vec, "sum")} if rank == 0 else {"b": (vec, "sum")}
-    out["names"] = _error_of(lambda: fit.finish(
-        _StateCollector(names), n_data=1, n_outputs=2, loss_sum=0.0))
-    out["op"] = _error_of(lambda: fit.finish(
-        _StateCollector({"a": (vec, "mean" if rank == 1 else "sum")}), n_data=1, n_outputs=2,
-        loss_sum=0.0))
+    out["names"] = _error_of(
+        lambda: fit.finish(_StateCollector(names), n_data=1, n_outputs=2, loss_sum=0.0)
+    )
+    out["op"] = _error_of(
+        lambda: fit.finish(
+            _StateCollector({"a": (vec, "mean" if rank == 1 else "sum")}),
+            n_data=1,
+            n_outputs=2,
+            loss_sum=0.0,
+        )
+    )
     x = torch.full((4, 3), 1.0 if rank == 0 else -1.0, dtype=torch.float64)
-    out["trace"] = _error_of(lambda: LaplaceWrapper(
-        _Branchy(), "regression", structure="diag", subset="last_layer").fit(
-        [(x, torch.zeros(4, 2, dtype=torch.float64))]))
+    out["trace"] = _error_of(
+        lambda: LaplaceWrapper(_Branchy(), "regression", structure="diag", subset="last_layer").fit(
+            [(x, torch.zeros(4, 2, dtype=torch.float64))]
+        )
+    )
     xw = torch.randn(4, 3 + rank, dtype=torch.float64)
-    out["C"] = _error_of(lambda: LaplaceWrapper(_PerFeature(), "classification", structure="diag")
-                         .fit([(xw, torch.zeros(4, dtype=torch.long))]))
+    out["C"] = _error_of(
+        lambda: LaplaceWrapper(_PerFeature(), "classification", structure="diag").fit(
+            [(xw, torch.zeros(4, dtype=torch.long))]
+        )
+    )
     extra = _PerFeature()
     if rank == 1:
         extra.register_buffer("scale", torch.ones(1, dtype=torch.float64))
-    out["buffer"] = _error_of(lambda: LaplaceWrapper(extra, "classification", structure="diag")
-                              .fit([(xw[:, :3], torch.zeros(4, dtype=torch.long))]))
+    out["buffer"] = _error_of(
+        lambda: LaplaceWrapper(extra, "classification", structure="diag").fit(
+            [(xw[:, :3], torch.zeros(4, dtype=torch.long))]
+        )
+    )
     return out
 
 
@@ -186,16 +207,16 @@ def _battery(rank: int) -> dict:
             "clf", structure, _loader(X, y), process_group=group
         )
         # distributed=False: this rank's shard only
-        out[f"local/{structure}"] = _try_summary(
-            "clf", structure, _loader(X, y), distributed=False
-        )
+        out[f"local/{structure}"] = _try_summary("clf", structure, _loader(X, y), distributed=False)
     # a group of rank 0 only: rank 0 fits alone, rank 1 is not a member and is refused
     solo = dist.new_group([0])
     X, y = _shard("clf", rank)
     if rank == 0:
         out["solo"] = _try_summary("clf", "full", _loader(X, y), process_group=solo)
     else:
-        out["solo"] = _error_of(lambda: _wrapper("clf", "full").fit(_loader(X, y), process_group=solo))
+        out["solo"] = _error_of(
+            lambda: _wrapper("clf", "full").fit(_loader(X, y), process_group=solo)
+        )
     # mismatched models across ranks
     case = make_case("mlp_classification", 0)
     if rank == 1:
@@ -237,9 +258,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         torch.save(_battery(rank), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -264,7 +283,9 @@ def ranks():
                     if p.is_alive():
                         p.kill()
                 pytest.fail("the 2-rank gloo run did not finish within 240 s (a hang)")
-        yield [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        yield [
+            torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)
+        ]
 
 
 def _assert_rel(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-8) -> None:
@@ -294,8 +315,10 @@ def test_two_ranks_equal_single_process(ranks, structure, setting):
     for res in ranks:
         _check_equal(res[f"shard/{structure}/{setting}"], ref)
     # every rank holds the same posterior, bit for bit
-    assert torch.equal(ranks[0][f"shard/{structure}/{setting}"]["cov"],
-                       ranks[1][f"shard/{structure}/{setting}"]["cov"])
+    assert torch.equal(
+        ranks[0][f"shard/{structure}/{setting}"]["cov"],
+        ranks[1][f"shard/{structure}/{setting}"]["cov"],
+    )
 
 
 @pytest.mark.parametrize("structure", _structures())
@@ -338,7 +361,9 @@ def test_error_on_one_rank_raised_on_every_rank(ranks):
     assert ranks[0]["nan"].startswith("ValueError: fit failed on rank 1 during the pass")
     assert "input in batch 1 must be finite" in ranks[0]["nan"]
     assert ranks[0]["nan_kept"] and ranks[1]["nan_kept"]
-    assert ranks[1]["pre"].startswith("ValueError: loader batches (batch 0) must be (input, target)")
+    assert ranks[1]["pre"].startswith(
+        "ValueError: loader batches (batch 0) must be (input, target)"
+    )
     assert ranks[0]["pre"].startswith(
         "ValueError: fit failed on rank 1 before the pass: ValueError: loader batches (batch 0)"
     )
@@ -351,23 +376,35 @@ def test_error_on_one_rank_raised_on_every_rank(ranks):
 def test_disagreements_across_ranks_refused_on_every_rank(ranks):
     for res in ranks:
         f = res["faults"]
-        assert f["shape"].startswith("ValueError: collector state 'a' must agree across ranks; "
-                                     "got sum (3,) torch.float64 on rank 0 and sum (4,)")
-        assert f["names"].startswith("ValueError: collector state must have the same entries on "
-                                     "every rank; got ['a'] on rank 0 and ['b'] on rank 1")
-        assert f["trace"].startswith("ValueError: subset='last_layer' must resolve to the same "
-                                     "parameters on every rank; got {0: ['a.weight', 'a.bias'], "
-                                     "1: ['b.weight', 'b.bias']}")
-        assert f["C"].startswith("ValueError: model output must have the same number of columns "
-                                 "C on every rank; got {0: 3, 1: 4}")
-        assert f["buffer"].startswith("ValueError: model must be identical on every rank; the "
-                                      "models differ between rank 0 and rank 1: buffer 'scale' "
-                                      "is missing on one of them")
+        assert f["shape"].startswith(
+            "ValueError: collector state 'a' must agree across ranks; "
+            "got sum (3,) torch.float64 on rank 0 and sum (4,)"
+        )
+        assert f["names"].startswith(
+            "ValueError: collector state must have the same entries on "
+            "every rank; got ['a'] on rank 0 and ['b'] on rank 1"
+        )
+        assert f["trace"].startswith(
+            "ValueError: subset='last_layer' must resolve to the same "
+            "parameters on every rank; got {0: ['a.weight', 'a.bias'], "
+            "1: ['b.weight', 'b.bias']}"
+        )
+        assert f["C"].startswith(
+            "ValueError: model output must have the same number of columns "
+            "C on every rank; got {0: 3, 1: 4}"
+        )
+        assert f["buffer"].startswith(
+            "ValueError: model must be identical on every rank; the "
+            "models differ between rank 0 and rank 1: buffer 'scale' "
+            "is missing on one of them"
+        )
     assert ranks[1]["faults"]["op"].startswith(
-        "ValueError: collector state 'a' must be reduced by one of ['sum', 'gather']; got 'mean'")
+        "ValueError: collector state 'a' must be reduced by one of ['sum', 'gather']; got 'mean'"
+    )
     assert ranks[0]["faults"]["op"].startswith(
         "ValueError: fit failed on rank 1 during the pass: ValueError: collector state 'a' must "
-        "be reduced by one of")
+        "be reduced by one of"
+    )
 
 
 def test_padded_gather_and_sums(ranks):
@@ -407,6 +444,8 @@ def test_model_digests_name_every_tensor_and_see_small_changes():
         f"buffer:{n}" for n, _ in model.named_buffers()
     ]
     with torch.no_grad():
-        model[0][0].weight[1, 2] = torch.nextafter(model[0][0].weight[1, 2], torch.tensor(2.0).double())
+        model[0][0].weight[1, 2] = torch.nextafter(
+            model[0][0].weight[1, 2], torch.tensor(2.0).double()
+        )
     d1 = D.model_digests(model)
     assert [k for k in d0 if d0[k] != d1[k]] == ["param:0.0.weight"]

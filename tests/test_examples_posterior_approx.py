@@ -12,12 +12,12 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "posterior_approx"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"posterior_approx_{name}", EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"posterior_approx_{name}", EXAMPLES / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
 
 
 def test_linear_model(tmp_path):

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from cases import make_case
 from torch import nn
 
-from laplace_ggn.functional import FunctionalModel, ParamLayout, resolve_subset, split_batch
+from laplace_ggn.functional import FunctionalModel, resolve_subset, split_batch
 from laplace_ggn.testing import dense_jacobian
-from cases import make_case
 
 
 def test_layout_flatten_order_matches_parameters_to_vector():
@@ -55,9 +55,13 @@ def test_jvp_vjp_matches_dense():
     J = dense_jacobian(case.model, case.X)
     V = torch.randn(fm.n_params, 2, dtype=torch.float64)
     out, _ = fm.jvp_vjp(case.X, V, lambda f, u: 2 * u)
-    torch.testing.assert_close(out, 2 * torch.einsum("bcp,bcq,qk->pk", J, J, V), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        out, 2 * torch.einsum("bcp,bcq,qk->pk", J, J, V), rtol=1e-10, atol=1e-12
+    )
     U = torch.randn(len(case.X), 2, dtype=torch.float64)
-    torch.testing.assert_close(fm.vjp(case.X, U), torch.einsum("bcp,bc->p", J, U), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        fm.vjp(case.X, U), torch.einsum("bcp,bc->p", J, U), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_last_layer_traced_by_forward_order():
@@ -80,7 +84,9 @@ def test_subset_list_keeps_model_order_and_errors():
     assert layout.names == ("0.weight", "2.bias")
     with pytest.raises(ValueError, match="subset names must be unique"):
         resolve_subset(case.model, ["2.bias", "2.bias"])
-    with pytest.raises(TypeError, match="subset must be 'all', 'last_layer' or a list of parameter names; got int"):
+    with pytest.raises(
+        TypeError, match="subset must be 'all', 'last_layer' or a list of parameter names; got int"
+    ):
         resolve_subset(case.model, 3)
     frozen = make_case("mlp_classification").model.requires_grad_(False)
     with pytest.raises(ValueError, match="selects no trainable parameter"):
@@ -91,5 +97,7 @@ def test_split_batch_forms():
     x, y = torch.zeros(2, 3), torch.zeros(2)
     assert split_batch((x, y))[0] is x
     assert split_batch({"input": x, "target": y})[1] is y
-    with pytest.raises(ValueError, match="must be \\(input, target\\) pairs or mappings; got Tensor"):
+    with pytest.raises(
+        ValueError, match="must be \\(input, target\\) pairs or mappings; got Tensor"
+    ):
         split_batch(x)

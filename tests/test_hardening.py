@@ -49,15 +49,24 @@ def _assert_same_state(a, b) -> None:
 
 def test_unknown_likelihood_structure_subset_list_the_valid_ones():
     case = make_case("mlp_classification")
-    with pytest.raises(ValueError, match=r"likelihood must be one of \['regression', "
-                       r"'classification', 'binary'\]; got 'classifcation'\. Did you mean "
-                       r"'classification'\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"likelihood must be one of \['regression', "
+        r"'classification', 'binary'\]; got 'classifcation'\. Did you mean "
+        r"'classification'\?",
+    ):
         LaplaceWrapper(case.model, "classifcation")
-    with pytest.raises(ValueError, match=r"structure must be one of \['full', 'diag', 'kfac', "
-                       r"'lowrank'\]; got 'ful'"):
+    with pytest.raises(
+        ValueError,
+        match=r"structure must be one of \['full', 'diag', 'kfac', "
+        r"'lowrank'\]; got 'ful'",
+    ):
         LaplaceWrapper(case.model, "classification", structure="ful")
-    with pytest.raises(ValueError, match=r"subset must be 'all', 'last_layer' or a list of "
-                       r"parameter names; got 'lastlayer'\. Did you mean 'last_layer'\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"subset must be 'all', 'last_layer' or a list of "
+        r"parameter names; got 'lastlayer'\. Did you mean 'last_layer'\?",
+    ):
         LaplaceWrapper(case.model, "classification", subset="lastlayer")
     with pytest.raises(ValueError, match=r"unknown: '0\.weigth' \(did you mean '0\.weight'"):
         LaplaceWrapper(case.model, "classification", subset=["0.weigth"])
@@ -71,11 +80,17 @@ def test_unknown_link_and_method_list_the_valid_ones():
     x = case.X[:4]
     with pytest.raises(ValueError, match=r"method must be one of \['glm', 'nn'\]; got 'glmm'"):
         la.predict(x, method="glmm")
-    with pytest.raises(ValueError, match=r"link must be one of \['probit', 'bridge', 'mc'\]; "
-                       r"got 'probitt'"):
+    with pytest.raises(
+        ValueError,
+        match=r"link must be one of \['probit', 'bridge', 'mc'\]; "
+        r"got 'probitt'",
+    ):
         la.predict(x, link="probitt")
-    with pytest.raises(ValueError, match=r"link must be 'mc' \(or None\) with method='nn'.*"
-                       r"valid combinations"):
+    with pytest.raises(
+        ValueError,
+        match=r"link must be 'mc' \(or None\) with method='nn'.*"
+        r"valid combinations",
+    ):
         la.predict(x, method="nn", link="probit")
     with pytest.raises(ValueError, match=r"method must be one of \['marglik', 'gridsearch'\]"):
         la.optimize_prior_precision(method="grid")
@@ -176,34 +191,47 @@ def test_labels_targets_and_loaders_checked():
     la = LaplaceWrapper(clf.model, "classification", structure="diag")
     y = clf.y.clone()
     y[8] = 3
-    with pytest.raises(ValueError, match=r"targets \(batch 1\) must lie in \[0, 2\] for a model "
-                       r"with 3 outputs; got values in \[1, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"targets \(batch 1\) must lie in \[0, 2\] for a model "
+        r"with 3 outputs; got values in \[1, 3\]",
+    ):
         la.fit(DataLoader(TensorDataset(clf.X, y), batch_size=5))
     onehot = torch.nn.functional.one_hot(clf.y, 3)
     with pytest.raises(ValueError, match=r"class indices of shape \(5,\); got \(5, 3\)"):
         la.fit(DataLoader(TensorDataset(clf.X, onehot), batch_size=5))
     reg = make_case("mlp_regression")
     la_r = LaplaceWrapper(reg.model, "regression", structure="diag")
-    with pytest.raises(ValueError, match=r"regression targets \(batch 0\) must have the output's "
-                       r"shape \(5, 2\); got \(5, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"regression targets \(batch 0\) must have the output's "
+        r"shape \(5, 2\); got \(5, 3\)",
+    ):
         la_r.fit(DataLoader(TensorDataset(reg.X, torch.zeros(12, 3).double()), batch_size=5))
     binary = make_case("mlp_binary")
     la_b = LaplaceWrapper(binary.model, "binary", structure="diag")
     with pytest.raises(ValueError, match=r"binary targets \(batch 0\) must be 0 or 1"):
         la_b.fit(DataLoader(TensorDataset(binary.X, binary.y * 2), batch_size=5))
-    with pytest.raises(ValueError, match="train_loader must yield at least one batch; got an "
-                       "empty loader"):
+    with pytest.raises(
+        ValueError, match="train_loader must yield at least one batch; got an empty loader"
+    ):
         la.fit([])
-    with pytest.raises(ValueError, match=r"must be \(input, target\) pairs or mappings; got "
-                       r"tuple of length 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"must be \(input, target\) pairs or mappings; got "
+        r"tuple of length 3",
+    ):
         la.fit([(clf.X, clf.y, clf.y)])
     with pytest.raises(TypeError, match="train_loader must be an iterable of batches"):
         la.fit(42)
     per_feature = _PerFeature().double()  # C = the input width
     batches = [(clf.X[:5], clf.y[:5]), (torch.randn(5, 4).double(), clf.y[5:10])]
     la_c = LaplaceWrapper(per_feature, "classification", structure="full")
-    with pytest.raises(ValueError, match=r"model output in batch 1 must have 3 columns like "
-                       r"batch 0; got 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"model output in batch 1 must have 3 columns like "
+        r"batch 0; got 4",
+    ):
         la_c.fit(batches)
     assert not la_c.is_fitted
     assert not la.is_fitted and not la_r.is_fitted and not la_b.is_fitted
@@ -213,8 +241,11 @@ def test_batches_of_mixed_dtype_refused_naming_both_dtypes():
     case = make_case("mlp_classification")
     la = LaplaceWrapper(case.model, "classification", structure="full")
     batches = [(case.X[:6], case.y[:6]), (case.X[6:].float(), case.y[6:])]
-    with pytest.raises(ValueError, match=r"input in batch 1 must have the model's dtype "
-                       r"torch\.float64; got torch\.float32\. Cast the data"):
+    with pytest.raises(
+        ValueError,
+        match=r"input in batch 1 must have the model's dtype "
+        r"torch\.float64; got torch\.float32\. Cast the data",
+    ):
         la.fit(batches)
     assert not la.is_fitted
     # integer inputs (e.g. indices) are not floating and pass the check
@@ -227,17 +258,23 @@ def test_batches_of_mixed_dtype_refused_naming_both_dtypes():
 def test_memory_refusal_names_gb_and_structures_that_fit():
     case = make_case("mlp_classification")  # P = 31
     la = LaplaceWrapper(case.model, "classification", structure="full", memory_budget=1000)
-    with pytest.raises(ValueError, match=r"structure='full' needs 7\.16e-06 GB for P=31 "
-                       r"parameters in torch\.float64, over the memory budget of 9\.31e-07 GB\. "
-                       r"Structures that fit: .*'diag' \(2\.31e-07 GB\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"structure='full' needs 7\.16e-06 GB for P=31 "
+        r"parameters in torch\.float64, over the memory budget of 9\.31e-07 GB\. "
+        r"Structures that fit: .*'diag' \(2\.31e-07 GB\)",
+    ):
         la.fit(case.loader(5))
     assert not la.is_fitted
     # a model whose dense GGN would need ~300 TB: refused before anything of that size exists
     big = nn.Sequential(nn.Linear(3000, 3000))
     la = LaplaceWrapper(big, "regression", structure="full")
     data = [(torch.randn(2, 3000), torch.randn(2, 3000))]
-    with pytest.raises(ValueError, match=r"structure='full' needs 3\.02e\+05 GB for "
-                       r"P=9003000.*Structures that fit: .*'diag'"):
+    with pytest.raises(
+        ValueError,
+        match=r"structure='full' needs 3\.02e\+05 GB for "
+        r"P=9003000.*Structures that fit: .*'diag'",
+    ):
         la.fit(data)
 
 
@@ -261,8 +298,11 @@ def _snapshot(model: nn.Module) -> dict:
         "training": {n: m.training for n, m in model.named_modules()},
         "grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "hooks": {
-            n: (list(m._forward_hooks.items()), list(m._forward_pre_hooks.items()),
-                list(m._backward_hooks.items()))
+            n: (
+                list(m._forward_hooks.items()),
+                list(m._forward_pre_hooks.items()),
+                list(m._backward_hooks.items()),
+            )
             for n, m in model.named_modules()
         },
         "grads": {n: p.grad for n, p in model.named_parameters()},
@@ -307,7 +347,8 @@ def test_user_model_untouched_by_every_entry_point(structure, subset):
         "evidence": lambda: la.log_marginal_likelihood(),
         "marglik tuning": lambda: la.optimize_prior_precision("marglik", n_steps=3),
         "gridsearch tuning": lambda: la.optimize_prior_precision(
-            "gridsearch", val_loader=loader, n_points=3),
+            "gridsearch", val_loader=loader, n_points=3
+        ),
         "state_dict": lambda: LaplaceWrapper.from_state_dict(model, la.state_dict()).sample(2),
     }
     for what, step in steps.items():
@@ -341,12 +382,18 @@ def test_user_model_untouched_by_every_entry_point(structure, subset):
 
 def test_robust_cholesky_escalates_jitter_then_raises_naming_the_quantity():
     A = torch.diag(torch.tensor([1.0, 2.0, -1e-13], dtype=torch.float64))
-    with pytest.warns(RuntimeWarning, match=r"test matrix was not positive definite; added "
-                      r"jitter 1e-10 to its diagonal"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"test matrix was not positive definite; added "
+        r"jitter 1e-10 to its diagonal",
+    ):
         L = robust_cholesky(A, "test matrix")
     torch.testing.assert_close(L @ L.T, A, rtol=0, atol=1e-9)
-    with pytest.raises(RuntimeError, match=r"test matrix must be positive definite; Cholesky "
-                       r"failed even with jitter 1e-05"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"test matrix must be positive definite; Cholesky "
+        r"failed even with jitter 1e-05",
+    ):
         robust_cholesky(-torch.eye(3, dtype=torch.float64), "test matrix")
 
 
@@ -355,8 +402,12 @@ def test_indefinite_precision_raises_runtime_error_not_exit():
     la = _fit(case, "full")
     P = la.n_params
     G = -10.0 * torch.eye(P, dtype=torch.float64)
-    prior = make_prior(torch.ones(4, dtype=torch.float64), la._layout, dtype=torch.float64,
-                       device=torch.device("cpu"))
+    prior = make_prior(
+        torch.ones(4, dtype=torch.float64),
+        la._layout,
+        dtype=torch.float64,
+        device=torch.device("cpu"),
+    )
     post = FullPosterior(la.posterior.mean, G, prior, 1.0)
     with pytest.raises(RuntimeError, match="posterior precision must be positive definite"):
         post.log_det()
@@ -371,9 +422,16 @@ def _variants():
     out = [pytest.param(s, {}, id=s) for s in STRUCTS]
     if "lowrank" in STRUCTS:
         out.append(pytest.param("lowrank", {"rank": 4}, id="lowrank-k4"))
-    out.append(pytest.param("full", {"subset": "last_layer", "prior_precision":
-                                     torch.tensor([0.5, 2.0], dtype=torch.float64)},
-                            id="full-last_layer-layerwise"))
+    out.append(
+        pytest.param(
+            "full",
+            {
+                "subset": "last_layer",
+                "prior_precision": torch.tensor([0.5, 2.0], dtype=torch.float64),
+            },
+            id="full-last_layer-layerwise",
+        )
+    )
     return out
 
 
@@ -407,14 +465,23 @@ def test_state_dict_refuses_other_shapes_and_newer_versions():
     case = make_case("mlp_classification")
     state = _fit(case, "diag").state_dict()
     wider = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    with pytest.raises(ValueError, match=r"parameter '0\.weight' must have shape \(4, 3\) as in "
-                       r"the saved state; got \(5, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"parameter '0\.weight' must have shape \(4, 3\) as in "
+        r"the saved state; got \(5, 3\)",
+    ):
         LaplaceWrapper.from_state_dict(wider, state)
     renamed = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
-    with pytest.raises(ValueError, match=r"model must have parameter '2\.weight' of the saved "
-                       r"state"):
+    with pytest.raises(
+        ValueError,
+        match=r"model must have parameter '2\.weight' of the saved "
+        r"state",
+    ):
         LaplaceWrapper.from_state_dict(renamed.double(), state)
     newer = dict(state, format_version=state["format_version"] + 1)
-    with pytest.raises(ValueError, match=r"format_version must be <= 1; got 2\. It was written "
-                       r"by a newer laplace_ggn"):
+    with pytest.raises(
+        ValueError,
+        match=r"format_version must be <= 1; got 2\. It was written "
+        r"by a newer laplace_ggn",
+    ):
         LaplaceWrapper.from_state_dict(case.model, newer)

@@ -229,8 +229,10 @@ def test_conv2d_factors_match_loop_reference(likelihood):
     model = _tiny_cnn()
     g = torch.Generator().manual_seed(0)
     X = torch.randn(9, 1, 4, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (9,), generator=g) if likelihood == "classification" else torch.randn(
-        9, 3, generator=g, dtype=torch.float64
+    y = (
+        torch.randint(0, 3, (9,), generator=g)
+        if likelihood == "classification"
+        else torch.randn(9, 3, generator=g, dtype=torch.float64)
     )
     curv, fm = _collect(model, X, y, likelihood, batch=4)
     assert [b.weight for b in curv.blocks] == ["0.weight", "3.weight"]
@@ -256,8 +258,9 @@ def test_linear_on_sequence_inputs_uses_expand_convention():
     X = torch.randn(7, 4, 3, generator=g, dtype=torch.float64)
     y = torch.randint(0, 2, (7,), generator=g)
     curv, _ = _collect(model, X, y, "classification", batch=3)
-    torch.testing.assert_close(curv.to_dense(), kfac_dense_reference(model, X, y, "classification"),
-                               **TOL)
+    torch.testing.assert_close(
+        curv.to_dense(), kfac_dense_reference(model, X, y, "classification"), **TOL
+    )
 
 
 def test_conv2d_with_one_output_location_is_exact():
@@ -281,16 +284,30 @@ def test_mc_factors_converge_to_exact(name):
     X = case.X.repeat(400, 1)
     y = case.y.repeat(400, *([1] * (case.y.ndim - 1)))
     exact, _ = _collect(case.model, case.X, case.y, case.likelihood)
-    mc, _ = _collect(case.model, X, y, case.likelihood, batch=len(X), mc=True,
-                     generator=torch.Generator().manual_seed(0))
+    mc, _ = _collect(
+        case.model,
+        X,
+        y,
+        case.likelihood,
+        batch=len(X),
+        mc=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     for be, bm in zip(exact.blocks, mc.blocks):
         torch.testing.assert_close(bm.A / 400, be.A, **TOL)
         # B is a mean of 4800 sampled outer products: a few per cent of its scale
         err = float((bm.B - be.B).abs().max() / be.B.abs().max())
         assert err < 0.1, err
     # a different seed gives a different estimate (the column is random)
-    mc2, _ = _collect(case.model, X, y, case.likelihood, batch=len(X), mc=True,
-                      generator=torch.Generator().manual_seed(1))
+    mc2, _ = _collect(
+        case.model,
+        X,
+        y,
+        case.likelihood,
+        batch=len(X),
+        mc=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert float((mc2.blocks[0].B - mc.blocks[0].B).abs().max()) > 0
 
 
@@ -360,12 +377,25 @@ def test_weight_only_and_bias_only_subsets_of_a_layer():
 def test_diagonal_prior_is_refused_and_wrapper_stays_usable():
     case = make_case("mlp_classification")
     P = sum(p.numel() for p in case.model.parameters())
-    with pytest.raises(ValueError, match=r"structure='kfac'.*accepted by structure='full', 'diag' and 'lowrank'"):
-        LaplaceWrapper(case.model, "classification", structure="kfac",
-                       prior_precision=torch.ones(P, dtype=torch.float64))
-    la = LaplaceWrapper(case.model, "classification", structure="kfac", subset="last_layer",
-                        prior_precision=torch.ones(15, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"structure='kfac'.*accepted by structure='full', 'diag' and 'lowrank'"):
+    with pytest.raises(
+        ValueError, match=r"structure='kfac'.*accepted by structure='full', 'diag' and 'lowrank'"
+    ):
+        LaplaceWrapper(
+            case.model,
+            "classification",
+            structure="kfac",
+            prior_precision=torch.ones(P, dtype=torch.float64),
+        )
+    la = LaplaceWrapper(
+        case.model,
+        "classification",
+        structure="kfac",
+        subset="last_layer",
+        prior_precision=torch.ones(15, dtype=torch.float64),
+    )
+    with pytest.raises(
+        ValueError, match=r"structure='kfac'.*accepted by structure='full', 'diag' and 'lowrank'"
+    ):
         la.fit(case.loader())
     assert not la.is_fitted
     la2 = LaplaceWrapper(case.model, "classification", structure="kfac").fit(case.loader())
@@ -382,9 +412,13 @@ def test_diagonal_prior_is_refused_and_wrapper_stays_usable():
 
 def test_state_dict_round_trip():
     case = make_case("mlp_regression")
-    la = LaplaceWrapper(case.model, "regression", structure="kfac",
-                        prior_precision=torch.tensor([0.5, 1.0, 2.0, 0.7], dtype=torch.float64),
-                        sigma_noise=0.8).fit(case.loader())
+    la = LaplaceWrapper(
+        case.model,
+        "regression",
+        structure="kfac",
+        prior_precision=torch.tensor([0.5, 1.0, 2.0, 0.7], dtype=torch.float64),
+        sigma_noise=0.8,
+    ).fit(case.loader())
     la2 = LaplaceWrapper.from_state_dict(case.model, la.state_dict())
     torch.testing.assert_close(la2.posterior.to_dense(), la.posterior.to_dense(), rtol=0, atol=0)
     torch.testing.assert_close(la2.log_marginal_likelihood(), la.log_marginal_likelihood(), **TOL)
@@ -408,8 +442,9 @@ def test_distributed_state_sums_to_single_process_fit():
     empty = KFACCollector(FunctionalModel(case.model, layout), lik)
     zero = empty.distributed_state()
     assert list(zero) == list(states[0])
-    assert all(float(t.abs().sum()) == 0 and t.shape == states[0][k][0].shape
-               for k, (t, _) in zero.items())
+    assert all(
+        float(t.abs().sum()) == 0 and t.shape == states[0][k][0].shape for k, (t, _) in zero.items()
+    )
     empty.load_distributed_state(reduced)
     torch.testing.assert_close(empty.finalize().to_dense(), single.finalize().to_dense(), **TOL)
 

@@ -62,7 +62,9 @@ def test_exact_eigenpairs_are_those_of_the_ggn_range(case):
     # like eps·λ_max/λ_r, the conditioning of the smallest kept eigenvalue)
     Ur = U[:, -r:]
     tol = 1e-13 * float(lam.max() / lam[-r])
-    torch.testing.assert_close(E.eigenvectors @ E.eigenvectors.T, Ur @ Ur.T, rtol=0, atol=max(tol, 1e-9))
+    torch.testing.assert_close(
+        E.eigenvectors @ E.eigenvectors.T, Ur @ Ur.T, rtol=0, atol=max(tol, 1e-9)
+    )
     torch.testing.assert_close(
         E.eigenvectors @ torch.diag(E.eigenvalues) @ E.eigenvectors.T, G, rtol=1e-8, atol=1e-10
     )
@@ -92,14 +94,19 @@ def test_topk_eigenpairs_match_eigh(name):
     torch.testing.assert_close(E.eigenvalues, lam[:k], rtol=1e-3, atol=0)
     cos = (E.eigenvectors.T @ U[:, :k]).diagonal().abs()
     assert float(cos.min()) > 0.999, cos
-    torch.testing.assert_close(E.eigenvectors.T @ E.eigenvectors, torch.eye(k, dtype=torch.float64),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        E.eigenvectors.T @ E.eigenvectors, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10
+    )
     # more sketch columns than rank(G): the eigenpairs are exact
     r = int((lam > 1e-10 * lam[0]).sum())
     E2, _ = _fit(case, k, batch=7, oversampling=r)
     torch.testing.assert_close(E2.eigenvalues, lam[:k], rtol=1e-8, atol=0)
-    torch.testing.assert_close((E2.eigenvectors.T @ U[:, :k]).diagonal().abs(),
-                               torch.ones(k, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        (E2.eigenvectors.T @ U[:, :k]).diagonal().abs(),
+        torch.ones(k, dtype=torch.float64),
+        rtol=0,
+        atol=1e-8,
+    )
 
 
 @pytest.mark.parametrize("prior_kind", ["scalar", "layerwise", "diagonal"])
@@ -116,15 +123,17 @@ def test_topk_posterior_matches_its_dense_form(prior_kind):
     p2 = _prior("scalar", fm.layout)
     torch.testing.assert_close(
         post.with_prior(p2, 1.0).to_dense(),
-        dense_posterior_covariance(U @ torch.diag(lam) @ U.T, p2.diag(), 1.0), **TOL
+        dense_posterior_covariance(U @ torch.diag(lam) @ U.T, p2.diag(), 1.0),
+        **TOL,
     )
     assert post.with_prior(p2).eigenvectors is post.eigenvectors
 
 
 def test_wrapper_exposes_eigenpairs_and_round_trips():
     case = make_case("mlp_regression")
-    la = LaplaceWrapper(case.model, "regression", structure="lowrank", rank=5, sigma_noise=0.7,
-                        prior_precision=0.4).fit(case.loader())
+    la = LaplaceWrapper(
+        case.model, "regression", structure="lowrank", rank=5, sigma_noise=0.7, prior_precision=0.4
+    ).fit(case.loader())
     post = la.posterior
     assert post.eigenvalues.shape == (5,) and post.eigenvectors.shape == (la.n_params, 5)
     assert bool((post.eigenvalues[:-1] >= post.eigenvalues[1:]).all())
@@ -143,8 +152,9 @@ def test_exact_lowrank_memory_refusal_names_the_figure_and_rank():
     assert "batch 1" in str(err.value)
     assert not la.is_fitted
     # the suggested top-k structure needs 2·P·(k + 10) numbers, independent of N
-    la_k = LaplaceWrapper(case.model, "classification", structure="lowrank", rank=3,
-                          memory_budget=2 * P * 13 * 8).fit(case.loader(batch_size=5))
+    la_k = LaplaceWrapper(
+        case.model, "classification", structure="lowrank", rank=3, memory_budget=2 * P * 13 * 8
+    ).fit(case.loader(batch_size=5))
     assert la_k.sample(2).shape == (2, P)
 
 
@@ -184,7 +194,9 @@ def test_distributed_state_reduces_to_single_process_fit(rank):
     for k, (t, op) in empty.distributed_state().items():
         ref = states[0][k][0]
         assert op == states[0][k][1] and float(t.abs().sum()) == 0
-        assert t.shape[1:] == ref.shape[1:] and (t.shape[0] == 0 if op == "gather" else t.shape == ref.shape)
+        assert t.shape[1:] == ref.shape[1:] and (
+            t.shape[0] == 0 if op == "gather" else t.shape == ref.shape
+        )
     empty.load_distributed_state(reduced)
     ranks[0].load_distributed_state(reduced)
     a, b = ranks[0].finalize(), single.finalize()
@@ -193,5 +205,7 @@ def test_distributed_state_reduces_to_single_process_fit(rank):
     torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(
         a.eigenvectors @ torch.diag(a.eigenvalues) @ a.eigenvectors.T,
-        b.eigenvectors @ torch.diag(b.eigenvalues) @ b.eigenvectors.T, rtol=1e-8, atol=1e-10
+        b.eigenvectors @ torch.diag(b.eigenvalues) @ b.eigenvectors.T,
+        rtol=1e-8,
+        atol=1e-10,
     )

@@ -49,7 +49,8 @@ class BLR:
         """The same through a dense N×N Gaussian (independent check of the formula above)."""
         K = sigma**2 * torch.eye(self.N, dtype=DT) + self.Xa @ self.Xa.T / alpha
         return torch.distributions.MultivariateNormal(torch.zeros(self.N, dtype=DT), K).log_prob(
-            self.y[:, 0])
+            self.y[:, 0]
+        )
 
     def posterior(self, alpha, sigma):
         """Exact posterior mean and covariance of [w, b]."""
@@ -74,8 +75,11 @@ class BLR:
         w = torch.tensor([8.0, 4.0], dtype=DT)
         for _ in range(14):
             A = torch.linspace(float(c[0] - w[0]), float(c[0] + w[0]), 41, dtype=DT)
-            S = (torch.linspace(float(c[1] - w[1]), float(c[1] + w[1]), 41, dtype=DT)
-                 if sigma is None else c[1:2])
+            S = (
+                torch.linspace(float(c[1] - w[1]), float(c[1] + w[1]), 41, dtype=DT)
+                if sigma is None
+                else c[1:2]
+            )
             E = self.evidence(A.exp()[:, None], S.exp()[None, :])
             i, j = divmod(int(E.argmax()), E.shape[1])
             c = torch.stack([A[i], S[j]])
@@ -86,39 +90,58 @@ class BLR:
 def test_blr_closed_form_is_the_dense_gaussian():
     blr = BLR()
     for a, s in [(0.3, 0.5), (2.0, 1.3)]:
-        torch.testing.assert_close(blr.evidence(a, s), blr.evidence_dense(a, s), rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(
+            blr.evidence(a, s), blr.evidence_dense(a, s), rtol=1e-12, atol=1e-10
+        )
 
 
 @pytest.mark.parametrize("structure", EXACT_FOR_LINEAR)
 def test_log_marginal_likelihood_equals_closed_form_evidence(structure):
     blr = BLR(seed=1)
     alpha, sigma = 0.7, 0.6
-    la = LaplaceWrapper(blr.model_at_map(alpha, sigma), "regression", structure=structure,
-                        prior_precision=alpha, sigma_noise=sigma).fit(blr.loader())
-    torch.testing.assert_close(la.log_marginal_likelihood(), blr.evidence(alpha, sigma),
-                               rtol=1e-10, atol=1e-10)
+    la = LaplaceWrapper(
+        blr.model_at_map(alpha, sigma),
+        "regression",
+        structure=structure,
+        prior_precision=alpha,
+        sigma_noise=sigma,
+    ).fit(blr.loader())
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), blr.evidence(alpha, sigma), rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("structure", EXACT_FOR_LINEAR)
 def test_marglik_optimum_equals_closed_form_maximiser_2d(structure):
     blr = BLR()
     alpha, sigma = blr.maximiser()
-    la = LaplaceWrapper(blr.model_at_map(alpha, sigma), "regression", structure=structure,
-                        prior_precision=1.0, sigma_noise=1.0).fit(blr.loader())
+    la = LaplaceWrapper(
+        blr.model_at_map(alpha, sigma),
+        "regression",
+        structure=structure,
+        prior_precision=1.0,
+        sigma_noise=1.0,
+    ).fit(blr.loader())
     la.optimize_prior_precision("marglik", tune_sigma_noise=True, n_steps=1000)
     assert abs(float(la.prior_precision) / alpha - 1) < 1e-3
     assert abs(float(la.sigma_noise) / sigma - 1) < 1e-3
     # the evidence curve ends at the maximum
-    torch.testing.assert_close(la.marglik_result_.evidence[-1], blr.evidence(alpha, sigma),
-                               rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        la.marglik_result_.evidence[-1], blr.evidence(alpha, sigma), rtol=1e-8, atol=1e-8
+    )
 
 
 def test_marglik_optimum_equals_closed_form_maximiser_1d():
     blr = BLR(seed=2)
     sigma = 0.45
     alpha, _ = blr.maximiser(sigma=sigma)
-    la = LaplaceWrapper(blr.model_at_map(alpha, sigma), "regression", structure="full",
-                        prior_precision=5.0, sigma_noise=sigma).fit(blr.loader())
+    la = LaplaceWrapper(
+        blr.model_at_map(alpha, sigma),
+        "regression",
+        structure="full",
+        prior_precision=5.0,
+        sigma_noise=sigma,
+    ).fit(blr.loader())
     la.optimize_prior_precision(n_steps=1000)
     assert abs(float(la.prior_precision) / alpha - 1) < 1e-3
     assert float(la.sigma_noise) == pytest.approx(sigma, rel=1e-15)
@@ -128,15 +151,21 @@ def test_marglik_optimum_equals_closed_form_maximiser_1d():
 def test_glm_predictive_equals_exact_posterior_predictive(structure):
     blr = BLR(seed=3)
     alpha, sigma = 1.3, 0.4
-    la = LaplaceWrapper(blr.model_at_map(alpha, sigma), "regression", structure=structure,
-                        prior_precision=alpha, sigma_noise=sigma).fit(blr.loader())
+    la = LaplaceWrapper(
+        blr.model_at_map(alpha, sigma),
+        "regression",
+        structure=structure,
+        prior_precision=alpha,
+        sigma_noise=sigma,
+    ).fit(blr.loader())
     xs = torch.randn(5, blr.D, generator=torch.Generator().manual_seed(9), dtype=DT)
     xa = torch.cat([xs, torch.ones(5, 1, dtype=DT)], 1)
     mean, S = blr.posterior(alpha, sigma)
     pred = la.predict(xs)
     torch.testing.assert_close(pred.mean[:, 0], xa @ mean, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(pred.variance[:, 0], ((xa @ S) * xa).sum(-1) + sigma**2,
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        pred.variance[:, 0], ((xa @ S) * xa).sum(-1) + sigma**2, rtol=1e-10, atol=1e-12
+    )
 
 
 # -- the shared-spectrum evidence is the posterior's evidence ------------------------------------
@@ -151,7 +180,8 @@ def _prior_for(kind, layout, seed=0):
 
 
 SPECTRAL_PAIRS = [(s, PriorKind.SCALAR) for s in STRUCT_NAMES] + [
-    ("diag", k) for k in (PriorKind.LAYERWISE, PriorKind.DIAGONAL) if "diag" in STRUCT_NAMES]
+    ("diag", k) for k in (PriorKind.LAYERWISE, PriorKind.DIAGONAL) if "diag" in STRUCT_NAMES
+]
 
 
 @pytest.mark.parametrize("structure,kind", SPECTRAL_PAIRS)
@@ -163,12 +193,14 @@ def test_spectral_evidence_and_gradient_equal_the_posterior_evidence(name, struc
     assert lam is not None and lam.shape == (la.n_params,)
     prec = _prior_for(kind, la._layout)
     sigma = torch.tensor(0.7 if case.likelihood == "regression" else 1.0, dtype=DT)
-    spec = ml.SpectralEvidence(lam, la.posterior.mean, la._stats, la._lik, kind=kind,
-                               layout=la._layout, temperature=1.0)
+    spec = ml.SpectralEvidence(
+        lam, la.posterior.mean, la._stats, la._lik, kind=kind, layout=la._layout, temperature=1.0
+    )
     u = torch.log(prec).requires_grad_(True)
     ls = torch.log(sigma).requires_grad_(True)
-    ref = ml.log_marginal_likelihood(la._posterior_at(torch.exp(u), torch.exp(ls)), la._stats,
-                                     la._lik, torch.exp(ls))
+    ref = ml.log_marginal_likelihood(
+        la._posterior_at(torch.exp(u), torch.exp(ls)), la._stats, la._lik, torch.exp(ls)
+    )
     g_ref = torch.autograd.grad(ref, [u, ls], allow_unused=True)
     e, gu, gls = spec.value_and_grad(u.detach(), ls.detach())
     torch.testing.assert_close(e, ref.detach(), rtol=1e-10, atol=1e-10)
@@ -196,8 +228,9 @@ def test_spectral_and_generic_paths_take_the_same_steps(structure, monkeypatch):
     assert runs[0].marglik_result_.shared_spectrum and not runs[1].marglik_result_.shared_spectrum
     torch.testing.assert_close(runs[0].prior_precision, runs[1].prior_precision, rtol=1e-8, atol=0)
     torch.testing.assert_close(runs[0].sigma_noise, runs[1].sigma_noise, rtol=1e-8, atol=0)
-    torch.testing.assert_close(runs[0].marglik_result_.evidence, runs[1].marglik_result_.evidence,
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        runs[0].marglik_result_.evidence, runs[1].marglik_result_.evidence, rtol=1e-9, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("structure", STRUCT_NAMES)
@@ -226,10 +259,14 @@ def test_convert_prior_between_structures():
     full = ml.convert_prior(per_tensor, PriorKind.DIAGONAL, lay)
     torch.testing.assert_close(full, lay.expand_per_tensor(per_tensor))
     torch.testing.assert_close(ml.convert_prior(full, PriorKind.LAYERWISE, lay), per_tensor)
-    gm = torch.exp((torch.log(per_tensor) * torch.tensor(lay.numels, dtype=DT)).sum() / lay.n_params)
+    gm = torch.exp(
+        (torch.log(per_tensor) * torch.tensor(lay.numels, dtype=DT)).sum() / lay.n_params
+    )
     torch.testing.assert_close(ml.convert_prior(per_tensor, PriorKind.SCALAR, lay), gm)
-    torch.testing.assert_close(ml.convert_prior(torch.tensor(3.0, dtype=DT), PriorKind.LAYERWISE, lay),
-                               torch.full((4,), 3.0, dtype=DT))
+    torch.testing.assert_close(
+        ml.convert_prior(torch.tensor(3.0, dtype=DT), PriorKind.LAYERWISE, lay),
+        torch.full((4,), 3.0, dtype=DT),
+    )
 
 
 def test_no_shared_spectrum_for_non_scalar_priors_except_diag():
@@ -250,8 +287,13 @@ def test_gridsearch_picks_the_minimum_of_a_u_shaped_validation_curve():
     # exactly at α_true, a grid point.
     blr = BLR(seed=4)
     sigma = 0.3
-    la = LaplaceWrapper(blr.model_at_map(1.0, sigma), "regression", structure="full",
-                        prior_precision=1.0, sigma_noise=sigma).fit(blr.loader())
+    la = LaplaceWrapper(
+        blr.model_at_map(1.0, sigma),
+        "regression",
+        structure="full",
+        prior_precision=1.0,
+        sigma_noise=sigma,
+    ).fit(blr.loader())
     grid = ml.default_grid((-4, 4), 41)
     k_true = 27
     x_val = torch.tensor([[3.0, -2.0, 1.5]], dtype=DT)
@@ -271,8 +313,10 @@ def test_gridsearch_picks_the_minimum_of_a_u_shaped_validation_curve():
     assert res.best_index == k_true
     assert float(la.prior_precision) == pytest.approx(float(grid[k_true]), rel=1e-12)
     r2 = float((y_val - f) ** 2)
-    ref = torch.tensor([0.5 * math.log(2 * math.pi * v_of(float(a))) + r2 / (2 * v_of(float(a)))
-                        for a in grid], dtype=DT)
+    ref = torch.tensor(
+        [0.5 * math.log(2 * math.pi * v_of(float(a))) + r2 / (2 * v_of(float(a))) for a in grid],
+        dtype=DT,
+    )
     torch.testing.assert_close(res.scores, ref, rtol=1e-9, atol=1e-10)
     d = torch.diff(res.scores)
     assert bool((d[:k_true] < 0).all()) and bool((d[k_true:] > 0).all())
@@ -288,17 +332,20 @@ def test_gridsearch_ties_go_to_the_larger_precision():
     X = torch.randn(20, 3, generator=g, dtype=DT)
     y = torch.randn(20, 1, generator=g, dtype=DT)
     la = LaplaceWrapper(model, "regression", structure="diag").fit(
-        DataLoader(TensorDataset(X, y), batch_size=10))
-    val = DataLoader(TensorDataset(torch.zeros(4, 3, dtype=DT), torch.ones(4, 1, dtype=DT)),
-                     batch_size=2)
+        DataLoader(TensorDataset(X, y), batch_size=10)
+    )
+    val = DataLoader(
+        TensorDataset(torch.zeros(4, 3, dtype=DT), torch.ones(4, 1, dtype=DT)), batch_size=2
+    )
     la.optimize_prior_precision("gridsearch", val_loader=val, grid=[0.5, 3.0, 2.0, 0.1])
     res = la.gridsearch_result_
     torch.testing.assert_close(res.grid, torch.tensor([0.1, 0.5, 2.0, 3.0], dtype=DT))
     assert res.best_index == 3 and float(la.prior_precision) == 3.0
 
 
-@pytest.mark.parametrize("predict_method,link", [("glm", "probit"), ("glm", "bridge"),
-                                                 ("glm", "mc"), ("nn", None)])
+@pytest.mark.parametrize(
+    "predict_method,link", [("glm", "probit"), ("glm", "bridge"), ("glm", "mc"), ("nn", None)]
+)
 def test_gridsearch_classification_scores_are_validation_nll(predict_method, link):
     case = make_case("mlp_classification")
     la = LaplaceWrapper(case.model, "classification", structure="kfac").fit(case.loader())
@@ -306,8 +353,15 @@ def test_gridsearch_classification_scores_are_validation_nll(predict_method, lin
     yv = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
     val = DataLoader(TensorDataset(xv, yv), batch_size=3)
     grid = [0.1, 1.0, 10.0]
-    la.optimize_prior_precision("gridsearch", val_loader=val, grid=grid, predict_method=predict_method,
-                                link=link, n_samples=20, generator=torch.Generator().manual_seed(5))
+    la.optimize_prior_precision(
+        "gridsearch",
+        val_loader=val,
+        grid=grid,
+        predict_method=predict_method,
+        link=link,
+        n_samples=20,
+        generator=torch.Generator().manual_seed(5),
+    )
     res = la.gridsearch_result_
     assert float(la.prior_precision) == float(res.best)
     # recompute the curve point by point with predict (deterministic links only)
@@ -327,7 +381,8 @@ def test_gridsearch_uncached_jacobians_give_the_same_curve():
     curves = []
     for budget in (1 << 30, 4 * 21 * 8 * 2):
         la = LaplaceWrapper(case.model, "binary", structure="diag", memory_budget=budget).fit(
-            case.loader())
+            case.loader()
+        )
         la.optimize_prior_precision("gridsearch", val_loader=val, log_range=(-2, 2), n_points=5)
         curves.append(la.gridsearch_result_.scores)
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-12, atol=1e-14)
@@ -339,17 +394,23 @@ def test_gridsearch_uncached_jacobians_give_the_same_curve():
 def test_failed_marglik_leaves_hyperparameters_unchanged():
     case = make_case("mlp_regression")
     for structure in ("diag", "full"):
-        la = LaplaceWrapper(case.model, "regression", structure=structure, prior_precision=2.0,
-                            sigma_noise=0.5).fit(case.loader())
-        with pytest.raises(RuntimeError, match="marginal-likelihood tuning must keep the evidence finite"):
+        la = LaplaceWrapper(
+            case.model, "regression", structure=structure, prior_precision=2.0, sigma_noise=0.5
+        ).fit(case.loader())
+        with pytest.raises(
+            RuntimeError, match="marginal-likelihood tuning must keep the evidence finite"
+        ):
             la.optimize_prior_precision(tune_sigma_noise=True, lr=1e4, n_steps=50)
         assert float(la.prior_precision) == 2.0 and float(la.sigma_noise) == 0.5
         assert float(la.posterior.prior.precision) == 2.0
         assert not hasattr(la, "marglik_result_")
     # generic path (full with a layerwise prior)
-    la = LaplaceWrapper(case.model, "regression", structure="full",
-                        prior_precision=torch.full((4,), 2.0, dtype=DT)).fit(case.loader())
-    with pytest.raises(RuntimeError, match="marginal-likelihood tuning must keep the evidence finite"):
+    la = LaplaceWrapper(
+        case.model, "regression", structure="full", prior_precision=torch.full((4,), 2.0, dtype=DT)
+    ).fit(case.loader())
+    with pytest.raises(
+        RuntimeError, match="marginal-likelihood tuning must keep the evidence finite"
+    ):
         la.optimize_prior_precision(lr=1e4, n_steps=50)
     torch.testing.assert_close(la.prior_precision, torch.full((4,), 2.0, dtype=DT))
 
@@ -357,9 +418,11 @@ def test_failed_marglik_leaves_hyperparameters_unchanged():
 def test_failed_gridsearch_leaves_hyperparameters_unchanged():
     case = make_case("mlp_regression")
     la = LaplaceWrapper(case.model, "regression", structure="diag", prior_precision=2.0).fit(
-        case.loader())
-    val = DataLoader(TensorDataset(case.X[:4], torch.full((4, 2), float("nan"), dtype=DT)),
-                     batch_size=2)
+        case.loader()
+    )
+    val = DataLoader(
+        TensorDataset(case.X[:4], torch.full((4, 2), float("nan"), dtype=DT)), batch_size=2
+    )
     with pytest.raises(RuntimeError, match="gridsearch must find a grid point with a finite"):
         la.optimize_prior_precision("gridsearch", val_loader=val)
     assert float(la.prior_precision) == 2.0 and not hasattr(la, "gridsearch_result_")
@@ -386,8 +449,11 @@ def test_tuning_errors():
         la.optimize_prior_precision(n_steps=0)
     with pytest.raises(ValueError, match="lr must be a finite float > 0; got -1"):
         la.optimize_prior_precision(lr=-1.0)
-    with pytest.raises(ValueError, match=r"prior_structure must be one of \['scalar', 'layerwise', "
-                                         r"'diagonal'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"prior_structure must be one of \['scalar', 'layerwise', "
+        r"'diagonal'\]",
+    ):
         la.optimize_prior_precision(prior_structure="per_layer")
     with pytest.raises(ValueError, match="grid must not be combined with log_range / n_points"):
         la.optimize_prior_precision("gridsearch", val_loader=val, grid=[1.0], n_points=3)
@@ -404,14 +470,19 @@ def test_tuning_errors():
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None; got str"):
         la.optimize_prior_precision("gridsearch", val_loader=val, generator="seed")
     with pytest.raises(ValueError, match=r"link must be 'mc' \(or None\) with method='nn'"):
-        la.optimize_prior_precision("gridsearch", val_loader=val, predict_method="nn",
-                                    link="bridge")
+        la.optimize_prior_precision(
+            "gridsearch", val_loader=val, predict_method="nn", link="bridge"
+        )
     with pytest.raises(ValueError, match="val_loader must yield at least one batch"):
         la.optimize_prior_precision("gridsearch", val_loader=[])
     fresh = LaplaceWrapper(cls.model, "classification", structure="diag")
-    with pytest.raises(RuntimeError, match=r"optimize_prior_precision\(\) needs a fitted posterior"):
+    with pytest.raises(
+        RuntimeError, match=r"optimize_prior_precision\(\) needs a fitted posterior"
+    ):
         fresh.optimize_prior_precision()
     reg = make_case("mlp_regression")
     lr_ = LaplaceWrapper(reg.model, "regression", structure="diag").fit(reg.loader())
-    with pytest.raises(ValueError, match="tune_sigma_noise must be left unset with method='gridsearch'"):
+    with pytest.raises(
+        ValueError, match="tune_sigma_noise must be left unset with method='gridsearch'"
+    ):
         lr_.optimize_prior_precision("gridsearch", val_loader=reg.loader(), tune_sigma_noise=True)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from cases import make_case
 
 from laplace_ggn.operators import (
     DenseOperator,
@@ -12,7 +13,6 @@ from laplace_ggn.operators import (
     as_operator,
 )
 from laplace_ggn.testing import dense_ef, dense_ggn, dense_hessian
-from cases import make_case
 
 TOL = dict(rtol=1e-8, atol=1e-10)
 

@@ -153,13 +153,17 @@ def test_uncertainty_band_sorted_and_two_std():
     np.testing.assert_allclose(d.line_.get_ydata(), mean[order].numpy())
     verts = d.band_.get_paths()[0].vertices
     std = var[order].sqrt().numpy()
-    for xi, lo, hi in zip(x[order].numpy(), (mean[order] - 2 * var[order].sqrt()).numpy(),
-                          (mean[order] + 2 * var[order].sqrt()).numpy()):
+    for xi, lo, hi in zip(
+        x[order].numpy(),
+        (mean[order] - 2 * var[order].sqrt()).numpy(),
+        (mean[order] + 2 * var[order].sqrt()).numpy(),
+    ):
         ys = verts[np.isclose(verts[:, 0], xi), 1]
         assert np.any(np.isclose(ys, lo)) and np.any(np.isclose(ys, hi))
     assert std.shape == (40,)
-    np.testing.assert_allclose(d.train_scatter_.get_offsets(),
-                               np.c_[x_tr.numpy()[:, 0], np.sin(x_tr.numpy()[:, 0])])
+    np.testing.assert_allclose(
+        d.train_scatter_.get_offsets(), np.c_[x_tr.numpy()[:, 0], np.sin(x_tr.numpy()[:, 0])]
+    )
     assert d.test_scatter_ is None
 
 
@@ -189,8 +193,7 @@ def test_spectrum_display_eigenvalues_and_density():
     density = np.exp(-grid)
     d = SpectrumDisplay.from_spectrum(eigenvalues=ev, grid=grid, density=density)
     assert len(d.axes_) == 2 and d.ax_ is d.axes_[0]
-    np.testing.assert_allclose(d.eigenvalue_line_.get_ydata(),
-                               np.sort(ev[ev > 0].numpy())[::-1])
+    np.testing.assert_allclose(d.eigenvalue_line_.get_ydata(), np.sort(ev[ev > 0].numpy())[::-1])
     np.testing.assert_array_equal(d.eigenvalue_line_.get_xdata(), np.arange(1, 7))
     assert d.n_nonpositive_ == 2 and d.ax_.get_yscale() == "log"
     np.testing.assert_allclose(d.density_line_.get_xdata(), grid)
@@ -211,8 +214,9 @@ def test_spectrum_display_errors():
         SpectrumDisplay.from_spectrum(grid=np.ones(3), density=np.ones(4))
     _, ax = plt.subplots()
     with pytest.raises(ValueError, match="ax must hold 2 axes \\(one per panel\\); got 1"):
-        SpectrumDisplay.from_spectrum(eigenvalues=np.ones(3), grid=np.ones(3),
-                                      density=np.ones(3), ax=ax)
+        SpectrumDisplay.from_spectrum(
+            eigenvalues=np.ones(3), grid=np.ones(3), density=np.ones(3), ax=ax
+        )
 
 
 # --------------------------------------------------------------------------- confidence
@@ -229,8 +233,7 @@ def test_confidence_histogram_display_counts():
     np.testing.assert_array_equal(d.patches_["in"].get_data()[0], counts_in)
     counts_out, _ = cal.confidence_histogram(p_out, n_bins=15)
     np.testing.assert_array_equal(d.patches_["out"].get_data()[0], counts_out.numpy())
-    assert d.mean_lines_["out"].get_xdata()[0] == pytest.approx(
-        float(p_out.max(1).values.mean()))
+    assert d.mean_lines_["out"].get_xdata()[0] == pytest.approx(float(p_out.max(1).values.mean()))
     assert d.means["in"] > d.means["out"]
     frac = ConfidenceHistogramDisplay.from_predictions({"in": p_in}, n_bins=15, log=True)
     np.testing.assert_allclose(frac.patches_["in"].get_data()[0], counts_in / 300)

@@ -74,13 +74,25 @@ def test_log_det_differentiable_in_prior_and_scale():
     g = torch.Generator().manual_seed(0)
     G = _ggn(g)
     mean = torch.zeros(P, dtype=torch.float64)
-    for prec in [torch.tensor(0.8, dtype=torch.float64), torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)]:
+    for prec in [
+        torch.tensor(0.8, dtype=torch.float64),
+        torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64),
+    ]:
         prec = prec.clone().requires_grad_(True)
         scale = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
-        post = FullPosterior(mean, G, make_prior(prec, LAYOUT, dtype=torch.float64, device=torch.device("cpu")), scale)
+        post = FullPosterior(
+            mean,
+            G,
+            make_prior(prec, LAYOUT, dtype=torch.float64, device=torch.device("cpu")),
+            scale,
+        )
         gp, gs = torch.autograd.grad(post.log_det(), (prec, scale))
-        Lam = lambda p, s: s * G + torch.diag(LAYOUT.expand_per_tensor(p.expand(3)) if p.ndim else p.expand(P))  # noqa: E731
-        ref = torch.autograd.functional.jacobian(lambda p, s: torch.logdet(Lam(p, s)), (prec.detach(), scale.detach()))
+        Lam = lambda p, s: (
+            s * G + torch.diag(LAYOUT.expand_per_tensor(p.expand(3)) if p.ndim else p.expand(P))
+        )  # noqa: E731
+        ref = torch.autograd.functional.jacobian(
+            lambda p, s: torch.logdet(Lam(p, s)), (prec.detach(), scale.detach())
+        )
         torch.testing.assert_close(gp, ref[0], rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(gs, ref[1], rtol=1e-8, atol=1e-10)
 

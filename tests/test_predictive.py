@@ -172,7 +172,9 @@ def test_bridge_formula_multiclass_and_binary():
     torch.testing.assert_close(bb.mean, mb_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(bb.variance, vb_ref, rtol=1e-10, atol=1e-12)
     # huge logits stay finite (log-space evaluation)
-    big = laplace_bridge(torch.tensor([[800.0, -800.0, 0.0]], dtype=DT), torch.eye(3, dtype=DT)[None])
+    big = laplace_bridge(
+        torch.tensor([[800.0, -800.0, 0.0]], dtype=DT), torch.eye(3, dtype=DT)[None]
+    )
     assert bool(torch.isfinite(big.mean).all()) and bool(torch.isfinite(big.variance).all())
 
 
@@ -336,18 +338,23 @@ def test_predictive_nll_formulas():
     y = torch.tensor([[1.0, 0.0]], dtype=DT)
     from laplace_ggn._checks import Likelihood
 
-    ref = sum(0.5 * math.log(2 * math.pi * vi) + (yi - mi) ** 2 / (2 * vi)
-              for mi, vi, yi in zip(m[0].tolist(), v[0].tolist(), y[0].tolist()))
-    torch.testing.assert_close(predictive_nll(Prediction(m, v), y, Likelihood.REGRESSION),
-                               torch.tensor([ref], dtype=DT))
+    ref = sum(
+        0.5 * math.log(2 * math.pi * vi) + (yi - mi) ** 2 / (2 * vi)
+        for mi, vi, yi in zip(m[0].tolist(), v[0].tolist(), y[0].tolist())
+    )
+    torch.testing.assert_close(
+        predictive_nll(Prediction(m, v), y, Likelihood.REGRESSION), torch.tensor([ref], dtype=DT)
+    )
     p = torch.tensor([[0.2, 0.5, 0.3]], dtype=DT)
     torch.testing.assert_close(
         predictive_nll(Prediction(p, p), torch.tensor([2]), Likelihood.CLASSIFICATION),
-        torch.tensor([-math.log(0.3)], dtype=DT))
+        torch.tensor([-math.log(0.3)], dtype=DT),
+    )
     pb = torch.tensor([[0.8]], dtype=DT)
     torch.testing.assert_close(
         predictive_nll(Prediction(pb, pb), torch.tensor([[0.0]], dtype=DT), Likelihood.BINARY),
-        torch.tensor([-math.log(0.2)], dtype=DT))
+        torch.tensor([-math.log(0.2)], dtype=DT),
+    )
     with pytest.raises(ValueError, match="y must have batch size 1"):
         predictive_nll(Prediction(pb, pb), torch.zeros(3, 1, dtype=DT), Likelihood.BINARY)
 
@@ -365,11 +372,17 @@ def test_predict_errors():
         la.predict(x, "glmm")
     with pytest.raises(ValueError, match=r"link must be one of \['probit', 'bridge', 'mc'\]"):
         la.predict(x, link="logit")
-    with pytest.raises(ValueError, match=r"link must be 'mc' \(or None\) with method='nn'; got "
-                                         r"link='probit'.*valid combinations"):
+    with pytest.raises(
+        ValueError,
+        match=r"link must be 'mc' \(or None\) with method='nn'; got "
+        r"link='probit'.*valid combinations",
+    ):
         la.predict(x, "nn", link="probit")
-    with pytest.raises(ValueError, match=r"link must be None .* for likelihood='regression'; got "
-                                         r"link='bridge'.*valid combinations"):
+    with pytest.raises(
+        ValueError,
+        match=r"link must be None .* for likelihood='regression'; got "
+        r"link='bridge'.*valid combinations",
+    ):
         lr.predict(x, link="bridge")
     with pytest.raises(ValueError, match="n_samples must be a positive integer; got 0"):
         la.predict(x, link="mc", n_samples=0)
@@ -393,8 +406,9 @@ def test_mc_link_chunks_inputs_to_the_memory_budget():
     cov = _random_cov(5, 3, 4)
     S = 6
     one_row = 4 * S * 3 * 8  # bytes of one input's draws
-    pred = mc_link(f, cov, n_samples=S, generator=torch.Generator().manual_seed(1),
-                   memory_budget=2 * one_row)
+    pred = mc_link(
+        f, cov, n_samples=S, generator=torch.Generator().manual_seed(1), memory_budget=2 * one_row
+    )
     g = torch.Generator().manual_seed(1)
     means = []
     for start in range(0, 5, 2):

@@ -31,7 +31,11 @@ def problems(draw):
     likelihood = draw(st.sampled_from(LIKELIHOODS))
     d_in = draw(st.integers(1, 3))
     widths = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
-    C = 1 if likelihood == "binary" else draw(st.integers(2 if likelihood == "classification" else 1, 3))
+    C = (
+        1
+        if likelihood == "binary"
+        else draw(st.integers(2 if likelihood == "classification" else 1, 3))
+    )
     act = draw(st.sampled_from([nn.Tanh, nn.ReLU, nn.Sigmoid]))
     n = draw(st.integers(1, 9))
     batch_size = draw(st.integers(1, 5))
@@ -68,8 +72,9 @@ def test_posterior_properties(structure, problem):
     model, likelihood, X, y, batch_size, prior = problem
     loader = DataLoader(TensorDataset(X, y), batch_size=batch_size)
     sigma = 0.8 if likelihood == "regression" else 1.0
-    la = LaplaceWrapper(model, likelihood, structure=structure, prior_precision=prior,
-                        sigma_noise=sigma)
+    la = LaplaceWrapper(
+        model, likelihood, structure=structure, prior_precision=prior, sigma_noise=sigma
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         la.fit(loader)

@@ -43,8 +43,15 @@ def _wrapper(case, structure, subset, prec, rank=None):
         kw = {"sigma_noise": 0.8, "temperature": 1.2}
     else:
         kw = {"temperature": 1.5}
-    return LaplaceWrapper(case.model, case.likelihood, structure=kind, subset=subset,
-                          prior_precision=prec, rank=rank, **kw)
+    return LaplaceWrapper(
+        case.model,
+        case.likelihood,
+        structure=kind,
+        subset=subset,
+        prior_precision=prec,
+        rank=rank,
+        **kw,
+    )
 
 
 def _reference_curvature(case, structure, names, la=None):

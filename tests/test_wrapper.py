@@ -5,12 +5,17 @@ import math
 
 import pytest
 import torch
+from cases import make_case
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
-from laplace_ggn.testing import dense_ggn, dense_jacobian, dense_posterior_covariance, nll_per_sample
-from cases import make_case
+from laplace_ggn.testing import (
+    dense_ggn,
+    dense_jacobian,
+    dense_posterior_covariance,
+    nll_per_sample,
+)
 
 RTOL = 1e-6
 
@@ -26,8 +31,12 @@ def _dense_sigma(case, structure, prior=1.0, sigma=1.0, temperature=1.0):
 def test_covariance_evidence_functional_match_dense(case, structure):
     sigma = 0.7 if case.likelihood == "regression" else 1.0
     la = LaplaceWrapper(
-        case.model, case.likelihood, structure=structure, prior_precision=0.8,
-        sigma_noise=sigma, temperature=1.5,
+        case.model,
+        case.likelihood,
+        structure=structure,
+        prior_precision=0.8,
+        sigma_noise=sigma,
+        temperature=1.5,
     ).fit(case.loader())
     G, Sigma = _dense_sigma(case, structure, 0.8, sigma, 1.5)
     torch.testing.assert_close(la.posterior_covariance(), Sigma, rtol=RTOL, atol=1e-10)
@@ -44,7 +53,10 @@ def test_covariance_evidence_functional_match_dense(case, structure):
     Xt = torch.randn(4, 3, dtype=torch.float64)
     J = dense_jacobian(case.model, Xt)
     torch.testing.assert_close(
-        la.functional_covariance(Xt), torch.einsum("bcp,pq,bdq->bcd", J, Sigma, J), rtol=RTOL, atol=1e-10
+        la.functional_covariance(Xt),
+        torch.einsum("bcp,pq,bdq->bcd", J, Sigma, J),
+        rtol=RTOL,
+        atol=1e-10,
     )
 
 
@@ -67,7 +79,9 @@ def test_evidence_differentiable_in_prior_and_sigma(structure):
 def _blr_evidence(Phi, y, alpha, sigma):
     N = Phi.shape[0]
     K = sigma**2 * torch.eye(N, dtype=torch.float64) + Phi @ Phi.T / alpha
-    return torch.distributions.MultivariateNormal(torch.zeros(N, dtype=torch.float64), K).log_prob(y)
+    return torch.distributions.MultivariateNormal(torch.zeros(N, dtype=torch.float64), K).log_prob(
+        y
+    )
 
 
 @pytest.mark.parametrize("structure", ["full", "diag"])
@@ -77,18 +91,24 @@ def test_bayesian_linear_regression_evidence_closed_form(structure):
     X = torch.randn(N, D, dtype=torch.float64, generator=g)
     if structure == "diag":  # orthogonal features: the GGN is diagonal, so diag is exact too
         X = torch.linalg.qr(X)[0] * math.sqrt(N)
-    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + sigma * torch.randn(N, dtype=torch.float64, generator=g)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + sigma * torch.randn(
+        N, dtype=torch.float64, generator=g
+    )
     model = nn.Linear(D, 1, bias=False).double()
     Lam = X.T @ X / sigma**2 + alpha * torch.eye(D, dtype=torch.float64)
     w = torch.linalg.solve(Lam, X.T @ y / sigma**2)
     with torch.no_grad():
         model.weight.copy_(w.reshape(1, D))
-    la = LaplaceWrapper(model, "regression", structure=structure, prior_precision=alpha, sigma_noise=sigma)
+    la = LaplaceWrapper(
+        model, "regression", structure=structure, prior_precision=alpha, sigma_noise=sigma
+    )
     la.fit(DataLoader(TensorDataset(X, y.unsqueeze(1)), batch_size=7))
     torch.testing.assert_close(
         la.log_marginal_likelihood(), _blr_evidence(X, y, alpha, sigma), rtol=1e-10, atol=1e-10
     )
-    torch.testing.assert_close(la.posterior_covariance(), torch.linalg.inv(Lam), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        la.posterior_covariance(), torch.linalg.inv(Lam), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_samples_reproducible_and_distributed():
@@ -143,7 +163,9 @@ def test_diag_fallback_paths_match_dense(net):
     model = net().double()
     X = torch.randn(10, 3, dtype=torch.float64)
     y = torch.randint(0, 3, (10,))
-    la = LaplaceWrapper(model, "classification", structure="diag").fit(DataLoader(TensorDataset(X, y), 4))
+    la = LaplaceWrapper(model, "classification", structure="diag").fit(
+        DataLoader(TensorDataset(X, y), 4)
+    )
     G = dense_ggn(model, X, y, "classification")
     torch.testing.assert_close(la.posterior.ggn_diag, G.diagonal(), rtol=1e-8, atol=1e-12)
 
@@ -163,7 +185,9 @@ def test_linear_with_sequence_dims_diag():
     model = SeqNet().double()
     X = torch.randn(6, 5, 3, dtype=torch.float64)
     y = torch.randn(6, 2, dtype=torch.float64)
-    la = LaplaceWrapper(model, "regression", structure="diag").fit(DataLoader(TensorDataset(X, y), 4))
+    la = LaplaceWrapper(model, "regression", structure="diag").fit(
+        DataLoader(TensorDataset(X, y), 4)
+    )
     G = dense_ggn(model, X, y, "regression")
     torch.testing.assert_close(la.posterior.ggn_diag, G.diagonal(), rtol=1e-8, atol=1e-12)
 
@@ -171,19 +195,29 @@ def test_linear_with_sequence_dims_diag():
 def test_state_dict_round_trip_exact():
     case = make_case("mlp_classification")
     for structure in ["full", "diag"]:
-        la = LaplaceWrapper(case.model, "classification", structure=structure, prior_precision=2.0).fit(case.loader())
+        la = LaplaceWrapper(
+            case.model, "classification", structure=structure, prior_precision=2.0
+        ).fit(case.loader())
         state = la.state_dict()
         other = copy.deepcopy(case.model)
         with torch.no_grad():
             for p in other.parameters():
                 p.add_(1.0)  # values differ, shapes agree: θ* comes from the state
         la2 = LaplaceWrapper.from_state_dict(other, state)
-        torch.testing.assert_close(la2.posterior_covariance(), la.posterior_covariance(), rtol=0, atol=0)
-        torch.testing.assert_close(la2.log_marginal_likelihood(), la.log_marginal_likelihood(), rtol=0, atol=0)
+        torch.testing.assert_close(
+            la2.posterior_covariance(), la.posterior_covariance(), rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            la2.log_marginal_likelihood(), la.log_marginal_likelihood(), rtol=0, atol=0
+        )
         Xt = torch.randn(3, 3, dtype=torch.float64)
-        torch.testing.assert_close(la2.functional_covariance(Xt), la.functional_covariance(Xt), rtol=0, atol=0)
+        torch.testing.assert_close(
+            la2.functional_covariance(Xt), la.functional_covariance(Xt), rtol=0, atol=0
+        )
     bad = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    with pytest.raises(ValueError, match=r"parameter '0.weight' must have shape \(4, 3\).*got \(5, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"parameter '0.weight' must have shape \(4, 3\).*got \(5, 3\)"
+    ):
         LaplaceWrapper.from_state_dict(bad, state)
     with pytest.raises(ValueError, match="format_version must be <= 1; got 99"):
         LaplaceWrapper.from_state_dict(case.model, {**state, "format_version": 99})
@@ -193,20 +227,27 @@ def _snapshot(model):
     return (
         {k: v.clone() for k, v in model.state_dict().items()},
         [m.training for m in model.modules()],
-        [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+        [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
         [p.requires_grad for p in model.parameters()],
     )
 
 
 def test_user_model_untouched_by_fit_and_queries():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Tanh(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
     model.train()
     X = torch.randn(12, 3, dtype=torch.float64)
     y = torch.randint(0, 3, (12,))
     before = _snapshot(model)
     for structure in ["full", "diag"]:
-        la = LaplaceWrapper(model, "classification", structure=structure).fit(DataLoader(TensorDataset(X, y), 5))
+        la = LaplaceWrapper(model, "classification", structure=structure).fit(
+            DataLoader(TensorDataset(X, y), 5)
+        )
         la.sample(3)
         la.functional_covariance(X[:2])
         la.log_marginal_likelihood()
@@ -219,7 +260,9 @@ def test_user_model_untouched_by_fit_and_queries():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert before[1:] == after[1:]
     # eval mode is used for curvature: the Jacobian of the eval network
-    la = LaplaceWrapper(model, "classification", structure="full").fit(DataLoader(TensorDataset(X, y), 5))
+    la = LaplaceWrapper(model, "classification", structure="full").fit(
+        DataLoader(TensorDataset(X, y), 5)
+    )
     ref_model = copy.deepcopy(model).eval()
     G = dense_ggn(ref_model, X, y, "classification")
     torch.testing.assert_close(la.posterior.ggn, G, rtol=1e-8, atol=1e-12)
@@ -243,9 +286,15 @@ def test_tuple_dict_and_mapping_inputs_agree():
     y = torch.randint(0, 2, (9,))
     tuple_batches = [((X[i : i + 4], Z[i : i + 4]), y[i : i + 4]) for i in range(0, 9, 4)]
     dict_batches = [({"x": X[i : i + 4], "z": Z[i : i + 4]}, y[i : i + 4]) for i in range(0, 9, 4)]
-    map_batches = [{"inp": (X[i : i + 4], Z[i : i + 4]), "lab": y[i : i + 4]} for i in range(0, 9, 4)]
+    map_batches = [
+        {"inp": (X[i : i + 4], Z[i : i + 4]), "lab": y[i : i + 4]} for i in range(0, 9, 4)
+    ]
     covs = []
-    for batches, kw in [(tuple_batches, {}), (dict_batches, {}), (map_batches, dict(input_key="inp", target_key="lab"))]:
+    for batches, kw in [
+        (tuple_batches, {}),
+        (dict_batches, {}),
+        (map_batches, dict(input_key="inp", target_key="lab")),
+    ]:
         la = LaplaceWrapper(model, "classification", structure="full", **kw).fit(batches)
         covs.append(la.posterior_covariance())
     torch.testing.assert_close(covs[0], covs[1], rtol=1e-12, atol=1e-14)
@@ -257,16 +306,24 @@ def test_tuple_dict_and_mapping_inputs_agree():
 def test_small_memory_budget_chunks_jacobians_identically():
     case = make_case("mlp_classification")
     big = LaplaceWrapper(case.model, "classification", structure="full").fit(case.loader())
-    small = LaplaceWrapper(case.model, "classification", structure="full", memory_budget=30_000).fit(case.loader())
-    torch.testing.assert_close(small.posterior_covariance(), big.posterior_covariance(), rtol=1e-12, atol=1e-14)
+    small = LaplaceWrapper(
+        case.model, "classification", structure="full", memory_budget=30_000
+    ).fit(case.loader())
+    torch.testing.assert_close(
+        small.posterior_covariance(), big.posterior_covariance(), rtol=1e-12, atol=1e-14
+    )
 
 
 def test_last_layer_subset_full():
     case = make_case("mlp_classification")
-    la = LaplaceWrapper(case.model, "classification", structure="full", subset="last_layer").fit(case.loader())
+    la = LaplaceWrapper(case.model, "classification", structure="full", subset="last_layer").fit(
+        case.loader()
+    )
     assert la.n_params == 4 * 3 + 3
     G = dense_ggn(case.model, case.X, case.y, "classification", names=["2.weight", "2.bias"])
-    torch.testing.assert_close(la.posterior_covariance(), dense_posterior_covariance(G, 1.0), rtol=RTOL, atol=1e-10)
+    torch.testing.assert_close(
+        la.posterior_covariance(), dense_posterior_covariance(G, 1.0), rtol=RTOL, atol=1e-10
+    )
 
 
 def test_construction_errors():
@@ -274,11 +331,20 @@ def test_construction_errors():
     m = case.model
     with pytest.raises(TypeError, match="model must be a torch.nn.Module; got function"):
         LaplaceWrapper(lambda x: x, "classification")
-    with pytest.raises(ValueError, match=r"likelihood must be one of \['regression', 'classification', 'binary'\]; got 'classify'"):
+    with pytest.raises(
+        ValueError,
+        match=r"likelihood must be one of \['regression', 'classification', 'binary'\]; got 'classify'",
+    ):
         LaplaceWrapper(m, "classify")
-    with pytest.raises(ValueError, match=r"structure must be one of \['full', 'diag', 'kfac', 'lowrank'\]; got 'dense'"):
+    with pytest.raises(
+        ValueError,
+        match=r"structure must be one of \['full', 'diag', 'kfac', 'lowrank'\]; got 'dense'",
+    ):
         LaplaceWrapper(m, "classification", structure="dense")
-    with pytest.raises(ValueError, match="subset must be 'all', 'last_layer' or a list of parameter names; got 'last'"):
+    with pytest.raises(
+        ValueError,
+        match="subset must be 'all', 'last_layer' or a list of parameter names; got 'last'",
+    ):
         LaplaceWrapper(m, "classification", subset="last")
     with pytest.raises(ValueError, match=r"unknown: '2.wieght' \(did you mean '2.weight'"):
         LaplaceWrapper(m, "classification", subset=["2.wieght"])
@@ -301,7 +367,9 @@ def test_construction_errors():
 def test_fit_and_query_errors():
     case = make_case("mlp_classification")
     la = LaplaceWrapper(case.model, "classification", structure="full")
-    with pytest.raises(RuntimeError, match=r"needs a fitted posterior; call fit\(train_loader\) first"):
+    with pytest.raises(
+        RuntimeError, match=r"needs a fitted posterior; call fit\(train_loader\) first"
+    ):
         la.sample(3)
     with pytest.raises(ValueError, match="must yield at least one batch; got an empty loader"):
         la.fit([])
@@ -314,14 +382,25 @@ def test_fit_and_query_errors():
     assert not la.is_fitted
     with pytest.raises(ValueError, match=r"targets \(batch 0\) must lie in \[0, 2\]"):
         la.fit(DataLoader(TensorDataset(case.X, y + 3), 5))
-    with pytest.raises(ValueError, match=r"must be \(input, target\) pairs or mappings; got tuple of length 3"):
+    with pytest.raises(
+        ValueError, match=r"must be \(input, target\) pairs or mappings; got tuple of length 3"
+    ):
         la.fit([(case.X, case.y, case.y)])
-    with pytest.raises(ValueError, match=r"must hold keys 'input' and 'target'; got keys \['x', 'y'\]"):
+    with pytest.raises(
+        ValueError, match=r"must hold keys 'input' and 'target'; got keys \['x', 'y'\]"
+    ):
         la.fit([{"x": case.X, "y": case.y}])
-    with pytest.raises(ValueError, match=r"needs .* for P=31 parameters .* over the memory budget.*Structures that fit: 'diag'"):
-        LaplaceWrapper(case.model, "classification", structure="full", memory_budget=5000).fit(case.loader())
+    with pytest.raises(
+        ValueError,
+        match=r"needs .* for P=31 parameters .* over the memory budget.*Structures that fit: 'diag'",
+    ):
+        LaplaceWrapper(case.model, "classification", structure="full", memory_budget=5000).fit(
+            case.loader()
+        )
     la.fit(case.loader())
-    with pytest.raises(ValueError, match=r"posterior_covariance\(\) needs a dense \(31, 31\) matrix"):
+    with pytest.raises(
+        ValueError, match=r"posterior_covariance\(\) needs a dense \(31, 31\) matrix"
+    ):
         la.memory_budget = 100
         la.posterior_covariance()
     la.memory_budget = 2**30
@@ -332,7 +411,7 @@ def test_fit_and_query_errors():
     with pytest.raises(ValueError, match=r"sigma_noise must be a scalar; got shape \(2,\)"):
         la.log_marginal_likelihood(sigma_noise=torch.ones(2))
     with pytest.raises(RuntimeError, match="n_params of subset='last_layer' is known after fit"):
-        LaplaceWrapper(case.model, "classification", subset="last_layer").n_params
+        _ = LaplaceWrapper(case.model, "classification", subset="last_layer").n_params
 
 
 def test_failed_refit_keeps_previous_fit():
@@ -356,5 +435,7 @@ def test_model_output_shape_error():
             return self.l(x).reshape(-1, 2, 2)
 
     X = torch.randn(4, 3)
-    with pytest.raises(ValueError, match=r"model output must have shape \(B, C\) or \(B,\); got \(4, 2, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"model output must have shape \(B, C\) or \(B,\); got \(4, 2, 2\)"
+    ):
         LaplaceWrapper(Bad(), "regression", structure="diag").fit([(X, torch.randn(4, 4))])

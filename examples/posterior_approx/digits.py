@@ -68,7 +68,9 @@ def train(model: nn.Module, X, y, epochs: int, seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "out", help="output folder"
+    )
     parser.add_argument("--small", action="store_true", help="smaller network and data")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -87,8 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     la = LaplaceWrapper(
         model, "classification", structure="full", prior_precision=PRIOR_PRECISION
     ).fit(train_loader)
-    print(f"64-{hidden}-10 tanh MLP, P = {la.n_params} > N·(C-1) = {n_train * 9} "
-          f"({n_train} training digits), {n_test} test digits, prior precision {PRIOR_PRECISION}")
+    print(
+        f"64-{hidden}-10 tanh MLP, P = {la.n_params} > N·(C-1) = {n_train * 9} "
+        f"({n_train} training digits), {n_test} test digits, prior precision {PRIOR_PRECISION}"
+    )
     reports = {}
     for split, data in (("train", train_loader), ("test", (Xte, yte))):
         gen = torch.Generator().manual_seed(args.seed)

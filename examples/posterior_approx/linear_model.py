@@ -61,8 +61,12 @@ class Features(nn.Module):
 
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.cat([-2.0 + 1.2 * torch.rand(n // 2, generator=g, dtype=DT),
-                   0.6 + 1.2 * torch.rand(n - n // 2, generator=g, dtype=DT)])
+    x = torch.cat(
+        [
+            -2.0 + 1.2 * torch.rand(n // 2, generator=g, dtype=DT),
+            0.6 + 1.2 * torch.rand(n - n // 2, generator=g, dtype=DT),
+        ]
+    )
     y = torch.sin(2 * x) + SIGMA * torch.randn(n, generator=g, dtype=DT)
     return x[:, None], y[:, None]
 
@@ -75,7 +79,9 @@ def fit_map(model: Features, X: torch.Tensor, y: torch.Tensor) -> None:
         model.weight.copy_(torch.linalg.solve(A, Phi.T @ y[:, 0] / SIGMA**2))
 
 
-def run(kind: str, n_features: int, X, y, grid, n_samples: int, seed: int) -> tuple[dict, object, object]:
+def run(
+    kind: str, n_features: int, X, y, grid, n_samples: int, seed: int
+) -> tuple[dict, object, object]:
     model = Features(kind, n_features)
     fit_map(model, X, y)
     la = LaplaceWrapper(
@@ -107,7 +113,9 @@ def run(kind: str, n_features: int, X, y, grid, n_samples: int, seed: int) -> tu
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "out", help="output folder"
+    )
     parser.add_argument("--small", action="store_true", help="fewer grid points and samples")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

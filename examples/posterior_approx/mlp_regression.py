@@ -37,10 +37,12 @@ PRIOR_PRECISION = 1.0
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     half = n // 2
-    x = torch.cat([
-        -1.2 + 0.7 * torch.rand(half, generator=g, dtype=DT),
-        0.5 + 0.7 * torch.rand(n - half, generator=g, dtype=DT),
-    ])
+    x = torch.cat(
+        [
+            -1.2 + 0.7 * torch.rand(half, generator=g, dtype=DT),
+            0.5 + 0.7 * torch.rand(n - half, generator=g, dtype=DT),
+        ]
+    )
     y = torch.sin(3 * x) + SIGMA * torch.randn(n, generator=g, dtype=DT)
     return x[:, None], y[:, None]
 
@@ -65,7 +67,7 @@ def train(model: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int) -> flo
 def projected_samples(la: LaplaceWrapper, rank: int, n: int, seed: int) -> dict[str, torch.Tensor]:
     """Full posterior draws θ* + δ and their kernel / non-kernel projections, each (n, P)."""
     _, U = la.posterior.eig  # ascending eigenvalues of G
-    Ur = U[:, U.shape[1] - rank:]
+    Ur = U[:, U.shape[1] - rank :]
     delta = la.sample(n, generator=torch.Generator().manual_seed(seed)) - la.posterior.mean
     d_nonk = (delta @ Ur) @ Ur.T
     return {"kernel": delta - d_nonk, "non-kernel": d_nonk, "full": delta}
@@ -73,7 +75,9 @@ def projected_samples(la: LaplaceWrapper, rank: int, n: int, seed: int) -> dict[
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "out", help="output folder"
+    )
     parser.add_argument("--small", action="store_true", help="narrower network, fewer steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     D = projected_samples(la, on_train.rank, 12, args.seed + 1)
     theta, fm = la.posterior.mean, la._fmodel
     with torch.no_grad():
-        f_map, = fm(theta, grid).T
+        (f_map,) = fm(theta, grid).T
         J, _ = la.jacobians(grid)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True, layout="constrained")
     panels = [
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         "train_rmse_network": rmse,
         "train_rmse_linearised": rmse_lin,
     }
-    print(f"MAP training RMSE                               : {rmse['MAP']:.4f} (trained to {rmse_train:.4f})")
+    print(
+        f"MAP training RMSE                               : {rmse['MAP']:.4f} (trained to {rmse_train:.4f})"
+    )
     for kind in ("kernel", "non-kernel", "full"):
         r_net, r_lin = rows[(kind, "network")], rows[(kind, "linearised")]
         print(

@@ -67,7 +67,9 @@ class DiagPosterior:
 
     def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> DiagPosterior:
         """A new posterior with another prior (and curvature scale)."""
-        return DiagPosterior(self.mean, self.ggn_diag, prior, self.scale if scale is None else scale)
+        return DiagPosterior(
+            self.mean, self.ggn_diag, prior, self.scale if scale is None else scale
+        )
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the curvature part."""

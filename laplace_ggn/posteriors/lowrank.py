@@ -71,8 +71,11 @@ _SKETCH_SEED = 0
 
 @dataclass(frozen=True)
 class LowRankCurvature:
-    """Eigenpairs of the unit-noise GGN: ``eigenvalues`` ``(R,)`` (descending, >= 0) and
-    ``eigenvectors`` ``(P, R)`` (orthonormal columns)."""
+    """Eigenpairs of the unit-noise GGN.
+
+    ``eigenvalues`` ``(R,)`` (descending, >= 0) and ``eigenvectors`` ``(P, R)`` (orthonormal
+    columns).
+    """
 
     eigenvalues: Tensor
     eigenvectors: Tensor
@@ -161,8 +164,12 @@ class ExactLowRankCollector:
 
     def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
         """``{"rows": (V^T (M, P), "gather")}``."""
-        Vt = torch.cat(self.rows) if self.rows else torch.zeros(
-            0, self.fmodel.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device
+        Vt = (
+            torch.cat(self.rows)
+            if self.rows
+            else torch.zeros(
+                0, self.fmodel.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device
+            )
         )
         return {"rows": (Vt, "gather")}
 
@@ -364,7 +371,9 @@ class LowRankPosterior:
     def _cap_chol(self) -> Tensor:
         """Cholesky factor of K = I + Wᵀ D⁻¹ W, shape ``(R, R)``."""
         W = self._W
-        K = torch.eye(self.rank, dtype=W.dtype, device=W.device) + W.T @ (W * self._dinv.unsqueeze(1))
+        K = torch.eye(self.rank, dtype=W.dtype, device=W.device) + W.T @ (
+            W * self._dinv.unsqueeze(1)
+        )
         return robust_cholesky(K, "low-rank capacitance matrix I + WᵀΛ₀⁻¹W")
 
     def _sigma_rows(self, X: Tensor) -> Tensor:
@@ -427,7 +436,11 @@ class LowRankPosterior:
     def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> LowRankPosterior:
         """A new posterior with another prior (and curvature scale); reuses the eigenpairs."""
         return LowRankPosterior(
-            self.mean, self.eigenvalues, self.eigenvectors, prior, self.scale if scale is None else scale
+            self.mean,
+            self.eigenvalues,
+            self.eigenvectors,
+            prior,
+            self.scale if scale is None else scale,
         )
 
     def state_dict(self) -> dict[str, Tensor]:
