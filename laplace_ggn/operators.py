@@ -291,6 +291,17 @@ class GGNOperator(_DataCurvatureOperator):
     Products cost one forward with dual numbers and one backward per batch (and column).
     Regression uses :math:`\Lambda_n = I/\sigma^2`.
 
+    With ``cache=True`` the first product also keeps, per batch, the autograd graph of the
+    forward pass at θ* and of :math:`w \mapsto J^\top w` (built once); later products reuse
+    it: :math:`J v` is the derivative of :math:`J^\top w` in :math:`w` (a backward through the
+    cached graph) and :math:`J^\top u` a backward through the forward graph, so no forward is
+    repeated and the loader is not read again once every batch is cached. Batches are cached
+    while the tensors saved by these graphs fit ``memory_budget``; the rest are recomputed at
+    every product. The operator holds a private copy of the model, so θ* cannot change under
+    the cache, but the loader can: the cache assumes the loader yields the same batches at every
+    pass; call :meth:`clear_cache` if it does not. Models whose operations lack a double
+    backward fall back to the uncached product.
+
     Args:
         model: The network (copied; never modified).
         loader: Iterable of ``(x, y)`` batches or mappings.
@@ -299,7 +310,8 @@ class GGNOperator(_DataCurvatureOperator):
         sigma_noise: σ for regression.
         input_key: Key of inputs in mapping batches.
         target_key: Key of targets in mapping batches.
-        memory_budget: Bytes for chunked intermediates.
+        memory_budget: Bytes for chunked intermediates (and for the cache).
+        cache: Keep the per-batch graphs between products (see above).
 
     Example:
         >>> import torch
@@ -310,8 +322,83 @@ class GGNOperator(_DataCurvatureOperator):
         torch.Size([8])
     """
 
+    def __init__(self, model, loader, *, cache: bool = False, **kwargs):
+        super().__init__(model, loader, **kwargs)
+        self.cache = bool(cache)
+        self.clear_cache()
+
     def _output_matvec(self, f: Tensor, u: Tensor, y: Tensor, index: int) -> Tensor:
         return self.likelihood.hessian_matvec(f, u) / self.sigma2
+
+    def clear_cache(self) -> None:
+        """Drop the per-batch graphs kept by ``cache=True``; the next product rebuilds them."""
+        self._entries: dict[int, tuple] = {}
+        self._complete = False
+        self._cached_bytes = 0
+        self._budget_hit = False
+        self._leaf: Tensor | None = None
+
+    def _build_entry(self, x: object) -> tuple[tuple, int]:
+        """Graphs of the forward at θ* and of ``w -> J^T w`` on one batch, and their bytes."""
+        saved: dict[int, int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            saved[id(t)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if self._leaf is None:
+                self._leaf = self.fmodel.theta.detach().clone().requires_grad_(True)
+            leaf = self._leaf
+            out = self.fmodel(leaf, x)
+            w = torch.zeros_like(out, requires_grad=True)
+            (g,) = torch.autograd.grad(out, leaf, w, create_graph=True)
+        return (leaf, out, out.detach(), w, g), sum(saved.values())
+
+    def _cached_product(self, entry: tuple, V: Tensor) -> Tensor:
+        leaf, out, f, w, g = entry
+        cols = []
+        for k in range(V.shape[1]):
+            (jv,) = torch.autograd.grad(g, w, V[:, k], retain_graph=True)
+            u = self.likelihood.hessian_matvec(f, jv) / self.sigma2
+            (col,) = torch.autograd.grad(out, leaf, u, retain_graph=True)
+            cols.append(col)
+        return torch.stack(cols, dim=1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if not self.cache:
+            return super()._matmat(V)
+        V = V.to(self.dtype)
+        out = torch.zeros(self.shape[0], V.shape[1], dtype=self.dtype, device=self.device)
+        if self._complete:
+            for entry in self._entries.values():
+                out += self._cached_product(entry, V)
+            return out
+        complete = True
+        for i, x, y in self.batches():
+            entry = self._entries.get(i)
+            if entry is None and self.cache and not self._budget_hit:
+                entry, nbytes = self._build_entry(x)
+                self._budget_hit = self._cached_bytes + nbytes > self.fmodel.memory_budget
+                if not self._budget_hit:
+                    try:
+                        out += self._cached_product(entry, V)
+                    except RuntimeError:  # an operation without double backward
+                        self.cache = False
+                        self.clear_cache()
+                    else:
+                        self._entries[i] = entry
+                        self._cached_bytes += nbytes
+                        continue
+                entry = None
+            if entry is not None:
+                out += self._cached_product(entry, V)
+            else:
+                complete = False
+                matvec = lambda f, u, y=y, i=i: self._output_matvec(f, u, y, i)  # noqa: E731
+                out += self.fmodel.jvp_vjp(x, V, matvec)[0]
+        self._complete = self.cache and complete
+        return out
 
     def to_dense(self) -> Tensor:
         """Dense G ``(P, P)`` from per-sample Jacobians (faster than P products)."""

@@ -72,6 +72,13 @@ def _style_axes(ax) -> None:
         ax.spines[side].set_visible(False)
 
 
+def _mark_confidence_regions(ax) -> None:
+    """Label the halves above and below the diagonal of a calibration plot."""
+    style = dict(transform=ax.transAxes, color=_GREY, fontsize=8.5, style="italic")
+    ax.text(0.03, 0.97, "under-confident", va="top", ha="left", **style)
+    ax.text(0.97, 0.03, "over-confident", va="bottom", ha="right", **style)
+
+
 class ReliabilityDisplay:
     """Reliability diagram of one or several models, with a confidence histogram below.
 
@@ -232,28 +239,7 @@ class ReliabilityDisplay:
                 )
         ax.set(xlim=(0, 1), ylim=(0, 1), ylabel=ylabel)
         if not self.binary:  # for a positive-class curve, above the diagonal is not "under"
-            ax.text(
-                0.03,
-                0.97,
-                "under-confident",
-                transform=ax.transAxes,
-                va="top",
-                ha="left",
-                color=_GREY,
-                fontsize=8.5,
-                style="italic",
-            )
-            ax.text(
-                0.97,
-                0.03,
-                "over-confident",
-                transform=ax.transAxes,
-                va="bottom",
-                ha="right",
-                color=_GREY,
-                fontsize=8.5,
-                style="italic",
-            )
+            _mark_confidence_regions(ax)
         _style_axes(ax)
         ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.92), frameon=False, fontsize=9)
         if title:
@@ -376,27 +362,7 @@ class RegressionCalibrationDisplay:
             xlabel="Nominal coverage of central interval",
             ylabel="Observed coverage",
         )
-        ax.text(
-            0.03,
-            0.97,
-            "under-confident",
-            transform=ax.transAxes,
-            va="top",
-            color=_GREY,
-            fontsize=8.5,
-            style="italic",
-        )
-        ax.text(
-            0.97,
-            0.03,
-            "over-confident",
-            transform=ax.transAxes,
-            va="bottom",
-            ha="right",
-            color=_GREY,
-            fontsize=8.5,
-            style="italic",
-        )
+        _mark_confidence_regions(ax)
         _style_axes(ax)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, fontsize=9)
         if title:
