@@ -57,11 +57,13 @@ def predict_glm_probit(la: Any, x: torch.Tensor) -> torch.Tensor:
     return la.predict(x, method="glm", link="probit").mean
 
 
-def ggn_operator(model: nn.Module, dl: DataLoader, likelihood: str = "classification"):
+def ggn_operator(model: nn.Module, dl: DataLoader, likelihood: str = "classification",
+                 **kwargs: Any):
     """SLOT: the GGN over the data as a linear operator, ``op @ v`` for v of shape (P,).
 
-    ``laplace_ggn.operators.GGNOperator(model, loader, likelihood=...)``.
+    ``laplace_ggn.operators.GGNOperator(model, loader, likelihood=..., **kwargs)``
+    (``cache=True``: keep the per-batch graphs between products).
     """
     from laplace_ggn.operators import GGNOperator
 
-    return GGNOperator(model, dl, likelihood=likelihood)
+    return GGNOperator(model, dl, likelihood=likelihood, **kwargs)
