@@ -19,6 +19,8 @@ demo: install
 	$(VENV)/bin/laplace-ggn demo
 
 test: install
+	$(VENV)/bin/ruff check laplace_ggn tests examples
+	$(VENV)/bin/ruff format --check laplace_ggn tests examples
 	$(PY) -m pytest -q
 
 bench:

@@ -256,9 +256,9 @@ def _linear_rows(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 def _linear_diag(a: Tensor, g: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
     """Diagonal GGN of a Linear layer from inputs ``(B, ..., I)`` and grads ``(K, B, ..., O)``."""
     if a.ndim == 2:
-        g2 = g.pow(2)
-        dw = torch.einsum("kbo,bi->oi", g2, a.pow(2))
-        db = g2.sum((0, 1)) if has_bias else None
+        g2 = g.pow(2).sum(0)  # (B, O): sum over the K columns before the contraction
+        dw = g2.T @ a.pow(2)
+        db = g2.sum(0) if has_bias else None
         return dw, db
     # extra (e.g. sequence) dimensions: sum the per-sample gradient over them before squaring
     K, B = g.shape[:2]

@@ -192,7 +192,11 @@ class KFACCollector:
                 continue  # tied weights: the block of one module would miss the other's use
             prefix = f"{mname}." if mname else ""
             w = prefix + "weight" if prefix + "weight" in in_subset else None
-            b = prefix + "bias" if module.bias is not None and prefix + "bias" in in_subset else None
+            b = (
+                prefix + "bias"
+                if module.bias is not None and prefix + "bias" in in_subset
+                else None
+            )
             if w or b:
                 self.layers[mname] = _Layer(module, w, b)
         self._set_rest()
@@ -298,7 +302,9 @@ class KFACCollector:
             a2 = a.reshape(-1, a.shape[-1])
             g2 = g.reshape(K, -1, g.shape[-1])
         else:
-            patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            patches = F.unfold(
+                a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            )
             a2 = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·T, Cin·kh·kw)
             g2 = g.flatten(3).transpose(2, 3).reshape(K, -1, g.shape[2])  # (K, B·T, O)
         rows = a2.shape[0]
@@ -349,7 +355,11 @@ class KFACCollector:
         self._checked = True
         self.diag = state["diag"]
         for m in self.layers:
-            self.A[m], self.B[m], self.count[m] = state[f"A.{m}"], state[f"B.{m}"], state[f"count.{m}"]
+            self.A[m], self.B[m], self.count[m] = (
+                state[f"A.{m}"],
+                state[f"B.{m}"],
+                state[f"count.{m}"],
+            )
 
 
 def _batched_grads(f: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor]:

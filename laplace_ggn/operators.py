@@ -133,9 +133,11 @@ class DenseOperator(LinearOperator):
         return self.A.T @ V
 
     def to_dense(self) -> Tensor:
+        """The wrapped matrix ``(P, Q)``."""
         return self.A
 
     def diagonal(self) -> Tensor:
+        """Its diagonal."""
         return torch.diagonal(self.A)
 
 

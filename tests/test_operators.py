@@ -124,3 +124,30 @@ def test_operator_input_errors():
         MCFisherOperator(case.model, case.loader(), mc_samples=0)
     with pytest.raises(ValueError, match="sigma_noise must be finite and > 0; got -1"):
         GGNOperator(case.model, case.loader(), likelihood="regression", sigma_noise=-1)
+
+
+@pytest.mark.parametrize("name", ["mlp_classification", "mlp_regression", "mlp_binary"])
+@pytest.mark.parametrize(
+    "budget", [2**30, 2000, 1], ids=["all-cached", "partly-cached", "none-cached"]
+)
+def test_cached_ggn_products_match_dense(name, budget):
+    case = make_case(name)
+    ref = dense_ggn(case.model, case.X, case.y, case.likelihood)
+    G = GGNOperator(
+        case.model, case.loader(), likelihood=case.likelihood, cache=True, memory_budget=budget
+    )
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # first product builds the cache, later ones reuse it
+        V = torch.randn(ref.shape[0], 2, dtype=torch.float64, generator=g)
+        torch.testing.assert_close(G @ V, ref @ V, **TOL)
+    n_cached = len(G._entries)
+    if budget == 2**30:
+        assert G._complete and n_cached == 3
+    elif budget == 1:
+        assert n_cached == 0 and not G._complete
+    else:
+        assert 0 < n_cached < 3
+    G.clear_cache()
+    assert not G._entries
+    v = torch.randn(ref.shape[0], dtype=torch.float64, generator=g)
+    torch.testing.assert_close(G @ v, ref @ v, **TOL)
