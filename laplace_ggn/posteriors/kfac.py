@@ -113,14 +113,25 @@ class KFACPosterior:
         scale: Tensor | float = 1.0,
         *,
         _eig: tuple[_Eig, ...] | None = None,
+        _shared: dict | None = None,
     ):
         check_kfac_prior(prior)
         self.mean = mean
         self.curvature = curvature
         self.prior = prior
         self.scale = torch.as_tensor(scale, dtype=mean.dtype, device=mean.device)
-        self._eig = _eig if _eig is not None else _eig_blocks(curvature)
+        # factor eigendecompositions: computed on first use, shared with every with_prior
+        self._shared = {} if _shared is None else _shared
+        if _eig is not None:
+            self._shared["eig"] = _eig
         self._diag_index = curvature.diag_index().to(mean.device)
+
+    @property
+    def _eig(self) -> tuple[_Eig, ...]:
+        """Eigendecompositions of each block's factors (computed once, on first use)."""
+        if "eig" not in self._shared:
+            self._shared["eig"] = _eig_blocks(self.curvature)
+        return self._shared["eig"]
 
     @property
     def n_params(self) -> int:
@@ -254,9 +265,8 @@ class KFACPosterior:
         Raises:
             ValueError: If ``prior`` is per parameter.
         """
-        return KFACPosterior(
-            self.mean, self.curvature, prior, self.scale if scale is None else scale, _eig=self._eig
-        )
+        scale = self.scale if scale is None else scale
+        return KFACPosterior(self.mean, self.curvature, prior, scale, _shared=self._shared)
 
     # -- serialisation ---------------------------------------------------------------------------
 
