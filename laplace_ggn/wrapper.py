@@ -439,9 +439,10 @@ class LaplaceWrapper:
         return to_device(x, self._device)
 
     def _memory_message(self, need: int, P: int) -> str:
+        specs = [(s, STRUCTURES[s]) for s in Structure if s in STRUCTURES]  # stable order
         fits = [
             f"{s.value!r} ({_gb(spec.memory_bytes(P, self._dtype, self))})"
-            for s, spec in STRUCTURES.items()
+            for s, spec in specs
             if spec.memory_bytes(P, self._dtype, self) <= self.memory_budget
         ]
         return (
