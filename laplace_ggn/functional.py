@@ -533,3 +533,34 @@ def capture_layers(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Layer
     finally:
         for h in handles:
             h.remove()
+
+
+def batched_output_grads(f: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor]:
+    """Vector-Jacobian products of K cotangents ``(K, B, C)`` of ``f`` at each tensor of ``outs``.
+
+    One batched backward pass (vmap over the cotangents); if that fails, one backward per
+    column with a warning.  Outputs that do not reach ``f`` get zero gradients.
+
+    Returns:
+        One tensor ``(K, *out.shape)`` per entry of ``outs``.
+    """
+    try:
+        grads = torch.autograd.grad(f, outs, cot, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:
+        warnings.warn(
+            "batched backward failed; back-propagating the curvature columns one by one.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        cols = [
+            torch.autograd.grad(f, outs, cot[k], retain_graph=True, allow_unused=True)
+            for k in range(cot.shape[0])
+        ]
+        grads = [
+            None if cols[0][i] is None else torch.stack([c[i] for c in cols])
+            for i in range(len(outs))
+        ]
+    return [
+        torch.zeros(cot.shape[0], *o.shape, dtype=o.dtype, device=o.device) if g is None else g
+        for g, o in zip(grads, outs)
+    ]

@@ -15,17 +15,16 @@ Other parameters fall back to chunked per-sample Jacobians.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_finite
-from .functional import FunctionalModel, capture_layers
+from .functional import FunctionalModel, ParamLayout, batched_output_grads, capture_layers
 
 __all__ = [
     "SqrtGGNRows",
     "sqrt_ggn_rows",
+    "jacobian_sqrt_rows",
     "FullGGNCollector",
     "DiagGGNCollector",
     "dense_bytes",
@@ -91,18 +90,12 @@ class SqrtGGNRows:
             return None, f.detach(), L
         cot = L.permute(2, 0, 1).contiguous()  # (K, B, C)
         outs = [records[m].outputs[0] for m in self.modules]
-        try:
-            grads = torch.autograd.grad(f, outs, cot, is_grads_batched=True)
-        except RuntimeError:
-            grads = _grads_loop(f, outs, cot)
+        grads = batched_output_grads(f, outs, cot)
         out = {m: (records[m].inputs[0].detach(), g.detach()) for m, g in zip(self.modules, grads)}
         return out, f.detach(), L
 
-    def _rest_rows(self, x: object, f: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        J, f_rest = self.fmodel.jacobians_wrt(x, self.rest)
-        f = f_rest if f is None else f
-        L = self.likelihood.sqrt_hessian(f)
-        return torch.einsum("bcp,bck->bkp", J, L), f, L
+    def _rest_rows(self, x: object, f: Tensor | None) -> tuple[Tensor, Tensor]:
+        return jacobian_sqrt_rows(self.fmodel, x, self.rest, self.likelihood, f)
 
     def rows(self, x: object) -> tuple[Tensor, Tensor]:
         r"""Rows ``R`` ``(B, K, P)`` with :math:`G_{batch} = \sum_{b,k} R_{bk} R_{bk}^\top`, and ``f``."""
@@ -113,8 +106,7 @@ class SqrtGGNRows:
             if grads is None:
                 self._disable_hooks()
         if grads is None:
-            R, f, _ = self._rest_rows(x, None)
-            return R, f
+            return self._rest_rows(x, None)
         B, K = L.shape[0], L.shape[2]
         R = torch.zeros(B, K, layout.n_params, dtype=f.dtype, device=f.device)
         for mname, (a, g) in grads.items():
@@ -124,7 +116,7 @@ class SqrtGGNRows:
                 if val is not None and prefix + pname in layout.names:
                     R[:, :, layout.slice_of(prefix + pname)] = val.reshape(B, K, -1)
         if self.rest.n_params:
-            Rr, _, _ = self._rest_rows(x, f)
+            Rr, _ = self._rest_rows(x, f)
             for name, part in self.rest.unflatten_batched(Rr).items():
                 R[:, :, layout.slice_of(name)] = part.reshape(B, K, -1)
         return R, f
@@ -146,10 +138,30 @@ class SqrtGGNRows:
                 if val is not None and prefix + pname in layout.names:
                     d[layout.slice_of(prefix + pname)] += val.reshape(-1)
         if self.rest.n_params:
-            Rr, f, _ = self._rest_rows(x, f)
+            Rr, f = self._rest_rows(x, f)
             for name, part in self.rest.unflatten(Rr.pow(2).sum((0, 1))).items():
                 d[layout.slice_of(name)] += part.reshape(-1)
         return d, f
+
+
+def jacobian_sqrt_rows(
+    fmodel: FunctionalModel, x: object, layout: ParamLayout, likelihood, f: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Rows :math:`L_n^\top J_n` for the parameters of ``layout`` from per-sample Jacobians.
+
+    Args:
+        fmodel: The functional model.
+        x: Model input of batch size B.
+        layout: Sub-layout of the parameters to differentiate (P' of them).
+        likelihood: Provides ``sqrt_hessian(f) -> (B, C, K)``.
+        f: Outputs ``(B, C)`` if already known.
+
+    Returns:
+        ``(R, f)``: rows ``(B, K, P')`` and outputs ``(B, C)``.
+    """
+    J, f_jac = fmodel.jacobians_wrt(x, layout, n_outputs=None if f is None else f.shape[1])
+    f = f_jac if f is None else f
+    return torch.einsum("bcp,bck->bkp", J, likelihood.sqrt_hessian(f)), f
 
 
 def sqrt_ggn_rows(fmodel: FunctionalModel, x: object, likelihood) -> tuple[Tensor, Tensor]:
@@ -158,16 +170,6 @@ def sqrt_ggn_rows(fmodel: FunctionalModel, x: object, likelihood) -> tuple[Tenso
     One-off convenience around :class:`SqrtGGNRows` (collectors keep one instance).
     """
     return SqrtGGNRows(fmodel, likelihood).rows(x)
-
-
-def _grads_loop(f: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor]:
-    warnings.warn(
-        "batched backward failed; computing the GGN rows column by column.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    cols = [torch.autograd.grad(f, outs, cot[k], retain_graph=True) for k in range(cot.shape[0])]
-    return [torch.stack([c[i] for c in cols]) for i in range(len(outs))]
 
 
 def _symmetric_update(G: Tensor, R: Tensor, n_blocks: int = 4) -> None:

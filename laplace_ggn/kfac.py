@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_finite
-from .functional import FunctionalModel, ParamLayout, capture_layers
+from .functional import FunctionalModel, ParamLayout, batched_output_grads, capture_layers
+from .ggn import jacobian_sqrt_rows
 
 __all__ = ["KFACCollector", "KFACCurvature", "KronFactors", "kfac_factor_bytes"]
 
@@ -259,7 +260,7 @@ class KFACCollector:
             else:
                 cot = self.likelihood.sqrt_hessian(fd).permute(2, 0, 1).contiguous()  # (K, B, C)
             outs = [records[m].outputs[0] for m in self.layers]
-            grads = _batched_grads(f, outs, cot)
+            grads = batched_output_grads(f, outs, cot)
             for (mname, lay), g in zip(self.layers.items(), grads):
                 a = records[mname].inputs[0].detach()
                 A_inc, B_inc, rows = self._factor_increments(lay, a, g.detach())
@@ -268,9 +269,8 @@ class KFACCollector:
                 self.B[mname] += B_inc
                 self.count[mname] += rows
         if self.rest.n_params:
-            J, _ = fm.jacobians_wrt(x, self.rest, n_outputs=fd.shape[1])
-            L = self.likelihood.sqrt_hessian(fd)
-            d = torch.einsum("bcp,bck->bkp", J, L).pow(2).sum((0, 1))
+            R, _ = jacobian_sqrt_rows(fm, x, self.rest, self.likelihood, fd)
+            d = R.pow(2).sum((0, 1))
             check_finite(d, "GGN diagonal (curvature)", where)
             self.diag += d
         return fd
@@ -360,22 +360,3 @@ class KFACCollector:
                 state[f"B.{m}"],
                 state[f"count.{m}"],
             )
-
-
-def _batched_grads(f: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor]:
-    """Vector-Jacobian products of K cotangents ``(K, B, C)`` w.r.t. each layer output."""
-    try:
-        grads = torch.autograd.grad(f, outs, cot, is_grads_batched=True, allow_unused=True)
-    except RuntimeError:
-        cols = [
-            torch.autograd.grad(f, outs, cot[k], retain_graph=True, allow_unused=True)
-            for k in range(cot.shape[0])
-        ]
-        grads = [
-            None if cols[0][i] is None else torch.stack([c[i] for c in cols])
-            for i in range(len(outs))
-        ]
-    return [
-        torch.zeros(cot.shape[0], *o.shape, dtype=o.dtype, device=o.device) if g is None else g
-        for g, o in zip(grads, outs)
-    ]
