@@ -191,16 +191,7 @@ class LaplaceWrapper:
         self._prior_precision = self._check_prior_input(prior_precision)
         if self._layout is not None:
             self._prior(self._prior_precision)
-        sigma = torch.as_tensor(sigma_noise, dtype=self._dtype, device=self._device)
-        if sigma.ndim != 0:
-            raise ValueError(f"sigma_noise must be a scalar; got shape {tuple(sigma.shape)}.")
-        check_positive(sigma, "sigma_noise")
-        if self.likelihood is not Likelihood.REGRESSION and float(sigma) != 1.0:
-            raise ValueError(
-                f"sigma_noise applies to likelihood='regression' only; got sigma_noise={float(sigma)} "
-                f"with likelihood={self.likelihood.value!r}."
-            )
-        self._sigma_noise = sigma
+        self._sigma_noise = self._check_sigma_applies(self._as_sigma(sigma_noise))
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise TypeError(f"temperature must be a float; got {type(temperature).__name__}.")
         if not (math.isfinite(temperature) and temperature > 0):
@@ -505,6 +496,15 @@ class LaplaceWrapper:
         check_positive(s.detach(), "sigma_noise")
         return s
 
+    def _check_sigma_applies(self, sigma: Tensor) -> Tensor:
+        """Refuse σ ≠ 1 for likelihoods without observation noise; returns ``sigma``."""
+        if self.likelihood is not Likelihood.REGRESSION and float(sigma) != 1.0:
+            raise ValueError(
+                f"sigma_noise applies to likelihood='regression' only; got sigma_noise="
+                f"{float(sigma)} with likelihood={self.likelihood.value!r}."
+            )
+        return sigma
+
     def _posterior_at(self, prior_precision=None, sigma_noise=None):
         """The fitted posterior with other hyperparameters (no refit)."""
         if prior_precision is None and sigma_noise is None:
@@ -537,8 +537,7 @@ class LaplaceWrapper:
             else self._check_prior_input(prior_precision)
         )
         sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
-        if self.likelihood is not Likelihood.REGRESSION and float(sigma) != 1.0:
-            raise ValueError("sigma_noise applies to likelihood='regression' only.")
+        self._check_sigma_applies(sigma)
         post = self._posterior.with_prior(self._prior(prec.detach()), self._scale(sigma.detach()))
         self._prior_precision, self._sigma_noise, self._posterior = (
             prec.detach(),
