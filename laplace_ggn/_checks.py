@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
@@ -21,8 +22,11 @@ __all__ = [
     "Link",
     "PredictMethod",
     "as_enum",
+    "check_computed_finite",
     "check_finite",
     "check_positive",
+    "check_target_tensor",
+    "is_integer",
     "shape_str",
     "near_matches",
     "DEFAULT_MEMORY_BUDGET",
@@ -145,3 +149,78 @@ def check_positive(value: Tensor, name: str) -> None:
             + ("..." if value.numel() > 5 else "")
             + f" (shape {shape_str(value.shape)})."
         )
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer scalar: a Python, NumPy or 0-dim integer torch value.
+
+    Counts (``n``, ``n_samples``, ``rank``, ``n_steps``, ...) accept all three; ``bool`` (and
+    NumPy / torch booleans) are refused, so that ``True`` is never read as 1.
+    """
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return (
+        isinstance(value, Tensor)
+        and value.ndim == 0
+        and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    )
+
+
+def check_target_tensor(y: object, where: str = "") -> Tensor:
+    """Return ``y`` if it is a real-valued tensor of targets.
+
+    Targets are not converted: NumPy arrays, lists, numbers and ``None`` are refused, as
+    floating inputs of another dtype are (a ``DataLoader`` already turns NumPy arrays into
+    tensors).
+
+    Args:
+        y: Targets of one batch.
+        where: Location, e.g. ``"batch 3"``.
+
+    Returns:
+        ``y`` unchanged.
+
+    Raises:
+        TypeError: If ``y`` is not a tensor, or is complex.
+    """
+    loc = f" in {where}" if where else ""
+    if not isinstance(y, Tensor):
+        raise TypeError(
+            f"targets{loc} must be a torch.Tensor; got {type(y).__name__}. Convert them with "
+            "torch.as_tensor(y) (a DataLoader does this for NumPy arrays)."
+        )
+    if y.is_complex():
+        raise TypeError(f"targets{loc} must be real-valued; got dtype {y.dtype}.")
+    return y
+
+
+def check_computed_finite(tensor: Tensor, what: str, hint: str = "") -> None:
+    """Raise if a computed quantity holds NaN or Inf (a numerical failure, not bad input).
+
+    Args:
+        tensor: The result to check (non-floating tensors always pass).
+        what: Name of the quantity, e.g. ``"functional covariance J Σ Jᵀ"``.
+        hint: What to try instead; a default about overflow is used when empty.
+
+    Raises:
+        RuntimeError: If the tensor holds a NaN or an Inf.
+    """
+    if not tensor.is_floating_point():
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(tensor).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    raise RuntimeError(
+        f"{what} must be finite; got {n_nan} NaN and {n_inf} Inf values out of "
+        f"{tensor.numel()} (shape {shape_str(tensor.shape)}, {tensor.dtype}). "
+        + (
+            hint
+            or "The computation overflowed: the model's outputs or Jacobians are too large for "
+            "this dtype (saturated logits?). Evaluate a float64 copy of the model "
+            "(model.double()) or rescale its last layer."
+        )
+    )

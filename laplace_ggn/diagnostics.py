@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._checks import Likelihood, Structure, check_finite, shape_str
+from ._checks import Likelihood, Structure, check_finite, is_integer, shape_str
 from .functional import FunctionalModel, batch_size_of, input_tensors, split_batch, to_device
 from .posteriors import FullPosterior
 
@@ -326,14 +326,12 @@ def eigenbasis(posterior: object) -> tuple[Tensor, Tensor]:
 def _check_options(tol: object, rank: object, n_samples: object, R: int) -> None:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol < 1):
         raise ValueError(f"tol must be a float in [0, 1); got {tol!r}.")
-    if rank is not None and (
-        isinstance(rank, bool) or not isinstance(rank, int) or not (0 <= rank <= R)
-    ):
+    if rank is not None and (not is_integer(rank) or not (0 <= rank <= R)):
         raise ValueError(
             f"rank must be None or an int in [0, {R}] (the eigenpairs the posterior holds); "
             f"got {rank!r}."
         )
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
+    if not is_integer(n_samples) or n_samples < 0:
         raise ValueError(
             f"n_samples must be an int >= 0 (0 skips the sample table); got {n_samples!r}."
         )
@@ -495,6 +493,7 @@ def kernel_decomposition(
     lam, U = eigenbasis(posterior)
     P, R = U.shape
     _check_options(tol, rank, n_samples, R)
+    rank, n_samples = (None if rank is None else int(rank)), int(n_samples)
     inputs, loader_y = gather_inputs(x, input_key=input_key, target_key=target_key)
     if loader_y is not None and y is not None:
         raise ValueError(

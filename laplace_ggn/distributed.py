@@ -20,7 +20,8 @@ The module speaks the *collector distribution protocol*: a collector provides
 
 1. :meth:`~DistributedFit.agree` (before the pass): models identical on every rank (a checksum
    per parameter and buffer), at least one rank holds data, the ``"last_layer"`` subset traced
-   on the lowest rank that holds data (ranks with an empty shard cannot trace), and any error
+   on the lowest rank that holds data (ranks with an empty shard, or only batches of 0 rows,
+   cannot trace), and any error
    raised on one rank before the pass raised on every rank;
 2. :meth:`~DistributedFit.finish` (after the pass): errors of the pass raised on every rank,
    the number of data points N, the output dimension C and the loss sum combined, the
@@ -188,7 +189,8 @@ class DistributedFit:
             subset: The wrapper's subset option.
             layout: The layout resolved on this rank (``None`` if this rank could not trace
                 ``"last_layer"`` because its shard is empty).
-            has_data: Whether this rank's shard yields at least one batch.
+            has_data: Whether this rank's shard yields at least one batch with rows (batches
+                of 0 rows are skipped, so a shard of only those counts as empty).
             error: An exception raised on this rank before the pass (re-raised here after the
                 collective, so that no rank waits for it).
 
@@ -230,8 +232,8 @@ class DistributedFit:
         with_data = [r for r, rep in enumerate(reports) if rep["has_data"]]
         if not with_data:
             raise ValueError(
-                f"train_loader must yield at least one batch on some rank; got empty loaders "
-                f"on all {self.world_size} ranks."
+                f"train_loader must yield at least one non-empty batch on some rank; got no "
+                f"data on all {self.world_size} ranks (empty loaders or batches of 0 rows)."
             )
         if layout is not None and subset != "last_layer":
             return layout

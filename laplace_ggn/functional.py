@@ -162,18 +162,31 @@ def _leaves(x: object) -> list[Tensor]:
     return []
 
 
-def batch_size_of(x: object) -> int:
+def batch_size_of(x: object, where: str = "") -> int:
     """Leading dimension of the first tensor in ``x``.
 
+    Args:
+        x: Model input (tensor, tuple or dict of tensors).
+        where: Location for error messages, e.g. ``"batch 3"``.
+
+    Returns:
+        B.
+
     Raises:
-        ValueError: If ``x`` holds no tensor.
+        ValueError: If ``x`` holds no tensor, or a tensor without a batch dimension (0-dim).
     """
     leaves = _leaves(x)
+    loc = f" in {where}" if where else ""
     if not leaves:
         raise ValueError(
             f"model input must be a tensor, a tuple or a dict of tensors; got {type(x).__name__}."
         )
-    return int(leaves[0].shape[0]) if leaves[0].ndim else 1
+    if leaves[0].ndim == 0:
+        raise ValueError(
+            f"model input{loc} must have a leading batch dimension; got a 0-dim tensor. Add one "
+            "with x.unsqueeze(0) (a batch of one)."
+        )
+    return int(leaves[0].shape[0])
 
 
 def input_tensors(x: object) -> list[Tensor]:
@@ -430,6 +443,9 @@ class FunctionalModel:
             J, f = self._jacobian_chunk(theta, xc, layout)
             Js.append(J)
             fs.append(f)
+        if not Js:  # an input of 0 rows: empty results of the right shapes
+            C = n_outputs if n_outputs is not None else self.forward(x).shape[1]
+            return theta.new_zeros(0, C, layout.n_params), theta.new_zeros(0, C)
         return torch.cat(Js), torch.cat(fs)
 
     def _jacobian_chunk(

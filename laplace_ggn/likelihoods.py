@@ -117,10 +117,14 @@ class Categorical:
     kind = Likelihood.CLASSIFICATION
 
     def check_targets(self, f: Tensor, y: Tensor, where: str = "") -> Tensor:
-        """Return integer labels of shape ``(B,)``.
+        """Return integer labels of shape ``(B,)`` and dtype ``torch.long``.
+
+        Labels of any integer dtype (and ``bool``, as classes 0 and 1) are accepted, as are
+        floating labels holding whole numbers.
 
         Raises:
-            ValueError: If labels are not integral, of the wrong shape, or out of range.
+            ValueError: If labels are not finite, not integral, of the wrong shape, or out of
+                range.
         """
         loc = f" ({where})" if where else ""
         B, C = f.shape
@@ -132,12 +136,21 @@ class Categorical:
                 f"got {shape_str(y.shape)}. One-hot targets are not accepted: use y.argmax(-1)."
             )
         if y.is_floating_point():
+            finite = torch.isfinite(y)
+            if not bool(finite.all()):
+                n_nan = int(torch.isnan(y).sum())
+                raise ValueError(
+                    f"classification targets{loc} must be finite class indices; got {n_nan} NaN "
+                    f"and {int((~finite).sum()) - n_nan} Inf values."
+                )
             if not bool((y == y.round()).all()):
                 raise ValueError(
                     f"classification targets{loc} must be integer class indices; got "
                     f"non-integral values of dtype {y.dtype}."
                 )
             y = y.long()
+        elif y.dtype != torch.long:
+            y = y.long()  # int8/16/32, uint8, bool: the losses need int64 indices
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
             raise ValueError(
                 f"classification targets{loc} must lie in [0, {C - 1}] for a model with {C} "

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import DEFAULT_MEMORY_BUDGET, Likelihood, as_enum, shape_str
+from ._checks import DEFAULT_MEMORY_BUDGET, Likelihood, as_enum, is_integer, shape_str
 from .functional import FunctionalModel, resolve_subset, split_batch
 from .likelihoods import get_likelihood
 
@@ -451,9 +451,9 @@ class MCFisherOperator(_DataCurvatureOperator):
 
     def __init__(self, model, loader, *, mc_samples: int = 1, seed: int = 0, **kwargs):
         super().__init__(model, loader, **kwargs)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        if not is_integer(mc_samples) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}.")
-        self.mc_samples, self.seed = mc_samples, int(seed)
+        self.mc_samples, self.seed = int(mc_samples), int(seed)
 
     def _output_matvec(self, f: Tensor, u: Tensor, y: Tensor, index: int) -> Tensor:
         gen = torch.Generator(device=f.device).manual_seed(self.seed + index)

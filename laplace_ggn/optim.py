@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ._checks import Likelihood, as_enum, shape_str
+from ._checks import Likelihood, as_enum, is_integer, shape_str
 from .functional import ParamLayout
 from .kfac import KFACCurvature, KronFactors
 from .likelihoods import get_likelihood
@@ -148,8 +148,9 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"sigma_noise must be a finite number > 0; got {sigma_noise!r}.")
         if not (isinstance(cg_tol, (int, float)) and cg_tol > 0):
             raise ValueError(f"cg_tol must be > 0; got {cg_tol!r}.")
-        if isinstance(cg_max_iter, bool) or not isinstance(cg_max_iter, int) or cg_max_iter < 1:
+        if not is_integer(cg_max_iter) or cg_max_iter < 1:
             raise ValueError(f"cg_max_iter must be an integer >= 1; got {cg_max_iter!r}.")
+        cg_max_iter = int(cg_max_iter)
         defaults = {"lr": lr, "damping": damping, "prior_precision": prior_precision}
         super().__init__(params, defaults)
         for group in self.param_groups:

@@ -10,8 +10,9 @@ noise :math:`\sigma^2 I`; classification maps the Gaussian over logits through a
   the sigmoid of :math:`\kappa \mu` for a binary model.
 - ``bridge`` (Laplace bridge, Hobbhahn et al. 2022): a Dirichlet with
   :math:`\alpha_k = v_k^{-1}\big(1 - \tfrac2C + \tfrac{e^{\mu_k}}{C^2}\sum_l e^{-\mu_l}\big)`,
-  computed on the Gaussian conditioned on :math:`\sum_c f_c = 0`; mean
-  :math:`\alpha / \alpha_0`.
+  computed on the Gaussian projected onto the zero-sum subspace (:math:`\mu - \bar\mu 1`,
+  :math:`P \Sigma P` with :math:`P = I - 11^\top/C`), so that adding the same constant to every
+  logit changes nothing, as for the softmax; mean :math:`\alpha / \alpha_0`.
 - ``mc``: S draws :math:`f_s = \mu + L z_s`, :math:`L L^\top = J \Sigma J^\top`, independent
   for every input; mean of the softmax / sigmoid.
 
@@ -38,7 +39,16 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, PredictMethod, as_enum, shape_str
+from ._checks import (
+    DEFAULT_MEMORY_BUDGET,
+    Likelihood,
+    Link,
+    PredictMethod,
+    as_enum,
+    check_computed_finite,
+    is_integer,
+    shape_str,
+)
 from .functional import batch_size_of, split_batch
 
 __all__ = [
@@ -125,9 +135,9 @@ def resolve_options(
 
 
 def _check_n_samples(n_samples: object) -> int:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+    if not is_integer(n_samples) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
-    return n_samples
+    return int(n_samples)
 
 
 def _check_generator(generator: object) -> None:
@@ -177,7 +187,11 @@ def probit(mean: Tensor, var: Tensor, *, binary: bool = False) -> Prediction:
         p_bar = torch.softmax(kappa * mean, dim=-1)
         s = torch.softmax(mean, dim=-1)
         A = torch.diag_embed(s) - s.unsqueeze(2) * s.unsqueeze(1)
-        delta = torch.diagonal(A @ cov @ A.transpose(1, 2), dim1=1, dim2=2)
+        # products on Σ_f / max|Σ_f|: huge finite covariances do not overflow into NaN
+        scale = _max_abs(cov)
+        delta = scale[:, None] * torch.diagonal(
+            A @ (cov / scale[:, None, None]) @ A.transpose(1, 2), dim1=1, dim2=2
+        )
     variance = torch.minimum(delta.clamp_min(0), p_bar * (1 - p_bar))
     return Prediction(p_bar, variance)
 
@@ -193,9 +207,12 @@ def _binary_as_two_class(mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
 def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Prediction:
     r"""Laplace bridge: the Dirichlet matched to a Gaussian over logits (Hobbhahn et al.).
 
-    The Gaussian is first conditioned on :math:`\sum_c f_c = 0` (the softmax is invariant to
-    that direction): :math:`\mu' = \mu - \Sigma 1\, (1^\top\mu)/(1^\top\Sigma 1)`,
-    :math:`\Sigma' = \Sigma - \Sigma 1 1^\top \Sigma / (1^\top \Sigma 1)`.  Then
+    The softmax is invariant to adding the same constant to every logit, so
+    :math:`\mathrm{softmax}(f) = \mathrm{softmax}(Pf)` with :math:`P = I - 11^\top/C`, and the
+    Gaussian is first projected onto the zero-sum subspace:
+    :math:`\mu' = P\mu = \mu - \bar\mu 1`, :math:`\Sigma' = P \Sigma P`.  The projection is
+    the exact distribution of the logits the softmax sees; it makes the result invariant to
+    shifting every logit (and every sample of them) by the same constant.  Then
 
     .. math::
         \alpha_k = \frac{1}{\Sigma'_{kk}}\Big(1 - \frac2C + \frac{e^{\mu'_k}}{C^2}
@@ -203,8 +220,11 @@ def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Predic
         \mathbb E[p_k] = \frac{\alpha_k}{\alpha_0}, \quad
         \mathrm{Var}[p_k] = \frac{\alpha_k(\alpha_0 - \alpha_k)}{\alpha_0^2(\alpha_0 + 1)},
 
-    with :math:`\alpha_0 = \sum_k \alpha_k`, computed in log space.  A binary logit a is the
-    pair :math:`(-a/2, a/2)`.
+    with :math:`\alpha_0 = \sum_k \alpha_k`, computed in log space (and on
+    :math:`\Sigma'/\max|\Sigma|`, so that huge finite covariances do not overflow).  A binary
+    logit a is the pair :math:`(-a/2, a/2)` with covariance
+    :math:`\tfrac{\Sigma}{4}\left[\begin{smallmatrix}1&-1\\-1&1\end{smallmatrix}\right]`,
+    already on the zero-sum subspace.
 
     Args:
         mean: Logit means, shape ``(B, C)`` (``(B, 1)`` if ``binary``).
@@ -221,19 +241,19 @@ def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Predic
     if binary:
         mean, cov = _binary_as_two_class(mean, cov)
     C = mean.shape[1]
-    s1 = cov.sum(-1)
-    total = s1.sum(-1)
-    trace = torch.diagonal(cov, dim1=1, dim2=2).sum(-1)
-    ok = (total > 1e-12 * trace.clamp_min(torch.finfo(cov.dtype).tiny)).to(cov.dtype)
-    denom = torch.where(total > 0, total, torch.ones_like(total))
-    mu = mean - ok[:, None] * s1 * (mean.sum(-1) / denom)[:, None]
-    cov_c = cov - ok[:, None, None] * s1.unsqueeze(2) * s1.unsqueeze(1) / denom[:, None, None]
-    v = torch.diagonal(cov_c, dim1=1, dim2=2).clamp_min(torch.finfo(cov.dtype).tiny)
+    mu = mean - mean.mean(-1, keepdim=True)
+    scale = _max_abs(cov)
+    cs = cov / scale[:, None, None]
+    # P Σ P with P = I - 11ᵀ/C: remove the row and column means, add back the grand mean
+    cs = (
+        cs - cs.mean(-1, keepdim=True) - cs.mean(-2, keepdim=True) + cs.mean((-2, -1), keepdim=True)
+    )
+    v = torch.diagonal(cs, dim1=1, dim2=2).clamp_min(torch.finfo(cov.dtype).tiny)
     const = torch.full_like(mu, math.log(1.0 - 2.0 / C) if C > 2 else -math.inf)
     log_num = torch.logaddexp(
         const, mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(C)
     )
-    log_alpha = log_num - torch.log(v)
+    log_alpha = log_num - torch.log(v) - torch.log(scale)[:, None]
     m = torch.softmax(log_alpha, dim=-1)
     alpha0 = torch.exp(torch.logsumexp(log_alpha, dim=-1, keepdim=True))
     variance = m * (1 - m) / (alpha0 + 1)
@@ -242,17 +262,41 @@ def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Predic
     return Prediction(m, variance)
 
 
+def _max_abs(cov: Tensor) -> Tensor:
+    """Largest absolute entry of each matrix ``(B, C, C)``, shape ``(B,)``, at least ``tiny``."""
+    if cov.numel() == 0:
+        return cov.new_ones(cov.shape[0])
+    return cov.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(cov.dtype).tiny)
+
+
 def psd_sqrt(cov: Tensor) -> Tensor:
     r"""A factor L with :math:`L L^\top = \Sigma` for PSD (possibly singular) matrices.
 
+    The eigendecomposition runs on :math:`\Sigma / \max|\Sigma|` (and, if that fails to
+    converge, once more in float64), so that huge or tiny finite entries do not make it fail.
+
     Args:
-        cov: Shape ``(B, C, C)``.
+        cov: Shape ``(B, C, C)``, finite.
 
     Returns:
         Shape ``(B, C, C)``; eigenvalues below 0 (round-off) are clamped to 0.
+
+    Raises:
+        RuntimeError: If the eigendecomposition fails even in float64 (non-finite entries).
     """
-    lam, U = torch.linalg.eigh(cov)
-    return U * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    scale = _max_abs(cov)[:, None, None]
+    try:
+        lam, U = torch.linalg.eigh(cov / scale)
+    except torch.linalg.LinAlgError:
+        try:
+            lam, U = torch.linalg.eigh((cov / scale).to(torch.float64))
+        except torch.linalg.LinAlgError as err:
+            raise RuntimeError(
+                "functional covariance J Σ Jᵀ must have an eigendecomposition for the mc link; "
+                f"torch.linalg.eigh failed ({err}). Check it for NaN/Inf."
+            ) from err
+        lam, U = lam.to(cov.dtype), U.to(cov.dtype)
+    return U * (lam.clamp_min(0) * scale[:, 0]).sqrt().unsqueeze(-2)
 
 
 def mc_link(
@@ -297,6 +341,8 @@ def mc_link(
     S = _check_n_samples(n_samples)
     _check_generator(generator)
     B, C = mean.shape
+    if B == 0:
+        return Prediction(mean.new_zeros(0, C), mean.new_zeros(0, C))
     rows = max(1, int(memory_budget // max(1, 4 * S * C * mean.element_size())))
     means, variances = [], []
     for start in range(0, B, rows):
@@ -377,6 +423,9 @@ def functional_moments(fmodel, posterior, x: object, *, n_outputs: int) -> tuple
         J, f = fmodel.jacobians(xc, n_outputs=n_outputs)
         fs.append(f)
         covs.append(posterior.functional_covariance(J))
+    if not fs:  # an input of 0 rows
+        z = fmodel.theta.new_zeros(0, n_outputs)
+        return z, z.new_zeros(0, n_outputs, n_outputs)
     return torch.cat(fs), torch.cat(covs)
 
 
@@ -396,9 +445,13 @@ def glm_predictive(
 
     Returns:
         The :class:`Prediction`, shapes ``(B, C)``.
+
+    Raises:
+        RuntimeError: If the functional covariance is not finite.
     """
     with torch.no_grad():
         f, cov = functional_moments(fmodel, posterior, x, n_outputs=n_outputs)
+        check_computed_finite(cov, "functional covariance J Σ Jᵀ (GLM predictive)")
         return glm_from_moments(
             f,
             cov,
@@ -441,6 +494,8 @@ def sample_outputs(fmodel, thetas: Tensor, x: object, *, n_outputs: int) -> Tens
     elt = fmodel.theta.element_size()
     pairs = max(1, fmodel.memory_budget // _pair_bytes(fmodel, n_outputs))
     B = batch_size_of(x)
+    if B == 0:
+        return thetas.new_zeros(S, 0, n_outputs)
     x_chunk = min(B, pairs)
     s_chunk = max(1, min(S, pairs // x_chunk, fmodel.memory_budget // max(1, 4 * P * elt)))
     rows = []
@@ -549,6 +604,8 @@ def predict(
         ValueError: If the options or their combination are invalid, or ``n_samples`` is not
             a positive integer.
         TypeError: If ``generator`` is not a ``torch.Generator``.
+        RuntimeError: If the functional covariance or the predictive is not finite (a
+            numerical overflow, e.g. saturated logits in float32).
     """
     m, lk = resolve_options(likelihood, method, link)
     _check_n_samples(n_samples)
@@ -561,8 +618,13 @@ def predict(
         "n_outputs": n_outputs,
     }
     if m is PredictMethod.NN:
-        return nn_predictive(fmodel, posterior, x, **kw)
-    return glm_predictive(fmodel, posterior, x, link=lk, **kw)
+        pred = nn_predictive(fmodel, posterior, x, **kw)
+    else:
+        pred = glm_predictive(fmodel, posterior, x, link=lk, **kw)
+    name = f"method={m.value!r}" + (f", link={lk.value!r}" if lk is not None else "")
+    check_computed_finite(pred.mean, f"predictive mean ({name})")
+    check_computed_finite(pred.variance, f"predictive variance ({name})")
+    return pred
 
 
 def predictive_nll(pred: Prediction, y: Tensor, likelihood: Likelihood) -> Tensor:

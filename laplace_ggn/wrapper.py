@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +31,16 @@ from ._checks import (
     PredictMethod,
     Structure,
     as_enum,
+    check_computed_finite,
     check_finite,
     check_positive,
+    check_target_tensor,
+    is_integer,
 )
 from .functional import (
     FunctionalModel,
     ParamLayout,
+    batch_size_of,
     input_tensors,
     resolve_subset,
     split_batch,
@@ -203,15 +209,16 @@ class LaplaceWrapper:
                     f"rank applies to structure='lowrank' only; got rank={rank} with "
                     f"structure={self.structure.value!r}."
                 )
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            if not is_integer(rank) or rank < 1:
                 raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
+            rank = int(rank)
         self.rank = rank
         self.input_key, self.target_key = input_key, target_key
-        if not isinstance(memory_budget, int) or memory_budget <= 0:
+        if not is_integer(memory_budget) or memory_budget <= 0:
             raise ValueError(
                 f"memory_budget must be a positive int (bytes); got {memory_budget!r}."
             )
-        self.memory_budget = memory_budget
+        self.memory_budget = int(memory_budget)
         self._posterior = None
         self._fmodel: FunctionalModel | None = None
         self._stats: FitStatistics | None = None
@@ -330,20 +337,26 @@ class LaplaceWrapper:
             raise NotImplementedError(f"structure={self.structure.value!r} is not available.")
         dctx = _distributed.resolve_distributed(distributed, process_group)
         first, iterator, layout, private, local_error = None, iter(()), self._layout, None, None
+        first_i, n_empty = 0, 0
         try:
             iterator = iter(train_loader)
-            first = next(iterator, _NO_BATCH)
-            if first is _NO_BATCH:
-                first = None
+            # batches with 0 rows are skipped; the first batch with data starts the pass
+            for first_i, batch in enumerate(iterator):
+                x0, _, empty = self._split(batch, f"batch {first_i}")
+                if not empty:
+                    first = batch
+                    break
+                n_empty += 1
+            if first is None:
                 if dctx is None:
                     raise ValueError(
                         "train_loader must yield at least one batch; got an empty loader."
+                        if not n_empty
+                        else "train_loader must yield at least one non-empty batch; got "
+                        f"{n_empty} batch(es), all with 0 rows."
                     )
             elif layout is None:
                 # 'last_layer' is traced on a private eval-mode copy, never on the user's model
-                x0, _ = split_batch(
-                    first, input_key=self.input_key, target_key=self.target_key, where="batch 0"
-                )
                 private = copy.deepcopy(self.model).eval()
                 layout = resolve_subset(private, self.subset, self._to_device(x0))
         except Exception as exc:
@@ -381,13 +394,17 @@ class LaplaceWrapper:
         batches = _chain_first(first, iterator) if first is not None else ()
         try:
             with tqdm(
-                batches, total=total, disable=not show, desc=f"fit {self.structure.value}"
+                batches,
+                total=total,
+                initial=first_i,
+                disable=not show,
+                desc=f"fit {self.structure.value}",
             ) as bar:
-                for i, batch in enumerate(bar):
+                for i, batch in enumerate(bar, start=first_i):
                     where = f"batch {i}"
-                    x, y = split_batch(
-                        batch, input_key=self.input_key, target_key=self.target_key, where=where
-                    )
+                    x, y, empty = self._split(batch, where)
+                    if empty:
+                        continue
                     x = self._to_device(x)
                     for t in input_tensors(x):
                         if t.is_floating_point() and t.dtype != self._dtype:
@@ -407,7 +424,7 @@ class LaplaceWrapper:
                             f"got {f.shape[1]}."
                         )
                     n_out = f.shape[1]
-                    loss_sum += float(self._lik.loss_statistic(f, y))
+                    loss_sum += self._loss_statistic(f, y, where)
                     n_data += f.shape[0]
         except Exception as exc:
             if dctx is None:
@@ -418,7 +435,8 @@ class LaplaceWrapper:
                 collector, n_data=n_data, n_outputs=n_out, loss_sum=loss_sum, error=local_error
             )
         curvature = collector.finalize()
-        check_finite(curvature if isinstance(curvature, Tensor) else torch.zeros(()), "curvature")
+        for name, t in _curvature_tensors(curvature, "curvature"):
+            check_finite(t, name)
         posterior = spec.build(curvature, fmodel.theta, prior, self._scale(self._sigma_noise), self)
         # commit: all or nothing
         self._layout, self._fmodel = layout, fmodel
@@ -428,6 +446,40 @@ class LaplaceWrapper:
 
     def _to_device(self, x: object) -> object:
         return to_device(x, self._device)
+
+    def _split(self, batch: object, where: str) -> tuple[object, Tensor, bool]:
+        """``(x, y, empty)`` of a loader batch; ``empty`` when it holds 0 rows (skipped).
+
+        Raises:
+            ValueError: If the batch is malformed, the input has no batch dimension, or an
+                empty input comes with targets.
+            TypeError: If the targets are not a tensor.
+        """
+        x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
+        y = check_target_tensor(y, where)
+        empty = batch_size_of(x, where=where) == 0
+        if empty and (y.ndim == 0 or y.shape[0] != 0):
+            raise ValueError(
+                f"targets in {where} must have as many rows as the input (0); got shape "
+                f"{tuple(y.shape)}."
+            )
+        return x, y, empty
+
+    def _loss_statistic(self, f: Tensor, y: Tensor, where: str) -> float:
+        """The batch's loss statistic, accumulated in float64 (no float32 overflow of Σ(y−f)²).
+
+        Raises:
+            ValueError: If it is not finite even in float64.
+        """
+        f64 = f.to(torch.float64)
+        stat = float(self._lik.loss_statistic(f64, y.to(f64) if y.is_floating_point() else y))
+        if not math.isfinite(stat):
+            raise ValueError(
+                f"training loss in {where} must be finite; got {stat}. The model's outputs are too "
+                "large for the loss (saturated or overflowing outputs): check the model for "
+                "numerical overflow."
+            )
+        return stat
 
     def _memory_message(self, need: int, P: int) -> str:
         specs = [(s, STRUCTURES[s]) for s in Structure if s in STRUCTURES]  # stable order
@@ -449,7 +501,7 @@ class LaplaceWrapper:
         """Dense posterior covariance Σ, shape ``(P, P)``.
 
         Raises:
-            RuntimeError: If not fitted.
+            RuntimeError: If not fitted, or Σ is not finite.
             ValueError: If P×P exceeds the memory budget (the message gives the GB needed).
         """
         self._require_fit("posterior_covariance()")
@@ -461,7 +513,9 @@ class LaplaceWrapper:
                 f"the memory budget of {_gb(self.memory_budget)}. Use functional_covariance(x), "
                 "sample(n) or posterior.covariance_matvec(V) instead, or raise memory_budget=."
             )
-        return self._posterior.to_dense()
+        Sigma = self._posterior.to_dense()
+        check_computed_finite(Sigma, "posterior covariance Σ")
+        return Sigma
 
     def log_marginal_likelihood(
         self,
@@ -481,15 +535,22 @@ class LaplaceWrapper:
             The log marginal likelihood.
 
         Raises:
-            RuntimeError: If not fitted.
+            RuntimeError: If not fitted, or the evidence is not finite (the message names the
+                term that overflowed).
             ValueError: If a hyperparameter is not positive or has the wrong shape.
         """
         self._require_fit("log_marginal_likelihood()")
         post = self._posterior_at(prior_precision, sigma_noise)
         sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
-        return _marglik.log_marginal_likelihood(post, self._stats, self._lik, sigma)
+        value = _marglik.log_marginal_likelihood(post, self._stats, self._lik, sigma)
+        _marglik.check_evidence(value, post, self._stats, self._lik, sigma)
+        return value
 
     def _as_sigma(self, sigma_noise: float | Tensor) -> Tensor:
+        if isinstance(sigma_noise, bool) or not isinstance(sigma_noise, (numbers.Real, Tensor)):
+            raise TypeError(
+                f"sigma_noise must be a float or a 0-dim tensor; got {type(sigma_noise).__name__}."
+            )
         s = torch.as_tensor(sigma_noise, dtype=self._dtype, device=self._device)
         if s.ndim != 0:
             raise ValueError(f"sigma_noise must be a scalar; got shape {tuple(s.shape)}.")
@@ -556,13 +617,16 @@ class LaplaceWrapper:
             ``(J, f)``: shape ``(B, C, P)`` and outputs ``(B, C)``.
 
         Raises:
-            RuntimeError: If not fitted.
+            RuntimeError: If not fitted, or the Jacobians are not finite (numerical overflow).
         """
         self._require_fit("jacobians()")
         x = self._to_device(x)
         for t in input_tensors(x):
             check_finite(t, "input")
-        return self._fmodel.jacobians(x)
+        J, f = self._fmodel.jacobians(x, n_outputs=self._stats.n_outputs)
+        check_computed_finite(f, "model output at the inputs")
+        check_computed_finite(J, "Jacobians J(x)")
+        return J, f
 
     def functional_covariance(self, x: object) -> Tensor:
         r"""Covariance of the linearised outputs, :math:`J(x) \Sigma J(x)^\top`.
@@ -576,7 +640,7 @@ class LaplaceWrapper:
             Shape ``(B, C, C)`` (without observation noise).
 
         Raises:
-            RuntimeError: If not fitted.
+            RuntimeError: If not fitted, or the result is not finite (numerical overflow).
             ValueError: If the input holds NaN/Inf.
         """
         self._require_fit("functional_covariance()")
@@ -589,7 +653,9 @@ class LaplaceWrapper:
         for xc in self._fmodel.chunks(x, self._fmodel.chunk_size(per_sample)):
             J, _ = self._fmodel.jacobians(xc, n_outputs=C)
             out.append(self._posterior.functional_covariance(J))
-        return torch.cat(out)
+        cov = torch.cat(out) if out else self._fmodel.theta.new_zeros(0, C, C)
+        check_computed_finite(cov, "functional covariance J Σ Jᵀ")
+        return cov
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw parameter vectors of the subset from the posterior.
@@ -602,11 +668,15 @@ class LaplaceWrapper:
             Shape ``(n, P)``.
 
         Raises:
-            RuntimeError: If not fitted.
-            ValueError: If ``n`` is not a positive integer.
+            RuntimeError: If not fitted, or the samples are not finite.
+            ValueError: If ``n`` is not a positive integer (Python, NumPy or 0-dim torch).
         """
         self._require_fit("sample()")
-        return self._posterior.sample(n, generator=generator)
+        if not is_integer(n) or n < 1:
+            raise ValueError(f"n must be a positive integer; got {n!r}.")
+        draws = self._posterior.sample(int(n), generator=generator)
+        check_computed_finite(draws, "posterior samples")
+        return draws
 
     # -- predictions and hyperparameter tuning ------------------------------------------------
 
@@ -638,7 +708,8 @@ class LaplaceWrapper:
             ``(B, C)``.
 
         Raises:
-            RuntimeError: If not fitted.
+            RuntimeError: If not fitted, or the functional covariance or the predictive is not
+                finite (numerical overflow, e.g. saturated logits in float32).
             ValueError: If the method/link combination is invalid (the message lists the valid
                 ones), ``n_samples`` is not a positive int, or the input holds NaN/Inf.
             TypeError: If ``generator`` is not a ``torch.Generator``.
@@ -731,9 +802,10 @@ class LaplaceWrapper:
         self._require_fit("optimize_prior_precision()")
         if opts.method is _marglik.TuneMethod.GRIDSEARCH:
             batches = []
-            for x, y in _predictive.batches_of(
-                val_loader, input_key=self.input_key, target_key=self.target_key
-            ):
+            for i, batch in enumerate(val_loader):
+                x, y, empty = self._split(batch, f"val_loader batch {i}")
+                if empty:
+                    continue
                 x = self._to_device(x)
                 for t in input_tensors(x):
                     check_finite(t, "val_loader input")
@@ -755,24 +827,36 @@ class LaplaceWrapper:
             )
             self.set_hyperparameters(prior_precision=result.best)
             self.gridsearch_result_ = result
+            edge = _marglik.grid_edge_warning(result, explicit_grid=grid is not None)
+            if edge:
+                warnings.warn(edge, UserWarning, stacklevel=2)
             return self
         kind = opts.kind or self._posterior.prior.kind
         init = _marglik.convert_prior(self._prior_precision, kind, self._layout)
         self._posterior_at(init, None)  # validates the prior structure for this posterior
-        result = _marglik.optimize_marglik(
-            self._posterior,
-            self._stats,
-            self._lik,
-            posterior_at=self._posterior_at,
-            prior_precision=init,
-            kind=kind,
-            sigma_noise=self._sigma_noise,
-            temperature=self.temperature,
-            tune_sigma_noise=tune_sigma_noise,
-            n_steps=opts.n_steps,
-            lr=opts.lr,
-            progress=progress,
-        )
+        try:
+            result = _marglik.optimize_marglik(
+                self._posterior,
+                self._stats,
+                self._lik,
+                posterior_at=self._posterior_at,
+                prior_precision=init,
+                kind=kind,
+                sigma_noise=self._sigma_noise,
+                temperature=self.temperature,
+                tune_sigma_noise=tune_sigma_noise,
+                n_steps=opts.n_steps,
+                lr=opts.lr,
+                progress=progress,
+            )
+        except RuntimeError as err:
+            # name the overflowing term when the evidence is not finite at the start already
+            start = self._posterior_at(init, None)
+            value = _marglik.log_marginal_likelihood(
+                start, self._stats, self._lik, self._sigma_noise
+            )
+            _marglik.check_evidence(value, start, self._stats, self._lik, self._sigma_noise, err)
+            raise
         self.set_hyperparameters(
             prior_precision=result.prior_precision,
             sigma_noise=result.sigma_noise if tune_sigma_noise else None,
@@ -938,7 +1022,19 @@ class LaplaceWrapper:
         )
 
 
-_NO_BATCH = object()
+def _curvature_tensors(obj: object, name: str) -> list[tuple[str, Tensor]]:
+    """Every tensor of a curvature (a tensor or a dataclass of tensors), with its name."""
+    if isinstance(obj, Tensor):
+        return [(name, obj)]
+    if is_dataclass(obj):
+        return [
+            item
+            for f in fields(obj)
+            for item in _curvature_tensors(getattr(obj, f.name), f"{name} {f.name}")
+        ]
+    if isinstance(obj, (tuple, list)):
+        return [item for i, v in enumerate(obj) for item in _curvature_tensors(v, f"{name}[{i}]")]
+    return []
 
 
 def _chain_first(first: object, rest: Iterable) -> Iterable:

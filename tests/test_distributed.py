@@ -200,6 +200,16 @@ def _battery(rank: int) -> dict:
                 out[f"empty{empty_rank}/{structure}/{setting}"] = _try_summary(
                     setting, structure, loader
                 )
+            # rank 1 yields only batches of 0 rows (like an empty shard); rank 0 all the data,
+            # with a batch of 0 rows in the middle
+            case = make_case(SETTINGS[setting][0], 0)
+            zero = (case.X[:0], case.y[:0])
+            loader = (
+                [zero, zero]
+                if rank == 1
+                else [(case.X[:5], case.y[:5]), zero, (case.X[5:], case.y[5:])]
+            )
+            out[f"zerorows/{structure}/{setting}"] = _try_summary(setting, structure, loader)
         # an explicit process group gives the same result as the default one
         group = dist.new_group(list(range(WORLD)))
         X, y = _shard("clf", rank)
@@ -242,8 +252,10 @@ def _battery(rank: int) -> dict:
     bad = [(Xs, ys, ys)] if rank == 1 else _loader(Xs, ys)
     out["pre"] = _error_of(lambda: _wrapper("bin", "diag").fit(bad))
     out["faults"] = _faults(rank)
-    # empty loaders on every rank
+    # empty loaders on every rank, and loaders of only 0-row batches on every rank
     out["all_empty"] = _error_of(lambda: _wrapper("clf", "diag").fit(empty))
+    zero_rows = [(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.long))] * 2
+    out["all_empty_batches"] = _error_of(lambda: _wrapper("clf", "full").fit(zero_rows))
     # padded all-gather with unequal (and zero) row counts, sums of two dtypes
     for rows in ((3, 0), (0, 2), (0, 0), (1, 4)):
         fake = _FakeCollector(rows[rank], rank)
@@ -333,6 +345,15 @@ def test_empty_shard_and_last_layer_from_the_rank_with_data(ranks, structure):
 
 
 @pytest.mark.parametrize("structure", _structures())
+def test_rank_of_zero_row_batches_is_an_empty_shard(ranks, structure):
+    for setting in ("clf", "bin"):
+        ref = _single(setting, structure)
+        for res in ranks:
+            _check_equal(res[f"zerorows/{structure}/{setting}"], ref)
+    assert ranks[1][f"zerorows/{structure}/bin"]["names"] == ["2.weight", "2.bias"]
+
+
+@pytest.mark.parametrize("structure", _structures())
 def test_process_group_and_opt_out(ranks, structure):
     ref = _single("clf", structure)
     for res in ranks:
@@ -368,9 +389,11 @@ def test_error_on_one_rank_raised_on_every_rank(ranks):
         "ValueError: fit failed on rank 1 before the pass: ValueError: loader batches (batch 0)"
     )
     for res in ranks:
-        assert res["all_empty"].startswith(
-            "ValueError: train_loader must yield at least one batch on some rank"
-        )
+        for key in ("all_empty", "all_empty_batches"):
+            assert res[key].startswith(
+                "ValueError: train_loader must yield at least one non-empty batch on some rank; "
+                "got no data on all 2 ranks"
+            )
 
 
 def test_disagreements_across_ranks_refused_on_every_rank(ranks):

@@ -55,11 +55,10 @@ def _bridge_ref(f, cov, binary):
         cov = torch.stack([vi * torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=DT) for vi in v])
     means, variances = [], []
     for mu, S in zip(f, cov):
-        one = torch.ones_like(mu)
-        if float(one @ S @ one) > 1e-12 * float(S.trace()):
-            mu = mu - S @ one * (one @ mu) / (one @ S @ one)
-            S = S - torch.outer(S @ one, S @ one) / (one @ S @ one)
+        # projection onto the zero-sum subspace, P = I - 11ᵀ/K, written out
         K = mu.shape[0]
+        Pm = torch.eye(K, dtype=DT) - torch.ones(K, K, dtype=DT) / K
+        mu, S = Pm @ mu, Pm @ S @ Pm
         alpha = (1 - 2 / K + torch.exp(mu) / K**2 * torch.exp(-mu).sum()) / torch.diag(S)
         a0 = alpha.sum()
         means.append(alpha / a0)

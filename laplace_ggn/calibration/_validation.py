@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_finite, check_positive, shape_str
+from .._checks import check_finite, check_positive, is_integer, shape_str
 
 
 def _as_tensor(x: object, name: str) -> Tensor:
@@ -85,11 +85,11 @@ def _check_labels(labels: object, probs: Tensor) -> Tensor:
 
 
 def _check_n_bins(n_bins: object) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int):
+    if not is_integer(n_bins):
         raise TypeError(f"n_bins must be an int; got {type(n_bins).__name__}.")
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1; got {n_bins}.")
-    return n_bins
+    return int(n_bins)
 
 
 def _check_classification(probs: object, labels: object) -> tuple[Tensor, Tensor]:

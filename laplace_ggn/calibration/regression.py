@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import is_integer
 from ._validation import _as_tensor, _check_levels, _check_regression
 
 __all__ = [
@@ -167,10 +168,11 @@ def regression_calibration_curve(
         tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     mu, v, t = _check_regression(mean, var, y)
-    if isinstance(n_levels, bool) or not isinstance(n_levels, int):
+    if not is_integer(n_levels):
         raise TypeError(f"n_levels must be an int; got {type(n_levels).__name__}.")
     if n_levels < 1:
         raise ValueError(f"n_levels must be >= 1; got {n_levels}.")
+    n_levels = int(n_levels)
     lv = _default_grid(n_levels).to(mu.device)
     return RegressionCalibrationCurve(nominal=lv, observed=_coverage(mu, v, t, lv))
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._checks import shape_str
+from .._checks import is_integer, shape_str
 from ..operators import LinearOperator
 
 __all__ = ["CGResult", "NeumannResult", "ProbeDistribution", "SolveMethod", "SpectralDensity"]
@@ -109,9 +109,10 @@ def _check_vector(b: Tensor, P: int, name: str) -> None:
         )
 
 
-def _check_count(value: int, name: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_count(value: int, name: str, minimum: int = 1) -> int:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    return int(value)
 
 
 def _apply(M: LinearOperator | Callable[[Tensor], Tensor], v: Tensor) -> Tensor:

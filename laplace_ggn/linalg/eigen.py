@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_integer
 from ..operators import LinearOperator, as_operator
 from ._common import _check_count, _check_square, _gdev, _random_unit
 
@@ -66,7 +67,7 @@ def power_iteration(
     """
     A = as_operator(A)
     _check_square(A)
-    _check_count(n_iter, "n_iter")
+    n_iter = _check_count(n_iter, "n_iter")
     if not tol > 0:
         raise ValueError(f"tol must be > 0; got {tol!r}.")
     lam, v, _ = _power_iteration(A, n_iter, tol, generator)
@@ -153,12 +154,14 @@ def lanczos(
     """
     A = as_operator(A)
     P = _check_square(A)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= P:
+    if not is_integer(k) or not 1 <= k <= P:
         raise ValueError(f"k must be an integer in [1, {P}]; got {k!r}.")
+    k = int(k)
     if n_iter is None:
         n_iter = min(P, max(2 * k, k + 20))
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or not k <= n_iter <= P:
+    if not is_integer(n_iter) or not k <= n_iter <= P:
         raise ValueError(f"n_iter must be an integer in [k, P] = [{k}, {P}]; got {n_iter!r}.")
+    n_iter = int(n_iter)
     v0 = _random_unit(P, A, generator)
     alpha, beta, Q = _lanczos_tridiag(A, v0, n_iter, generator)
     theta, S = torch.linalg.eigh(_tridiag(alpha, beta))

@@ -74,7 +74,7 @@ def cg(
         raise ValueError(f"tol must be > 0; got {tol!r}.")
     if max_iter is None:
         max_iter = 10 * P
-    _check_count(max_iter, "max_iter", minimum=0)
+    max_iter = _check_count(max_iter, "max_iter", minimum=0)
 
     n_products = 0
     if x0 is None:
@@ -198,8 +198,8 @@ def neumann(
     A = as_operator(A)
     P = _check_square(A)
     _check_vector(b, P, "b")
-    _check_count(n_terms, "n_terms")
-    _check_count(n_power_iter, "n_power_iter")
+    n_terms = _check_count(n_terms, "n_terms")
+    n_power_iter = _check_count(n_power_iter, "n_power_iter")
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be > 0 or None; got {tol!r}.")
     if scale is not None and not (math.isfinite(scale) and scale > 0):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import as_enum, shape_str
+from .._checks import as_enum, is_integer, shape_str
 from ..operators import LinearOperator, as_operator
 from ._common import ProbeDistribution, SpectralDensity, _check_count, _check_square, _probes
 from .eigen import _lanczos_tridiag, _tridiag
@@ -45,7 +45,7 @@ def hutchinson_trace(
     """
     A = as_operator(A)
     P = _check_square(A)
-    _check_count(n_samples, "n_samples")
+    n_samples = _check_count(n_samples, "n_samples")
     dist = as_enum(ProbeDistribution, distribution, "distribution")
     Z = _probes(P, n_samples, dist, A, generator)
     return (Z * (A @ Z)).sum() / n_samples
@@ -78,7 +78,7 @@ def hutchinson_diagonal(
     """
     A = as_operator(A)
     P = _check_square(A)
-    _check_count(n_samples, "n_samples")
+    n_samples = _check_count(n_samples, "n_samples")
     dist = as_enum(ProbeDistribution, distribution, "distribution")
     Z = _probes(P, n_samples, dist, A, generator)
     return (Z * (A @ Z)).sum(dim=1) / n_samples
@@ -122,7 +122,7 @@ def hutchpp_trace(
     """
     A = as_operator(A)
     P = _check_square(A)
-    _check_count(n_products, "n_products", minimum=3)
+    n_products = _check_count(n_products, "n_products", minimum=3)
     dist = as_enum(ProbeDistribution, distribution, "distribution")
     m = n_products // 3
     n_g = n_products - 2 * m
@@ -184,10 +184,11 @@ def spectral_density(
     """
     A = as_operator(A)
     P = _check_square(A)
-    _check_count(n_probes, "n_probes")
-    _check_count(n_grid, "n_grid", minimum=2)
-    if isinstance(n_lanczos, bool) or not isinstance(n_lanczos, int) or not 1 <= n_lanczos <= P:
+    n_probes = _check_count(n_probes, "n_probes")
+    n_grid = _check_count(n_grid, "n_grid", minimum=2)
+    if not is_integer(n_lanczos) or not 1 <= n_lanczos <= P:
         raise ValueError(f"n_lanczos must be an integer in [1, {P}]; got {n_lanczos!r}.")
+    n_lanczos = int(n_lanczos)
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0 or None; got {sigma!r}.")
     if grid is not None and (not isinstance(grid, Tensor) or grid.ndim != 1):

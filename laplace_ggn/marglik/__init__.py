@@ -21,10 +21,21 @@ Tuning by validation (``method="gridsearch"``) scores each prior precision of a 
 grid by the mean validation negative log predictive density.
 """
 
-from .evidence import SpectralEvidence, curvature_spectrum, log_marginal_likelihood
+from .evidence import (
+    SpectralEvidence,
+    check_evidence,
+    curvature_spectrum,
+    log_marginal_likelihood,
+)
 from .optimize import MarglikResult, convert_prior, optimize_marglik
 from .options import TuneMethod, TuningOptions, check_tuning_options
-from .validation import GridsearchResult, check_grid, default_grid, gridsearch
+from .validation import (
+    GridsearchResult,
+    check_grid,
+    default_grid,
+    grid_edge_warning,
+    gridsearch,
+)
 
 __all__ = [
     "GridsearchResult",
@@ -32,11 +43,13 @@ __all__ = [
     "SpectralEvidence",
     "TuneMethod",
     "TuningOptions",
+    "check_evidence",
     "check_grid",
     "check_tuning_options",
     "convert_prior",
     "curvature_spectrum",
     "default_grid",
+    "grid_edge_warning",
     "gridsearch",
     "log_marginal_likelihood",
     "optimize_marglik",

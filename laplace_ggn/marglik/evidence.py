@@ -12,7 +12,7 @@ from .._checks import Likelihood
 from ..likelihoods import FitStatistics
 from ..posteriors import DiagPosterior, FullPosterior, KFACPosterior, LowRankPosterior, PriorKind
 
-__all__ = ["SpectralEvidence", "curvature_spectrum", "log_marginal_likelihood"]
+__all__ = ["SpectralEvidence", "check_evidence", "curvature_spectrum", "log_marginal_likelihood"]
 
 
 def log_marginal_likelihood(
@@ -37,6 +37,55 @@ def log_marginal_likelihood(
         - 0.5 * posterior.log_det()
         + 0.5 * prior.log_det()
     )
+
+
+def check_evidence(
+    value: Tensor,
+    posterior,
+    stats: FitStatistics,
+    likelihood,
+    sigma_noise: Tensor,
+    cause: BaseException | None = None,
+) -> None:
+    """Raise, naming the term that is not finite, if the evidence ``value`` is not finite.
+
+    Args:
+        value: The evidence, shape ``()``.
+        posterior: The posterior it was computed from.
+        stats: Training-loss statistics at θ*.
+        likelihood: The likelihood object.
+        sigma_noise: σ, shape ``()``.
+        cause: An exception to chain (e.g. the failure of a tuning run).
+
+    Raises:
+        RuntimeError: If ``value`` is NaN or infinite.
+    """
+    if bool(torch.isfinite(value.detach()).all()):
+        return
+    prior = posterior.prior
+    with torch.no_grad():
+        terms = {
+            "the training loss ℓ(θ*)": likelihood.nll_from_statistics(stats, sigma_noise),
+            "the prior term ½(θ*−θ₀)ᵀΛ₀(θ*−θ₀)": 0.5 * prior.quadratic(posterior.mean),
+            "½ log|Λ| (posterior precision)": 0.5 * posterior.log_det(),
+            "½ log|Λ₀| (prior precision)": 0.5 * prior.log_det(),
+        }
+    bad = [f"{k} = {float(v):.3g}" for k, v in terms.items() if not bool(torch.isfinite(v))]
+    detail = (
+        "; ".join(bad)
+        if bad
+        else "every term is finite but their sum is not ("
+        + ", ".join(f"{k} = {float(v):.3g}" for k, v in terms.items())
+        + ")"
+    )
+    dtype = posterior.mean.dtype
+    raise RuntimeError(
+        f"log marginal likelihood must be finite; got {float(value.detach())} in {dtype}: "
+        f"{detail}. The terms overflow {dtype} (|θ*| up to "
+        f"{float(posterior.mean.detach().abs().max()):.3g}, loss sum {stats.loss_sum:.3g}); "
+        "evaluate a float64 copy of the model (model.double()), or check it for saturated "
+        "outputs."
+    ) from cause
 
 
 # ---------------------------------------------------------------------------------------------

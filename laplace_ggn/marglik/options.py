@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._checks import Likelihood, Link, PredictMethod, as_enum
+from .._checks import Likelihood, Link, PredictMethod, as_enum, is_integer
 from ..posteriors import PriorKind
 from ..predictive import resolve_options
 from .validation import check_grid, default_grid
@@ -87,8 +87,9 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
     if given.get("prior_structure") is not None:
         kind = as_enum(PriorKind, given["prior_structure"], "prior_structure")
     n_steps = 100 if given.get("n_steps") is None else given["n_steps"]
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+    if not is_integer(n_steps) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}.")
+    n_steps = int(n_steps)
     lr = 0.1 if given.get("lr") is None else given["lr"]
     if (
         isinstance(lr, bool)
@@ -121,8 +122,9 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
             given.get("link"),
         )
         n_samples = 100 if given.get("n_samples") is None else given["n_samples"]
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        if not is_integer(n_samples) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+        n_samples = int(n_samples)
         gen = given.get("generator")
         if gen is not None and not isinstance(gen, torch.Generator):
             raise TypeError(

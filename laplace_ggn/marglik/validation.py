@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import Likelihood, Link, PredictMethod, shape_str
+from .._checks import Likelihood, Link, PredictMethod, is_integer, shape_str
 from ..predictive import (
     functional_moments,
     glm_from_moments,
@@ -19,7 +19,7 @@ from ..predictive import (
     resolve_options,
 )
 
-__all__ = ["GridsearchResult", "check_grid", "default_grid", "gridsearch"]
+__all__ = ["GridsearchResult", "check_grid", "default_grid", "grid_edge_warning", "gridsearch"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,9 @@ def default_grid(
             f"log_range must be two finite numbers (lo, hi) with lo <= hi (powers of 10); "
             f"got {log_range!r}."
         )
-    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 1:
+    if not is_integer(n_points) or n_points < 1:
         raise ValueError(f"n_points must be a positive integer; got {n_points!r}.")
-    return torch.logspace(float(log_range[0]), float(log_range[1]), n_points, dtype=dtype)
+    return torch.logspace(float(log_range[0]), float(log_range[1]), int(n_points), dtype=dtype)
 
 
 def check_grid(grid: object, *, dtype=torch.float64) -> Tensor:
@@ -201,6 +201,42 @@ def gridsearch(
     tol = 1e-12 * max(1.0, abs(float(best)))
     idx = int((s <= best + tol).nonzero().max())
     return GridsearchResult(grid.detach().clone(), s, idx)
+
+
+def grid_edge_warning(result: GridsearchResult, *, explicit_grid: bool) -> str | None:
+    """The warning to give when the chosen precision is the first or last point of the grid.
+
+    The optimum may then lie outside the grid; the message names the argument to change and a
+    range shifted past that edge.
+
+    Args:
+        result: The grid search's result.
+        explicit_grid: Whether the grid came from ``grid=`` (else from ``log_range``).
+
+    Returns:
+        The message, or ``None`` when the choice is inside the grid (or the grid has one point).
+    """
+    K = result.grid.shape[0]
+    if K < 2 or 0 < result.best_index < K - 1:
+        return None
+    lo = math.log10(float(result.grid[0]))
+    hi = math.log10(float(result.grid[-1]))
+    width = max(hi - lo, 2.0)
+    top = result.best_index == K - 1
+    new = (hi - 2.0, hi + width) if top else (lo - width, lo + 2.0)
+    new = (math.floor(new[0]), math.ceil(new[1]))
+    side = "largest" if top else "smallest"
+    n = max(K, 4 * (new[1] - new[0]) + 1)
+    suggestion = (
+        f"pass grid= reaching further, e.g. grid=torch.logspace({new[0]}, {new[1]}, {n})"
+        if explicit_grid
+        else f"widen the grid with log_range=({new[0]:g}, {new[1]:g}) (powers of 10)"
+    )
+    return (
+        f"gridsearch chose prior_precision={float(result.best):.3g}, the {side} value of its grid "
+        f"{float(result.grid[0]):.3g}..{float(result.grid[-1]):.3g}; the best precision may lie "
+        f"beyond it. To search further, {suggestion}."
+    )
 
 
 def _batch_len(y: Tensor) -> int:

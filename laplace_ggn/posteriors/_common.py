@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._checks import check_positive, shape_str
+from .._checks import check_positive, is_integer, shape_str
 from ..functional import ParamLayout
 
 __all__ = ["PriorKind", "Prior", "make_prior", "robust_cholesky", "standard_normal", "check_J"]
@@ -154,9 +154,9 @@ def standard_normal(
     Raises:
         ValueError: If ``n`` is not a positive integer.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_integer(n) or n < 1:
         raise ValueError(f"n must be a positive integer; got {n!r}.")
-    return torch.randn(n, P, dtype=dtype, device=device, generator=generator)
+    return torch.randn(int(n), P, dtype=dtype, device=device, generator=generator)
 
 
 def check_J(J: Tensor, P: int) -> None:
