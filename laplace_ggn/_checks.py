@@ -24,6 +24,7 @@ __all__ = [
     "as_enum",
     "check_computed_finite",
     "check_finite",
+    "check_generator",
     "check_positive",
     "check_target_tensor",
     "is_integer",
@@ -168,6 +169,18 @@ def is_integer(value: object) -> bool:
     )
 
 
+def check_generator(generator: object) -> None:
+    """Raise unless ``generator`` is a ``torch.Generator`` or ``None``.
+
+    Raises:
+        TypeError: If it is anything else.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None; got {type(generator).__name__}."
+        )
+
+
 def check_target_tensor(y: object, where: str = "") -> Tensor:
     """Return ``y`` if it is a real-valued tensor of targets.
 
@@ -219,8 +232,8 @@ def check_computed_finite(tensor: Tensor, what: str, hint: str = "") -> None:
         f"{tensor.numel()} (shape {shape_str(tensor.shape)}, {tensor.dtype}). "
         + (
             hint
-            or "The computation overflowed: the model's outputs or Jacobians are too large for "
-            "this dtype (saturated logits?). Evaluate a float64 copy of the model "
-            "(model.double()) or rescale its last layer."
+            or f"The computation overflowed {tensor.dtype}: a value is too large for it "
+            "(saturated outputs or Jacobians, or a huge σ or posterior variance). Evaluate a "
+            "float64 copy of the model (model.double()) or rescale it."
         )
     )

@@ -505,6 +505,8 @@ def kernel_decomposition(
     for t in input_tensors(inputs):
         check_finite(t, "input")
     B = batch_size_of(inputs)
+    if B == 0:
+        raise ValueError("x must hold at least one input; got 0 rows.")
     f_map = fmodel.forward(inputs)
     C = f_map.shape[1]
     if y is not None:

@@ -559,7 +559,7 @@ def nn_predictive(
         out = torch.softmax(out, dim=-1)
     elif likelihood is Likelihood.BINARY:
         out = torch.sigmoid(out)
-    var = out.var(dim=0, correction=1) if S > 1 else torch.zeros_like(out[0])
+    var = out.var(dim=0, correction=1) if S > 1 and out.shape[1] else torch.zeros_like(out[0])
     if likelihood is Likelihood.REGRESSION:
         var = var + torch.as_tensor(sigma_noise, dtype=out.dtype, device=out.device) ** 2
     return Prediction(out.mean(0), var)

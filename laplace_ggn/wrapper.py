@@ -33,6 +33,7 @@ from ._checks import (
     as_enum,
     check_computed_finite,
     check_finite,
+    check_generator,
     check_positive,
     check_target_tensor,
     is_integer,
@@ -320,12 +321,13 @@ class LaplaceWrapper:
             ``self``, fitted.
 
         Raises:
-            ValueError: If the loader is empty (on every rank), a batch is malformed, holds
-                NaN/Inf, has the wrong dtype, targets do not fit the likelihood, the structure
-                would exceed the memory budget, or the models differ across ranks. The wrapper
-                keeps its previous state. Distributed: an error on one rank is raised on every
-                rank.
-            TypeError: If ``train_loader`` is not iterable.
+            ValueError: If the loader yields no data (on every rank; batches of 0 rows are
+                skipped), a batch is malformed, holds NaN/Inf, has the wrong dtype, targets do
+                not fit the likelihood, the structure would exceed the memory budget, or the
+                models differ across ranks. The wrapper keeps its previous state.
+                Distributed: an error on one rank is raised on every rank.
+            TypeError: If ``train_loader`` is not iterable or targets are not tensors.
+            RuntimeError: If the curvature cannot be factorised (torch.linalg failed).
         """
         if not isinstance(train_loader, Iterable):
             raise TypeError(
@@ -406,14 +408,6 @@ class LaplaceWrapper:
                     if empty:
                         continue
                     x = self._to_device(x)
-                    for t in input_tensors(x):
-                        if t.is_floating_point() and t.dtype != self._dtype:
-                            raise ValueError(
-                                f"input in {where} must have the model's dtype {self._dtype}; got "
-                                f"{t.dtype}. Cast the data (x.to({self._dtype})) or the model "
-                                f"(model.to({t.dtype}))."
-                            )
-                        check_finite(t, "input", where)
                     f = collector.update(x, where)
                     check_finite(f, "model output", where)
                     y = self._lik.check_targets(f, y.to(self._device), where)
@@ -434,10 +428,19 @@ class LaplaceWrapper:
             n_data, n_out, loss_sum = dctx.finish(
                 collector, n_data=n_data, n_outputs=n_out, loss_sum=loss_sum, error=local_error
             )
-        curvature = collector.finalize()
-        for name, t in _curvature_tensors(curvature, "curvature"):
-            check_finite(t, name)
-        posterior = spec.build(curvature, fmodel.theta, prior, self._scale(self._sigma_noise), self)
+        try:
+            curvature = collector.finalize()
+            for name, t in _curvature_tensors(curvature, "curvature"):
+                check_finite(t, name)
+            posterior = spec.build(
+                curvature, fmodel.theta, prior, self._scale(self._sigma_noise), self
+            )
+        except torch.linalg.LinAlgError as err:
+            raise RuntimeError(
+                f"curvature of structure={self.structure.value!r} must be factorisable; "
+                f"torch.linalg failed ({err}). Check the model for saturated or overflowing "
+                "outputs, or fit a float64 copy of the model (model.double())."
+            ) from err
         # commit: all or nothing
         self._layout, self._fmodel = layout, fmodel
         self._stats = FitStatistics(n_data, int(n_out), loss_sum)
@@ -448,14 +451,23 @@ class LaplaceWrapper:
         return to_device(x, self._device)
 
     def _split(self, batch: object, where: str) -> tuple[object, Tensor, bool]:
-        """``(x, y, empty)`` of a loader batch; ``empty`` when it holds 0 rows (skipped).
+        """``(x, y, empty)`` of a checked loader batch; ``empty`` when it holds 0 rows (skipped).
 
         Raises:
-            ValueError: If the batch is malformed, the input has no batch dimension, or an
-                empty input comes with targets.
+            ValueError: If the batch is malformed, a floating input has another dtype than the
+                model or holds NaN/Inf, the input has no batch dimension, or an empty input
+                comes with targets.
             TypeError: If the targets are not a tensor.
         """
         x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
+        for t in input_tensors(x):
+            if t.is_floating_point() and t.dtype != self._dtype:
+                raise ValueError(
+                    f"input in {where} must have the model's dtype {self._dtype}; got "
+                    f"{t.dtype}. Cast the data (x.to({self._dtype})) or the model "
+                    f"(model.to({t.dtype}))."
+                )
+            check_finite(t, "input", where)
         y = check_target_tensor(y, where)
         empty = batch_size_of(x, where=where) == 0
         if empty and (y.ndim == 0 or y.shape[0] != 0):
@@ -670,10 +682,12 @@ class LaplaceWrapper:
         Raises:
             RuntimeError: If not fitted, or the samples are not finite.
             ValueError: If ``n`` is not a positive integer (Python, NumPy or 0-dim torch).
+            TypeError: If ``generator`` is not a ``torch.Generator``.
         """
         self._require_fit("sample()")
         if not is_integer(n) or n < 1:
             raise ValueError(f"n must be a positive integer; got {n!r}.")
+        check_generator(generator)
         draws = self._posterior.sample(int(n), generator=generator)
         check_computed_finite(draws, "posterior samples")
         return draws
@@ -781,7 +795,8 @@ class LaplaceWrapper:
         Raises:
             RuntimeError: If not fitted, or the tuning fails numerically.
             ValueError: If an option is invalid or belongs to the other method.
-            TypeError: If ``generator`` is not a ``torch.Generator``.
+            TypeError: If ``generator`` is not a ``torch.Generator``, or ``val_loader`` is not
+                iterable.
         """
         opts = _marglik.check_tuning_options(
             self.likelihood,
@@ -801,15 +816,16 @@ class LaplaceWrapper:
         )
         self._require_fit("optimize_prior_precision()")
         if opts.method is _marglik.TuneMethod.GRIDSEARCH:
+            if not isinstance(val_loader, Iterable):
+                raise TypeError(
+                    f"val_loader must be an iterable of batches (e.g. a DataLoader); "
+                    f"got {type(val_loader).__name__}."
+                )
             batches = []
             for i, batch in enumerate(val_loader):
                 x, y, empty = self._split(batch, f"val_loader batch {i}")
-                if empty:
-                    continue
-                x = self._to_device(x)
-                for t in input_tensors(x):
-                    check_finite(t, "val_loader input")
-                batches.append((x, y))
+                if not empty:
+                    batches.append((self._to_device(x), y))
             result = _marglik.gridsearch(
                 self._fmodel,
                 posterior_at=lambda a: self._posterior_at(a, None),
