@@ -532,3 +532,135 @@ def test_failed_factorisation_of_the_curvature_is_a_named_runtime_error(monkeypa
     ) as info:
         la.fit(case.loader())
     assert type(info.value) is RuntimeError and not la.is_fitted
+
+
+class _Steep(nn.Module):
+    """f = 1e20·tanh(1e20·w·x) + b: finite outputs, Jacobians that overflow float32 at |x| ~ 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.b = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return 1e20 * torch.tanh(1e20 * self.w * x) + self.b
+
+
+def test_overflowing_jacobians_outputs_and_covariance_reported():
+    la = LaplaceWrapper(_Steep(), "regression", structure="full")
+    la.fit([(torch.full((4, 1), 1e-25), torch.zeros(4, 1))])
+    assert bool(torch.isfinite(la.jacobians(torch.full((2, 1), 1e-25))[0]).all())
+    with pytest.raises(
+        RuntimeError,
+        match=r"Jacobians J\(x\) must be finite; got 0 NaN and 2 Inf values out of 4 "
+        r"\(shape \(2, 1, 2\), torch\.float32\)",
+    ):
+        la.jacobians(torch.ones(2, 1))
+    # outputs that overflow at the test inputs
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(1e20)
+    X = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    la = _quiet_fit(LaplaceWrapper(model, "classification", structure="diag"), [(X, X[:, 0] > 0)])
+    with pytest.raises(RuntimeError, match=r"model output at the inputs must be finite; got 0 NaN"):
+        la.jacobians(X * 1e19)
+    # a prior precision of 1e-45 in float32: Σ = α⁻¹ in the kernel of G is not representable
+    la = LaplaceWrapper(nn.Linear(3, 2), "regression", structure="lowrank", prior_precision=1e-45)
+    la.fit([(torch.randn(1, 3), torch.randn(1, 2))])
+    with pytest.raises(RuntimeError, match=r"posterior covariance Σ must be finite; got 0 NaN and"):
+        la.posterior_covariance()
+
+
+def test_training_loss_that_overflows_float64_refused():
+    model = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.bias.fill_(1e200)
+    la = LaplaceWrapper(model, "regression", structure="diag", subset=["weight"])
+    with pytest.raises(
+        ValueError,
+        match=r"training loss in batch 0 must be finite; got inf\. The model's outputs are too "
+        r"large for the loss",
+    ):
+        la.fit([(torch.randn(4, 3, dtype=DT), torch.zeros(4, 1, dtype=DT))])
+    assert not la.is_fitted
+
+
+def test_mc_factor_retried_in_float64_then_named(monkeypatch):
+    cov = torch.eye(3).expand(2, 3, 3)
+    eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky(A, *args, **kwargs):
+        calls.append(A.dtype)
+        if A.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+        return eigh(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    L = psd_sqrt(cov)
+    assert calls == [torch.float32, torch.float64] and L.dtype == torch.float32
+    torch.testing.assert_close(L @ L.transpose(1, 2), cov)
+
+    def broken(A, *args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(
+        RuntimeError,
+        match=r"functional covariance J Σ Jᵀ must have an eigendecomposition for the mc link; "
+        r"torch\.linalg\.eigh failed \(linalg\.eigh: failed to converge\)",
+    ):
+        mc_link(torch.zeros(2, 3), cov, n_samples=2)
+
+
+def test_generator_val_loader_and_kernel_inputs_checked():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="full").fit(case.loader())
+    before = la.state_dict()
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None; got int\."):
+        la.sample(2, generator=5)
+    with pytest.raises(
+        TypeError,
+        match=r"val_loader must be an iterable of batches \(e\.g\. a DataLoader\); got int\.",
+    ):
+        la.optimize_prior_precision("gridsearch", val_loader=3)
+    with pytest.raises(ValueError, match=r"x must hold at least one input; got 0 rows\."):
+        la.kernel_decomposition(case.X[:0])
+    assert _same_state(la.state_dict(), before)
+
+
+def test_integer_scalars_accepted_by_linalg_calibration_operators_and_optim():
+    from laplace_ggn.calibration import expected_calibration_error
+    from laplace_ggn.linalg import cg, hutchinson_trace, lanczos, spectral_density
+    from laplace_ggn.operators import MCFisherOperator
+    from laplace_ggn.optim import NaturalGradient
+
+    A = torch.diag(torch.arange(1.0, 7.0, dtype=DT))
+    b = torch.ones(6, dtype=DT)
+    torch.testing.assert_close(
+        cg(A, b, max_iter=np.int64(6)).solution, cg(A, b, max_iter=6).solution
+    )
+    torch.testing.assert_close(lanczos(A, np.int64(2), n_iter=torch.tensor(6))[0], lanczos(A, 2)[0])
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(
+        hutchinson_trace(A, np.int32(4), generator=g()), hutchinson_trace(A, 4, generator=g())
+    )
+    assert spectral_density(A, n_probes=np.int64(2), n_lanczos=np.int64(3)).density.ndim == 1
+    p = torch.softmax(torch.randn(8, 3, dtype=DT), -1)
+    labels = torch.arange(8) % 3
+    torch.testing.assert_close(
+        expected_calibration_error(p, labels, n_bins=np.int64(5)),
+        expected_calibration_error(p, labels, n_bins=5),
+    )
+    case = make_case("mlp_classification")
+    F = MCFisherOperator(
+        case.model, case.loader(), likelihood=case.likelihood, mc_samples=np.int64(2)
+    )
+    assert F.mc_samples == 2 and type(F.mc_samples) is int
+    opt = NaturalGradient(
+        case.model.parameters(), likelihood="classification", cg_max_iter=np.int64(5)
+    )
+    assert opt.cg_max_iter == 5
+    with pytest.raises(ValueError, match=r"max_iter must be an integer >= 0; got True\."):
+        cg(A, b, max_iter=True)
