@@ -296,7 +296,7 @@ def psd_sqrt(cov: Tensor) -> Tensor:
                 f"torch.linalg.eigh failed ({err}). Check it for NaN/Inf."
             ) from err
         lam, U = lam.to(cov.dtype), U.to(cov.dtype)
-    return U * (lam.clamp_min(0) * scale[:, 0]).sqrt().unsqueeze(-2)
+    return U * (lam.clamp_min(0).sqrt() * scale[:, 0].sqrt()).unsqueeze(-2)
 
 
 def mc_link(

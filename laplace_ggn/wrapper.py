@@ -10,6 +10,7 @@ frozen, dropout off); the user's model is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -867,11 +868,15 @@ class LaplaceWrapper:
             )
         except RuntimeError as err:
             # name the overflowing term when the evidence is not finite at the start already
-            start = self._posterior_at(init, None)
-            value = _marglik.log_marginal_likelihood(
-                start, self._stats, self._lik, self._sigma_noise
-            )
-            _marglik.check_evidence(value, start, self._stats, self._lik, self._sigma_noise, err)
+            start, value = self._posterior_at(init, None), None
+            with contextlib.suppress(RuntimeError, ValueError):
+                value = _marglik.log_marginal_likelihood(
+                    start, self._stats, self._lik, self._sigma_noise
+                )
+            if value is not None:
+                _marglik.check_evidence(
+                    value, start, self._stats, self._lik, self._sigma_noise, err
+                )
             raise
         self.set_hyperparameters(
             prior_precision=result.prior_precision,
