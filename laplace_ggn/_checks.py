@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes; intermediate tensors are chunked below this
+_FINITE_CHUNK = 1 << 20  # entries checked at once by check_finite
 
 
 class Likelihood(str, enum.Enum):
@@ -124,9 +125,13 @@ def check_finite(tensor: Tensor, what: str, where: str = "") -> None:
     """
     if not (tensor.is_floating_point() or tensor.is_complex()):
         return
-    finite = torch.isfinite(tensor)
-    if bool(finite.all()):
+    if tensor.is_contiguous() and tensor.numel() > _FINITE_CHUNK:
+        # in slices: isfinite makes temporaries of the tensor's size (e.g. a P×P GGN)
+        if all(bool(torch.isfinite(c).all()) for c in tensor.reshape(-1).split(_FINITE_CHUNK)):
+            return
+    elif bool(torch.isfinite(tensor).all()):
         return
+    finite = torch.isfinite(tensor)
     n_nan = int(torch.isnan(tensor).sum())
     n_inf = int((~finite).sum()) - n_nan
     loc = f" in {where}" if where else ""

@@ -352,12 +352,11 @@ def _variance_parts(posterior, J: Tensor, lam: Tensor, U: Tensor, r: int):
             resid = Jf - (Jf @ U) @ U.T
             kern = kern + (resid**2).sum(-1) / alpha
         cross = torch.zeros_like(kern)
-    else:
-        Sr = posterior.covariance_matvec(Ur) if r else Ur  # Σ U_r, (P, r)
-        Jk = Jf - A @ Ur.T  # J P_ker, (BC, P)
-        nonk = ((A @ (Ur.T @ Sr)) * A).sum(-1)
-        kern = (Jk * posterior.covariance_matvec(Jk.T).T).sum(-1)
-        cross = 2 * ((Jk @ Sr) * A).sum(-1)
+    else:  # squared norms of the rows of J P S (S Sᵀ = Σ): >= 0 whatever the conditioning
+        Jn = A @ Ur.T  # J P_⊥, (BC, P)
+        Sk = posterior.covariance_sqrt_rows(Jf - Jn)
+        Sn = posterior.covariance_sqrt_rows(Jn)
+        kern, nonk, cross = (Sk**2).sum(-1), (Sn**2).sum(-1), 2 * (Sk * Sn).sum(-1)
     return kern.reshape(B, C), nonk.reshape(B, C), cross.reshape(B, C)
 
 
@@ -370,20 +369,13 @@ def _traces(posterior, lam: Tensor, U: Tensor, r: int) -> tuple[float, float]:
         tr_nonk = (1 / (s * lam[:r] + alpha)).sum()
         tr_ker = (1 / (s * lam[r:] + alpha)).sum() + (P - U.shape[1]) / alpha
         return float(tr_ker), float(tr_nonk)
-    d = prior.diag()
     Ur = U[:, :r]
-    tr_nonk = (Ur * posterior.covariance_matvec(Ur)).sum() if r else torch.zeros(())
+    tr_nonk = (posterior.covariance_sqrt_rows(Ur.T) ** 2).sum() if r else torch.zeros(())
     if U.shape[1] == P:  # complete basis: the kernel block directly, tr(U_kᵀ Σ U_k)
         Uk = U[:, r:]
-        tr_ker = (Uk * posterior.covariance_matvec(Uk)).sum() if r < P else torch.zeros(())
+        tr_ker = (posterior.covariance_sqrt_rows(Uk.T) ** 2).sum() if r < P else torch.zeros(())
         return float(tr_ker), float(tr_nonk)
-    # tr Σ by Woodbury: Σ = D⁻¹ - D⁻¹V (I + VᵀD⁻¹V)⁻¹ VᵀD⁻¹ with V = U diag(√(sλ))
-    V = U * (s * lam).sqrt()
-    DV = V / d.unsqueeze(1)
-    M = torch.eye(V.shape[1], dtype=V.dtype, device=V.device) + V.T @ DV
-    L = torch.linalg.cholesky(M)
-    W = torch.linalg.solve_triangular(L, DV.T, upper=False)
-    tr_total = (1 / d).sum() - (W**2).sum()
+    tr_total = posterior.variance().sum()  # the low-rank posterior's stable diagonal of Σ
     return max(float(tr_total - tr_nonk), 0.0), float(tr_nonk)
 
 

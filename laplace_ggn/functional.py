@@ -31,6 +31,7 @@ __all__ = [
     "FunctionalModel",
     "resolve_subset",
     "split_batch",
+    "check_batch_dims",
     "call_model",
     "batch_size_of",
     "model_input_device",
@@ -150,6 +151,49 @@ def split_batch(
     raise ValueError(
         f"loader batches{loc} must be (input, target) pairs or mappings; got {kind} of length {n}."
     )
+
+
+UNBATCHED_HINT = (
+    "If the loader yields single samples without a batch dimension (e.g. "
+    "list(TensorDataset(X, y))), batch them: DataLoader(dataset, batch_size=...)."
+)
+
+
+def check_batch_dims(x: object, y: object, where: str = "") -> None:
+    """Refuse a batch whose input and targets do not share a leading batch dimension.
+
+    A loader of single samples (e.g. ``list(TensorDataset(X, y))``) yields ``x`` of shape
+    ``(D,)`` and a 0-dim ``y``: a model would read the features as a batch of scalars, or the
+    D outputs of one sample as D samples.  The targets must have a batch dimension B, and
+    the first tensor of the input the same leading dimension B (inputs are batch-first
+    everywhere in this package: 1-D features ``(B,)``, token ids ``(B, T)``, images
+    ``(B, C, H, W)``).  Targets without a ``shape`` are left to the likelihood's checks.
+
+    Args:
+        x: Model input (tensor, tuple or dict of tensors).
+        y: Targets.
+        where: Location for error messages, e.g. ``"batch 3"``.
+
+    Raises:
+        ValueError: Naming both shapes and how to batch single samples.
+    """
+    y_shape = getattr(y, "shape", None)
+    leaves = _leaves(x)
+    if y_shape is None or not leaves:
+        return
+    loc = f" in {where}" if where else ""
+    x_shape = tuple(leaves[0].shape)
+    hint = UNBATCHED_HINT
+    if len(y_shape) == 0:
+        raise ValueError(
+            f"targets{loc} must have a batch dimension, shape (B, ...); got a 0-dim target "
+            f"with input of shape {shape_str(x_shape)}. {hint}"
+        )
+    if len(x_shape) == 0 or x_shape[0] != y_shape[0]:
+        raise ValueError(
+            f"input and targets{loc} must have the same batch size B (leading dimension); got "
+            f"input {shape_str(x_shape)} and targets {shape_str(tuple(y_shape))}. {hint}"
+        )
 
 
 def _leaves(x: object) -> list[Tensor]:

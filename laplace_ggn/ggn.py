@@ -11,15 +11,32 @@ hooks record each layer's input ``a`` and output, one batched backward pass of t
 columns of :math:`L_n` gives the output gradients ``g``, and
 :math:`\mathrm{diag}(G)_W = \sum_{n,c} (g_{nc} \otimes a_n)^2 = \sum_c (g_c^2)^\top a^2`.
 Other parameters fall back to chunked per-sample Jacobians.
+
+Memory within a batch: the square-root rows of a batch, ``(B, K, P)``, and the per-sample
+Jacobians of the parameters outside hooked layers, ``(B, C, P')``, are computed for
+consecutive sub-batches sized so that each step's intermediates stay within the model's
+``memory_budget`` (:func:`sub_batches`); a batch that fits is processed whole, as it comes.
+The number of outputs C that sizes them comes from one forward pass without autograd on the
+first batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_finite
-from .functional import FunctionalModel, ParamLayout, batched_output_grads, capture_layers
+from ._checks import check_finite, shape_str
+from .functional import (
+    UNBATCHED_HINT,
+    FunctionalModel,
+    LayerRecord,
+    ParamLayout,
+    batch_size_of,
+    batched_output_grads,
+    capture_layers,
+)
 
 __all__ = [
     "SqrtGGNRows",
@@ -28,12 +45,66 @@ __all__ = [
     "FullGGNCollector",
     "DiagGGNCollector",
     "dense_bytes",
+    "sub_batches",
+    "output_count",
+    "jacobian_sqrt_diag",
+    "check_layer_inputs",
+    "ROW_COPIES",
 ]
+
+#: Copies of the rows ``(b, K, P)`` alive at once while one sub-batch's rows are built (the
+#: rows, one layer's or the Jacobians' temporaries, the concatenated Jacobian chunks).
+ROW_COPIES = 3
 
 
 def dense_bytes(P: int, dtype: torch.dtype) -> int:
     """Bytes of a dense ``(P, P)`` matrix of ``dtype``."""
     return P * P * torch.empty((), dtype=dtype).element_size()
+
+
+def sub_batches(
+    fmodel: FunctionalModel, x: object, per_sample_bytes: int
+) -> Iterator[tuple[int, object]]:
+    """Consecutive ``(start, x[start:stop])`` whose intermediates fit in the memory budget.
+
+    ``per_sample_bytes`` is what one sample's intermediates take; a batch that fits is
+    yielded whole and unsliced, a larger one in chunks of ``fmodel.chunk_size(...)`` (>= 1)
+    samples.
+    """
+    B = batch_size_of(x)
+    step = fmodel.chunk_size(per_sample_bytes)
+    if step >= B:
+        yield 0, x
+        return
+    yield from zip(range(0, B, step), fmodel.chunks(x, step))
+
+
+def output_count(fmodel: FunctionalModel, x: object) -> int:
+    """C, the number of model outputs, from a forward pass on one sample of ``x``."""
+    return int(fmodel.forward(next(fmodel.chunks(x, 1))).shape[1])
+
+
+def check_layer_inputs(records: Mapping[str, LayerRecord], where: str = "") -> None:
+    """Refuse a hooked layer that received an input without a batch dimension.
+
+    An ``nn.Linear`` needs ``(B, ..., I)`` (at least 2-D), an ``nn.Conv2d`` ``(B, C, H, W)``.
+    Both accept an unbatched sample too, which a loader of single samples produces.
+
+    Raises:
+        ValueError: Naming the layer, the shape it needs and the shape it got.
+    """
+    loc = f" in {where}" if where else ""
+    for name, rec in records.items():
+        conv = isinstance(rec.module, nn.Conv2d)
+        need = 4 if conv else 2
+        for a in rec.inputs:
+            if a.ndim < need:
+                kind = "nn.Conv2d" if conv else "nn.Linear"
+                expect = "(B, C, H, W)" if conv else f"(B, ..., {a.shape[-1] if a.ndim else 'I'})"
+                raise ValueError(
+                    f"input of layer {name!r} ({kind}){loc} must have a batch dimension, shape "
+                    f"{expect}; got {shape_str(a.shape)}. {UNBATCHED_HINT}"
+                )
 
 
 class SqrtGGNRows:
@@ -68,12 +139,38 @@ class SqrtGGNRows:
                     covered.update(p for p in pnames if p in in_subset)
         self.rest = layout.sub_layout([n for n in layout.names if n not in covered])
         self.hooks_ok = bool(self.modules)
+        self.n_outputs: int | None = None  # C, found on the first batch
+
+    def outputs(self, x: object, where: str = "") -> int:
+        """C, the number of outputs (from a forward pass on the first batch, then cached).
+
+        C bounds K, the columns of :math:`L_n`, and is the row count of the Jacobians.  The
+        pass runs without autograd and checks the inputs of the hooked layers.
+        """
+        if self.n_outputs is None:
+            with torch.no_grad(), capture_layers(self.modules) as records:
+                f = self.fmodel(self.fmodel.theta, x)
+            check_layer_inputs(records, where)
+            self.n_outputs = int(f.shape[1])
+        return self.n_outputs
+
+    def row_chunks(self, x: object, where: str = "") -> Iterator[tuple[Tensor, Tensor]]:
+        """Rows ``(b, K, P)`` and outputs ``(b, C)`` of consecutive sub-batches of ``x``.
+
+        Each sub-batch's rows, with their temporaries (:data:`ROW_COPIES` copies of
+        ``(b, C, P)``), fit in the memory budget; a batch that fits is one chunk, processed
+        as it comes.
+        """
+        size = torch.empty((), dtype=self.fmodel.dtype).element_size()
+        per_sample = ROW_COPIES * self.outputs(x, where) * self.fmodel.n_params * size
+        for _, xc in sub_batches(self.fmodel, x, per_sample):
+            yield self.rows(xc, where)
 
     def _disable_hooks(self) -> None:
         self.hooks_ok = False
         self.rest = self.fmodel.layout
 
-    def layer_grads(self, x: object) -> tuple[dict | None, Tensor, Tensor]:
+    def layer_grads(self, x: object, where: str = "") -> tuple[dict | None, Tensor, Tensor]:
         """Hooked pass: ``({module: (a, g)}, f, L)``, or ``(None, f, L)`` if a layer reran.
 
         ``a`` is the layer input ``(B, ..., I)``, ``g`` the back-propagated columns of L at its
@@ -85,6 +182,7 @@ class SqrtGGNRows:
         }
         with capture_layers(self.modules) as records:
             f = fm.call_dict(params, x)
+        check_layer_inputs(records, where)
         L = self.likelihood.sqrt_hessian(f.detach())  # (B, C, K)
         if any(len(r.outputs) != 1 for r in records.values()):
             return None, f.detach(), L
@@ -97,12 +195,15 @@ class SqrtGGNRows:
     def _rest_rows(self, x: object, f: Tensor | None) -> tuple[Tensor, Tensor]:
         return jacobian_sqrt_rows(self.fmodel, x, self.rest, self.likelihood, f)
 
-    def rows(self, x: object) -> tuple[Tensor, Tensor]:
-        r"""Rows ``R`` ``(B, K, P)`` with :math:`G_{batch} = \sum_{b,k} R_{bk} R_{bk}^\top`, and ``f``."""
+    def rows(self, x: object, where: str = "") -> tuple[Tensor, Tensor]:
+        r"""Rows ``R`` ``(B, K, P)`` with :math:`G_{batch} = \sum_{b,k} R_{bk} R_{bk}^\top`, and ``f``.
+
+        The whole batch at once; :meth:`row_chunks` splits it to the memory budget.
+        """
         layout = self.fmodel.layout
         grads, f = None, None
         if self.hooks_ok:
-            grads, f, L = self.layer_grads(x)
+            grads, f, L = self.layer_grads(x, where)
             if grads is None:
                 self._disable_hooks()
         if grads is None:
@@ -121,13 +222,17 @@ class SqrtGGNRows:
                 R[:, :, layout.slice_of(name)] = part.reshape(B, K, -1)
         return R, f
 
-    def diag(self, x: object) -> tuple[Tensor, Tensor]:
-        """Diagonal of the batch GGN ``(P,)`` without forming the rows, and ``f``."""
+    def diag(self, x: object, where: str = "") -> tuple[Tensor, Tensor]:
+        """Diagonal of the batch GGN ``(P,)`` without forming the rows, and ``f``.
+
+        The per-sample Jacobians of the parameters outside hooked layers are taken in
+        sub-batches that fit in the memory budget (:func:`jacobian_sqrt_diag`).
+        """
         layout = self.fmodel.layout
         d = torch.zeros(layout.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device)
         grads, f = None, None
         if self.hooks_ok:
-            grads, f, _ = self.layer_grads(x)
+            grads, f, _ = self.layer_grads(x, where)
             if grads is None:
                 self._disable_hooks()
                 f = None
@@ -138,8 +243,8 @@ class SqrtGGNRows:
                 if val is not None and prefix + pname in layout.names:
                     d[layout.slice_of(prefix + pname)] += val.reshape(-1)
         if self.rest.n_params:
-            Rr, f = self._rest_rows(x, f)
-            for name, part in self.rest.unflatten(Rr.pow(2).sum((0, 1))).items():
+            dr, f = jacobian_sqrt_diag(self.fmodel, x, self.rest, self.likelihood, f)
+            for name, part in self.rest.unflatten(dr).items():
                 d[layout.slice_of(name)] += part.reshape(-1)
         return d, f
 
@@ -162,6 +267,37 @@ def jacobian_sqrt_rows(
     J, f_jac = fmodel.jacobians_wrt(x, layout, n_outputs=None if f is None else f.shape[1])
     f = f_jac if f is None else f
     return torch.einsum("bcp,bck->bkp", J, likelihood.sqrt_hessian(f)), f
+
+
+def jacobian_sqrt_diag(
+    fmodel: FunctionalModel, x: object, layout: ParamLayout, likelihood, f: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r""":math:`\sum_{n,k} (L_n^\top J_n)_{k\cdot}^2` for the parameters of ``layout``, by sub-batches.
+
+    The per-sample Jacobians ``(b, C, P')`` of each sub-batch fit in the memory budget, so the
+    batch's ``(B, C, P')`` is never formed.
+
+    Args:
+        fmodel: The functional model.
+        x: Model input of batch size B.
+        layout: Sub-layout of the parameters (P' of them).
+        likelihood: Provides ``sqrt_hessian(f) -> (B, C, K)``.
+        f: Outputs ``(B, C)`` if already known.
+
+    Returns:
+        ``(d, f)``: the diagonal contribution ``(P',)`` and the outputs ``(B, C)``.
+    """
+    size = torch.empty((), dtype=fmodel.dtype).element_size()
+    C = f.shape[1] if f is not None else output_count(fmodel, x)
+    d = torch.zeros(layout.n_params, dtype=fmodel.dtype, device=fmodel.device)
+    fs = []
+    for start, xc in sub_batches(fmodel, x, ROW_COPIES * C * layout.n_params * size):
+        fc = None if f is None else f[start : start + batch_size_of(xc)]
+        R, fc = jacobian_sqrt_rows(fmodel, xc, layout, likelihood, fc)
+        d += R.pow(2).sum((0, 1))
+        fs.append(fc)
+        del R
+    return d, (f if f is not None else fs[0] if len(fs) == 1 else torch.cat(fs))
 
 
 def sqrt_ggn_rows(fmodel: FunctionalModel, x: object, likelihood) -> tuple[Tensor, Tensor]:
@@ -198,11 +334,18 @@ class FullGGNCollector:
         self.G = torch.zeros(P, P, dtype=fmodel.dtype, device=fmodel.device)
 
     def update(self, x: object, where: str = "") -> Tensor:
-        """Add one batch; returns the outputs ``(B, C)``."""
-        R, f = self.rows.rows(x)
-        check_finite(R, "GGN square-root rows (curvature)", where)
-        _symmetric_update(self.G, R.reshape(-1, R.shape[-1]))
-        return f
+        """Add one batch, in sub-batches that fit in the memory budget; returns ``f`` ``(B, C)``.
+
+        Raises:
+            ValueError: If the rows hold NaN/Inf.
+        """
+        fs = []
+        for R, f in self.rows.row_chunks(x, where):
+            check_finite(R, "GGN square-root rows (curvature)", where)
+            _symmetric_update(self.G, R.reshape(-1, R.shape[-1]))
+            fs.append(f)
+            del R  # before the next sub-batch's rows are built
+        return fs[0] if len(fs) == 1 else torch.cat(fs)
 
     def finalize(self) -> Tensor:
         """The GGN ``(P, P)``."""
@@ -227,7 +370,7 @@ class DiagGGNCollector:
 
     def update(self, x: object, where: str = "") -> Tensor:
         """Add one batch; returns the outputs ``(B, C)``."""
-        inc, f = self.rows.diag(x)
+        inc, f = self.rows.diag(x, where)
         check_finite(inc, "GGN diagonal (curvature)", where)
         self.diag += inc
         return f

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ._checks import check_finite
 from .functional import FunctionalModel, ParamLayout, batched_output_grads, capture_layers
-from .ggn import jacobian_sqrt_rows
+from .ggn import check_layer_inputs, jacobian_sqrt_diag
 
 __all__ = ["KFACCollector", "KFACCurvature", "KronFactors", "kfac_factor_bytes"]
 
@@ -236,7 +236,8 @@ class KFACCollector:
         Raises:
             RuntimeError: If a factored layer runs a different number of times than on the
                 first batch.
-            ValueError: If the curvature holds NaN/Inf.
+            ValueError: If the curvature holds NaN/Inf, or a factored layer received an input
+                without a batch dimension (a loader of single samples).
         """
         fm = self.fmodel
         params = {
@@ -244,6 +245,7 @@ class KFACCollector:
         }
         with capture_layers({m: lay.module for m, lay in self.layers.items()}) as records:
             f = fm.call_dict(params, x)
+        check_layer_inputs(records, where)
         if not self._checked:
             self._first_batch_checks(records)
         elif any(len(records[m].outputs) != 1 for m in self.layers):
@@ -269,8 +271,7 @@ class KFACCollector:
                 self.B[mname] += B_inc
                 self.count[mname] += rows
         if self.rest.n_params:
-            R, _ = jacobian_sqrt_rows(fm, x, self.rest, self.likelihood, fd)
-            d = R.pow(2).sum((0, 1))
+            d, _ = jacobian_sqrt_diag(fm, x, self.rest, self.likelihood, fd)
             check_finite(d, "GGN diagonal (curvature)", where)
             self.diag += d
         return fd

@@ -39,10 +39,12 @@ from ._checks import (
     check_target_tensor,
     is_integer,
 )
+from ._state import STATE_FORMAT_VERSION, check_state, model_parameters
 from .functional import (
     FunctionalModel,
     ParamLayout,
     batch_size_of,
+    check_batch_dims,
     input_tensors,
     resolve_subset,
     split_batch,
@@ -67,7 +69,6 @@ from .predictive import Prediction
 
 __all__ = ["LaplaceWrapper"]
 
-STATE_FORMAT_VERSION = 1
 _PROGRESS_MIN_BATCHES = 20
 
 
@@ -457,7 +458,8 @@ class LaplaceWrapper:
         Raises:
             ValueError: If the batch is malformed, a floating input has another dtype than the
                 model or holds NaN/Inf, the input has no batch dimension, or an empty input
-                comes with targets.
+                comes with targets, or the targets have no batch dimension or another batch
+                size than the input (a loader of single samples).
             TypeError: If the targets are not a tensor.
         """
         x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
@@ -476,6 +478,7 @@ class LaplaceWrapper:
                 f"targets in {where} must have as many rows as the input (0); got shape "
                 f"{tuple(y.shape)}."
             )
+        check_batch_dims(x, y, where)
         return x, y, empty
 
     def _loss_statistic(self, f: Tensor, y: Tensor, where: str) -> float:
@@ -953,6 +956,7 @@ class LaplaceWrapper:
         layout = self._layout
         return {
             "format_version": STATE_FORMAT_VERSION,
+            "model_parameters": model_parameters(self.model),
             "likelihood": self.likelihood.value,
             "structure": self.structure.value,
             "subset": list(layout.names),
@@ -974,37 +978,29 @@ class LaplaceWrapper:
 
     @classmethod
     def from_state_dict(cls, model: nn.Module, state: dict) -> LaplaceWrapper:
-        """Rebuild a fitted wrapper from :meth:`state_dict` and a model of the same shapes.
+        """Rebuild a fitted wrapper from :meth:`state_dict` and a model of the same architecture.
+
+        The whole state is validated first (see ``docs/errors.md``): every key present, of the
+        right type and shape, finite, consistent with its structure and with the model.  The
+        model must have the saved parameters (names and shapes); states of format 2 also
+        record every parameter of the saved model, and a model with other or extra parameters
+        is refused.  The posterior's tensors are cast to the model's dtype and device.
 
         Args:
-            model: Network with the parameters named in the state (values may differ; θ* is
-                taken from the state).
+            model: Network with the parameters of the saved model (values may differ; θ* of
+                the subset is taken from the state, the other parameters from ``model``).
             state: Output of :meth:`state_dict`.
 
         Returns:
             A fitted wrapper equal to the one saved.
 
         Raises:
-            ValueError: If the state is from a newer format, or the model's parameters do not
-                match the saved names and shapes.
+            TypeError: If the state or one of its entries has the wrong type.
+            ValueError: If a key is missing or invalid (the message names it, with what it
+                must be and what it holds), the state is from a newer format, or the model's
+                parameters do not match the saved ones.
         """
-        version = state.get("format_version")
-        if not isinstance(version, int) or version > STATE_FORMAT_VERSION:
-            raise ValueError(
-                f"state format_version must be <= {STATE_FORMAT_VERSION}; got {version!r}. "
-                "It was written by a newer laplace_ggn: upgrade to load it."
-            )
-        named = dict(model.named_parameters())
-        for name, shape in zip(state["subset"], state["shapes"]):
-            if name not in named:
-                raise ValueError(
-                    f"model must have parameter {name!r} of the saved state; it has none."
-                )
-            if tuple(named[name].shape) != tuple(shape):
-                raise ValueError(
-                    f"parameter {name!r} must have shape {tuple(shape)} as in the saved state; "
-                    f"got {tuple(named[name].shape)}."
-                )
+        state = check_state(state, model)
         la = cls(
             model,
             state["likelihood"],

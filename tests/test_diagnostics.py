@@ -353,6 +353,12 @@ class _EigenPosterior:
     def covariance_matvec(self, V):
         return self.Sigma @ V
 
+    def covariance_sqrt_rows(self, X):
+        return X @ torch.linalg.cholesky(self.Sigma)
+
+    def variance(self):
+        return self.Sigma.diagonal()
+
     def sample(self, n, *, generator=None):
         z = torch.randn(n, self.mean.shape[0], generator=generator, dtype=DT)
         return self.mean + z @ torch.linalg.cholesky(self.Sigma).T

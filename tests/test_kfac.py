@@ -181,6 +181,43 @@ def test_log_det_is_differentiable_in_layerwise_prior():
     torch.testing.assert_close(grad, grad_ref, **TOL)
 
 
+@pytest.mark.parametrize("w_prec,b_prec", [(1e12, 1e-12), (1e-12, 1e12), (1.0, 1e-12), (1e-6, 1e6)])
+def test_float32_extreme_weight_and_bias_priors_stay_finite_and_psd(w_prec, b_prec):
+    # 1 + δw with δ = α_b - α cancelled (NaN evidence); J Σ̃ Jᵀ as a difference went negative
+    case = make_case("mlp_classification")
+    curv, fm = _collect(case.model, case.X, case.y, case.likelihood)
+    J = torch.randn(6, 3, fm.n_params, generator=torch.Generator().manual_seed(0))
+    J64 = J.double()
+    out = {}
+    for dt in (torch.float32, torch.float64):
+        c = type(curv)(
+            curv.layout,
+            tuple(type(b)(b.weight, b.bias, b.A.to(dt), b.B.to(dt)) for b in curv.blocks),
+            curv.diag_names,
+            curv.diag.to(dt),
+        )
+        prec = torch.tensor([w_prec, b_prec, w_prec, b_prec], dtype=dt)
+        prior = make_prior(prec, fm.layout, dtype=dt, device=torch.device("cpu"))
+        out[dt] = KFACPosterior(fm.theta.to(dt), c, prior, scale=1.0)
+    post, ref = out[torch.float32], out[torch.float64]
+    assert bool(torch.isfinite(post.log_det()))
+    torch.testing.assert_close(post.log_det().double(), ref.log_det(), rtol=1e-5, atol=1e-3)
+    var = torch.diagonal(post.functional_covariance(J.float()), dim1=1, dim2=2)
+    assert bool((var >= 0).all()), var
+    fc64 = ref.functional_covariance(J64)
+    torch.testing.assert_close(
+        var.double(), torch.diagonal(fc64, dim1=1, dim2=2), rtol=1e-3, atol=1e-5 * float(var.max())
+    )
+    dense = post.to_dense()
+    assert bool((dense.diagonal() >= 0).all())
+    torch.testing.assert_close(dense.diagonal(), post.variance(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        post.variance().double(), ref.variance(), rtol=1e-3, atol=1e-5 * float(ref.variance().max())
+    )
+    torch.testing.assert_close(ref.to_dense().diagonal(), ref.variance(), rtol=1e-9, atol=0)
+    assert bool(torch.isfinite(post.sample(4, generator=torch.Generator().manual_seed(0))).all())
+
+
 # ---------------------------------------------------------------------------------------------
 # Exactness
 # ---------------------------------------------------------------------------------------------

@@ -209,3 +209,60 @@ def test_distributed_state_reduces_to_single_process_fit(rank):
         rtol=1e-8,
         atol=1e-10,
     )
+
+
+# -- float32 with small prior precisions: squared forms, no cancellation ------------------------
+
+
+def _float32_lowrank(prec, dtype):
+    """Posterior with exact eigenpairs (R = 10 of P = 40) and Jacobians in and outside range(U)."""
+    from laplace_ggn.functional import ParamLayout
+
+    P, R = 40, 10
+    layout = ParamLayout(("w", "b"), (torch.Size([30]), torch.Size([10])))
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(P, R, generator=g, dtype=torch.float64))[0]
+    lam = torch.logspace(0, 2, R, dtype=torch.float64)
+    J_in = torch.randn(4, 2, R, generator=g, dtype=torch.float64) @ U.T  # training-like rows
+    J_out = torch.randn(2, 2, P, generator=g, dtype=torch.float64)
+    prior = make_prior(prec, layout, dtype=dtype, device=CPU)
+    post = LowRankPosterior(torch.zeros(P, dtype=dtype), lam.to(dtype), U.to(dtype), prior)
+    return post, torch.cat([J_in, J_out]).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "prec,accurate",
+    [
+        (1e-12, False),
+        (1e-6, True),
+        (1e-3, True),
+        (1e12, True),
+        (torch.tensor([1e6, 1e-6]), True),
+        (torch.tensor([1e-12, 1e2]), False),
+    ],
+    ids=["1e-12", "1e-6", "1e-3", "1e12", "layerwise-1e6-1e-6", "layerwise-1e-12-1e2"],
+)
+def test_float32_small_prior_gives_psd_covariances_without_cancellation(prec, accurate):
+    post, J = _float32_lowrank(prec, torch.float32)
+    ref, J64 = _float32_lowrank(prec, torch.float64)
+    fc = post.functional_covariance(J)
+    var = torch.diagonal(fc, dim1=1, dim2=2)
+    assert bool((var >= 0).all()), var  # J J^T - J U U^T J^T gave -1.9e6 at alpha = 1e-12
+    assert float(torch.linalg.eigvalsh(fc.double()).min()) >= -1e-5 * float(var.max())
+    assert bool((post.variance() >= 0).all()) and bool((post.to_dense().diagonal() >= 0).all())
+    S64 = ref.covariance_sqrt_rows(J64.reshape(-1, J64.shape[-1]))  # S S^T = Sigma
+    torch.testing.assert_close(
+        S64 @ S64.T,
+        J64.reshape(-1, 40) @ ref.covariance_matvec(J64.reshape(-1, 40).T),
+        rtol=1e-9,
+        atol=1e-9 * float((S64**2).sum(-1).max()),
+    )
+    assert bool(torch.isfinite(post.sample(3, generator=torch.Generator().manual_seed(0))).all())
+    if accurate:  # the float32 result is the float64 one to float32 rounding
+        fc64 = ref.functional_covariance(J64)
+        torch.testing.assert_close(
+            fc.double(), fc64, rtol=1e-4, atol=1e-4 * float(fc64.abs().max())
+        )
+        torch.testing.assert_close(
+            post.to_dense().diagonal().double(), ref.to_dense().diagonal(), rtol=1e-4, atol=0
+        )

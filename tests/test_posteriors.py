@@ -37,8 +37,7 @@ def test_full_posterior_battery(prior_kind, scale, seed, eigenbasis):
     mean = torch.randn(P, dtype=torch.float64, generator=g)
     post = FullPosterior(mean, G, prior, scale)
     if eigenbasis:
-        _ = post.eig  # once computed, scalar priors use the eigenbasis for every product
-    assert post._use_eig == (eigenbasis and prior_kind == "scalar")
+        _ = post.eig  # computed for another caller: must change nothing below
     Sigma = dense_posterior_covariance(G, prior.diag(), scale)
     check_posterior(post, Sigma, rtol=1e-6, atol=1e-9, seed=seed)
 
@@ -127,3 +126,33 @@ def test_robust_cholesky_jitter_then_error():
     assert torch.isfinite(L).all()
     with pytest.raises(RuntimeError, match="test matrix must be positive definite"):
         robust_cholesky(-torch.eye(3, dtype=torch.float64), "test matrix")
+
+
+@pytest.mark.parametrize("prior_kind", ["scalar", "layerwise"])
+def test_full_results_ignore_which_factorisation_was_computed_before(prior_kind):
+    # the scalar-prior posterior used to switch to the eigenbasis once `eig` was known
+    g = torch.Generator().manual_seed(0)
+    G = _ggn(g, rank=4)
+    prior = _prior(prior_kind, g)
+    mean = torch.randn(P, dtype=torch.float64, generator=g)
+    J = torch.randn(2, 3, P, dtype=torch.float64, generator=g)
+    V = torch.randn(P, 2, dtype=torch.float64, generator=g)
+
+    def outputs(post):
+        gen = torch.Generator().manual_seed(1)
+        return [
+            post.sample(5, generator=gen),
+            post.functional_covariance(J),
+            post.covariance_matvec(V),
+            post.to_dense(),
+            post.log_det(),
+        ]
+
+    ref = outputs(FullPosterior(mean, G, prior, 0.5))
+    post = FullPosterior(mean, G, prior, 0.5)
+    _ = post.eig
+    seen = FullPosterior(mean, G, prior, 0.5, eig=post.eig)
+    derived = FullPosterior(mean, G, _prior("scalar", g), 2.0, eig=post.eig).with_prior(prior, 0.5)
+    for other in (post, seen, derived):
+        for a, b in zip(ref, outputs(other)):
+            assert torch.equal(a, b)

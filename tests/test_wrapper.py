@@ -219,7 +219,7 @@ def test_state_dict_round_trip_exact():
         ValueError, match=r"parameter '0.weight' must have shape \(4, 3\).*got \(5, 3\)"
     ):
         LaplaceWrapper.from_state_dict(bad, state)
-    with pytest.raises(ValueError, match="format_version must be <= 1; got 99"):
+    with pytest.raises(ValueError, match="format_version must be <= 2; got 99"):
         LaplaceWrapper.from_state_dict(case.model, {**state, "format_version": 99})
 
 

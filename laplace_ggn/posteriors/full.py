@@ -3,10 +3,12 @@ r"""Dense posterior: :math:`\Lambda = s\,G + \Lambda_0`, :math:`\Sigma = \Lambda
 ``s = 1/(τσ²)`` is the curvature scale (temperature τ, regression noise σ).  Factorisations
 of G are computed lazily and shared by every posterior derived with
 :meth:`FullPosterior.with_prior`: with a scalar prior the log determinant needs only the
-eigenvalues of G (``eigvalsh``, computed once; each new prior then costs O(P)); covariance
-products use the eigendecomposition :math:`G = U \mathrm{diag}(\lambda) U^\top` once some
-caller has asked for it (e.g. :attr:`FullPosterior.eig`), and a Cholesky factor of Λ
-otherwise, which is several times cheaper than a full ``eigh``.
+eigenvalues of G (``eigvalsh``, computed once; each new prior then costs O(P)).  Covariance
+products, ``functional_covariance``, ``to_dense`` and samples always use a Cholesky factor of
+Λ (several times cheaper than a full ``eigh``), and the log determinant always the
+``eigvalsh`` eigenvalues, whatever else has been computed before: the eigendecomposition
+:attr:`FullPosterior.eig` (for the kernel decomposition or the user) is never substituted,
+so a seeded draw, a covariance or the evidence does not depend on the history of calls.
 """
 
 from __future__ import annotations
@@ -68,17 +70,14 @@ class FullPosterior:
 
     @property
     def eigenvalues(self) -> Tensor:
-        """Eigenvalues of G ``(P,)``, clamped at 0; from ``eigvalsh`` unless ``eig`` is known."""
-        if "eig" in self._cache:
-            return self._cache["eig"][0]
+        """Eigenvalues of G ``(P,)`` from ``eigvalsh``, clamped at 0 (computed once).
+
+        Always from ``eigvalsh``, even when :attr:`eig` is known (the two LAPACK routines can
+        differ in the last bits), so that the log determinant does not depend on call history.
+        """
         if "eigenvalues" not in self._cache:
             self._cache["eigenvalues"] = torch.linalg.eigvalsh(self.ggn).clamp_min(0)
         return self._cache["eigenvalues"]
-
-    @property
-    def _use_eig(self) -> bool:
-        """Covariance products through the eigenbasis (scalar prior, eigh already paid for)."""
-        return self.prior.is_scalar and "eig" in self._cache
 
     @cached_property
     def _eig_precision(self) -> Tensor:
@@ -103,32 +102,34 @@ class FullPosterior:
 
     def to_dense(self) -> Tensor:
         r"""Σ = Λ⁻¹, shape ``(P, P)``."""
-        if self._use_eig:
-            _, U = self.eig
-            return (U / self._eig_precision) @ U.T
         return torch.cholesky_inverse(self._chol)
 
     def covariance_matvec(self, V: Tensor) -> Tensor:
         """Σ V for ``V`` of shape ``(P,)`` or ``(P, K)``; same shape back."""
         check_V(V, self.n_params)
         W = V.unsqueeze(1) if V.ndim == 1 else V
-        if self._use_eig:
-            _, U = self.eig
-            out = U @ ((U.T @ W) / self._eig_precision.unsqueeze(1))
-        else:
-            out = torch.cholesky_solve(W, self._chol)
+        out = torch.cholesky_solve(W, self._chol)
         return out.squeeze(1) if V.ndim == 1 else out
+
+    def covariance_sqrt_rows(self, X: Tensor) -> Tensor:
+        r"""Rows of :math:`XL^{-\top}` for the Cholesky factor :math:`\Lambda = LL^\top`.
+
+        :math:`S = L^{-\top}` is a square root of Σ (:math:`SS^\top = \Sigma`), so quadratic
+        forms :math:`x\Sigma x^\top = \|xS\|^2` computed from it are >= 0 by construction.
+
+        Args:
+            X: Rows, shape ``(M, P)``.
+
+        Returns:
+            Shape ``(M, P)``.
+        """
+        return torch.linalg.solve_triangular(self._chol, X.T, upper=False).T
 
     def functional_covariance(self, J: Tensor) -> Tensor:
         """J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``."""
         check_J(J, self.n_params)
-        if self._use_eig:
-            _, U = self.eig
-            JU = J @ U
-            return (JU / self._eig_precision) @ JU.transpose(1, 2)
         B, C, P = J.shape
-        W = torch.linalg.solve_triangular(self._chol, J.reshape(B * C, P).T, upper=False)
-        W = W.T.reshape(B, C, P)
+        W = self.covariance_sqrt_rows(J.reshape(B * C, P)).reshape(B, C, P)
         return W @ W.transpose(1, 2)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -136,9 +137,6 @@ class FullPosterior:
         z = standard_normal(
             n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
         )
-        if self._use_eig:
-            _, U = self.eig
-            return self.mean + (z / self._eig_precision.sqrt()) @ U.T
         # Λ = L Lᵀ  =>  θ = θ* + L⁻ᵀ z has covariance Λ⁻¹
         X = torch.linalg.solve_triangular(self._chol.T, z.T, upper=True)
         return self.mean + X.T

@@ -12,16 +12,24 @@ where :math:`U U^\top` selects the bias entries and :math:`\delta = \alpha_b - \
 difference between the bias and weight precisions of a layerwise prior (0 for a scalar
 prior).  :math:`U^\top Q = Q_B \otimes r^\top` with :math:`r` the bias row of :math:`Q_A`, so the
 Woodbury correction is diagonal in the basis :math:`Q_B`:
-:math:`w_o = \sum_j r_j^2 / d_{oj}`, :math:`c_o = \delta / (1 + \delta w_o)`, and in rotated
-coordinates :math:`Z = Q_B^\top V Q_A` (V the block reshaped to ``(O, D)``)
+:math:`w_o = \sum_j r_j^2 / d_{oj}`, :math:`\kappa_o = 1 + \delta w_o`,
+:math:`c_o = \delta / \kappa_o`, and in rotated coordinates :math:`Z = Q_B^\top V Q_A` (V the
+block reshaped to ``(O, D)``)
 
 .. math::
     \tilde\Sigma Z = Z / d - \big(c \odot ((Z/d)\,r)\big)\, r^\top / d, \qquad
-    \log|\Lambda_l| = \textstyle\sum \log d + \sum_o \log(1 + \delta w_o).
+    \log|\Lambda_l| = \textstyle\sum \log d + \sum_o \log \kappa_o.
 
-Each output row of :math:`\tilde\Sigma` is a diagonal minus a rank-one matrix, whose square
-root is explicit; sampling, ``covariance_matvec``, ``log_det`` and ``functional_covariance`` so
-cost O(O²D + OD²) per layer and never form a P×P matrix.  Parameters outside Kronecker
+Because :math:`\|r\| = 1`, :math:`\kappa_o = \sum_j r_j^2 (s\lambda_{B,o}\lambda_{A,j} + \alpha_b)
+/ d_{oj}` is computed as that sum of positive terms: the form :math:`1 + \delta w_o` cancels
+catastrophically when the bias precision is much smaller than the weight precision (it gave
+NaN evidence in float32 with α = 1e12, α_b = 1e-12).  Each output row of :math:`\tilde\Sigma`
+is :math:`D_o^{-1/2}(I - c_o v v^\top)D_o^{-1/2}` with :math:`v = r/\sqrt{d_o}`, whose square root
+:math:`D_o^{-1/2}(I - \gamma_o v v^\top)`, :math:`\gamma_o = (1 - \kappa_o^{-1/2})/w_o`, is
+explicit; sampling and ``functional_covariance`` use it, so :math:`J\Sigma J^\top` is a sum of
+squares (never negative, however small a prior precision), and so does :meth:`variance`, the
+diagonal of ``to_dense``.  Sampling, ``covariance_matvec``, ``log_det`` and
+``functional_covariance`` cost O(O²D + OD²) per layer and never form a P×P matrix.  Parameters outside Kronecker
 blocks carry an exact diagonal block.  A per-parameter ("diagonal") prior is refused: it is
 not diagonal in the Kronecker eigenbasis.
 """
@@ -147,17 +155,27 @@ class KFACPosterior:
 
     @cached_property
     def _blocks(self) -> list[dict[str, Tensor]]:
-        """Per block: d ``(O, D)``, r ``(D,)`` or None, c ``(O,)``, w ``(O,)``, δ."""
+        """Per block: d ``(O, D)``, r ``(D,)`` or None, w, κ, c, γ ``(O,)``, δ."""
         out = []
         for blk, e in zip(self.curvature.blocks, self._eig):
             alpha = self._alpha(blk.weight or blk.bias)
-            d = self.scale * torch.outer(e.lam_B, e.lam_A) + alpha
+            g = self.scale * torch.outer(e.lam_B, e.lam_A)
+            d = g + alpha
             item = {"d": d, "r": None}
             if blk.weight is not None and blk.bias is not None:
-                delta = self._alpha(blk.bias) - alpha
+                alpha_b = self._alpha(blk.bias)
                 r = e.Q_A[-1]
-                w = (r**2 / d).sum(-1)
-                item.update(r=r, w=w, delta=delta, c=delta / (1 + delta * w))
+                r2 = r**2
+                w = (r2 / d).sum(-1)
+                kappa = (r2 * (g + alpha_b) / d).sum(-1)  # 1 + δw without cancellation
+                item.update(
+                    r=r,
+                    w=w,
+                    kappa=kappa,
+                    delta=alpha_b - alpha,
+                    c=(alpha_b - alpha) / kappa,
+                    gamma=(1 - kappa.rsqrt()) / w,
+                )
             out.append(item)
         return out
 
@@ -174,6 +192,19 @@ class KFACPosterior:
     @staticmethod
     def _unrotate(e: _Eig, Z: Tensor) -> Tensor:
         return e.Q_B @ Z @ e.Q_A.T
+
+    @staticmethod
+    def _sqrt_rot(b: dict, Z: Tensor) -> Tensor:
+        r"""Rows :math:`Z\tilde S` for rotated ``Z`` ``(..., O, D)``, :math:`\tilde S\tilde S^\top = \tilde\Sigma`.
+
+        Per output row o, :math:`\tilde S_o = D_o^{-1/2}(I - \gamma_o v_o v_o^\top)`, symmetric
+        up to the diagonal scaling, so :math:`Z\tilde S` is :math:`(Z/\sqrt d)(I - \gamma v v^\top)`.
+        """
+        Zs = Z / b["d"].sqrt()
+        if b["r"] is None:
+            return Zs
+        v = b["r"] / b["d"].sqrt()  # (O, D)
+        return Zs - (b["gamma"] * (Zs * v).sum(-1)).unsqueeze(-1) * v
 
     @staticmethod
     def _sigma_rot(b: dict, Z: Tensor) -> Tensor:
@@ -202,7 +233,7 @@ class KFACPosterior:
         for b in self._blocks:
             total = total + torch.log(b["d"]).sum()
             if b["r"] is not None:
-                total = total + torch.log1p(b["delta"] * b["w"]).sum()
+                total = total + torch.log(b["kappa"]).sum()
         return total
 
     def covariance_matvec(self, V: Tensor) -> Tensor:
@@ -216,10 +247,26 @@ class KFACPosterior:
         ).T
         return out.squeeze(1) if V.ndim == 1 else out
 
+    def variance(self) -> Tensor:
+        r"""Diagonal of Σ, shape ``(P,)``, as squared norms (>= 0 whatever the prior).
+
+        Entry (i, j) of a block is :math:`\sum_o Q_{B,io}^2 \|(Q_{A,j\cdot}/\sqrt{d_o})
+        (I - \gamma_o v_o v_o^\top)\|^2`; memory O(O·D²) per block.
+        """
+        out = torch.empty_like(self.mean)
+        for blk, e, b in zip(self.curvature.blocks, self._eig, self._blocks):
+            rows = self._sqrt_rot(b, e.Q_A.unsqueeze(1).expand(-1, blk.n_out, -1))  # (D, O, D)
+            out[e.index] = ((e.Q_B**2) @ (rows**2).sum(-1).T).reshape(-1)
+        if self._diag_index.numel():
+            out[self._diag_index] = 1.0 / self._diag_precision
+        return out
+
     def to_dense(self) -> Tensor:
-        r"""Σ = Λ⁻¹, shape ``(P, P)`` (for tests and small models)."""
+        r"""Σ = Λ⁻¹, shape ``(P, P)`` (for tests and small models); its diagonal is :meth:`variance`."""
         eye = torch.eye(self.n_params, dtype=self.mean.dtype, device=self.mean.device)
-        return self.covariance_matvec(eye)
+        S = self.covariance_matvec(eye)
+        S.diagonal().copy_(self.variance())
+        return S
 
     def functional_covariance(self, J: Tensor) -> Tensor:
         """J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``."""
@@ -229,11 +276,8 @@ class KFACPosterior:
         out = torch.zeros(Bsz, C, C, dtype=J.dtype, device=J.device)
         for blk, e, b in zip(self.curvature.blocks, self._eig, self._blocks):
             Z = self._rotate(e, Jf[:, e.index].reshape(Bsz * C, blk.n_out, blk.n_in))
-            Zs = (Z / b["d"].sqrt()).reshape(Bsz, C, -1)
+            Zs = self._sqrt_rot(b, Z).reshape(Bsz, C, -1)  # rows of J Q S̃, S̃ S̃ᵀ = Σ̃
             out = out + Zs @ Zs.transpose(1, 2)
-            if b["r"] is not None:
-                y = ((Z / b["d"]) @ b["r"]).reshape(Bsz, C, -1)  # (B, C, O)
-                out = out - (y * b["c"]) @ y.transpose(1, 2)
         if self._diag_index.numel():
             Jd = J[:, :, self._diag_index]
             out = out + (Jd / self._diag_precision) @ Jd.transpose(1, 2)
@@ -244,7 +288,10 @@ class KFACPosterior:
 
         Per output row o of a block, :math:`\tilde\Sigma_o = D_o^{-1/2}(I - c_o v v^\top)
         D_o^{-1/2}` with :math:`v = r/\sqrt{d_o}`, :math:`\|v\|^2 = w_o`; its square root is
-        :math:`D_o^{-1/2}(I - \gamma_o v v^\top)`, :math:`\gamma_o = (1 - (1+\delta w_o)^{-1/2})/w_o`.
+        :math:`D_o^{-1/2}(I - \gamma_o v v^\top)`, :math:`\gamma_o = (1 - \kappa_o^{-1/2})/w_o`.
+
+        Raises:
+            ValueError: If ``n`` is not a positive integer.
         """
         z = standard_normal(
             n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
@@ -253,8 +300,7 @@ class KFACPosterior:
         def block(e: _Eig, b: dict, Z: Tensor) -> Tensor:
             if b["r"] is not None:
                 v = b["r"] / b["d"].sqrt()  # (O, D)
-                gamma = (1 - torch.rsqrt(1 + b["delta"] * b["w"])) / b["w"]
-                Z = Z - (gamma * (Z * v).sum(-1)).unsqueeze(-1) * v
+                Z = Z - (b["gamma"] * (Z * v).sum(-1)).unsqueeze(-1) * v
             return self._unrotate(e, Z / b["d"].sqrt())
 
         return self.mean + self._apply(z, block, lambda D: D / self._diag_precision.sqrt())

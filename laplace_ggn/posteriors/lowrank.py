@@ -23,22 +23,32 @@ unit-noise GGN; both see the data once.
   of a positive-semidefinite matrix from streaming data"), best for fast-decaying spectra.
   The stable variant with a shift ν = √P·eps·‖Y‖ is used.
 
-The posterior with a scalar prior α uses
-
-.. math::
-    \Sigma = \alpha^{-1}(I - UU^\top) + U\mathrm{diag}\big(1/(s\lambda + \alpha)\big)U^\top,
-    \qquad \log|\Lambda| = (P - R)\log\alpha + \textstyle\sum\log(s\lambda + \alpha);
-
-with a layerwise or per-parameter prior :math:`D` it uses the Woodbury identity with
+The log determinant of the precision uses, for a scalar prior α,
+:math:`\log|\Lambda| = (P - R)\log\alpha + \sum\log(s\lambda + \alpha)`, and for a
+layerwise or per-parameter prior :math:`D` the determinant lemma with
 :math:`W = U\mathrm{diag}(\sqrt{s\lambda})` and the capacitance :math:`K = I + W^\top D^{-1} W`:
+:math:`\log|\Lambda| = \log|D| + \log|K|`.  Covariance products, ``functional_covariance``,
+``to_dense`` and ``sample`` use the eigenpairs of the *whitened* curvature: with
+:math:`d = \mathrm{diag}(D)^{-1/2}` and the thin QR + SVD
+:math:`\mathrm{diag}(d)\,W = Q\,\mathrm{diag}(\sigma)Z^\top` (for a scalar prior simply
+:math:`Q = U`, :math:`\sigma^2 = s\lambda/\alpha`),
 
 .. math::
-    \Sigma = D^{-1} - D^{-1} W K^{-1} W^\top D^{-1}, \qquad
-    \log|\Lambda| = \log|D| + \log|K|,
+    \Sigma = \mathrm{diag}(d)\big[(I - QQ^\top) + Q\,\mathrm{diag}(e)\,Q^\top\big]
+    \mathrm{diag}(d), \qquad e = 1/(1 + \sigma^2) \in (0, 1],
 
-and samples by perturbation, :math:`\theta = \theta_* + \Sigma(W z_1 + D^{1/2} z_2)`, whose
-covariance is :math:`\Sigma(WW^\top + D)\Sigma = \Sigma`.  All operations cost O(P·R) memory;
-``with_prior`` reuses the eigenpairs.
+which is :math:`\alpha^{-1}(I - UU^\top) + U\mathrm{diag}(1/(s\lambda + \alpha))U^\top` for a
+scalar prior and the Woodbury form :math:`D^{-1} - D^{-1}WK^{-1}W^\top D^{-1}` otherwise.
+Quadratic forms are evaluated as squared norms, e.g.
+:math:`J\Sigma J^\top = RR^\top + (\tilde J Q e^{1/2})(\tilde J Q e^{1/2})^\top` with
+:math:`\tilde J = J\,\mathrm{diag}(d)` and the residual :math:`R = \tilde J - (\tilde J Q)Q^\top`,
+never as a difference such as :math:`\alpha^{-1}(JJ^\top - JUU^\top J^\top)`.  That
+difference cancels catastrophically when the prior precision is small (in float32 with
+α = 1e-6 it gave negative predictive variances on training inputs); the squared forms are
+positive semi-definite by construction, whatever the prior.  Samples are
+:math:`\theta = \theta_* + \mathrm{diag}(d)[(z - QQ^\top z) + Q\,\mathrm{diag}(e^{1/2})
+Q^\top z]`.  All operations cost O(P·R) memory (``to_dense`` O(P²)); ``with_prior`` reuses
+the eigenpairs.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from .._checks import check_finite
-from ..functional import FunctionalModel
+from ..functional import FunctionalModel, batch_size_of
 from ..ggn import SqrtGGNRows
 from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
 
@@ -123,30 +133,45 @@ class ExactLowRankCollector:
         self.memory_budget = int(memory_budget)
         self.rows: list[Tensor] = []
         self.n_rows = 0
+        self.n_cols: int | None = None  # K, rows per sample, known after the first batch
         self._sqrt_rows = SqrtGGNRows(fmodel, likelihood)
 
     def update(self, x: object, where: str = "") -> Tensor:
         """Store one batch's rows; returns the outputs ``(B, C)``.
 
+        The budget is checked before any row of the batch is computed, with at most C rows
+        per sample (K, the exact count, is known from the second batch on), and again with
+        the exact count as each sub-batch's rows arrive; the rows are computed in sub-batches
+        whose intermediates fit in the budget (see :meth:`SqrtGGNRows.row_chunks`).
+
         Raises:
             ValueError: If the rows exceed the memory budget (the message gives the bytes and
                 suggests ``rank=k``), or hold NaN/Inf.
         """
-        R, f = self._sqrt_rows.rows(x)
-        check_finite(R, "GGN square-root rows (curvature)", where)
-        R = R.reshape(-1, R.shape[-1])
-        P = R.shape[1]
-        need = (self.n_rows + R.shape[0]) * P * R.element_size()
+        P = self.fmodel.n_params
+        size = torch.empty((), dtype=self.fmodel.dtype).element_size()
+        per_sample = self.n_cols or self._sqrt_rows.outputs(x, where)
+        self._check_budget(self.n_rows + batch_size_of(x) * per_sample, P, size, where)
+        fs = []
+        for R, f in self._sqrt_rows.row_chunks(x, where):
+            self.n_cols = R.shape[1]
+            self._check_budget(self.n_rows + R.shape[0] * R.shape[1], P, size, where)
+            check_finite(R, "GGN square-root rows (curvature)", where)
+            self.rows.append(R.reshape(-1, P))
+            self.n_rows += R.shape[0] * R.shape[1]
+            fs.append(f)
+            del R
+        return fs[0] if len(fs) == 1 else torch.cat(fs)
+
+    def _check_budget(self, n_rows: int, P: int, size: int, where: str) -> None:
+        need = n_rows * P * size
         if need > self.memory_budget:
             raise ValueError(
                 f"structure='lowrank' with rank=None must keep all N·C rows of length P={P} within "
-                f"the memory budget of {_gb(self.memory_budget)}; got {self.n_rows + R.shape[0]} "
-                f"rows by {where or 'this batch'} ({_gb(need)} and growing). Pass rank=k (e.g. "
-                "rank=50) for the top-k eigenpairs at O(P·k) memory, or raise memory_budget=."
+                f"the memory budget of {_gb(self.memory_budget)}; got {n_rows} rows by "
+                f"{where or 'this batch'} ({_gb(need)} and growing). Pass rank=k (e.g. rank=50) "
+                "for the top-k eigenpairs at O(P·k) memory, or raise memory_budget=."
             )
-        self.rows.append(R)
-        self.n_rows += R.shape[0]
-        return f
 
     def finalize(self) -> LowRankCurvature:
         """Eigenpairs of G restricted to its range, from the thin SVD of the rows.
@@ -156,22 +181,35 @@ class ExactLowRankCollector:
         """
         if not self.rows:
             raise RuntimeError("ExactLowRankCollector.finalize() needs at least one update(x).")
-        Vt = torch.cat(self.rows)
+        Vt = self._stacked_rows()
         _, S, Wh = torch.linalg.svd(Vt, full_matrices=False)
         tol = S.max() * max(Vt.shape) * torch.finfo(Vt.dtype).eps if S.numel() else 0.0
         keep = S > tol
         return LowRankCurvature(S[keep] ** 2, Wh[keep].T.contiguous())
 
+    def _stacked_rows(self) -> Tensor:
+        """All rows as one ``(M, P)`` tensor, kept as the only chunk.
+
+        The chunks are moved into it one by one, so the peak is the rows plus one chunk,
+        not twice the rows as with ``torch.cat``.
+        """
+        P, dt, dev = self.fmodel.n_params, self.fmodel.dtype, self.fmodel.device
+        if not self.rows:
+            return torch.zeros(0, P, dtype=dt, device=dev)
+        if len(self.rows) > 1:
+            Vt = torch.empty(self.n_rows, P, dtype=dt, device=dev)
+            pos = 0
+            while self.rows:
+                R = self.rows.pop(0)
+                Vt[pos : pos + R.shape[0]] = R
+                pos += R.shape[0]
+                del R
+            self.rows = [Vt]
+        return self.rows[0]
+
     def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
         """``{"rows": (V^T (M, P), "gather")}``."""
-        Vt = (
-            torch.cat(self.rows)
-            if self.rows
-            else torch.zeros(
-                0, self.fmodel.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device
-            )
-        )
-        return {"rows": (Vt, "gather")}
+        return {"rows": (self._stacked_rows(), "gather")}
 
     def load_distributed_state(self, state: dict[str, Tensor]) -> None:
         """Replace the rows with the rows gathered from all ranks."""
@@ -376,16 +414,31 @@ class LowRankPosterior:
         )
         return robust_cholesky(K, "low-rank capacitance matrix I + WᵀΛ₀⁻¹W")
 
+    @cached_property
+    def _whitened(self) -> tuple[Tensor, Tensor, Tensor]:
+        r"""``(d, Q, e)`` with :math:`\Sigma = \mathrm{diag}(d)[(I - QQ^\top) + Q\mathrm{diag}(e)Q^\top]\mathrm{diag}(d)`.
+
+        d is :math:`\Lambda_0^{-1/2}`, shape ``()`` for a scalar prior and ``(P,)`` otherwise;
+        Q ``(P, R)`` has orthonormal columns; e ``(R,)`` lies in (0, 1].
+        """
+        U, lam = self.eigenvectors, self.eigenvalues
+        if self.prior.is_scalar:
+            a = self.prior.precision
+            return a.rsqrt(), U, a / self._eig_precision
+        d = self.prior.diag().rsqrt()
+        if self.rank == 0:
+            return d, U, lam
+        Wt = (U * d.unsqueeze(1)) * (self.scale * lam).sqrt()  # whitened W, (P, R)
+        Q1, Rm = torch.linalg.qr(Wt)
+        Z, sig, _ = torch.linalg.svd(Rm)
+        return d, Q1 @ Z, 1.0 / (1.0 + sig**2)
+
     def _sigma_rows(self, X: Tensor) -> Tensor:
         """Σ applied to the rows of ``X`` ``(M, P)`` (Σ is symmetric); shape ``(M, P)``."""
-        U = self.eigenvectors
-        if self.prior.is_scalar:
-            XU = X @ U
-            a = self.prior.precision
-            return (X - XU @ U.T) / a + (XU / self._eig_precision) @ U.T
-        Xd = X * self._dinv
-        T = torch.cholesky_solve((Xd @ self._W).T, self._cap_chol)  # (R, M)
-        return Xd - (T.T @ self._W.T) * self._dinv
+        d, Q, e = self._whitened
+        Xd = X * d
+        XQ = Xd @ Q
+        return ((Xd - XQ @ Q.T) + (XQ * e) @ Q.T) * d
 
     # -- Posterior protocol ----------------------------------------------------------------
 
@@ -403,35 +456,80 @@ class LowRankPosterior:
         out = self._sigma_rows(W.T).T
         return out.squeeze(1) if V.ndim == 1 else out
 
+    def covariance_sqrt_rows(self, X: Tensor) -> Tensor:
+        r"""Rows of :math:`XS` for the symmetric square root S of Σ (:math:`SS^\top = \Sigma`).
+
+        :math:`S = \mathrm{diag}(d)[(I - QQ^\top) + Q\mathrm{diag}(e^{1/2})Q^\top]`, so quadratic
+        forms :math:`x\Sigma x^\top = \|xS\|^2` computed from it are >= 0 by construction.
+
+        Args:
+            X: Rows, shape ``(M, P)``.
+
+        Returns:
+            Shape ``(M, P)``.
+        """
+        d, Q, e = self._whitened
+        Xd = X * d
+        XQ = Xd @ Q
+        return (Xd - XQ @ Q.T) + (XQ * e.sqrt()) @ Q.T
+
+    def variance(self) -> Tensor:
+        r"""Diagonal of Σ, shape ``(P,)``, >= 0, in O(P·R).
+
+        :math:`\Sigma_{pp} = d_p^2\big[(1 - \|Q_{p\cdot}\|^2) + \sum_r e_r Q_{pr}^2\big]`, with
+        the projector's diagonal :math:`1 - \|Q_{p\cdot}\|^2` (in [0, 1] in exact arithmetic)
+        clamped at 0 against rounding; its absolute error is about :math:`\epsilon d_p^2`.
+        :meth:`to_dense` has the more accurate diagonal (squared row norms, O(P²·R)).
+        """
+        d, Q, e = self._whitened
+        Q2 = Q**2
+        return ((1.0 - Q2.sum(1)).clamp_min(0) + Q2 @ e) * d**2
+
     def to_dense(self) -> Tensor:
-        r"""Σ = Λ⁻¹, shape ``(P, P)`` (O(P²) memory: for tests and small models)."""
-        eye = torch.eye(self.n_params, dtype=self.mean.dtype, device=self.mean.device)
-        return self._sigma_rows(eye)
+        r"""Σ = Λ⁻¹, shape ``(P, P)`` (O(P²) memory: for tests and small models).
+
+        The diagonal of the projector :math:`I - QQ^\top` is taken as its squared row norms
+        (equal in exact arithmetic, as the projector is idempotent), so that every variance
+        :math:`\Sigma_{pp}` is >= 0 and accurate even when :math:`1/\alpha` is huge.
+        """
+        d, Q, e = self._whitened
+        Ker = -(Q @ Q.T)
+        Ker.diagonal().add_(1.0)
+        Ker = 0.5 * (Ker + Ker.T)
+        Ker.diagonal().copy_(torch.linalg.vector_norm(Ker, dim=1) ** 2)
+        S = Ker + (Q * e) @ Q.T
+        S = 0.5 * (S + S.T)
+        if d.ndim == 0:
+            return S * d**2
+        return S * d.unsqueeze(1) * d.unsqueeze(0)
 
     def functional_covariance(self, J: Tensor) -> Tensor:
-        """J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``."""
+        r"""J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``.
+
+        Computed as :math:`RR^\top + (\tilde JQe^{1/2})(\cdot)^\top` with the residual
+        :math:`R = \tilde J - \tilde JQQ^\top` (see the module docstring): positive
+        semi-definite by construction, with no cancellation for small prior precisions.
+        """
         check_J(J, self.n_params)
-        if self.prior.is_scalar:
-            JU = J @ self.eigenvectors
-            a = self.prior.precision
-            return (J @ J.transpose(1, 2) - JU @ JU.transpose(1, 2)) / a + (
-                JU / self._eig_precision
-            ) @ JU.transpose(1, 2)
-        Bsz, C, P = J.shape
-        S = self._sigma_rows(J.reshape(Bsz * C, P)).reshape(Bsz, C, P)
-        return S @ J.transpose(1, 2)
+        d, Q, e = self._whitened
+        Jd = J * d
+        JQ = Jd @ Q
+        Res = Jd - JQ @ Q.T
+        JQe = JQ * e.sqrt()
+        return Res @ Res.transpose(1, 2) + JQe @ JQe.transpose(1, 2)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``."""
-        kw = {"dtype": self.mean.dtype, "device": self.mean.device, "generator": generator}
-        z = standard_normal(n, self.n_params, **kw)
-        U = self.eigenvectors
-        if self.prior.is_scalar:
-            zU = z @ U
-            a = self.prior.precision
-            return self.mean + (z - zU @ U.T) / a.sqrt() + (zU / self._eig_precision.sqrt()) @ U.T
-        z1 = torch.randn(n, self.rank, **kw) if self.rank else z[:, :0]
-        return self.mean + self._sigma_rows(z1 @ self._W.T + z * self.prior.diag().sqrt())
+        """Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``.
+
+        Raises:
+            ValueError: If ``n`` is not a positive integer.
+        """
+        z = standard_normal(
+            n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
+        )
+        d, Q, e = self._whitened
+        zQ = z @ Q
+        return self.mean + ((z - zQ @ Q.T) + (zQ * e.sqrt()) @ Q.T) * d
 
     def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> LowRankPosterior:
         """A new posterior with another prior (and curvature scale); reuses the eigenpairs."""

@@ -1,0 +1,352 @@
+"""Validation of a saved wrapper state before :meth:`LaplaceWrapper.from_state_dict` uses it.
+
+A state is the dict of :meth:`LaplaceWrapper.state_dict`.  Every key is checked at load time
+(type, shape, finiteness, consistency with the structure and with the model), so that a
+damaged, hand-edited or foreign state is refused with a ``ValueError`` / ``TypeError`` naming
+the key, what it must be and what it holds, never accepted to fail (or predict NaN) later.
+
+Format versions: 1 (no record of the model's architecture) and 2 (adds ``model_parameters``,
+the names and shapes of every parameter of the saved model, so that a model with other or
+extra layers is refused).  Version-1 states still load; they only skip that check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import Likelihood, Structure, as_enum, check_finite, shape_str
+
+__all__ = ["STATE_FORMAT_VERSION", "model_parameters", "check_state"]
+
+STATE_FORMAT_VERSION = 2
+
+_COMMON_KEYS = (
+    "format_version",
+    "likelihood",
+    "structure",
+    "subset",
+    "shapes",
+    "prior_precision",
+    "sigma_noise",
+    "temperature",
+    "rank",
+    "input_key",
+    "target_key",
+    "memory_budget",
+    "mean",
+    "fit_statistics",
+    "posterior",
+)
+_KEYS = {1: _COMMON_KEYS, 2: (*_COMMON_KEYS, "model_parameters")}
+_STATS_KEYS = ("n_data", "n_outputs", "loss_sum")
+_POSTERIOR_KEYS = {
+    Structure.FULL: ("ggn",),
+    Structure.DIAG: ("ggn_diag",),
+    Structure.LOWRANK: ("eigenvalues", "eigenvectors"),
+}
+
+
+def model_parameters(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of every parameter of ``model``, in ``named_parameters()`` order."""
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {shape_str(value.shape)} and dtype {value.dtype}"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor(state: Mapping, key: str, name: str, shape: tuple | None = None) -> Tensor:
+    """A finite floating tensor ``state[key]`` of ``shape`` (``None``: any shape)."""
+    t = state[key]
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor; got {_kind(t)}.")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must have shape {shape_str(shape)}; got {shape_str(t.shape)}. "
+            "Was the state saved from another model or structure?"
+        )
+    check_finite(t, name)
+    return t
+
+
+def _check_keys(mapping: Mapping, expected: Sequence[str], name: str, hint: str = "") -> None:
+    missing = [k for k in expected if k not in mapping]
+    if missing:
+        raise ValueError(
+            f"{name} must hold the keys {list(expected)}; missing {missing} (got keys "
+            f"{sorted(map(str, mapping))}).{hint}"
+        )
+
+
+def _check_version(state: Mapping) -> int:
+    if "format_version" not in state:
+        raise ValueError(
+            "state must hold the key 'format_version' (a dict from LaplaceWrapper.state_dict()); "
+            f"got keys {sorted(map(str, state))}."
+        )
+    version = state["format_version"]
+    if not _is_int(version):
+        raise TypeError(
+            f"state['format_version'] must be an int in [1, {STATE_FORMAT_VERSION}]; "
+            f"got {_kind(version)}."
+        )
+    if version > STATE_FORMAT_VERSION:
+        raise ValueError(
+            f"state format_version must be <= {STATE_FORMAT_VERSION}; got {version}. "
+            "It was written by a newer laplace_ggn: upgrade to load it."
+        )
+    if version < 1:
+        raise ValueError(
+            f"state['format_version'] must be an int in [1, {STATE_FORMAT_VERSION}]; got {version}."
+        )
+    return version
+
+
+def _check_subset(state: Mapping, model: nn.Module) -> tuple[list[str], list[tuple[int, ...]]]:
+    subset, shapes = state["subset"], state["shapes"]
+    if (
+        not isinstance(subset, (list, tuple))
+        or not subset
+        or not all(isinstance(n, str) for n in subset)
+    ):
+        raise TypeError(
+            f"state['subset'] must be a non-empty list of parameter names; got {_kind(subset)}."
+        )
+    if len(set(subset)) != len(subset):
+        raise ValueError(f"state['subset'] must hold unique names; got {list(subset)}.")
+    if (
+        not isinstance(shapes, (list, tuple))
+        or len(shapes) != len(subset)
+        or not all(
+            isinstance(s, (list, tuple, torch.Size)) and all(_is_int(d) and d >= 0 for d in s)
+            for s in shapes
+        )
+    ):
+        raise ValueError(
+            f"state['shapes'] must be a list of {len(subset)} shapes (tuples of ints >= 0), one "
+            f"per name of state['subset']; got {_kind(shapes)}."
+        )
+    named = dict(model.named_parameters())
+    for name, shape in zip(subset, shapes):
+        if name not in named:
+            raise ValueError(f"model must have parameter {name!r} of the saved state; it has none.")
+        if tuple(named[name].shape) != tuple(shape):
+            raise ValueError(
+                f"parameter {name!r} must have shape {tuple(shape)} as in the saved state; "
+                f"got {tuple(named[name].shape)}."
+            )
+    return list(subset), [tuple(s) for s in shapes]
+
+
+def _check_architecture(saved: object, model: nn.Module) -> None:
+    """Refuse a model whose parameters (names and shapes) differ from the saved model's."""
+    if not isinstance(saved, (list, tuple)) or not all(
+        isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) for e in saved
+    ):
+        raise TypeError(
+            f"state['model_parameters'] must be a list of (name, shape) pairs; got {_kind(saved)}."
+        )
+    want = {n: tuple(s) for n, s in saved}
+    have = dict(model_parameters(model))
+    extra = [n for n in have if n not in want]
+    missing = [n for n in want if n not in have]
+    other = [f"{n} {have[n]} (saved {want[n]})" for n in have if n in want and have[n] != want[n]]
+    if extra or missing or other:
+        raise ValueError(
+            "model must have the same parameters (names and shapes) as the saved model; got "
+            f"extra {extra}, missing {missing}, other shapes {other}. The posterior was "
+            "computed for the saved architecture: load it into the same architecture."
+        )
+
+
+def _check_options(state: Mapping) -> Structure:
+    as_enum(Likelihood, state["likelihood"], "state['likelihood']")
+    structure = as_enum(Structure, state["structure"], "state['structure']")
+    for key in ("input_key", "target_key"):
+        if not isinstance(state[key], str):
+            raise TypeError(f"state[{key!r}] must be a str; got {_kind(state[key])}.")
+    budget = state["memory_budget"]
+    if not _is_int(budget) or budget <= 0:
+        raise ValueError(f"state['memory_budget'] must be a positive int; got {_kind(budget)}.")
+    temp = state["temperature"]
+    if isinstance(temp, bool) or not isinstance(temp, (int, float)):
+        raise TypeError(f"state['temperature'] must be a float; got {_kind(temp)}.")
+    if not (math.isfinite(temp) and temp > 0):
+        raise ValueError(f"state['temperature'] must be finite and > 0; got {temp!r}.")
+    rank = state["rank"]
+    if rank is not None and (not _is_int(rank) or rank < 1 or structure is not Structure.LOWRANK):
+        raise ValueError(
+            "state['rank'] must be None, or a positive int with structure 'lowrank'; got "
+            f"{_kind(rank)} with structure {structure.value!r}."
+        )
+    for key in ("prior_precision", "sigma_noise"):
+        t = state[key]
+        if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
+            raise TypeError(f"state[{key!r}] must be a float or a tensor; got {_kind(t)}.")
+        t = torch.as_tensor(t)
+        if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+            raise ValueError(
+                f"state[{key!r}] must be finite and > 0; got {t.flatten()[:5].tolist()} "
+                f"(shape {shape_str(t.shape)})."
+            )
+    return structure
+
+
+def _check_prior_shape(prec: object, n_tensors: int, P: int) -> None:
+    shape = tuple(torch.as_tensor(prec).shape)
+    if shape not in ((), (1,), (n_tensors,), (P,)):
+        raise ValueError(
+            f"state['prior_precision'] must be a scalar or have shape ({n_tensors},) (one per "
+            f"parameter tensor of state['subset']) or ({P},); got {shape_str(shape)}."
+        )
+
+
+def _check_stats(stats: object) -> None:
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"state['fit_statistics'] must be a dict; got {_kind(stats)}.")
+    _check_keys(stats, _STATS_KEYS, "state['fit_statistics']")
+    unexpected = [k for k in stats if k not in _STATS_KEYS]
+    if unexpected:
+        raise ValueError(
+            f"state['fit_statistics'] must hold exactly the keys {list(_STATS_KEYS)}; got "
+            f"unexpected {unexpected}."
+        )
+    for key in ("n_data", "n_outputs"):
+        if not _is_int(stats[key]) or stats[key] < 1:
+            raise ValueError(
+                f"state['fit_statistics'][{key!r}] must be an int >= 1; got {_kind(stats[key])}."
+            )
+    loss = stats["loss_sum"]
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"state['fit_statistics']['loss_sum'] must be a float; got {_kind(loss)}.")
+    if not (math.isfinite(loss) and loss >= 0):
+        raise ValueError(
+            f"state['fit_statistics']['loss_sum'] must be finite and >= 0; got {loss!r}."
+        )
+
+
+def _check_kfac(post: Mapping, subset: list[str], shapes: list[tuple[int, ...]]) -> None:
+    _check_keys(post, ("n_blocks", "diag_names", "diag"), "state['posterior']")
+    n_blocks = post["n_blocks"]
+    if not _is_int(n_blocks) or n_blocks < 0:
+        raise ValueError(
+            f"state['posterior']['n_blocks'] must be an int >= 0; got {_kind(n_blocks)}."
+        )
+    shape_of = dict(zip(subset, shapes))
+    names = post["diag_names"]
+    if not isinstance(names, (list, tuple)) or not all(n in shape_of for n in names):
+        raise ValueError(
+            "state['posterior']['diag_names'] must be a list of names of state['subset']; "
+            f"got {_kind(names)}."
+        )
+    covered = list(names)
+    n_diag = sum(math.prod(shape_of[n]) for n in names)
+    _tensor(post, "diag", "state['posterior']['diag']", (n_diag,))
+    for i in range(n_blocks):
+        keys = [f"block.{i}.{k}" for k in ("weight", "bias", "A", "B")]
+        _check_keys(post, keys, "state['posterior']")
+        w, b = post[keys[0]], post[keys[1]]
+        if (w is None and b is None) or any(n is not None and n not in shape_of for n in (w, b)):
+            raise ValueError(
+                f"state['posterior'] block {i} must name a weight and/or a bias of "
+                f"state['subset']; got weight={w!r}, bias={b!r}."
+            )
+        out = shape_of[w][0] if w is not None else shape_of[b][0]
+        fan_in = math.prod(shape_of[w][1:]) if w is not None else 0
+        D = fan_in + (b is not None)
+        _tensor(post, keys[2], f"state['posterior'][{keys[2]!r}]", (D, D))
+        _tensor(post, keys[3], f"state['posterior'][{keys[3]!r}]", (out, out))
+        covered += [n for n in (w, b) if n is not None]
+    if sorted(covered) != sorted(subset):
+        raise ValueError(
+            "state['posterior'] (kfac) must cover every name of state['subset'] exactly once "
+            f"by its blocks and diag_names; covers {sorted(covered)}, subset {sorted(subset)}."
+        )
+
+
+def _check_posterior(
+    post: object, structure: Structure, P: int, subset: list[str], shapes: list
+) -> None:
+    if not isinstance(post, Mapping):
+        raise TypeError(f"state['posterior'] must be a dict; got {_kind(post)}.")
+    if structure is Structure.KFAC:
+        _check_kfac(post, subset, shapes)
+        return
+    expected = _POSTERIOR_KEYS[structure]
+    hint = f" Was the state saved with another structure than {structure.value!r}?"
+    _check_keys(post, expected, "state['posterior']", hint)
+    unexpected = [k for k in post if k not in expected]
+    if unexpected:
+        raise ValueError(
+            f"state['posterior'] must hold exactly the keys {list(expected)} of structure "
+            f"{structure.value!r}; got unexpected {unexpected}.{hint}"
+        )
+    name = "state['posterior'][{!r}]".format
+    if structure is Structure.FULL:
+        _tensor(post, "ggn", name("ggn"), (P, P))
+    elif structure is Structure.DIAG:
+        d = _tensor(post, "ggn_diag", name("ggn_diag"), (P,))
+        if bool((d < 0).any()):
+            raise ValueError(f"{name('ggn_diag')} must be >= 0 (a GGN diagonal); got negatives.")
+    else:
+        lam = _tensor(post, "eigenvalues", name("eigenvalues"))
+        if lam.ndim != 1 or bool((lam < 0).any()):
+            raise ValueError(
+                f"{name('eigenvalues')} must be a vector (R,) of values >= 0; got "
+                f"{_kind(lam)}{' with negatives' if lam.ndim == 1 else ''}."
+            )
+        _tensor(post, "eigenvectors", name("eigenvectors"), (P, lam.shape[0]))
+
+
+def check_state(state: object, model: nn.Module) -> dict:
+    """Validate a saved state against ``model``; return it with tensors ready for the model.
+
+    The posterior's tensors are cast to the dtype and device of the model's parameters (a
+    float32 state loads into a float64 model); nothing else changes, so the round trip of a
+    state into a model of its own dtype is bit-exact.
+
+    Args:
+        state: Output of :meth:`LaplaceWrapper.state_dict`.
+        model: The network to load it into.
+
+    Returns:
+        A shallow copy of ``state`` whose ``"posterior"`` tensors have the model's dtype and
+        device.
+
+    Raises:
+        TypeError: If ``state`` or one of its entries has the wrong type.
+        ValueError: If a key is missing, a value is out of range, not finite or of the wrong
+            shape, the state is from a newer format, or the model's parameters do not match the
+            saved ones (names and shapes; for format 2 every parameter of the model).
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"state must be a dict from LaplaceWrapper.state_dict(); got {type(state).__name__}."
+        )
+    version = _check_version(state)
+    _check_keys(state, _KEYS[version], "state", " Was it written by LaplaceWrapper.state_dict()?")
+    structure = _check_options(state)
+    subset, shapes = _check_subset(state, model)
+    if version >= 2:
+        _check_architecture(state["model_parameters"], model)
+    P = sum(math.prod(s) for s in shapes)
+    _check_prior_shape(state["prior_precision"], len(subset), P)
+    _tensor(state, "mean", "state['mean']", (P,))
+    _check_stats(state["fit_statistics"])
+    _check_posterior(state["posterior"], structure, P, subset, shapes)
+    ref = next(iter(model.parameters()))
+    post = {
+        k: v.to(dtype=ref.dtype, device=ref.device) if isinstance(v, Tensor) else v
+        for k, v in state["posterior"].items()
+    }
+    return {**state, "posterior": post}
