@@ -416,29 +416,30 @@ class LowRankPosterior:
 
     @cached_property
     def _whitened(self) -> tuple[Tensor, Tensor, Tensor]:
-        r"""``(d, Q, e)`` with :math:`\Sigma = \mathrm{diag}(d)[(I - QQ^\top) + Q\mathrm{diag}(e)Q^\top]\mathrm{diag}(d)`.
+        r"""``(r, Q, e)`` with :math:`\Sigma = \mathrm{diag}(d)[(I - QQ^\top) + Q\mathrm{diag}(e)Q^\top]\mathrm{diag}(d)`.
 
-        d is :math:`\Lambda_0^{-1/2}`, shape ``()`` for a scalar prior and ``(P,)`` otherwise;
-        Q ``(P, R)`` has orthonormal columns; e ``(R,)`` lies in (0, 1].
+        r is :math:`\Lambda_0^{1/2} = 1/d`, shape ``()`` for a scalar prior and ``(P,)``
+        otherwise (divided by, never inverted: d² = 1/α overflows before 1/α does); Q
+        ``(P, R)`` has orthonormal columns; e ``(R,)`` lies in (0, 1].
         """
         U, lam = self.eigenvectors, self.eigenvalues
         if self.prior.is_scalar:
             a = self.prior.precision
-            return a.rsqrt(), U, a / self._eig_precision
-        d = self.prior.diag().rsqrt()
+            return a.sqrt(), U, a / self._eig_precision
+        r = self.prior.diag().sqrt()
         if self.rank == 0:
-            return d, U, lam
-        Wt = (U * d.unsqueeze(1)) * (self.scale * lam).sqrt()  # whitened W, (P, R)
+            return r, U, lam
+        Wt = (U / r.unsqueeze(1)) * (self.scale * lam).sqrt()  # whitened W, (P, R)
         Q1, Rm = torch.linalg.qr(Wt)
         Z, sig, _ = torch.linalg.svd(Rm)
-        return d, Q1 @ Z, 1.0 / (1.0 + sig**2)
+        return r, Q1 @ Z, 1.0 / (1.0 + sig**2)
 
     def _sigma_rows(self, X: Tensor) -> Tensor:
         """Σ applied to the rows of ``X`` ``(M, P)`` (Σ is symmetric); shape ``(M, P)``."""
-        d, Q, e = self._whitened
-        Xd = X * d
+        r, Q, e = self._whitened
+        Xd = X / r
         XQ = Xd @ Q
-        return ((Xd - XQ @ Q.T) + (XQ * e) @ Q.T) * d
+        return ((Xd - XQ @ Q.T) + (XQ * e) @ Q.T) / r
 
     # -- Posterior protocol ----------------------------------------------------------------
 
@@ -468,8 +469,8 @@ class LowRankPosterior:
         Returns:
             Shape ``(M, P)``.
         """
-        d, Q, e = self._whitened
-        Xd = X * d
+        r, Q, e = self._whitened
+        Xd = X / r
         XQ = Xd @ Q
         return (Xd - XQ @ Q.T) + (XQ * e.sqrt()) @ Q.T
 
@@ -481,9 +482,9 @@ class LowRankPosterior:
         clamped at 0 against rounding; its absolute error is about :math:`\epsilon d_p^2`.
         :meth:`to_dense` has the more accurate diagonal (squared row norms, O(P²·R)).
         """
-        d, Q, e = self._whitened
+        r, Q, e = self._whitened
         Q2 = Q**2
-        return ((1.0 - Q2.sum(1)).clamp_min(0) + Q2 @ e) * d**2
+        return ((1.0 - Q2.sum(1)).clamp_min(0) + Q2 @ e) / r / r
 
     def to_dense(self) -> Tensor:
         r"""Σ = Λ⁻¹, shape ``(P, P)`` (O(P²) memory: for tests and small models).
@@ -492,16 +493,16 @@ class LowRankPosterior:
         (equal in exact arithmetic, as the projector is idempotent), so that every variance
         :math:`\Sigma_{pp}` is >= 0 and accurate even when :math:`1/\alpha` is huge.
         """
-        d, Q, e = self._whitened
+        r, Q, e = self._whitened
         Ker = -(Q @ Q.T)
         Ker.diagonal().add_(1.0)
         Ker = 0.5 * (Ker + Ker.T)
         Ker.diagonal().copy_(torch.linalg.vector_norm(Ker, dim=1) ** 2)
         S = Ker + (Q * e) @ Q.T
         S = 0.5 * (S + S.T)
-        if d.ndim == 0:
-            return S * d**2
-        return S * d.unsqueeze(1) * d.unsqueeze(0)
+        if r.ndim == 0:
+            return S / r / r
+        return S / r.unsqueeze(1) / r.unsqueeze(0)
 
     def functional_covariance(self, J: Tensor) -> Tensor:
         r"""J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``.
@@ -511,8 +512,8 @@ class LowRankPosterior:
         semi-definite by construction, with no cancellation for small prior precisions.
         """
         check_J(J, self.n_params)
-        d, Q, e = self._whitened
-        Jd = J * d
+        r, Q, e = self._whitened
+        Jd = J / r
         JQ = Jd @ Q
         Res = Jd - JQ @ Q.T
         JQe = JQ * e.sqrt()
@@ -527,9 +528,9 @@ class LowRankPosterior:
         z = standard_normal(
             n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
         )
-        d, Q, e = self._whitened
+        r, Q, e = self._whitened
         zQ = z @ Q
-        return self.mean + ((z - zQ @ Q.T) + (zQ * e.sqrt()) @ Q.T) * d
+        return self.mean + ((z - zQ @ Q.T) + (zQ * e.sqrt()) @ Q.T) / r
 
     def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> LowRankPosterior:
         """A new posterior with another prior (and curvature scale); reuses the eigenpairs."""
