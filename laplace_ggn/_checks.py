@@ -52,6 +52,7 @@ class Structure(str, enum.Enum):
     DIAG = "diag"
     KFAC = "kfac"
     LOWRANK = "lowrank"
+    PROJECTED = "projected"
 
 
 class Link(str, enum.Enum):

@@ -66,6 +66,7 @@ __all__ = [
     "psd_sqrt",
     "resolve_options",
     "sample_outputs",
+    "temper",
 ]
 
 _VALID = (
@@ -659,6 +660,42 @@ def predictive_nll(pred: Prediction, y: Tensor, likelihood: Likelihood) -> Tenso
     p = pred.mean[:, 0]
     t = y.reshape(-1).to(p.dtype)
     return -(t * torch.log(p.clamp_min(tiny)) + (1 - t) * torch.log((1 - p).clamp_min(tiny)))
+
+
+def temper(pred: Prediction, temperature: Tensor | float, *, binary: bool = False) -> Prediction:
+    r"""Predictive temperature T on class probabilities: :math:`p_T \propto \bar p^{1/T}`.
+
+    .. math::
+        p_T = \mathrm{softmax}(\log\bar p / T), \qquad
+        \text{binary: } p_T = \sigma\big(\mathrm{logit}(\bar p)/T\big).
+
+    A map of the predictive's probabilities (temperature scaling of the predictive, not of
+    each sample): it keeps the arg-max; T < 1 sharpens, T > 1 softens.  For the probit link
+    it divides the probit-corrected logits :math:`\kappa\odot\mu` by T.  The variance is that
+    of the untempered predictive, capped at :math:`p_T(1 - p_T)`.
+
+    Args:
+        pred: Classification probabilities ``(B, C)`` (binary: ``(B, 1)``) and variances.
+        temperature: T > 0, shape ``()``.
+        binary: One probability of class 1 per input.
+
+    Returns:
+        The tempered :class:`Prediction`, shapes ``(B, C)``.
+
+    Example:
+        >>> p = Prediction(torch.tensor([[0.8, 0.2]]), torch.zeros(1, 2))
+        >>> temper(p, 2.0).mean
+        tensor([[0.6667, 0.3333]])
+    """
+    p = pred.mean
+    T = torch.as_tensor(temperature, dtype=p.dtype, device=p.device)
+    tiny = torch.finfo(p.dtype).tiny
+    if binary:
+        logit = torch.log(p.clamp_min(tiny)) - torch.log((1 - p).clamp_min(tiny))
+        p_t = torch.sigmoid(logit / T)
+    else:
+        p_t = torch.softmax(torch.log(p.clamp_min(tiny)) / T, dim=-1)
+    return Prediction(p_t, torch.minimum(pred.variance, p_t * (1 - p_t)))
 
 
 def batches_of(

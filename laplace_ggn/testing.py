@@ -170,13 +170,17 @@ def check_posterior(
     seed: int = 0,
     batch: int = 4,
     outputs: int = 3,
+    rank: int | None = None,
 ) -> None:
     """Run the conformance battery of a posterior against its dense covariance.
 
     Checks ``to_dense``; ``covariance_matvec`` on ``(P,)`` and ``(P, K)``; ``log_det`` against
     ``-logdet(Σ)``; ``functional_covariance`` against ``einsum("bcp,pq,bdq->bcd")``; seeded
     sample mean and covariance within a statistical tolerance; reproducibility of samples
-    under a generator; symmetry and positive semi-definiteness of Σ.
+    under a generator; symmetry and positive semi-definiteness of Σ.  For a posterior
+    supported on a subspace (singular Σ of rank ``rank``, such as the projected one),
+    ``log_det`` is compared with the log pseudo-determinant of Σ⁺, minus the sum of the logs
+    of the ``rank`` largest eigenvalues of Σ, and the samples must lie in the range of Σ.
 
     Args:
         posterior: Any object of the ``Posterior`` protocol.
@@ -187,6 +191,7 @@ def check_posterior(
         seed: Seed of the random checks.
         batch: B of the random Jacobians.
         outputs: C of the random Jacobians.
+        rank: Rank of Σ when it is singular (``None``: Σ is positive definite).
 
     Raises:
         AssertionError: If any check fails.
@@ -206,7 +211,12 @@ def check_posterior(
     V = torch.randn(P, 3, dtype=dt, device=dev, generator=gen)
     close(posterior.covariance_matvec(v), Sigma @ v, "covariance_matvec (P,)")
     close(posterior.covariance_matvec(V), Sigma @ V, "covariance_matvec (P, K)")
-    close(posterior.log_det(), -torch.logdet(Sigma), "log_det of the precision", rt=rtol, at=1e-6)
+    if rank is None:
+        ref_logdet = -torch.logdet(Sigma)
+    else:
+        ev = torch.linalg.eigvalsh(Sigma)
+        ref_logdet = -torch.log(ev[P - rank :]).sum()
+    close(posterior.log_det(), ref_logdet, "log_det of the precision", rt=rtol, at=1e-6)
     J = torch.randn(batch, outputs, P, dtype=dt, device=dev, generator=gen)
     close(
         posterior.functional_covariance(J),
@@ -219,7 +229,17 @@ def check_posterior(
     close(s1, s2, "sample reproducibility under a generator", rt=0, at=0)
     S = posterior.sample(n_samples, generator=gen)
     d = S - posterior.mean
-    std = Sigma.diagonal().sqrt()
+    if rank is not None:
+        _, vecs = torch.linalg.eigh(Sigma)
+        null = vecs[:, : P - rank]
+        off = float((d @ null).abs().max()) if P > rank else 0.0
+        scale = float(Sigma.diagonal().max().sqrt())
+        assert off <= 1e-8 * scale + atol, f"samples leave the support of Σ by {off:.3g}"
+    std = (
+        Sigma.diagonal()
+        .sqrt()
+        .clamp_min(torch.finfo(dt).eps ** 0.5 * float(Sigma.diagonal().max().sqrt()))
+    )
     # mean: each coordinate's error is N(0, σ²/n); 6 sigma bound
     bound = 6 * std / math.sqrt(n_samples)
     assert bool((d.mean(0).abs() <= bound + 1e-12).all()), "sample mean far from the posterior mean"

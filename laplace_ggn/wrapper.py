@@ -59,11 +59,16 @@ from .posteriors import (
     KFACPosterior,
     LowRankPosterior,
     Prior,
+    ProjectedPosterior,
     lowrank_memory_bytes,
     make_kfac_collector,
     make_lowrank_collector,
     make_prior,
+    make_projected_collector,
+    projected_memory_bytes,
 )
+from .posteriors._common import standard_normal
+from .posteriors.alternating import alternating_projection
 from .posteriors.kfac import check_kfac_prior
 from .predictive import Prediction
 
@@ -125,6 +130,16 @@ STRUCTURES: dict[Structure, StructureSpec] = {
         posterior_cls=LowRankPosterior,
         memory_bytes=lambda P, dtype, la: lowrank_memory_bytes(P, dtype, la.rank),
     ),
+    Structure.PROJECTED: StructureSpec(
+        make_collector=lambda fm, lik, la: make_projected_collector(
+            fm, lik, rank=la.rank, memory_budget=la.memory_budget
+        ),
+        build=lambda E, mean, prior, scale, la: ProjectedPosterior(
+            mean, E.eigenvalues, E.eigenvectors, prior, scale
+        ),
+        posterior_cls=ProjectedPosterior,
+        memory_bytes=lambda P, dtype, la: projected_memory_bytes(P, dtype, la.rank),
+    ),
 }
 
 
@@ -142,13 +157,16 @@ class LaplaceWrapper:
     Args:
         model: Trained network returning outputs of shape ``(B, C)``; never modified.
         likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
-        structure: ``"full"``, ``"diag"``, ``"kfac"`` or ``"lowrank"``.
+        structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"`` or ``"projected"`` (the
+            prior restricted to the kernel of the GGN, see ``docs/structures.md``).
         subset: ``"all"``, ``"last_layer"`` or a list of parameter names.
         prior_precision: Float, or tensor of shape ``(T,)`` (one per parameter tensor of the
             subset) or ``(P,)``.
         sigma_noise: Observation noise σ (regression only).
         temperature: τ; the curvature is divided by it.
-        rank: ``lowrank`` only: ``None`` for exact Woodbury, an int for the top-k eigenpairs.
+        rank: ``lowrank``: ``None`` for exact Woodbury, an int for the top-k eigenpairs;
+            ``projected``: ``None`` for the exact kernel, k to keep the k most constrained
+            directions out of the support.
         input_key: Key of the inputs in mapping batches.
         target_key: Key of the targets in mapping batches.
         memory_budget: Bytes for chunked intermediates and for the largest dense structure.
@@ -207,10 +225,10 @@ class LaplaceWrapper:
             raise ValueError(f"temperature must be finite and > 0; got {temperature}.")
         self.temperature = float(temperature)
         if rank is not None:
-            if self.structure is not Structure.LOWRANK:
+            if self.structure not in (Structure.LOWRANK, Structure.PROJECTED):
                 raise ValueError(
-                    f"rank applies to structure='lowrank' only; got rank={rank} with "
-                    f"structure={self.structure.value!r}."
+                    f"rank applies to structure='lowrank' or 'projected' only; got rank={rank} "
+                    f"with structure={self.structure.value!r}."
                 )
             if not is_integer(rank) or rank < 1:
                 raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
@@ -222,6 +240,7 @@ class LaplaceWrapper:
                 f"memory_budget must be a positive int (bytes); got {memory_budget!r}."
             )
         self.memory_budget = int(memory_budget)
+        self._predictive_temperature = torch.ones((), dtype=self._dtype, device=self._device)
         self._posterior = None
         self._fmodel: FunctionalModel | None = None
         self._stats: FitStatistics | None = None
@@ -278,6 +297,34 @@ class LaplaceWrapper:
     def sigma_noise(self) -> Tensor:
         """Current observation noise σ, shape ``()``."""
         return self._sigma_noise.detach()
+
+    @property
+    def predictive_temperature(self) -> Tensor:
+        r"""Predictive temperature T of classification predictions, shape ``()`` (1: none).
+
+        :meth:`predict` returns :math:`p_T \propto \bar p^{1/T}`
+        (:func:`~laplace_ggn.predictive.temper`); set by
+        ``optimize_prior_precision(method="marglik_temperature")`` or
+        :meth:`set_hyperparameters`.
+        """
+        return self._predictive_temperature.detach()
+
+    def _check_predictive_temperature(self, value: float | Tensor) -> Tensor:
+        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+            raise TypeError(f"predictive_temperature must be a float; got {type(value).__name__}.")
+        t = torch.as_tensor(value, dtype=self._dtype, device=self._device).detach()
+        if t.ndim != 0:
+            raise ValueError(
+                f"predictive_temperature must be a scalar; got shape {tuple(t.shape)}."
+            )
+        check_positive(t, "predictive_temperature")
+        if self.likelihood is Likelihood.REGRESSION and float(t) != 1.0:
+            raise ValueError(
+                f"predictive_temperature applies to likelihood 'classification' or 'binary'; got "
+                f"predictive_temperature={float(t)} with likelihood='regression' (whose "
+                "predictive is calibrated through sigma_noise)."
+            )
+        return t
 
     def _scale(self, sigma: Tensor) -> Tensor:
         if self.likelihood is Likelihood.REGRESSION:
@@ -597,8 +644,11 @@ class LaplaceWrapper:
         *,
         prior_precision: float | Tensor | None = None,
         sigma_noise: float | Tensor | None = None,
+        predictive_temperature: float | Tensor | None = None,
     ) -> LaplaceWrapper:
-        """Replace the prior precision and/or σ (no refit); validated before anything changes.
+        """Replace the prior precision, σ and/or the predictive temperature (no refit).
+
+        Everything is validated before anything changes.
 
         Returns:
             ``self``.
@@ -606,6 +656,7 @@ class LaplaceWrapper:
         Raises:
             RuntimeError: If not fitted.
             ValueError: If a value is invalid.
+            TypeError: If ``predictive_temperature`` is not a number.
         """
         self._require_fit("set_hyperparameters()")
         prec = (
@@ -615,12 +666,18 @@ class LaplaceWrapper:
         )
         sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
         self._check_sigma_applies(sigma)
+        temp = (
+            self._predictive_temperature
+            if predictive_temperature is None
+            else self._check_predictive_temperature(predictive_temperature)
+        )
         post = self._posterior.with_prior(self._prior(prec.detach()), self._scale(sigma.detach()))
         self._prior_precision, self._sigma_noise, self._posterior = (
             prec.detach(),
             sigma.detach(),
             post,
         )
+        self._predictive_temperature = temp
         return self
 
     def jacobians(self, x: object) -> tuple[Tensor, Tensor]:
@@ -696,6 +753,80 @@ class LaplaceWrapper:
         check_computed_finite(draws, "posterior samples")
         return draws
 
+    def sample_projected(
+        self,
+        n: int,
+        train_loader: Iterable,
+        *,
+        n_iterations: int = 50,
+        tol: float = 1e-6,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        r"""Draw from the projected posterior by alternating projections over the training data.
+
+        .. math::
+            \theta = \theta_* + D^{-1/2}\,\Pi\, z, \qquad z \sim N(0, I),
+
+        with Π the projection onto the kernel of the GGN (whitened by the prior D; for a scalar
+        prior :math:`P_{ker} z/\sqrt\alpha`), applied matrix-free by cycling over the batches
+        of ``train_loader`` (:func:`~laplace_ggn.posteriors.alternating.alternating_projection`):
+        memory O(P·n) plus one batch's kernel rows, work linear in P, one pass over the data
+        per cycle.  It needs no stored basis of the range, so it applies to models whose exact
+        basis does not fit in memory; the training data must be passed again, as the wrapper
+        keeps no reference to it.  With the same ``generator`` state it converges to
+        :meth:`sample` of an exact (``rank=None``) fit.
+
+        Args:
+            n: Number of samples.
+            train_loader: The training batches of the fit (re-iterable; may shuffle).
+            n_iterations: Maximal number of cycles over the loader.
+            tol: Stop when a cycle changes the samples by less than ``tol`` (relative); a
+                ``RuntimeWarning`` says when ``n_iterations`` ran out first.
+            generator: Random generator (on the model's device) for reproducibility.
+            progress: Show a progress bar over the cycles.
+
+        Returns:
+            Shape ``(n, P)``.
+
+        Raises:
+            RuntimeError: If not fitted.
+            ValueError: If the structure is not ``"projected"``, ``n`` is not a positive
+                integer, or an option or a batch is invalid.
+            TypeError: If ``generator`` is not a ``torch.Generator`` or the loader is not
+                re-iterable.
+        """
+        self._require_fit("sample_projected()")
+        if self.structure is not Structure.PROJECTED:
+            raise ValueError(
+                f"sample_projected() needs structure='projected'; got structure="
+                f"{self.structure.value!r}. Fit LaplaceWrapper(..., structure='projected'), "
+                "or use sample(n)."
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None; got {type(generator).__name__}."
+            )
+        post = self._posterior
+        z = standard_normal(
+            n, self.n_params, dtype=self._dtype, device=self._device, generator=generator
+        )
+        w = post.prior.diag().rsqrt()
+        result = alternating_projection(
+            self._fmodel,
+            self._lik,
+            train_loader,
+            z.T.contiguous(),
+            n_outputs=self._stats.n_outputs,
+            n_iterations=n_iterations,
+            tol=tol,
+            weights=None if post.prior.is_scalar else w,
+            input_key=self.input_key,
+            target_key=self.target_key,
+            progress=progress,
+        )
+        return post.mean + result.projected.T * w
+
     # -- predictions and hyperparameter tuning ------------------------------------------------
 
     def predict(
@@ -712,6 +843,7 @@ class LaplaceWrapper:
         ``method="glm"`` linearises the network, :math:`f \sim N(f(x,\theta_*), J\Sigma J^\top)`
         (Jacobians in chunks, Σ never formed for diag/kfac/lowrank); ``method="nn"`` samples
         θ from the posterior and runs the network.  Regression variance includes σ².
+        Classification applies the :attr:`predictive_temperature` (1 unless tuned or set).
 
         Args:
             x: Model input of batch size B.
@@ -737,7 +869,7 @@ class LaplaceWrapper:
         x = self._to_device(x)
         for t in input_tensors(x):
             check_finite(t, "input")
-        return _predictive.predict(
+        pred = _predictive.predict(
             self._fmodel,
             self._posterior,
             x,
@@ -749,6 +881,10 @@ class LaplaceWrapper:
             generator=generator,
             n_outputs=self._stats.n_outputs,
         )
+        T = self._predictive_temperature
+        if self.likelihood is Likelihood.REGRESSION or bool(T == 1):
+            return pred
+        return _predictive.temper(pred, T, binary=self.likelihood is Likelihood.BINARY)
 
     def optimize_prior_precision(
         self,
@@ -768,26 +904,32 @@ class LaplaceWrapper:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> LaplaceWrapper:
-        """Tune the prior precision (and σ) by evidence or by validation NLL; no refit.
+        """Tune the prior precision (and σ) by evidence and/or validation NLL; no refit.
 
         ``"marglik"``: Adam on the log hyperparameters of the Laplace evidence (see
         :mod:`laplace_ggn.marglik`), reusing one factorisation of the curvature; the curve is
         kept in ``self.marglik_result_``.  ``"gridsearch"``: a scalar precision chosen on a
         log-spaced grid by the mean validation NLL of the chosen predictive; the curve is kept
-        in ``self.gridsearch_result_``.  On failure the hyperparameters stay as they were.
+        in ``self.gridsearch_result_``.  ``"marglik_temperature"`` (classification and
+        binary): the prior precision by the evidence, then the :attr:`predictive_temperature`
+        T by the mean validation NLL of the chosen predictive (curves in
+        ``self.marglik_result_`` and ``self.temperature_result_``); the evidence keeps the
+        posterior's larger uncertainty away from the data, T corrects the confidence in
+        distribution (see ``docs/calibration.md``).  ``"marglik"`` and ``"gridsearch"`` reset
+        T to 1.  On failure the hyperparameters stay as they were.
 
         Args:
-            method: ``"marglik"`` or ``"gridsearch"``.
-            val_loader: Held-out ``(input, target)`` batches (gridsearch).
+            method: ``"marglik"``, ``"gridsearch"`` or ``"marglik_temperature"``.
+            val_loader: Held-out ``(input, target)`` batches (gridsearch, marglik_temperature).
             tune_sigma_noise: Tune σ jointly (marglik, regression).
-            prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"`` (marglik; default:
-                the structure of the current prior precision).
-            n_steps: Adam steps (marglik; default 100).
-            lr: Adam learning rate on log-parameters (marglik; default 0.1).
+            prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"`` (marglik methods;
+                default: the structure of the current prior precision).
+            n_steps: Adam steps (marglik methods; default 100).
+            lr: Adam learning rate on log-parameters (marglik methods; default 0.1).
             grid: Explicit precisions to try (gridsearch).
             log_range: ``(lo, hi)`` powers of 10 of the grid (gridsearch; default (-4, 4)).
             n_points: Grid points (gridsearch; default 41).
-            predict_method: Predictive scored by gridsearch (default ``"glm"``).
+            predict_method: Predictive scored on validation data (default ``"glm"``).
             link: Link of that predictive.
             n_samples: S of that predictive (default 100).
             generator: Random generator of that predictive.
@@ -798,7 +940,7 @@ class LaplaceWrapper:
 
         Raises:
             RuntimeError: If not fitted, or the tuning fails numerically.
-            ValueError: If an option is invalid or belongs to the other method.
+            ValueError: If an option is invalid or belongs to another method.
             TypeError: If ``generator`` is not a ``torch.Generator``, or ``val_loader`` is not
                 iterable.
         """
@@ -819,17 +961,8 @@ class LaplaceWrapper:
             generator=generator,
         )
         self._require_fit("optimize_prior_precision()")
+        batches = None if val_loader is None else self._validation_batches(val_loader)
         if opts.method is _marglik.TuneMethod.GRIDSEARCH:
-            if not isinstance(val_loader, Iterable):
-                raise TypeError(
-                    f"val_loader must be an iterable of batches (e.g. a DataLoader); "
-                    f"got {type(val_loader).__name__}."
-                )
-            batches = []
-            for i, batch in enumerate(val_loader):
-                x, y, empty = self._split(batch, f"val_loader batch {i}")
-                if not empty:
-                    batches.append((self._to_device(x), y))
             result = _marglik.gridsearch(
                 self._fmodel,
                 posterior_at=lambda a: self._posterior_at(a, None),
@@ -845,12 +978,14 @@ class LaplaceWrapper:
                 n_outputs=self._stats.n_outputs,
                 progress=progress,
             )
-            self.set_hyperparameters(prior_precision=result.best)
+            self.set_hyperparameters(prior_precision=result.best, predictive_temperature=1.0)
             self.gridsearch_result_ = result
             edge = _marglik.grid_edge_warning(result, explicit_grid=grid is not None)
             if edge:
                 warnings.warn(edge, UserWarning, stacklevel=2)
             return self
+        if opts.method is _marglik.TuneMethod.MARGLIK_TEMPERATURE and not batches:
+            raise ValueError("val_loader must yield at least one batch; got an empty loader.")
         kind = opts.kind or self._posterior.prior.kind
         init = _marglik.convert_prior(self._prior_precision, kind, self._layout)
         self._posterior_at(init, None)  # validates the prior structure for this posterior
@@ -881,12 +1016,58 @@ class LaplaceWrapper:
                     value, start, self._stats, self._lik, self._sigma_noise, err
                 )
             raise
+        temp = None
+        if opts.method is _marglik.TuneMethod.MARGLIK_TEMPERATURE:
+            temp = self._tune_temperature(result.prior_precision, batches, opts, generator)
         self.set_hyperparameters(
             prior_precision=result.prior_precision,
             sigma_noise=result.sigma_noise if tune_sigma_noise else None,
+            predictive_temperature=1.0 if temp is None else temp.temperature,
         )
         self.marglik_result_ = result
+        if temp is not None:
+            self.temperature_result_ = temp
         return self
+
+    def _validation_batches(self, val_loader: Iterable) -> list[tuple[object, Tensor]]:
+        """Checked, non-empty ``(x, y)`` batches of a validation loader.
+
+        Raises:
+            TypeError: If ``val_loader`` is not iterable.
+        """
+        if not isinstance(val_loader, Iterable):
+            raise TypeError(
+                f"val_loader must be an iterable of batches (e.g. a DataLoader); "
+                f"got {type(val_loader).__name__}."
+            )
+        batches = []
+        for i, batch in enumerate(val_loader):
+            x, y, empty = self._split(batch, f"val_loader batch {i}")
+            if not empty:
+                batches.append((self._to_device(x), y))
+        return batches
+
+    def _tune_temperature(self, prior_precision: Tensor, batches: list, opts, generator):
+        """Predictive temperature on validation data at the tuned prior (no state change)."""
+        post = self._posterior_at(prior_precision, None)
+        probs, labels = [], []
+        for x, y in batches:
+            pred = _predictive.predict(
+                self._fmodel,
+                post,
+                x,
+                likelihood=self.likelihood,
+                method=opts.predict_method,
+                link=opts.link,
+                n_samples=opts.n_samples,
+                generator=generator,
+                n_outputs=self._stats.n_outputs,
+            )
+            probs.append(pred.mean)
+            labels.append(self._lik.check_targets(pred.mean, y.to(self._device), "val_loader"))
+        return _marglik.tune_predictive_temperature(
+            torch.cat(probs), torch.cat(labels), binary=self.likelihood is Likelihood.BINARY
+        )
 
     # -- diagnostics -----------------------------------------------------------------------
 
@@ -964,6 +1145,7 @@ class LaplaceWrapper:
             "prior_precision": self._prior_precision.detach().clone(),
             "sigma_noise": self._sigma_noise.detach().clone(),
             "temperature": self.temperature,
+            "predictive_temperature": float(self._predictive_temperature),
             "rank": self.rank,
             "input_key": self.input_key,
             "target_key": self.target_key,
@@ -1029,6 +1211,9 @@ class LaplaceWrapper:
         )
         la._fmodel = fmodel
         la._stats = FitStatistics(**state["fit_statistics"])
+        la._predictive_temperature = la._check_predictive_temperature(
+            state.get("predictive_temperature", 1.0)
+        )
         return la
 
     def __repr__(self) -> str:

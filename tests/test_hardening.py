@@ -59,7 +59,7 @@ def test_unknown_likelihood_structure_subset_list_the_valid_ones():
     with pytest.raises(
         ValueError,
         match=r"structure must be one of \['full', 'diag', 'kfac', "
-        r"'lowrank'\]; got 'ful'",
+        r"'lowrank', 'projected'\]; got 'ful'",
     ):
         LaplaceWrapper(case.model, "classification", structure="ful")
     with pytest.raises(
@@ -92,7 +92,10 @@ def test_unknown_link_and_method_list_the_valid_ones():
         r"valid combinations",
     ):
         la.predict(x, method="nn", link="probit")
-    with pytest.raises(ValueError, match=r"method must be one of \['marglik', 'gridsearch'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"method must be one of \['marglik', 'gridsearch', 'marglik_temperature'\]",
+    ):
         la.optimize_prior_precision(method="grid")
 
 

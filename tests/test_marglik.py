@@ -435,7 +435,10 @@ def test_tuning_errors():
     cls = make_case("mlp_classification")
     la = LaplaceWrapper(cls.model, "classification", structure="diag").fit(cls.loader())
     val = cls.loader()
-    with pytest.raises(ValueError, match=r"method must be one of \['marglik', 'gridsearch'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"method must be one of \['marglik', 'gridsearch', 'marglik_temperature'\]",
+    ):
         la.optimize_prior_precision("grid")
     with pytest.raises(ValueError, match="val_loader must be given with method='gridsearch'"):
         la.optimize_prior_precision("gridsearch")

@@ -338,7 +338,7 @@ def test_construction_errors():
         LaplaceWrapper(m, "classify")
     with pytest.raises(
         ValueError,
-        match=r"structure must be one of \['full', 'diag', 'kfac', 'lowrank'\]; got 'dense'",
+        match=r"structure must be one of \['full', 'diag', 'kfac', 'lowrank', 'projected'\]; got 'dense'",
     ):
         LaplaceWrapper(m, "classification", structure="dense")
     with pytest.raises(
@@ -354,7 +354,7 @@ def test_construction_errors():
         LaplaceWrapper(m, "regression", sigma_noise=-1.0)
     with pytest.raises(ValueError, match="temperature must be finite and > 0; got 0"):
         LaplaceWrapper(m, "classification", temperature=0)
-    with pytest.raises(ValueError, match="rank applies to structure='lowrank' only"):
+    with pytest.raises(ValueError, match="rank applies to structure='lowrank' or 'projected' only"):
         LaplaceWrapper(m, "classification", structure="full", rank=3)
     with pytest.raises(ValueError, match=r"prior_precision must be finite and > 0; got \[0.0\]"):
         LaplaceWrapper(m, "classification", prior_precision=0.0)

@@ -19,6 +19,10 @@ per-parameter prior (no shared factorisation diagonalises sG + D for a non-scala
 
 Tuning by validation (``method="gridsearch"``) scores each prior precision of a log-spaced
 grid by the mean validation negative log predictive density.
+
+Both together (``method="marglik_temperature"``, classification): the evidence tunes the prior
+precision, then a predictive temperature T (:math:`p_T \propto \bar p^{1/T}`) is chosen on
+validation NLL (:mod:`.temperature`).
 """
 
 from .evidence import (
@@ -29,6 +33,7 @@ from .evidence import (
 )
 from .optimize import MarglikResult, convert_prior, optimize_marglik
 from .options import TuneMethod, TuningOptions, check_tuning_options
+from .temperature import TemperatureResult, tune_predictive_temperature
 from .validation import (
     GridsearchResult,
     check_grid,
@@ -41,6 +46,7 @@ __all__ = [
     "GridsearchResult",
     "MarglikResult",
     "SpectralEvidence",
+    "TemperatureResult",
     "TuneMethod",
     "TuningOptions",
     "check_evidence",
@@ -53,4 +59,5 @@ __all__ = [
     "gridsearch",
     "log_marginal_likelihood",
     "optimize_marglik",
+    "tune_predictive_temperature",
 ]

@@ -10,7 +10,14 @@ from torch import Tensor
 
 from .._checks import Likelihood
 from ..likelihoods import FitStatistics
-from ..posteriors import DiagPosterior, FullPosterior, KFACPosterior, LowRankPosterior, PriorKind
+from ..posteriors import (
+    DiagPosterior,
+    FullPosterior,
+    KFACPosterior,
+    LowRankPosterior,
+    PriorKind,
+    ProjectedPosterior,
+)
 
 __all__ = ["SpectralEvidence", "check_evidence", "curvature_spectrum", "log_marginal_likelihood"]
 
@@ -100,7 +107,8 @@ def curvature_spectrum(posterior, kind: PriorKind) -> Tensor | None:
     prior (λ = diag G, ``a`` per parameter) and, for a scalar prior, for full (eigenvalues of
     G, one ``eigh`` cached on the posterior), KFAC (:math:`\lambda_B \otimes \lambda_A` per
     block and the exact diagonal of the other parameters) and low rank (its eigenvalues,
-    zeros elsewhere).
+    zeros elsewhere).  The projected structure is the limit of an infinite curvature on the
+    range: λ is ``inf`` on its R directions and 0 on the kernel.
 
     Args:
         posterior: A fitted posterior.
@@ -123,6 +131,10 @@ def curvature_spectrum(posterior, kind: PriorKind) -> Tensor | None:
     if isinstance(posterior, LowRankPosterior):
         lam = posterior.eigenvalues
         return torch.cat([lam, lam.new_zeros(posterior.n_params - lam.shape[0])])
+    if isinstance(posterior, ProjectedPosterior):
+        lam = posterior.mean.new_zeros(posterior.n_params)
+        lam[: posterior.rank] = torch.inf
+        return lam
     return None
 
 
@@ -152,6 +164,13 @@ class SpectralEvidence:
         kind: Prior structure: ``u`` has shape ``()``, ``(T,)`` or ``(P,)``.
         layout: The subset's layout.
         temperature: τ.
+
+    Infinite entries of λ (scalar prior only) are directions of infinite curvature, where the
+    posterior has no variance: their :math:`\log d_i` is a constant that does not depend on
+    the hyperparameters and is left out (the projected posterior), and :math:`1/d_i = 0`.
+
+    Raises:
+        ValueError: If λ holds an infinite entry and the prior is not scalar.
     """
 
     def __init__(
@@ -165,10 +184,18 @@ class SpectralEvidence:
         layout,
         temperature: float,
     ):
+        self.P = lam.shape[0]
+        finite = ~torch.isposinf(lam)
+        if not bool(finite.all()):
+            if kind is not PriorKind.SCALAR:
+                raise ValueError(
+                    f"lam may hold infinite curvatures with a scalar prior only; got "
+                    f"kind={kind.value!r}."
+                )
+            lam = lam[finite]
         self.lam = lam.detach()
         self.d2 = mean.detach().to(device=self.lam.device, dtype=self.lam.dtype) ** 2
         self.d2_sum = self.d2.sum(dtype=torch.float64)
-        self.P = self.lam.shape[0]
         self.kind, self.layout = kind, layout
         self.stats, self.likelihood = stats, likelihood
         self.temperature = float(temperature)

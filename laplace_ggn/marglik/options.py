@@ -22,6 +22,7 @@ class TuneMethod(str, enum.Enum):
 
     MARGLIK = "marglik"
     GRIDSEARCH = "gridsearch"
+    MARGLIK_TEMPERATURE = "marglik_temperature"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ _GRID_ONLY = (
     "n_samples",
     "generator",
 )
+_PREDICTIVE = ("val_loader", "predict_method", "link", "n_samples", "generator")
+#: The options each method accepts (the others must be left unset).
+_ACCEPTS = {
+    TuneMethod.MARGLIK: set(_MARGLIK_ONLY),
+    TuneMethod.GRIDSEARCH: set(_GRID_ONLY),
+    TuneMethod.MARGLIK_TEMPERATURE: {"n_steps", "lr", "prior_structure", *_PREDICTIVE},
+}
 
 
 def check_tuning_options(likelihood: Likelihood, method: object, **given: object) -> TuningOptions:
@@ -58,7 +66,7 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
 
     Args:
         likelihood: The wrapper's likelihood.
-        method: ``"marglik"`` or ``"gridsearch"``.
+        method: ``"marglik"``, ``"gridsearch"`` or ``"marglik_temperature"``.
         **given: The keyword options as passed.
 
     Returns:
@@ -66,17 +74,25 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
 
     Raises:
         ValueError: If an option is invalid, set for the wrong method, or
-            ``tune_sigma_noise`` is asked for outside regression.
+            ``tune_sigma_noise`` is asked for outside regression, or
+            ``"marglik_temperature"`` for regression.
         TypeError: If ``generator`` is not a ``torch.Generator``.
     """
     m = as_enum(TuneMethod, method, "method")
-    foreign = _GRID_ONLY if m is TuneMethod.MARGLIK else _MARGLIK_ONLY
-    wrong = [k for k in foreign if given.get(k) not in (None, False)]
+    wrong = [k for k in (*_MARGLIK_ONLY, *_GRID_ONLY) if k not in _ACCEPTS[m]]
+    wrong = [k for k in wrong if given.get(k) not in (None, False)]
     if wrong:
-        other = "gridsearch" if m is TuneMethod.MARGLIK else "marglik"
+        others = [o.value for o in TuneMethod if o is not m and set(wrong) <= _ACCEPTS[o]]
+        where = " or ".join(repr(o) for o in others) or "no single method"
         raise ValueError(
             f"{', '.join(wrong)} must be left unset with method={m.value!r}; got "
-            f"{', '.join(f'{k}={given[k]!r}' for k in wrong)}. They apply to method={other!r}."
+            f"{', '.join(f'{k}={given[k]!r}' for k in wrong)}. They apply to method={where}."
+        )
+    if m is TuneMethod.MARGLIK_TEMPERATURE and likelihood is Likelihood.REGRESSION:
+        raise ValueError(
+            "method='marglik_temperature' needs likelihood 'classification' or 'binary'; got "
+            "likelihood='regression'. A Gaussian predictive is calibrated through σ: use "
+            "method='marglik' with tune_sigma_noise=True."
         )
     if given.get("tune_sigma_noise") and likelihood is not Likelihood.REGRESSION:
         raise ValueError(
@@ -99,12 +115,12 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
         raise ValueError(f"lr must be a finite float > 0; got {lr!r}.")
     grid = None
     predict_method, link, n_samples = PredictMethod.GLM, None, 100
+    if m is not TuneMethod.MARGLIK and given.get("val_loader") is None:
+        raise ValueError(
+            f"val_loader must be given with method={m.value!r}; got None. Pass a loader of "
+            "held-out (input, target) batches, or use method='marglik'."
+        )
     if m is TuneMethod.GRIDSEARCH:
-        if given.get("val_loader") is None:
-            raise ValueError(
-                "val_loader must be given with method='gridsearch'; got None. Pass a loader of "
-                "held-out (input, target) batches, or use method='marglik'."
-            )
         if given.get("grid") is not None:
             if given.get("log_range") is not None or given.get("n_points") is not None:
                 raise ValueError(
@@ -116,6 +132,7 @@ def check_tuning_options(likelihood: Likelihood, method: object, **given: object
             lo_hi = (-4.0, 4.0) if given.get("log_range") is None else given["log_range"]
             n = 41 if given.get("n_points") is None else given["n_points"]
             grid = default_grid(lo_hi, n)
+    if m is not TuneMethod.MARGLIK:
         predict_method, link = resolve_options(
             likelihood,
             "glm" if given.get("predict_method") is None else given["predict_method"],

@@ -12,6 +12,7 @@ from .diag import DiagPosterior
 from .full import FullPosterior
 from .kfac import KFACPosterior, make_kfac_collector
 from .lowrank import LowRankPosterior, lowrank_memory_bytes, make_lowrank_collector
+from .projected import ProjectedPosterior, make_projected_collector, projected_memory_bytes
 
 __all__ = [
     "DiagPosterior",
@@ -21,10 +22,13 @@ __all__ = [
     "Posterior",
     "Prior",
     "PriorKind",
+    "ProjectedPosterior",
     "lowrank_memory_bytes",
     "make_kfac_collector",
     "make_lowrank_collector",
+    "make_projected_collector",
     "make_prior",
+    "projected_memory_bytes",
 ]
 
 
