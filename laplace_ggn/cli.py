@@ -1,11 +1,13 @@
 """The ``laplace-ggn`` command: a calibration demo on bundled data, and the benchmark suite.
 
-``laplace-ggn demo`` trains a small MLP on scikit-learn's bundled 8×8 digits (no download),
-fits a Laplace posterior of every available structure, tunes the prior precision by
-maximising the Laplace evidence, and compares the MAP network with the linearised (GLM,
-probit) predictive of each posterior, in distribution and on rotated, noisy digits (out of
-distribution). It prints a table and writes reliability diagrams (in and out of distribution)
-and a confidence histogram as PNG files.
+``laplace-ggn demo`` trains a small ReLU MLP on scikit-learn's bundled 8×8 digits (no
+download), fits a Laplace posterior of every available structure, tunes the prior precision
+by maximising the Laplace evidence and a predictive temperature on a held-out validation
+split (``optimize_prior_precision(method="marglik_temperature")``), and compares the MAP
+network with the linearised (GLM, probit) predictive of each posterior, in distribution and
+on rotated, noisy digits (out of distribution); the projected posterior is also shown with
+its sampled-network predictive. It prints a table and writes reliability diagrams (in and
+out of distribution) and a confidence histogram as PNG files.
 
 ``laplace-ggn benchmark`` runs ``benchmarks/run_all.py`` of a source checkout.
 
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 __all__ = ["main", "run_demo", "DemoConfig", "DemoResult"]
 
-_STRUCTURE_CHOICES = ("full", "diag", "kfac", "lowrank", "all")
+_STRUCTURE_CHOICES = ("full", "diag", "kfac", "lowrank", "projected", "all")
 _DEMO_DTYPE = torch.float64
 
 
@@ -40,7 +42,9 @@ class DemoConfig:
     """Sizes of the demo; :meth:`small` is the seconds-long smoke-test variant.
 
     Attributes:
-        n_test: Held-out digits (the remaining ones train the network).
+        n_test: Held-out test digits.
+        n_val: Held-out validation digits (tune the predictive temperature); the remaining
+            ones train the network.
         hidden: Width of the two hidden layers.
         epochs: Adam epochs over the training set.
         batch_size: Mini-batch size of training and of the curvature pass.
@@ -51,6 +55,7 @@ class DemoConfig:
     """
 
     n_test: int = 500
+    n_val: int = 200
     hidden: int = 16
     epochs: int = 40
     batch_size: int = 128
@@ -65,7 +70,9 @@ class DemoConfig:
         Returns:
             The small configuration.
         """
-        return cls(n_test=200, hidden=8, epochs=40, batch_size=100, lowrank_rank=30, n_train=400)
+        return cls(
+            n_test=200, n_val=100, hidden=8, epochs=40, batch_size=100, lowrank_rank=30, n_train=400
+        )
 
 
 def _rotate_and_noise(images: Tensor, *, generator: torch.Generator) -> Tensor:
@@ -86,7 +93,7 @@ def _rotate_and_noise(images: Tensor, *, generator: torch.Generator) -> Tensor:
 
 
 def load_digits_splits(config: DemoConfig, *, seed: int) -> dict[str, Tensor]:
-    """Standardised train / test / out-of-distribution splits of scikit-learn's digits.
+    """Standardised train / validation / test / out-of-distribution splits of the digits.
 
     Pixels are standardised with the training mean and standard deviation (floored at one
     grey level, so that pixels that are blank in every training image stay finite). The
@@ -98,8 +105,8 @@ def load_digits_splits(config: DemoConfig, *, seed: int) -> dict[str, Tensor]:
         seed: Seed of the split and of the noise.
 
     Returns:
-        ``{"x_train" (N, 64), "y_train" (N,), "x_test" (M, 64), "y_test" (M,),
-        "x_ood" (M, 64)}``.
+        ``{"x_train" (N, 64), "y_train" (N,), "x_val" (V, 64), "y_val" (V,), "x_test" (M, 64),
+        "y_test" (M,), "x_ood" (M, 64)}``.
     """
     from sklearn.datasets import load_digits
 
@@ -108,7 +115,9 @@ def load_digits_splits(config: DemoConfig, *, seed: int) -> dict[str, Tensor]:
     y = torch.as_tensor(y, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(X.shape[0], generator=gen)
-    test, train = perm[: config.n_test], perm[config.n_test :]
+    test = perm[: config.n_test]
+    val = perm[config.n_test : config.n_test + config.n_val]
+    train = perm[config.n_test + config.n_val :]
     if config.n_train is not None:
         train = train[: config.n_train]
     mean = X[train].mean(0)
@@ -117,6 +126,8 @@ def load_digits_splits(config: DemoConfig, *, seed: int) -> dict[str, Tensor]:
     return {
         "x_train": (X[train] - mean) / std,
         "y_train": y[train],
+        "x_val": (X[val] - mean) / std,
+        "y_val": y[val],
         "x_test": (X[test] - mean) / std,
         "y_test": y[test],
         "x_ood": (x_ood - mean) / std,
@@ -127,7 +138,7 @@ def load_digits_splits(config: DemoConfig, *, seed: int) -> dict[str, Tensor]:
 
 
 def train_mlp(x: Tensor, y: Tensor, config: DemoConfig, *, seed: int, progress: bool) -> nn.Module:
-    r"""Train a tanh MLP ``64 → h → h → 10`` with Adam: the MAP under the prior N(0, α⁻¹I).
+    r"""Train a ReLU MLP ``64 → h → h → 10`` with Adam: the MAP under the prior N(0, α⁻¹I).
 
     The objective is the mean cross-entropy plus the weight decay :math:`\alpha/N`, i.e.
     :math:`(\ell(\theta) + \tfrac{\alpha}{2}\lVert\theta\rVert^2)/N` with ℓ summed.
@@ -140,7 +151,7 @@ def train_mlp(x: Tensor, y: Tensor, config: DemoConfig, *, seed: int, progress: 
     torch.manual_seed(seed)
     h = config.hidden
     model = nn.Sequential(
-        nn.Linear(64, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 10)
+        nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10)
     ).to(_DEMO_DTYPE)
     opt = torch.optim.Adam(
         model.parameters(), lr=1e-2, weight_decay=config.prior_precision / x.shape[0]
@@ -170,7 +181,8 @@ class DemoResult:
 
     Attributes:
         metrics: ``{model: {"test": {...}, "ood": {...}, "fit_s": float | None,
-            "prior_precision": float | None}}``; the per-set dicts hold ``accuracy``, ``nll``,
+            "prior_precision": float | None, "temperature": float | None}}`` (α and the
+            predictive temperature T); the per-set dicts hold ``accuracy``, ``nll``,
             ``brier``, ``ece``, ``mce``, ``confidence`` (mean max-probability) and, for
             ``ood``, ``auroc`` (in- against out-of-distribution by confidence).
         skipped: ``{structure: reason}`` for structures that could not be fitted.
@@ -226,8 +238,8 @@ def _structures(requested: str) -> tuple[list[str], dict[str, str]]:
     return [], {requested: "not available in this installation"}
 
 
-def _fit_one(structure: str, model: nn.Module, loader, config: DemoConfig):
-    """Fit one structure and tune its scalar prior precision by the evidence.
+def _fit_one(structure: str, model: nn.Module, loader, val_loader, config: DemoConfig):
+    """Fit one structure; α by the evidence, the predictive temperature on validation NLL.
 
     Returns:
         ``(wrapper, seconds)``; the time covers the curvature pass and the tuning.
@@ -244,7 +256,7 @@ def _fit_one(structure: str, model: nn.Module, loader, config: DemoConfig):
         prior_precision=config.prior_precision,
     )
     la.fit(loader, progress=False)
-    la.optimize_prior_precision(method="marglik")
+    la.optimize_prior_precision(method="marglik_temperature", val_loader=val_loader)
     return la, time.perf_counter() - start
 
 
@@ -261,8 +273,8 @@ def run_demo(
     """Run the digits demo, print its tables to ``stream`` and write the figures to ``out``.
 
     Args:
-        structure: One of ``full``, ``diag``, ``kfac``, ``lowrank`` or ``all`` (every structure
-            this installation provides).
+        structure: One of ``full``, ``diag``, ``kfac``, ``lowrank``, ``projected`` or ``all``
+            (every structure this installation provides).
         out: Directory for ``reliability.png``, ``reliability_ood.png``, ``confidence.png``
             and ``metrics.json``.
         small: Use :meth:`DemoConfig.small` (a few seconds).
@@ -320,11 +332,14 @@ def _run_demo(
     loader = DataLoader(
         TensorDataset(data["x_train"], data["y_train"]), batch_size=config.batch_size
     )
+    val_loader = DataLoader(
+        TensorDataset(data["x_val"], data["y_val"]), batch_size=config.batch_size
+    )
 
     probs: dict[str, dict[str, Tensor]] = {}
     with torch.no_grad():
         probs["MAP"] = {k: torch.softmax(model(data[f"x_{k}"]), -1) for k in ("test", "ood")}
-    result.metrics["MAP"] = {"fit_s": None, "prior_precision": None}
+    result.metrics["MAP"] = {"fit_s": None, "prior_precision": None, "temperature": None}
 
     names, result.skipped = _structures(structure)
     bar = tqdm(names, desc="Laplace", disable=not progress, leave=False, file=sys.stderr)
@@ -332,7 +347,7 @@ def _run_demo(
         bar.set_postfix_str(f"fit + tune + predict: {name}")
         label = f"LA {name}"
         try:
-            la, seconds = _fit_one(name, model, loader, config)
+            la, seconds = _fit_one(name, model, loader, val_loader, config)
             probs[label] = {
                 k: la.predict(data[f"x_{k}"], method="glm", link="probit").mean
                 for k in ("test", "ood")
@@ -340,10 +355,18 @@ def _run_demo(
         except NotImplementedError as err:
             result.skipped[name] = str(err) or "not implemented"
             continue
-        result.metrics[label] = {
-            "fit_s": seconds,
+        hyper = {
             "prior_precision": float(la.prior_precision.mean()),
+            "temperature": float(la.predictive_temperature),
         }
+        result.metrics[label] = {"fit_s": seconds, **hyper}
+        if name == "projected":  # its samples keep the training predictions: sample the network
+            gen = torch.Generator().manual_seed(seed)
+            probs[f"{label} (nn)"] = {
+                k: la.predict(data[f"x_{k}"], "nn", n_samples=100, generator=gen).mean
+                for k in ("test", "ood")
+            }
+            result.metrics[f"{label} (nn)"] = {"fit_s": seconds, **hyper}
 
     for label, p in probs.items():
         result.metrics[label]["test"] = _set_metrics(p["test"], data["y_test"])
@@ -380,12 +403,14 @@ def _print_tables(result: DemoResult, *, n_test: int, stream: TextIO) -> None:
     w = max(len(k) for k in rows) + 2
     print(
         f"\nIn distribution: {n_test} held-out digits. LA = Laplace, GLM predictive with probit "
-        "link, prior precision α tuned by the evidence;\nconf = mean confidence (max "
-        "probability); fit s = curvature pass + tuning.",
+        "link ((nn): sampled network), prior precision α tuned by\nthe evidence, predictive "
+        "temperature T on a validation split; conf = mean confidence (max probability); fit s = "
+        "curvature\npass + tuning.",
         file=stream,
     )
     head = (
-        f"{'model':<{w}}{'acc':>7}{'NLL':>8}{'ECE':>8}{'Brier':>8}{'conf':>7}{'α':>9}{'fit s':>8}"
+        f"{'model':<{w}}{'acc':>7}{'NLL':>8}{'ECE':>8}{'Brier':>8}{'conf':>7}{'α':>9}{'T':>7}"
+        f"{'fit s':>8}"
     )
     print(head, file=stream)
     print("-" * len(head), file=stream)
@@ -394,7 +419,7 @@ def _print_tables(result: DemoResult, *, n_test: int, stream: TextIO) -> None:
         print(
             f"{name:<{w}}{t['accuracy']:>7.3f}{t['nll']:>8.3f}{t['ece']:>8.3f}{t['brier']:>8.3f}"
             f"{t['confidence']:>7.3f}{_fmt(m['prior_precision'], '9.3g'):>9}"
-            f"{_fmt(m['fit_s'], '8.2f'):>8}",
+            f"{_fmt(m['temperature'], '7.3f'):>7}{_fmt(m['fit_s'], '8.2f'):>8}",
             file=stream,
         )
     print(
@@ -522,12 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="calibration demo on scikit-learn's bundled digits (under a minute on CPU)",
-        description="Train a small MLP on scikit-learn's bundled 8x8 digits (no download), fit "
-        "a Laplace posterior of every available structure, tune the prior precision by the "
-        "evidence, and compare MAP with the linearised (GLM, probit) predictive: accuracy, "
-        "NLL, ECE, Brier and fit time on held-out digits and on rotated, noisy digits (out of "
-        "distribution). Writes reliability.png, reliability_ood.png, confidence.png and "
-        "metrics.json to --out.",
+        description="Train a small ReLU MLP on scikit-learn's bundled 8x8 digits (no download), "
+        "fit a Laplace posterior of every available structure, tune the prior precision by the "
+        "evidence and a predictive temperature on a validation split, and compare MAP with the "
+        "linearised (GLM, probit) predictive: accuracy, NLL, ECE, Brier and fit time on "
+        "held-out digits and on rotated, noisy digits (out of distribution). Writes "
+        "reliability.png, reliability_ood.png, confidence.png and metrics.json to --out.",
     )
     demo.add_argument(
         "--structure",
