@@ -410,6 +410,8 @@ def test_temperature_errors_leave_the_state_unchanged(monkeypatch):
         la.optimize_prior_precision("marglik_temperature", val_loader=val, tune_sigma_noise=True)
     with pytest.raises(ValueError, match="val_loader must yield at least one batch"):
         la.optimize_prior_precision("marglik_temperature", val_loader=[])
+    with pytest.raises(TypeError, match="val_loader must be an iterable of batches"):
+        la.optimize_prior_precision("marglik_temperature", val_loader=3)
     reg = make_case("mlp_regression")
     lr_ = LaplaceWrapper(reg.model, "regression", structure="diag").fit(reg.loader())
     with pytest.raises(

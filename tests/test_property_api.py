@@ -78,7 +78,10 @@ OPS = [
 # unbatched samples ("unbatched"), malformed states for from_state_dict ("bad_state").
 EXCLUDED = {"other_dtype", "one_dim", "unbatched", "bad_state"}
 
-STRUCTURES = [("full", None), ("diag", None), ("kfac", None), ("lowrank", None), ("lowrank", 2)]
+STRUCTURES = [
+    ("full", None), ("diag", None), ("kfac", None), ("lowrank", None), ("lowrank", 2),
+    ("projected", None), ("projected", 2),
+]  # fmt: skip
 
 
 # -- models and data -------------------------------------------------------------------------------
@@ -380,7 +383,7 @@ def _options(draw, pb: Problem, structure: str, rank: int | None) -> tuple[dict,
         ("prior_precision", torch.ones(997, dtype=pb.dtype)), ("sigma_noise", "a"),
         ("sigma_noise", -1.0), ("sigma_noise", 0.5 if pb.likelihood != "regression" else True),
         ("memory_budget", True), ("memory_budget", 0), ("temperature", "hot"),
-        ("subset", "lastlayer"), ("rank", 0 if structure == "lowrank" else 3),
+        ("subset", "lastlayer"), ("rank", 0 if structure in ("lowrank", "projected") else 3),
     ]  # fmt: skip
     key, value = bads[bad]
     kw[key] = value
@@ -542,7 +545,9 @@ def _run_op(draw, chk: Checker, la: LaplaceWrapper, op: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("structure", "rank"), STRUCTURES, ids=["full", "diag", "kfac", "lowrank", "lowrank-k2"]
+    ("structure", "rank"),
+    STRUCTURES,
+    ids=["full", "diag", "kfac", "lowrank", "lowrank-k2", "projected", "projected-k2"],
 )
 @settings(SETTINGS, max_examples=100)
 @given(data=st.data())
