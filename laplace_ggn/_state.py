@@ -47,6 +47,7 @@ _POSTERIOR_KEYS = {
     Structure.FULL: ("ggn",),
     Structure.DIAG: ("ggn_diag",),
     Structure.LOWRANK: ("eigenvalues", "eigenvectors"),
+    Structure.PROJECTED: ("eigenvalues", "eigenvectors"),
 }
 
 
@@ -184,11 +185,18 @@ def _check_options(state: Mapping) -> Structure:
     if not (math.isfinite(temp) and temp > 0):
         raise ValueError(f"state['temperature'] must be finite and > 0; got {temp!r}.")
     rank = state["rank"]
-    if rank is not None and (not _is_int(rank) or rank < 1 or structure is not Structure.LOWRANK):
+    ranked = (Structure.LOWRANK, Structure.PROJECTED)
+    if rank is not None and (not _is_int(rank) or rank < 1 or structure not in ranked):
         raise ValueError(
-            "state['rank'] must be None, or a positive int with structure 'lowrank'; got "
-            f"{_kind(rank)} with structure {structure.value!r}."
+            "state['rank'] must be None, or a positive int with structure 'lowrank' or "
+            f"'projected'; got {_kind(rank)} with structure {structure.value!r}."
         )
+    if "predictive_temperature" in state:  # optional: states written before it existed lack it
+        t = state["predictive_temperature"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"state['predictive_temperature'] must be a float; got {_kind(t)}.")
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"state['predictive_temperature'] must be finite and > 0; got {t!r}.")
     for key in ("prior_precision", "sigma_noise"):
         t = state[key]
         if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):

@@ -817,7 +817,6 @@ class LaplaceWrapper:
             self._lik,
             train_loader,
             z.T.contiguous(),
-            n_outputs=self._stats.n_outputs,
             n_iterations=n_iterations,
             tol=tol,
             weights=None if post.prior.is_scalar else w,

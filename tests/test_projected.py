@@ -220,15 +220,13 @@ def test_alternating_projection_reports_its_convergence_and_splits_batches():
     U = la.posterior.eigenvectors
     # a budget of one sample's rows per step: the batch of 6 is projected in 6 sub-batches
     fm = FunctionalModel(model, la._layout, memory_budget=3 * 2 * la.n_params * 8)
-    res = alternating_projection(fm, la._lik, [(X, y)], V, n_outputs=2, n_iterations=400, tol=1e-13)
+    res = alternating_projection(fm, la._lik, [(X, y)], V, n_iterations=400, tol=1e-13)
     torch.testing.assert_close(res.projected, V - U @ (U.T @ V), rtol=0, atol=1e-9)
     assert res.converged and res.changes.ndim == 1 and float(res.changes[-1]) <= 1e-13
-    whole = alternating_projection(la._fmodel, la._lik, [(X, y)], V, n_outputs=2, n_iterations=3)
+    whole = alternating_projection(la._fmodel, la._lik, [(X, y)], V, n_iterations=3)
     assert whole.converged and len(whole.changes) == 2  # one batch: exact after one cycle
     with pytest.warns(RuntimeWarning, match="alternating projections stopped after 1 cycles"):
-        short = alternating_projection(
-            fm, la._lik, [(X, y)], V, n_outputs=2, n_iterations=1, tol=0.0
-        )
+        short = alternating_projection(fm, la._lik, [(X, y)], V, n_iterations=1, tol=0.0)
     assert not short.converged
 
 
@@ -258,7 +256,7 @@ def test_sample_projected_errors():
     with pytest.raises(ValueError, match="input in batch 0 must be finite"):
         la.sample_projected(2, [(bad, y)])
     with pytest.raises(ValueError, match=r"V must have shape \(26, K\); got \(26,\)"):
-        alternating_projection(la._fmodel, la._lik, loader, torch.zeros(26, dtype=DT), n_outputs=2)
+        alternating_projection(la._fmodel, la._lik, loader, torch.zeros(26, dtype=DT))
     other = LaplaceWrapper(model, lik, structure="diag").fit(loader)
     with pytest.raises(
         ValueError, match="sample_projected\\(\\) needs structure='projected'; got structure='diag'"
@@ -273,7 +271,7 @@ def test_exact_collector_memory_budget_and_errors():
     model, X, y, lik = PROBLEMS["classification-gram"]()  # P = 31, 60 rows
     loader = DataLoader(TensorDataset(X, y), batch_size=5)
     with pytest.raises(
-        ValueError, match=r"must keep all 30 rows of length P=31 within the memory budget"
+        ValueError, match=r"must keep all \d+ rows of length P=31 within the memory budget"
     ):
         LaplaceWrapper(model, lik, structure="projected", memory_budget=25 * 31 * 8).fit(loader)
     with pytest.raises(
@@ -471,3 +469,26 @@ def test_state_dict_round_trip_with_a_layerwise_prior():
     assert torch.equal(again.log_marginal_likelihood(), la.log_marginal_likelihood())
     g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     assert torch.equal(again.sample(3, generator=g1), la.sample(3, generator=g2))
+
+
+def test_saved_states_of_the_projected_structure_are_validated():
+    case = make_case("mlp_regression", 0, n=5)
+    la = LaplaceWrapper(case.model, "regression", structure="projected", rank=3)
+    state = la.fit(case.loader(2)).state_dict()
+    again = LaplaceWrapper.from_state_dict(case.model, state)
+    assert again.rank == 3 and torch.equal(again.posterior_covariance(), la.posterior_covariance())
+    bad = dict(
+        state, posterior=dict(state["posterior"], eigenvalues=-state["posterior"]["eigenvalues"])
+    )
+    with pytest.raises(ValueError, match=r"state\['posterior'\]\['eigenvalues'\] must be a vector"):
+        LaplaceWrapper.from_state_dict(case.model, bad)
+    with pytest.raises(TypeError, match=r"state\['predictive_temperature'\] must be a float"):
+        LaplaceWrapper.from_state_dict(case.model, dict(state, predictive_temperature="hot"))
+    with pytest.raises(
+        ValueError, match=r"state\['predictive_temperature'\] must be finite and > 0"
+    ):
+        LaplaceWrapper.from_state_dict(case.model, dict(state, predictive_temperature=-1.0))
+    with pytest.raises(ValueError, match="predictive_temperature applies to likelihood"):
+        LaplaceWrapper.from_state_dict(case.model, dict(state, predictive_temperature=2.0))
+    old = {k: v for k, v in state.items() if k != "predictive_temperature"}  # written before T
+    assert float(LaplaceWrapper.from_state_dict(case.model, old).predictive_temperature) == 1.0

@@ -74,7 +74,6 @@ def alternating_projection(
     loader: Iterable,
     V: Tensor,
     *,
-    n_outputs: int,
     n_iterations: int = 50,
     tol: float = 1e-6,
     weights: Tensor | None = None,
@@ -96,7 +95,6 @@ def alternating_projection(
         likelihood: The likelihood object (its ``kind`` selects the kernel rows).
         loader: Re-iterable training batches ``(x, y)`` or mappings (targets are not used).
         V: Vectors to project, shape ``(P, K)``.
-        n_outputs: C (sizes the sub-batches that keep the rows under the memory budget).
         n_iterations: Maximal number of cycles over the loader.
         tol: Stop when a cycle changes V by less than ``tol·‖V₀‖``.
         weights: w ``(P,)``, the whitening :math:`D^{-1/2}` of a non-scalar prior (``None``:
@@ -126,9 +124,7 @@ def alternating_projection(
             f"train_loader must be re-iterable (e.g. a DataLoader or a list of batches), as it "
             f"is read once per cycle; got {type(loader).__name__}."
         )
-    rows_of = SqrtGGNRows(fmodel, KernelMetric())
-    # one sample's rows, their copy under the weights and their share of the batch Gram matrix
-    per_sample = 3 * max(1, n_outputs) * P * V.element_size()
+    rows_of = SqrtGGNRows(fmodel, KernelMetric())  # sub-batches keep the rows within budget
     scale0 = float(torch.linalg.norm(V)) or 1.0
     changes: list[float] = []
     converged = False
@@ -146,8 +142,7 @@ def alternating_projection(
                         f"{t.dtype}."
                     )
                 check_finite(t, "input", where)
-            for xc in fmodel.chunks(x, fmodel.chunk_size(per_sample)):
-                R, _ = rows_of.rows(xc)
+            for R, _ in rows_of.row_chunks(x, where):
                 R = R.reshape(-1, P)
                 if weights is not None:
                     R = R * weights

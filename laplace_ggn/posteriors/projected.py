@@ -178,15 +178,21 @@ class ProjectedExactCollector:
         )
 
     def update(self, x: object, where: str = "") -> Tensor:
-        """Add one batch's Jacobian rows; returns the outputs ``(B, C)``.
+        """Add one batch's Jacobian rows (in sub-batches within the budget); returns ``f`` ``(B, C)``.
 
         Raises:
             ValueError: If the rows or the Gram matrix exceed the memory budget, or the rows
                 hold NaN/Inf.
         """
-        R, f = self._sqrt_rows.rows(x)
-        check_finite(R, "Jacobian rows (curvature)", where)
-        R = R.reshape(-1, R.shape[-1])
+        fs = []
+        for R, f in self._sqrt_rows.row_chunks(x, where):
+            check_finite(R, "Jacobian rows (curvature)", where)
+            self._add(R.reshape(-1, R.shape[-1]), where)
+            fs.append(f)
+            del R  # before the next sub-batch's rows are built
+        return fs[0] if len(fs) == 1 else torch.cat(fs)
+
+    def _add(self, R: Tensor, where: str) -> None:
         P, elt = R.shape[1], R.element_size()
         total = self.n_rows + R.shape[0]
         if self.gram is None and total > P:
@@ -203,7 +209,6 @@ class ProjectedExactCollector:
                 raise self._too_big(f"all {total} rows of length P={P}", total * P * elt, where)
             self.rows.append(R)
         self.n_rows = total
-        return f
 
     def finalize(self) -> ProjectedCurvature:
         r"""Eigenpairs of :math:`J^\top J` above the numerical rank threshold.
