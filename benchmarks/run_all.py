@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 
 from _harness import machine, versions
 
-SCRIPTS = ["digits", "curvature", "scale", "cnn"]
+SCRIPTS = ["digits", "curvature", "scale", "cnn", "many_classes"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """laplace_ggn: post-hoc Laplace approximations from the generalised Gauss-Newton matrix."""
 
-from ._checks import Likelihood, Link, PredictMethod, Structure
+from ._checks import Curvature, Likelihood, Link, PredictMethod, Structure
 from .diagnostics import KernelDecomposition
 from .linalg import (
     cg,
@@ -37,6 +37,7 @@ __all__ = [
     "Link",
     "PredictMethod",
     "Structure",
+    "Curvature",
     "LinearOperator",
     "DenseOperator",
     "CallableOperator",

@@ -21,6 +21,7 @@ __all__ = [
     "Structure",
     "Link",
     "PredictMethod",
+    "Curvature",
     "as_enum",
     "check_computed_finite",
     "check_finite",
@@ -68,6 +69,13 @@ class PredictMethod(str, enum.Enum):
 
     GLM = "glm"
     NN = "nn"
+
+
+class Curvature(str, enum.Enum):
+    """How the output Hessians are factorised: exactly (``ggn``) or by sampled labels (``mc``)."""
+
+    GGN = "ggn"
+    MC = "mc"
 
 
 E = TypeVar("E", bound=enum.Enum)
@@ -125,6 +133,8 @@ def check_finite(tensor: Tensor, what: str, where: str = "") -> None:
         ValueError: If the tensor holds a NaN or an Inf.
     """
     if not (tensor.is_floating_point() or tensor.is_complex()):
+        return
+    if bool(torch.isfinite(tensor.sum())):  # one reduction; NaN/Inf anywhere make it non-finite
         return
     if tensor.is_contiguous() and tensor.numel() > _FINITE_CHUNK:
         # in slices: isfinite makes temporaries of the tensor's size (e.g. a P×P GGN)

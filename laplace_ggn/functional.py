@@ -260,10 +260,11 @@ def _as_2d_output(out: object) -> Tensor:
         )
     if out.ndim == 1:
         return out.unsqueeze(1)
-    if out.ndim != 2:
+    if out.ndim not in (2, 3):
         raise ValueError(
-            f"model output must have shape (B, C) or (B,); got {shape_str(out.shape)}. "
-            "Flatten extra output dimensions in a wrapper module."
+            f"model output must have shape (B, C), (B,) or (B, T, C) (one observation per "
+            f"position); got {shape_str(out.shape)}. Flatten the extra output dimensions into "
+            "T in a wrapper module."
         )
     return out
 
@@ -470,7 +471,8 @@ class FunctionalModel:
             n_outputs: C if known (improves chunking); found by a forward pass otherwise.
 
         Returns:
-            ``(J, f)``: Jacobians of shape ``(B, C, P)`` and outputs of shape ``(B, C)``.
+            ``(J, f)``: Jacobians of shape ``(B, C, P)`` and outputs of shape ``(B, C)``; for
+            outputs ``(B, T, C)`` the Jacobians have shape ``(B, T·C, P)`` (row ``t·C + c``).
         """
         return self.jacobians_wrt(x, self.layout, n_outputs=n_outputs)
 
@@ -498,7 +500,7 @@ class FunctionalModel:
         def f_single(th: Tensor, xs: object) -> tuple[Tensor, Tensor]:
             xb = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, xs)
             out = self.call_dict(layout.unflatten(th), xb)[0]
-            return out, out
+            return out.reshape(-1), out  # outputs (T, C) of a sequence are flattened to T·C
 
         if self._vmap_ok:
             try:
@@ -593,6 +595,21 @@ def capture_layers(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Layer
     finally:
         for h in handles:
             h.remove()
+
+
+def is_model_output(out: object, f: Tensor) -> bool:
+    """Whether a layer's recorded output is the model output ``f`` (the same values in place).
+
+    True for the same tensor, or a view of it with the same shape (e.g. squeezed and
+    unsqueezed again); the gradient of ``f`` at such a layer output is the identity.
+    """
+    return (
+        isinstance(out, Tensor)
+        and out.shape == f.shape
+        and out.data_ptr() == f.data_ptr()
+        and out.is_contiguous()
+        and f.is_contiguous()
+    )
 
 
 def batched_output_grads(f: Tensor, outs: list[Tensor], cot: Tensor) -> list[Tensor]:

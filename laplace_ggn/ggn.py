@@ -18,6 +18,11 @@ consecutive sub-batches sized so that each step's intermediates stay within the 
 ``memory_budget`` (:func:`sub_batches`); a batch that fits is processed whole, as it comes.
 The number of outputs C that sizes them comes from one forward pass without autograd on the
 first batch.
+
+The factor comes from an :class:`~laplace_ggn.likelihoods.OutputCurvature`: the exact
+:math:`L_n` (K = C columns, or T·C for outputs ``(B, T, C)``) or K = S Monte-Carlo columns;
+every collector here consumes "a factor with K columns" and so supports both.  Positions of
+ignored targets (``y`` passed to ``update``) have zero rows.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from .functional import (
     batch_size_of,
     batched_output_grads,
     capture_layers,
+    is_model_output,
 )
+from .likelihoods import OutputCurvature, as_output_curvature
 
 __all__ = [
     "SqrtGGNRows",
@@ -80,8 +87,8 @@ def sub_batches(
 
 
 def output_count(fmodel: FunctionalModel, x: object) -> int:
-    """C, the number of model outputs, from a forward pass on one sample of ``x``."""
-    return int(fmodel.forward(next(fmodel.chunks(x, 1))).shape[1])
+    """M, the outputs of one sample (C, or T·C for ``(B, T, C)``), from a forward pass on it."""
+    return int(fmodel.forward(next(fmodel.chunks(x, 1)))[0].numel())
 
 
 def check_layer_inputs(records: Mapping[str, LayerRecord], where: str = "") -> None:
@@ -119,12 +126,14 @@ class SqrtGGNRows:
 
     Args:
         fmodel: The functional model.
-        likelihood: Provides ``sqrt_hessian(f) -> (B, C, K)``.
+        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood,
+            for its exact factor).
         use_hooks: Use the layer hooks (``False``: Jacobians for everything).
     """
 
     def __init__(self, fmodel: FunctionalModel, likelihood, *, use_hooks: bool = True):
-        self.fmodel, self.likelihood = fmodel, likelihood
+        self.fmodel = fmodel
+        self.likelihood: OutputCurvature = as_output_curvature(likelihood)
         layout = fmodel.layout
         in_subset = set(layout.names)
         self.modules: dict[str, nn.Module] = {}
@@ -139,42 +148,55 @@ class SqrtGGNRows:
                     covered.update(p for p in pnames if p in in_subset)
         self.rest = layout.sub_layout([n for n in layout.names if n not in covered])
         self.hooks_ok = bool(self.modules)
-        self.n_outputs: int | None = None  # C, found on the first batch
+        self.n_outputs: int | None = None  # M, found on the first batch
 
     def outputs(self, x: object, where: str = "") -> int:
-        """C, the number of outputs (from a forward pass on the first batch, then cached).
+        """M, the outputs of one sample (from a forward pass on the first batch, then cached).
 
-        C bounds K, the columns of :math:`L_n`, and is the row count of the Jacobians.  The
-        pass runs without autograd and checks the inputs of the hooked layers.
+        M = C, or T·C for outputs ``(B, T, C)``, is the row count of the Jacobians.  The pass
+        runs without autograd and checks the inputs of the hooked layers.
         """
         if self.n_outputs is None:
             with torch.no_grad(), capture_layers(self.modules) as records:
                 f = self.fmodel(self.fmodel.theta, x)
             check_layer_inputs(records, where)
-            self.n_outputs = int(f.shape[1])
+            self.n_outputs = int(f[0].numel())
         return self.n_outputs
 
-    def row_chunks(self, x: object, where: str = "") -> Iterator[tuple[Tensor, Tensor]]:
-        """Rows ``(b, K, P)`` and outputs ``(b, C)`` of consecutive sub-batches of ``x``.
+    def columns(self, x: object, where: str = "") -> int:
+        """K, the square-root rows per sample: S for the Monte-Carlo factor, else M."""
+        return self.likelihood.n_samples if self.likelihood.mc else self.outputs(x, where)
+
+    def row_chunks(
+        self, x: object, where: str = "", y: Tensor | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Rows ``(b, K, P)`` and outputs of consecutive sub-batches of ``x`` (and targets ``y``).
 
         Each sub-batch's rows, with their temporaries (:data:`ROW_COPIES` copies of
-        ``(b, C, P)``), fit in the memory budget; a batch that fits is one chunk, processed
-        as it comes.
+        ``(b, max(K, M), P)``), fit in the memory budget; a batch that fits is one chunk,
+        processed as it comes.
         """
         size = torch.empty((), dtype=self.fmodel.dtype).element_size()
         per_sample = ROW_COPIES * self.outputs(x, where) * self.fmodel.n_params * size
-        for _, xc in sub_batches(self.fmodel, x, per_sample):
-            yield self.rows(xc, where)
+        for start, xc in sub_batches(self.fmodel, x, per_sample):
+            yc = None if y is None else y[start : start + batch_size_of(xc)]
+            yield self.rows(xc, yc, where)
 
     def _disable_hooks(self) -> None:
         self.hooks_ok = False
         self.rest = self.fmodel.layout
 
-    def layer_grads(self, x: object, where: str = "") -> tuple[dict | None, Tensor, Tensor]:
-        """Hooked pass: ``({module: (a, g)}, f, L)``, or ``(None, f, L)`` if a layer reran.
+    def layer_grads(
+        self, x: object, y: Tensor | None = None, where: str = "", *, skip_heads: bool = False
+    ) -> tuple[dict | None, Tensor, Tensor | None, Tensor | None]:
+        """Hooked pass: ``({module: (a, g)}, f, L, mask)``; ``None`` for the dict if a layer reran.
 
         ``a`` is the layer input ``(B, ..., I)``, ``g`` the back-propagated columns of L at its
-        output ``(K, B, ..., O)``, ``f`` the outputs ``(B, C)`` and ``L`` ``(B, C, K)``.
+        output ``(K, B, ..., O)``, ``f`` the outputs ``(B, C)`` or ``(B, T, C)``, ``L``
+        ``(B, M, K)`` and ``mask`` the kept positions of targets ``y`` (``None``: all).  With
+        ``skip_heads`` and the exact factor, a layer whose output is the model output gets
+        ``g = None`` (its gradients are the columns of L; see :meth:`diag`), and L is only
+        formed when another layer needs it.
         """
         fm = self.fmodel
         params = {
@@ -183,31 +205,50 @@ class SqrtGGNRows:
         with capture_layers(self.modules) as records:
             f = fm.call_dict(params, x)
         check_layer_inputs(records, where)
-        L = self.likelihood.sqrt_hessian(f.detach())  # (B, C, K)
+        out = self.likelihood
+        fd = f.detach()
+        mask = out.mask(fd, y, where)
         if any(len(r.outputs) != 1 for r in records.values()):
-            return None, f.detach(), L
-        cot = L.permute(2, 0, 1).contiguous()  # (K, B, C)
-        outs = [records[m].outputs[0] for m in self.modules]
-        grads = batched_output_grads(f, outs, cot)
-        out = {m: (records[m].inputs[0].detach(), g.detach()) for m, g in zip(self.modules, grads)}
-        return out, f.detach(), L
+            return None, fd, None, mask
+        heads = {
+            m
+            for m in self.modules
+            if skip_heads and not out.mc and is_model_output(records[m].outputs[0], f)
+        }
+        need = [m for m in self.modules if m not in heads]
+        grads = {m: (records[m].inputs[0].detach(), None) for m in heads}
+        L = None
+        if need:
+            L = out.factor(fd, mask)  # (B, M, K)
+            cot = L.permute(2, 0, 1).reshape(L.shape[2], *f.shape)  # (K, B, ..., C)
+            outs = [records[m].outputs[0] for m in need]
+            for m, g in zip(need, batched_output_grads(f, outs, cot)):
+                grads[m] = (records[m].inputs[0].detach(), g.detach())
+        return grads, fd, L, mask
 
-    def _rest_rows(self, x: object, f: Tensor | None) -> tuple[Tensor, Tensor]:
-        return jacobian_sqrt_rows(self.fmodel, x, self.rest, self.likelihood, f)
+    def _rest_rows(
+        self, x: object, f: Tensor | None, L: Tensor | None, y: Tensor | None, where: str
+    ) -> tuple[Tensor, Tensor]:
+        R, f, _ = jacobian_sqrt_rows(
+            self.fmodel, x, self.rest, self.likelihood, f, L=L, y=y, where=where
+        )
+        return R, f
 
-    def rows(self, x: object, where: str = "") -> tuple[Tensor, Tensor]:
+    def rows(self, x: object, y: Tensor | None = None, where: str = "") -> tuple[Tensor, Tensor]:
         r"""Rows ``R`` ``(B, K, P)`` with :math:`G_{batch} = \sum_{b,k} R_{bk} R_{bk}^\top`, and ``f``.
 
-        The whole batch at once; :meth:`row_chunks` splits it to the memory budget.
+        The whole batch at once; :meth:`row_chunks` splits it to the memory budget.  Targets
+        ``y`` (optional) mark ignored positions; one factor serves every parameter (the same
+        draws for ``mc``).
         """
         layout = self.fmodel.layout
-        grads, f = None, None
+        grads, f, L = None, None, None
         if self.hooks_ok:
-            grads, f, L = self.layer_grads(x, where)
+            grads, f, L, _ = self.layer_grads(x, y, where)
             if grads is None:
                 self._disable_hooks()
         if grads is None:
-            return self._rest_rows(x, None)
+            return self._rest_rows(x, f, L, y, where)
         B, K = L.shape[0], L.shape[2]
         R = torch.zeros(B, K, layout.n_params, dtype=f.dtype, device=f.device)
         for mname, (a, g) in grads.items():
@@ -217,95 +258,135 @@ class SqrtGGNRows:
                 if val is not None and prefix + pname in layout.names:
                     R[:, :, layout.slice_of(prefix + pname)] = val.reshape(B, K, -1)
         if self.rest.n_params:
-            Rr, _ = self._rest_rows(x, f)
+            Rr, _ = self._rest_rows(x, f, L, y, where)
             for name, part in self.rest.unflatten_batched(Rr).items():
                 R[:, :, layout.slice_of(name)] = part.reshape(B, K, -1)
         return R, f
 
-    def diag(self, x: object, where: str = "") -> tuple[Tensor, Tensor]:
-        """Diagonal of the batch GGN ``(P,)`` without forming the rows, and ``f``.
+    def diag(self, x: object, y: Tensor | None = None, where: str = "") -> tuple[Tensor, Tensor]:
+        r"""Diagonal of the batch GGN ``(P,)`` without forming the rows, and ``f``.
 
         The per-sample Jacobians of the parameters outside hooked layers are taken in
-        sub-batches that fit in the memory budget (:func:`jacobian_sqrt_diag`).
+        sub-batches that fit in the memory budget (:func:`jacobian_sqrt_diag`).  For a layer
+        whose output is the model output, the exact factor's column norms are the diagonal of
+        :math:`\Lambda`, so its diagonal is :math:`\sum_n \mathrm{diag}(\Lambda_n) \otimes
+        a_n^2` in O(B·C·I), without the C columns.
         """
         layout = self.fmodel.layout
         d = torch.zeros(layout.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device)
-        grads, f = None, None
+        grads, f, L, mask = None, None, None, None
         if self.hooks_ok:
-            grads, f, _ = self.layer_grads(x, where)
+            grads, f, L, mask = self.layer_grads(x, y, where, skip_heads=True)
             if grads is None:
                 self._disable_hooks()
-                f = None
         for mname, (a, g) in (grads or {}).items():
-            dw, db = _linear_diag(a, g, self.modules[mname].bias is not None)
+            has_bias = self.modules[mname].bias is not None
+            if g is None:
+                dw, db = _head_diag(a, self.likelihood.hessian_diagonal(f, mask), has_bias)
+            else:
+                dw, db = _linear_diag(a, g, has_bias)
             prefix = f"{mname}." if mname else ""
             for pname, val in (("weight", dw), ("bias", db)):
                 if val is not None and prefix + pname in layout.names:
                     d[layout.slice_of(prefix + pname)] += val.reshape(-1)
         if self.rest.n_params:
-            dr, f = jacobian_sqrt_diag(self.fmodel, x, self.rest, self.likelihood, f)
+            dr, f = jacobian_sqrt_diag(
+                self.fmodel, x, self.rest, self.likelihood, f, L=L, y=y, where=where
+            )
             for name, part in self.rest.unflatten(dr).items():
                 d[layout.slice_of(name)] += part.reshape(-1)
         return d, f
 
 
 def jacobian_sqrt_rows(
-    fmodel: FunctionalModel, x: object, layout: ParamLayout, likelihood, f: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    fmodel: FunctionalModel,
+    x: object,
+    layout: ParamLayout,
+    likelihood,
+    f: Tensor | None = None,
+    *,
+    L: Tensor | None = None,
+    y: Tensor | None = None,
+    where: str = "",
+) -> tuple[Tensor, Tensor, Tensor]:
     r"""Rows :math:`L_n^\top J_n` for the parameters of ``layout`` from per-sample Jacobians.
 
     Args:
         fmodel: The functional model.
         x: Model input of batch size B.
         layout: Sub-layout of the parameters to differentiate (P' of them).
-        likelihood: Provides ``sqrt_hessian(f) -> (B, C, K)``.
-        f: Outputs ``(B, C)`` if already known.
+        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood).
+        f: Outputs ``(B, C)`` or ``(B, T, C)`` if already known.
+        L: The factor ``(B, M, K)`` if already drawn (M = T·C; the same draws for every
+            parameter of a batch).
+        y: Targets marking ignored positions (used when ``L`` is drawn here).
+        where: Location for error messages.
 
     Returns:
-        ``(R, f)``: rows ``(B, K, P')`` and outputs ``(B, C)``.
+        ``(R, f, L)``: rows ``(B, K, P')``, outputs and the factor.
     """
-    J, f_jac = fmodel.jacobians_wrt(x, layout, n_outputs=None if f is None else f.shape[1])
+    M = None if f is None else f[0].numel()
+    J, f_jac = fmodel.jacobians_wrt(x, layout, n_outputs=M)  # (B, M, P')
     f = f_jac if f is None else f
-    return torch.einsum("bcp,bck->bkp", J, likelihood.sqrt_hessian(f)), f
+    if L is None:
+        out = as_output_curvature(likelihood)
+        L = out.factor(f, out.mask(f, y, where))
+    return torch.einsum("bmp,bmk->bkp", J, L), f, L
 
 
 def jacobian_sqrt_diag(
-    fmodel: FunctionalModel, x: object, layout: ParamLayout, likelihood, f: Tensor | None = None
+    fmodel: FunctionalModel,
+    x: object,
+    layout: ParamLayout,
+    likelihood,
+    f: Tensor | None = None,
+    *,
+    L: Tensor | None = None,
+    y: Tensor | None = None,
+    where: str = "",
 ) -> tuple[Tensor, Tensor]:
     r""":math:`\sum_{n,k} (L_n^\top J_n)_{k\cdot}^2` for the parameters of ``layout``, by sub-batches.
 
-    The per-sample Jacobians ``(b, C, P')`` of each sub-batch fit in the memory budget, so the
-    batch's ``(B, C, P')`` is never formed.
+    The per-sample Jacobians ``(b, M, P')`` of each sub-batch fit in the memory budget, so the
+    batch's ``(B, M, P')`` is never formed.
 
     Args:
         fmodel: The functional model.
         x: Model input of batch size B.
         layout: Sub-layout of the parameters (P' of them).
-        likelihood: Provides ``sqrt_hessian(f) -> (B, C, K)``.
-        f: Outputs ``(B, C)`` if already known.
+        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood).
+        f: Outputs ``(B, C)`` or ``(B, T, C)`` if already known.
+        L: The factor ``(B, M, K)`` if already drawn (sliced with the sub-batches).
+        y: Targets marking ignored positions (sliced with the sub-batches).
+        where: Location for error messages.
 
     Returns:
-        ``(d, f)``: the diagonal contribution ``(P',)`` and the outputs ``(B, C)``.
+        ``(d, f)``: the diagonal contribution ``(P',)`` and the outputs.
     """
     size = torch.empty((), dtype=fmodel.dtype).element_size()
-    C = f.shape[1] if f is not None else output_count(fmodel, x)
+    M = f[0].numel() if f is not None else output_count(fmodel, x)
     d = torch.zeros(layout.n_params, dtype=fmodel.dtype, device=fmodel.device)
     fs = []
-    for start, xc in sub_batches(fmodel, x, ROW_COPIES * C * layout.n_params * size):
-        fc = None if f is None else f[start : start + batch_size_of(xc)]
-        R, fc = jacobian_sqrt_rows(fmodel, xc, layout, likelihood, fc)
+    for start, xc in sub_batches(fmodel, x, ROW_COPIES * M * layout.n_params * size):
+        b = batch_size_of(xc)
+        fc = None if f is None else f[start : start + b]
+        Lc = None if L is None else L[start : start + b]
+        yc = None if y is None else y[start : start + b]
+        R, fc, _ = jacobian_sqrt_rows(fmodel, xc, layout, likelihood, fc, L=Lc, y=yc, where=where)
         d += R.pow(2).sum((0, 1))
         fs.append(fc)
         del R
     return d, (f if f is not None else fs[0] if len(fs) == 1 else torch.cat(fs))
 
 
-def sqrt_ggn_rows(fmodel: FunctionalModel, x: object, likelihood) -> tuple[Tensor, Tensor]:
-    r"""Rows :math:`L_n^\top J_n` of one batch, shape ``(B, K, P)``, and the outputs ``(B, C)``.
+def sqrt_ggn_rows(
+    fmodel: FunctionalModel, x: object, likelihood, y: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Rows :math:`L_n^\top J_n` of one batch, shape ``(B, K, P)``, and the outputs.
 
     One-off convenience around :class:`SqrtGGNRows` (collectors keep one instance).
     """
-    return SqrtGGNRows(fmodel, likelihood).rows(x)
+    return SqrtGGNRows(fmodel, likelihood).rows(x, y)
 
 
 def _symmetric_update(G: Tensor, R: Tensor, n_blocks: int = 4) -> None:
@@ -333,14 +414,16 @@ class FullGGNCollector:
         P = fmodel.n_params
         self.G = torch.zeros(P, P, dtype=fmodel.dtype, device=fmodel.device)
 
-    def update(self, x: object, where: str = "") -> Tensor:
-        """Add one batch, in sub-batches that fit in the memory budget; returns ``f`` ``(B, C)``.
+    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
+        """Add one batch, in sub-batches that fit in the memory budget; returns the outputs.
+
+        Targets ``y`` (optional) mark ignored positions.
 
         Raises:
             ValueError: If the rows hold NaN/Inf.
         """
         fs = []
-        for R, f in self.rows.row_chunks(x, where):
+        for R, f in self.rows.row_chunks(x, where, y):
             check_finite(R, "GGN square-root rows (curvature)", where)
             _symmetric_update(self.G, R.reshape(-1, R.shape[-1]))
             fs.append(f)
@@ -368,9 +451,9 @@ class DiagGGNCollector:
         self.rows = SqrtGGNRows(fmodel, likelihood, use_hooks=use_hooks)
         self.diag = torch.zeros(fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
 
-    def update(self, x: object, where: str = "") -> Tensor:
-        """Add one batch; returns the outputs ``(B, C)``."""
-        inc, f = self.rows.diag(x, where)
+    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
+        """Add one batch (targets ``y`` mark ignored positions); returns the outputs."""
+        inc, f = self.rows.diag(x, y, where)
         check_finite(inc, "GGN diagonal (curvature)", where)
         self.diag += inc
         return f
@@ -396,6 +479,12 @@ def _linear_rows(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     a3 = a.reshape(B, -1, a.shape[-1])
     g4 = g.reshape(K, B, -1, g.shape[-1])
     return torch.einsum("kbto,bti->bkoi", g4, a3), g4.sum(2).transpose(0, 1)
+
+
+def _head_diag(a: Tensor, lam: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Diagonal GGN of a head from inputs ``(B, ..., I)`` and ``diag(Λ)`` per position ``(N, O)``."""
+    a2 = a.reshape(-1, a.shape[-1])
+    return lam.T @ a2.pow(2), (lam.sum(0) if has_bias else None)
 
 
 def _linear_diag(a: Tensor, g: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:

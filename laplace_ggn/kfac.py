@@ -22,9 +22,16 @@ each of the N·T locations as a sample: A sums over them, B is divided by N·T.
 
 The ``C`` back-propagated columns come from one batched vector-Jacobian product per batch
 (``torch.autograd.grad(..., is_grads_batched=True)`` w.r.t. the layer outputs, recorded with
-temporary forward hooks).  The ``mc`` option back-propagates a single sampled column
-:math:`\nabla_f \log p(\hat y \mid f)`, :math:`\hat y \sim p(y \mid f)`, whose outer product has
-expectation :math:`\Lambda_n`.
+temporary forward hooks).  The columns come from an
+:class:`~laplace_ggn.likelihoods.OutputCurvature`: the C exact columns of :math:`L_n`, or S
+sampled columns :math:`\nabla_f \log p(\hat y \mid f)/\sqrt S`, :math:`\hat y \sim p(y \mid f)`,
+whose outer products have expectation :math:`\Lambda_n` (``mc=True`` is one such column).
+
+Outputs ``(B, T, C)`` with ignored targets: a location of a layer whose leading dimensions
+are those of the outputs ``(B, T)`` is left out of A, B and the count when its target is
+ignored *and* its back-propagated gradient is zero in every column (a position-wise head, or
+padding that attention masks out); ignored positions that still influence kept ones (e.g.
+the prompt of a language model) stay.
 
 Parameters outside Kronecker-factored layers (other module types, Linear layers run more than
 once per forward pass, tied weights, grouped or non-zero-padded convolutions) get the exact
@@ -42,10 +49,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_finite
-from .functional import FunctionalModel, ParamLayout, batched_output_grads, capture_layers
+from .functional import (
+    FunctionalModel,
+    ParamLayout,
+    batched_output_grads,
+    capture_layers,
+    is_model_output,
+)
 from .ggn import check_layer_inputs, jacobian_sqrt_diag
+from .likelihoods import as_output_curvature
 
-__all__ = ["KFACCollector", "KFACCurvature", "KronFactors", "kfac_factor_bytes"]
+__all__ = ["KFACCollector", "KFACCurvature", "KronFactors", "kfac_factor_bytes", "kron_index"]
 
 
 @dataclass(frozen=True)
@@ -80,15 +94,26 @@ class KronFactors:
         Entry ``o·D + j`` of the Kronecker-ordered block is ``W[o, j]`` for ``j < I`` and
         ``b[o]`` for ``j = I``; the result maps it to its place in the flat parameter vector.
         """
-        O, D = self.n_out, self.n_in
-        idx = torch.empty(O, D, dtype=torch.long)
-        I = D - (self.bias is not None)
-        if self.weight is not None:
-            start = layout.slice_of(self.weight).start
-            idx[:, :I] = start + torch.arange(O * I).reshape(O, I)
-        if self.bias is not None:
-            idx[:, I] = layout.slice_of(self.bias).start + torch.arange(O)
-        return idx.reshape(-1)
+        return kron_index(layout, self.weight, self.bias, self.n_out, self.n_in).reshape(-1)
+
+
+def kron_index(
+    layout: ParamLayout, weight: str | None, bias: str | None, n_out: int, n_in: int
+) -> Tensor:
+    """Flat positions of a Linear layer's ``[W b]`` in Kronecker order, shape ``(O, D)``.
+
+    Entry ``(o, j)`` is ``W[o, j]`` for ``j < I`` and ``b[o]`` for ``j = I`` (D = I + 1 with a
+    bias in ``layout``, D = I without, D = 1 for a bias alone).
+    """
+    O, D = n_out, n_in
+    idx = torch.empty(O, D, dtype=torch.long)
+    I = D - (bias is not None)
+    if weight is not None:
+        start = layout.slice_of(weight).start
+        idx[:, :I] = start + torch.arange(O * I).reshape(O, I)
+    if bias is not None:
+        idx[:, I] = layout.slice_of(bias).start + torch.arange(O)
+    return idx
 
 
 @dataclass(frozen=True)
@@ -157,8 +182,10 @@ class KFACCollector:
 
     Args:
         fmodel: The functional model (its private module receives the temporary hooks).
-        likelihood: Provides ``sqrt_hessian``, ``sample`` and ``grad_f``.
-        mc: Back-propagate one sampled column instead of the C exact columns of :math:`L_n`.
+        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (exact or MC
+            columns), or a likelihood (its exact factor, or one sampled column with ``mc``).
+        mc: With a plain likelihood: back-propagate one sampled column instead of the C
+            exact columns of :math:`L_n`.
         generator: Random generator for ``mc``.
 
     Distributed use: :meth:`distributed_state` holds only sums (A, the un-normalised B, the
@@ -175,8 +202,9 @@ class KFACCollector:
         mc: bool = False,
         generator: torch.Generator | None = None,
     ):
-        self.fmodel, self.likelihood = fmodel, likelihood
-        self.mc, self.generator = bool(mc), generator
+        self.fmodel = fmodel
+        self.likelihood = as_output_curvature(likelihood, mc=mc, generator=generator)
+        self.mc = self.likelihood.mc
         layout = fmodel.layout
         in_subset = set(layout.names)
         owners: dict[int, int] = {}
@@ -230,8 +258,8 @@ class KFACCollector:
 
     # -- data pass -----------------------------------------------------------------------------
 
-    def update(self, x: object, where: str = "") -> Tensor:
-        """Add one batch to the factors; returns the outputs ``(B, C)``.
+    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
+        """Add one batch to the factors (targets ``y`` mark ignored positions); returns f.
 
         Raises:
             RuntimeError: If a factored layer runs a different number of times than on the
@@ -255,23 +283,37 @@ class KFACCollector:
                 f"another number of times in {where or 'a later batch'}."
             )
         fd = f.detach()
-        if self.layers:
-            if self.mc:
-                y = self.likelihood.sample(fd, generator=self.generator)
-                cot = self.likelihood.grad_f(fd, y).unsqueeze(0)  # (1, B, C)
+        out = self.likelihood
+        mask = out.mask(fd, y, where)
+        # exact factor: a Linear layer whose output is the model output gets B = Σ Λ in
+        # closed form (O(C²) per position, no back-propagated columns)
+        heads = {
+            m
+            for m, lay in self.layers.items()
+            if not out.mc
+            and isinstance(lay.module, nn.Linear)
+            and is_model_output(records[m].outputs[0], f)
+        }
+        need = [m for m in self.layers if m not in heads]
+        L = out.factor(fd, mask) if need else None  # (B, M, K): one draw for every layer
+        grads = {}
+        if need:
+            cot = L.permute(2, 0, 1).reshape(L.shape[2], *fd.shape)  # (K, B, ..., C)
+            outs = [records[m].outputs[0] for m in need]
+            grads = dict(zip(need, batched_output_grads(f, outs, cot)))
+        for mname, lay in self.layers.items():
+            a = records[mname].inputs[0].detach()
+            if mname in heads:
+                A_inc, rows = self._input_factor(lay, a, mask)
+                B_inc = out.gram(fd, mask)
             else:
-                cot = self.likelihood.sqrt_hessian(fd).permute(2, 0, 1).contiguous()  # (K, B, C)
-            outs = [records[m].outputs[0] for m in self.layers]
-            grads = batched_output_grads(f, outs, cot)
-            for (mname, lay), g in zip(self.layers.items(), grads):
-                a = records[mname].inputs[0].detach()
-                A_inc, B_inc, rows = self._factor_increments(lay, a, g.detach())
-                check_finite(B_inc, f"KFAC output factor of layer {mname!r}", where)
-                self.A[mname] += A_inc
-                self.B[mname] += B_inc
-                self.count[mname] += rows
+                A_inc, B_inc, rows = self._factor_increments(lay, a, grads[mname].detach(), mask)
+            check_finite(B_inc, f"KFAC output factor of layer {mname!r}", where)
+            self.A[mname] += A_inc
+            self.B[mname] += B_inc
+            self.count[mname] += rows
         if self.rest.n_params:
-            d, _ = jacobian_sqrt_diag(fm, x, self.rest, self.likelihood, fd)
+            d, _ = jacobian_sqrt_diag(fm, x, self.rest, self.likelihood, fd, L=L, y=y, where=where)
             check_finite(d, "GGN diagonal (curvature)", where)
             self.diag += d
         return fd
@@ -296,12 +338,30 @@ class KFACCollector:
                 stacklevel=3,
             )
 
-    def _factor_increments(self, lay: _Layer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+    @staticmethod
+    def _input_factor(lay: _Layer, a: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+        """A increment of a head from its inputs ``(B, ..., I)`` at the kept positions."""
+        a2 = a.reshape(-1, a.shape[-1])
+        if mask is not None:
+            a2 = a2[mask.reshape(-1)]
+        cols = ([a2] if lay.weight else []) + (
+            [torch.ones(a2.shape[0], 1, dtype=a2.dtype, device=a2.device)] if lay.bias else []
+        )
+        a_t = torch.cat(cols, dim=1)
+        return a_t.T @ a_t, a2.shape[0]
+
+    def _factor_increments(
+        self, lay: _Layer, a: Tensor, g: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, int]:
         m = lay.module
         K = g.shape[0]
         if isinstance(m, nn.Linear):
             a2 = a.reshape(-1, a.shape[-1])
             g2 = g.reshape(K, -1, g.shape[-1])
+            if mask is not None and tuple(a.shape[:-1]) == tuple(mask.shape):
+                # ignored positions without influence on the kept ones carry no curvature
+                drop = ~mask.reshape(-1) & (g2 == 0).all(dim=2).all(dim=0)
+                a2, g2 = a2[~drop], g2[:, ~drop]
         else:
             patches = F.unfold(
                 a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride

@@ -21,11 +21,17 @@ NN: :math:`\theta_s \sim N(\theta_*, \Sigma)`, the network is evaluated at every
 where the model allows), and the likelihood's prediction is averaged.
 
 Every predictive returns a :class:`Prediction` with ``mean`` and ``variance`` of shape
-``(B, C)``.  Regression: ``variance`` is the variance of y (functional variance + σ²).
+``(B, C)`` (``(B, T, C)`` for a model with outputs ``(B, T, C)``: every position is its own
+Gaussian over C logits).  Regression: ``variance`` is the variance of y (functional variance + σ²).
 Classification: ``variance`` is the variance of the class probability under the posterior:
 the sample variance for ``mc`` and ``nn``, the Dirichlet variance for ``bridge``, and the
 delta-method value :math:`\mathrm{diag}(A \Sigma_f A^\top)`, :math:`A = \mathrm{diag}(s) - s s^\top`,
 :math:`s = \mathrm{softmax}(\mu)`, capped at :math:`\bar p(1 - \bar p)`, for ``probit``.
+
+Probit, bridge and the regression variance need only :math:`\mathrm{diag}(\Sigma_f)` and one
+product :math:`\Sigma_f v` per input, so they take the output covariances in any factored form
+of :mod:`laplace_ggn.posteriors._output` (O(C²) per input); for a Linear head
+(:class:`~laplace_ggn.head.LinearHead`) these come from the features, without Jacobians.
 """
 
 from __future__ import annotations
@@ -50,6 +56,11 @@ from ._checks import (
     shape_str,
 )
 from .functional import batch_size_of, split_batch
+from .posteriors._output import (
+    DenseOutputCovariance,
+    OutputCovariance,
+    as_output_covariance,
+)
 
 __all__ = [
     "Prediction",
@@ -60,6 +71,7 @@ __all__ = [
     "laplace_bridge",
     "mc_link",
     "nn_predictive",
+    "output_covariance",
     "predict",
     "predictive_nll",
     "probit",
@@ -177,8 +189,15 @@ def probit(mean: Tensor, var: Tensor, *, binary: bool = False) -> Prediction:
         tensor([[0.3333, 0.3333, 0.3333],
                 [0.3333, 0.3333, 0.3333]])
     """
-    cov = var if var.ndim == 3 else torch.diag_embed(var)
-    v = torch.diagonal(cov, dim1=1, dim2=2)
+    return _probit(mean, as_output_covariance(var), binary=binary)
+
+
+def _probit(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
+    r"""Probit from the diagonal and one product per input.
+
+    :math:`\mathrm{diag}(A\Sigma A^\top)_c = s_c^2(\Sigma_{cc} - 2(\Sigma s)_c + s^\top\Sigma s)`.
+    """
+    v = cov.diagonal()
     kappa = torch.rsqrt(1.0 + math.pi / 8.0 * v)
     if binary:
         p_bar = torch.sigmoid(kappa * mean)
@@ -187,22 +206,20 @@ def probit(mean: Tensor, var: Tensor, *, binary: bool = False) -> Prediction:
     else:
         p_bar = torch.softmax(kappa * mean, dim=-1)
         s = torch.softmax(mean, dim=-1)
-        A = torch.diag_embed(s) - s.unsqueeze(2) * s.unsqueeze(1)
-        # products on Σ_f / max|Σ_f|: huge finite covariances do not overflow into NaN
-        scale = _max_abs(cov)
-        delta = scale[:, None] * torch.diagonal(
-            A @ (cov / scale[:, None, None]) @ A.transpose(1, 2), dim1=1, dim2=2
-        )
+        # on Σ_f / max|Σ_f|: huge finite covariances do not overflow into NaN
+        cs, scale = _unit_scaled(cov)
+        Ss = cs.matvec(s)
+        delta = scale[:, None] * s**2 * (cs.diagonal() - 2 * Ss + (s * Ss).sum(-1, keepdim=True))
     variance = torch.minimum(delta.clamp_min(0), p_bar * (1 - p_bar))
     return Prediction(p_bar, variance)
 
 
-def _binary_as_two_class(mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+def _binary_as_two_class(mean: Tensor, cov: OutputCovariance) -> tuple[Tensor, OutputCovariance]:
     """Logit a of a sigmoid as two softmax logits (-a/2, a/2) with their covariance."""
     mu = torch.cat([-mean / 2, mean / 2], dim=1)
-    v = cov[:, 0, 0] / 4
+    v = cov.diagonal()[:, 0] / 4
     sign = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=mean.dtype, device=mean.device)
-    return mu, v[:, None, None] * sign
+    return mu, DenseOutputCovariance(v[:, None, None] * sign)
 
 
 def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Prediction:
@@ -239,17 +256,20 @@ def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Predic
         >>> laplace_bridge(torch.zeros(1, 2), torch.eye(2).expand(1, 2, 2)).mean
         tensor([[0.5000, 0.5000]])
     """
+    return _bridge(mean, as_output_covariance(cov), binary=binary)
+
+
+def _bridge(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
+    """Laplace bridge from the diagonal and the product with the ones vector."""
     if binary:
         mean, cov = _binary_as_two_class(mean, cov)
     C = mean.shape[1]
     mu = mean - mean.mean(-1, keepdim=True)
-    scale = _max_abs(cov)
-    cs = cov / scale[:, None, None]
-    # P Σ P with P = I - 11ᵀ/C: remove the row and column means, add back the grand mean
-    cs = (
-        cs - cs.mean(-1, keepdim=True) - cs.mean(-2, keepdim=True) + cs.mean((-2, -1), keepdim=True)
-    )
-    v = torch.diagonal(cs, dim1=1, dim2=2).clamp_min(torch.finfo(cov.dtype).tiny)
+    cs, scale = _unit_scaled(cov)
+    s1 = cs.matvec(torch.ones_like(mean))
+    # diag(P Σ P) with P = I - 11ᵀ/C: Σ_kk - 2(Σ1)_k/C + 1ᵀΣ1/C²
+    v = cs.diagonal() - 2 * s1 / C + s1.sum(-1, keepdim=True) / C**2
+    v = v.clamp_min(torch.finfo(v.dtype).tiny)
     const = torch.full_like(mu, math.log(1.0 - 2.0 / C) if C > 2 else -math.inf)
     log_num = torch.logaddexp(
         const, mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(C)
@@ -261,6 +281,37 @@ def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Predic
     if binary:
         return Prediction(m[:, 1:], variance[:, 1:])
     return Prediction(m, variance)
+
+
+def _unit_scaled(cov: OutputCovariance) -> tuple[OutputCovariance, Tensor]:
+    """The covariances divided by their largest absolute entry, and those scales ``(N,)``."""
+    if isinstance(cov, DenseOutputCovariance):
+        scale = _max_abs(cov.M)
+        return DenseOutputCovariance(cov.M / scale[:, None, None]), scale
+    d = cov.diagonal()  # PSD: the largest entry is on the diagonal
+    scale = (
+        d.abs().amax(-1).clamp_min(torch.finfo(d.dtype).tiny)
+        if d.numel()
+        else d.new_ones(d.shape[0])
+    )
+    return _Scaled(cov, scale), scale
+
+
+@dataclass(frozen=True)
+class _Scaled:
+    """A factored output covariance divided by one scale per input."""
+
+    cov: OutputCovariance
+    scale: Tensor
+
+    def diagonal(self) -> Tensor:
+        return self.cov.diagonal() / self.scale[:, None]
+
+    def matvec(self, V: Tensor) -> Tensor:
+        return self.cov.matvec(V) / self.scale[:, None]
+
+    def to_dense(self) -> Tensor:
+        return self.cov.to_dense() / self.scale[:, None, None]
 
 
 def _max_abs(cov: Tensor) -> Tensor:
@@ -363,7 +414,7 @@ def mc_link(
 
 def glm_from_moments(
     f: Tensor,
-    cov: Tensor,
+    cov: Tensor | OutputCovariance,
     *,
     likelihood: Likelihood,
     link: Link | None,
@@ -375,11 +426,14 @@ def glm_from_moments(
     r"""Map the linearised outputs :math:`N(f, \Sigma_f)` to the predictive.
 
     Regression: mean ``f``, variance :math:`\mathrm{diag}(\Sigma_f) + \sigma^2`.
-    Classification and binary: the link (see the module docstring).
+    Classification and binary: the link (see the module docstring).  Outputs ``(B, T, C)``
+    are B·T independent Gaussians over C logits.
 
     Args:
-        f: Outputs at θ*, shape ``(B, C)``.
-        cov: Functional covariances :math:`J \Sigma J^\top`, shape ``(B, C, C)``.
+        f: Outputs at θ*, shape ``(B, C)`` or ``(B, T, C)``.
+        cov: Functional covariances :math:`J \Sigma J^\top`, shape ``(*f.shape, C)``, or a
+            factored :class:`~laplace_ggn.posteriors._output.OutputCovariance` over the
+            ``f.numel() / C`` rows of ``f``.
         likelihood: The likelihood.
         link: The link (ignored for regression).
         sigma_noise: σ (regression).
@@ -388,46 +442,95 @@ def glm_from_moments(
         memory_budget: Bytes for the draws of the ``mc`` link.
 
     Returns:
-        The :class:`Prediction`, shapes ``(B, C)``.
+        The :class:`Prediction`, shapes of ``f``.
     """
+    C = f.shape[-1]
+    rows = f.reshape(-1, C)
+    op = DenseOutputCovariance(cov.reshape(-1, C, C)) if isinstance(cov, Tensor) else cov
     if likelihood is Likelihood.REGRESSION:
         sigma = torch.as_tensor(sigma_noise, dtype=f.dtype, device=f.device)
-        return Prediction(f, torch.diagonal(cov, dim1=1, dim2=2) + sigma**2)
-    binary = likelihood is Likelihood.BINARY
-    if link is Link.PROBIT:
-        return probit(f, cov, binary=binary)
-    if link is Link.BRIDGE:
-        return laplace_bridge(f, cov, binary=binary)
-    return mc_link(
-        f, cov, n_samples=n_samples, binary=binary, generator=generator, memory_budget=memory_budget
-    )
+        pred = Prediction(rows, op.diagonal() + sigma**2)
+    else:
+        binary = likelihood is Likelihood.BINARY
+        if link is Link.PROBIT:
+            pred = _probit(rows, op, binary=binary)
+        elif link is Link.BRIDGE:
+            pred = _bridge(rows, op, binary=binary)
+        else:
+            pred = mc_link(
+                rows,
+                op.to_dense(),
+                n_samples=n_samples,
+                binary=binary,
+                generator=generator,
+                memory_budget=memory_budget,
+            )
+    return Prediction(pred.mean.reshape(f.shape), pred.variance.reshape(f.shape))
 
 
-def functional_moments(fmodel, posterior, x: object, *, n_outputs: int) -> tuple[Tensor, Tensor]:
-    r"""Outputs at θ* and :math:`J(x) \Sigma J(x)^\top`, Jacobians computed in chunks.
+def output_covariance(
+    fmodel, posterior, x: object, *, n_outputs: int, head=None
+) -> tuple[Tensor, OutputCovariance]:
+    r"""Outputs at θ* and :math:`J(x) \Sigma J(x)^\top` per position, in factored form.
 
-    Σ is never formed: each chunk's Jacobians go through ``posterior.functional_covariance``.
+    With a :class:`~laplace_ggn.head.LinearHead` (the subset is one Linear layer whose output
+    is the model output) and a posterior with ``linear_head_covariance``, the covariances
+    come from the features entering the layer: no Jacobian, nothing differentiated through
+    the body, memory independent of C·P.  Otherwise (or when the head check fails for this
+    call) Jacobians are computed in chunks and go through ``posterior.functional_covariance``.
 
     Args:
         fmodel: The :class:`~laplace_ggn.functional.FunctionalModel`.
         posterior: Any posterior structure.
         x: Model input of batch size B.
         n_outputs: C.
+        head: The subset's Linear head, or ``None``.
 
     Returns:
-        ``(f, cov)`` of shapes ``(B, C)`` and ``(B, C, C)``.
+        ``(f, cov)``: outputs ``(B, C)`` or ``(B, T, C)`` and the covariances of the
+        N = B (or B·T) rows.
     """
+    first = next(iter(fmodel.chunks(x, 1)), None)
+    if first is None:  # an input of 0 rows
+        z = fmodel.theta.new_zeros(0, n_outputs)
+        return z, DenseOutputCovariance(z.new_zeros(0, n_outputs, n_outputs))
+    if head is not None and hasattr(posterior, "linear_head_covariance"):
+        got = head.features(x)
+        if got is not None:
+            phi, f = got
+            return f, posterior.linear_head_covariance(phi, head.index)
     P = fmodel.n_params
-    per_sample = 4 * n_outputs * P * fmodel.theta.element_size()
+    M = fmodel.forward(first)[0].numel()  # T·C for outputs (B, T, C)
+    per_sample = 4 * M * P * fmodel.theta.element_size()
     fs, covs = [], []
     for xc in fmodel.chunks(x, fmodel.chunk_size(per_sample)):
-        J, f = fmodel.jacobians(xc, n_outputs=n_outputs)
+        J, f = fmodel.jacobians(xc, n_outputs=M)
         fs.append(f)
-        covs.append(posterior.functional_covariance(J))
-    if not fs:  # an input of 0 rows
-        z = fmodel.theta.new_zeros(0, n_outputs)
-        return z, z.new_zeros(0, n_outputs, n_outputs)
-    return torch.cat(fs), torch.cat(covs)
+        covs.append(posterior.functional_covariance(J.reshape(-1, f.shape[-1], P)))
+    return torch.cat(fs), DenseOutputCovariance(torch.cat(covs))
+
+
+def functional_moments(
+    fmodel, posterior, x: object, *, n_outputs: int, head=None
+) -> tuple[Tensor, Tensor]:
+    r"""Outputs at θ* and :math:`J(x) \Sigma J(x)^\top` as dense matrices.
+
+    Σ is never formed: see :func:`output_covariance`.
+
+    Args:
+        fmodel: The :class:`~laplace_ggn.functional.FunctionalModel`.
+        posterior: Any posterior structure.
+        x: Model input of batch size B.
+        n_outputs: C.
+        head: The subset's Linear head, or ``None``.
+
+    Returns:
+        ``(f, cov)`` of shapes ``(B, C)`` and ``(B, C, C)`` (``(B, T, C)`` and
+        ``(B, T, C, C)`` for sequence outputs).
+    """
+    f, op = output_covariance(fmodel, posterior, x, n_outputs=n_outputs, head=head)
+    C = f.shape[-1]
+    return f, op.to_dense().reshape(*f.shape, C)
 
 
 def glm_predictive(
@@ -441,18 +544,22 @@ def glm_predictive(
     n_samples: int = 100,
     generator: torch.Generator | None = None,
     n_outputs: int,
+    head=None,
 ) -> Prediction:
     """Linearised predictive at inputs ``x`` (see :func:`glm_from_moments`).
 
     Returns:
-        The :class:`Prediction`, shapes ``(B, C)``.
+        The :class:`Prediction`, shapes ``(B, C)`` (``(B, T, C)`` for sequence outputs).
 
     Raises:
         RuntimeError: If the functional covariance is not finite.
     """
     with torch.no_grad():
-        f, cov = functional_moments(fmodel, posterior, x, n_outputs=n_outputs)
-        check_computed_finite(cov, "functional covariance J Σ Jᵀ (GLM predictive)")
+        f, cov = output_covariance(fmodel, posterior, x, n_outputs=n_outputs, head=head)
+        check_computed_finite(
+            cov.M if isinstance(cov, DenseOutputCovariance) else cov.diagonal(),
+            "functional covariance J Σ Jᵀ (GLM predictive)",
+        )
         return glm_from_moments(
             f,
             cov,
@@ -583,6 +690,7 @@ def predict(
     n_samples: int = 100,
     generator: torch.Generator | None = None,
     n_outputs: int,
+    head=None,
 ) -> Prediction:
     """Predictive at inputs ``x``: options checked first, then GLM or NN.
 
@@ -597,9 +705,10 @@ def predict(
         n_samples: S for ``mc`` / ``nn``.
         generator: Random generator for ``mc`` / ``nn``.
         n_outputs: C.
+        head: The subset's :class:`~laplace_ggn.head.LinearHead` (GLM without Jacobians).
 
     Returns:
-        The :class:`Prediction`, shapes ``(B, C)``.
+        The :class:`Prediction`, shapes ``(B, C)`` (``(B, T, C)`` for sequence outputs).
 
     Raises:
         ValueError: If the options or their combination are invalid, or ``n_samples`` is not
@@ -621,7 +730,7 @@ def predict(
     if m is PredictMethod.NN:
         pred = nn_predictive(fmodel, posterior, x, **kw)
     else:
-        pred = glm_predictive(fmodel, posterior, x, link=lk, **kw)
+        pred = glm_predictive(fmodel, posterior, x, link=lk, head=head, **kw)
     name = f"method={m.value!r}" + (f", link={lk.value!r}" if lk is not None else "")
     check_computed_finite(pred.mean, f"predictive mean ({name})")
     check_computed_finite(pred.variance, f"predictive variance ({name})")

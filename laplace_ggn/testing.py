@@ -100,12 +100,24 @@ def dense_ggn(
     *,
     sigma: float = 1.0,
     names: Sequence[str] | None = None,
+    ignore_index: int | None = None,
 ) -> Tensor:
-    r""":math:`G = \sum_n J_n^\top \Lambda_n J_n`, shape ``(P, P)``."""
+    r""":math:`G = \sum_n J_n^\top \Lambda_n J_n`, shape ``(P, P)``.
+
+    Outputs ``(B, T, C)`` count every position as an observation,
+    :math:`G = \sum_{b,t} J_{bt}^\top \Lambda_{bt} J_{bt}`, with targets ``(B, T)`` (or
+    ``(B, T, C)`` for regression); targets equal to ``ignore_index`` are left out.
+    """
     J = dense_jacobian(model, x, names)
     with torch.no_grad():
         f = model(x)
     f = f.unsqueeze(1) if f.ndim == 1 else f
+    C = f.shape[-1]
+    J, f = J.reshape(-1, C, J.shape[-1]), f.reshape(-1, C)
+    y = y.reshape(f.shape[0], -1)
+    if ignore_index is not None and likelihood != "regression":
+        keep = (y != ignore_index).all(-1)
+        J, f, y = J[keep], f[keep], y[keep]
     Lam = dense_output_hessians(likelihood, f.detach(), y, sigma)
     return torch.einsum("bcp,bcd,bdq->pq", J, Lam, J)
 

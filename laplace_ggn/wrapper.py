@@ -27,6 +27,7 @@ from . import marglik as _marglik
 from . import predictive as _predictive
 from ._checks import (
     DEFAULT_MEMORY_BUDGET,
+    Curvature,
     Likelihood,
     Link,
     PredictMethod,
@@ -51,8 +52,15 @@ from .functional import (
     to_device,
 )
 from .ggn import DiagGGNCollector, FullGGNCollector, dense_bytes
+from .head import LinearHead
 from .kfac import kfac_factor_bytes
-from .likelihoods import FitStatistics, get_likelihood
+from .likelihoods import (
+    DEFAULT_IGNORE_INDEX,
+    FitStatistics,
+    OutputCurvature,
+    get_likelihood,
+    observations,
+)
 from .posteriors import (
     DiagPosterior,
     FullPosterior,
@@ -155,7 +163,8 @@ class LaplaceWrapper:
         \Sigma^{-1} = \Lambda = G / \tau + \Lambda_0 .
 
     Args:
-        model: Trained network returning outputs of shape ``(B, C)``; never modified.
+        model: Trained network returning outputs of shape ``(B, C)``, or ``(B, T, C)`` with
+            one observation per position; never modified.
         likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
         structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"`` or ``"projected"`` (the
             prior restricted to the kernel of the GGN, see ``docs/structures.md``).
@@ -167,6 +176,13 @@ class LaplaceWrapper:
         rank: ``lowrank``: ``None`` for exact Woodbury, an int for the top-k eigenpairs;
             ``projected``: ``None`` for the exact kernel, k to keep the k most constrained
             directions out of the support.
+        curvature: ``"ggn"`` (exact: C back-propagated columns per sample) or ``"mc"`` (the
+            Monte-Carlo Fisher: ``n_mc_samples`` columns from labels drawn from the model,
+            an unbiased estimate of G whose cost does not grow with C); see
+            ``docs/structures.md``.
+        n_mc_samples: S, the draws per sample for ``curvature="mc"`` (default 1).
+        ignore_index: Classification / binary targets equal to it are skipped in the
+            curvature, the loss and N (as in ``torch.nn.CrossEntropyLoss``).
         input_key: Key of the inputs in mapping batches.
         target_key: Key of the targets in mapping batches.
         memory_budget: Bytes for chunked intermediates and for the largest dense structure.
@@ -196,6 +212,9 @@ class LaplaceWrapper:
         sigma_noise: float | Tensor = 1.0,
         temperature: float = 1.0,
         rank: int | None = None,
+        curvature: str | Curvature = "ggn",
+        n_mc_samples: int | None = None,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
         input_key: str = "input",
         target_key: str = "target",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -234,6 +253,20 @@ class LaplaceWrapper:
                 raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
             rank = int(rank)
         self.rank = rank
+        self.curvature = as_enum(Curvature, curvature, "curvature")
+        if n_mc_samples is not None:
+            if self.curvature is not Curvature.MC:
+                raise ValueError(
+                    f"n_mc_samples applies to curvature='mc' only; got n_mc_samples="
+                    f"{n_mc_samples!r} with curvature={self.curvature.value!r}."
+                )
+            if not is_integer(n_mc_samples) or n_mc_samples < 1:
+                raise ValueError(f"n_mc_samples must be a positive integer; got {n_mc_samples!r}.")
+            n_mc_samples = int(n_mc_samples)
+        self.n_mc_samples = n_mc_samples
+        if not is_integer(ignore_index):
+            raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}.")
+        self.ignore_index = int(ignore_index)
         self.input_key, self.target_key = input_key, target_key
         if not is_integer(memory_budget) or memory_budget <= 0:
             raise ValueError(
@@ -244,6 +277,7 @@ class LaplaceWrapper:
         self._posterior = None
         self._fmodel: FunctionalModel | None = None
         self._stats: FitStatistics | None = None
+        self._head: LinearHead | None = None
 
     # -- validation helpers ------------------------------------------------------------------
 
@@ -349,6 +383,7 @@ class LaplaceWrapper:
         progress: bool | None = None,
         distributed: bool | None = None,
         process_group: object = None,
+        generator: torch.Generator | None = None,
     ) -> LaplaceWrapper:
         """Collect the curvature in one pass over the data and build the posterior.
 
@@ -365,6 +400,10 @@ class LaplaceWrapper:
             distributed: ``None``: reduce over ranks when ``torch.distributed`` is
                 initialised; ``True``: require it; ``False``: fit on this process's data only.
             process_group: Group to reduce over (default: the default group).
+            generator: Random generator of the label draws of ``curvature="mc"`` (on the
+                model's device; the exact curvature draws nothing and ignores it). The same
+                generator state and data give the same curvature; distributed, give every
+                rank its own seed.
 
         Returns:
             ``self``, fitted.
@@ -372,10 +411,13 @@ class LaplaceWrapper:
         Raises:
             ValueError: If the loader yields no data (on every rank; batches of 0 rows are
                 skipped), a batch is malformed, holds NaN/Inf, has the wrong dtype, targets do
-                not fit the likelihood, the structure would exceed the memory budget, or the
-                models differ across ranks. The wrapper keeps its previous state.
-                Distributed: an error on one rank is raised on every rank.
-            TypeError: If ``train_loader`` is not iterable or targets are not tensors.
+                not fit the likelihood, the structure would exceed the memory budget (for
+                ``curvature="ggn"``: one sample's C·P square-root rows), the models differ
+                across ranks, or ``generator`` is on another device than the model. The
+                wrapper keeps its previous state. Distributed: an error on one rank is raised
+                on every rank.
+            TypeError: If ``train_loader`` is not iterable, targets are not tensors, or
+                ``generator`` is not a ``torch.Generator``.
             RuntimeError: If the curvature cannot be factorised (torch.linalg failed).
         """
         if not isinstance(train_loader, Iterable):
@@ -383,6 +425,7 @@ class LaplaceWrapper:
                 f"train_loader must be an iterable of batches (e.g. a DataLoader); "
                 f"got {type(train_loader).__name__}."
             )
+        self._check_generator(generator)
         spec = STRUCTURES.get(self.structure)
         if spec is None:
             raise NotImplementedError(f"structure={self.structure.value!r} is not available.")
@@ -430,8 +473,22 @@ class LaplaceWrapper:
             )
         else:
             fmodel = FunctionalModel(self.model, layout, memory_budget=self.memory_budget)
-        collector = spec.make_collector(fmodel, self._lik, self)
-        n_data, loss_sum, n_out = 0, 0.0, None
+        if self.curvature is Curvature.GGN and first is not None:
+            try:
+                self._check_exact_memory(fmodel, first, f"batch {first_i}")
+            except Exception as exc:
+                if dctx is None:
+                    raise
+                local_error = exc  # raised on every rank by dctx.finish, after the collective
+        out_curv = OutputCurvature(
+            self._lik,
+            curvature=self.curvature,
+            n_samples=self.n_mc_samples or 1,
+            generator=generator,
+            ignore_index=self.ignore_index,
+        )
+        collector = spec.make_collector(fmodel, out_curv, self)
+        n_data, loss_sum, n_out, out_ndim = 0, 0.0, None, None
         try:
             total = len(train_loader)  # type: ignore[arg-type]
         except TypeError:
@@ -442,7 +499,7 @@ class LaplaceWrapper:
             else (total is not None and total >= _PROGRESS_MIN_BATCHES)
         )
         show = show and (dctx is None or dctx.rank == 0)
-        batches = _chain_first(first, iterator) if first is not None else ()
+        batches = _chain_first(first, iterator) if first is not None and local_error is None else ()
         try:
             with tqdm(
                 batches,
@@ -456,19 +513,26 @@ class LaplaceWrapper:
                     x, y, empty = self._split(batch, where)
                     if empty:
                         continue
-                    x = self._to_device(x)
-                    f = collector.update(x, where)
+                    x, y = self._to_device(x), y.to(self._device)
+                    f = collector.update(x, where, y=y)
                     check_finite(f, "model output", where)
-                    y = self._lik.check_targets(f, y.to(self._device), where)
-                    check_finite(y, "targets", where)
-                    if n_out is not None and f.shape[1] != n_out:
+                    if out_ndim is not None and f.ndim != out_ndim:
+                        raise ValueError(
+                            f"model output in {where} must have {out_ndim} dimensions like "
+                            f"batch 0; got shape {tuple(f.shape)}."
+                        )
+                    f_obs, y_obs, _ = observations(
+                        self._lik, f, y, ignore_index=self.ignore_index, where=where
+                    )
+                    check_finite(y_obs, "targets", where)
+                    if n_out is not None and f.shape[-1] != n_out:
                         raise ValueError(
                             f"model output in {where} must have {n_out} columns like batch 0; "
-                            f"got {f.shape[1]}."
+                            f"got {f.shape[-1]}."
                         )
-                    n_out = f.shape[1]
-                    loss_sum += self._loss_statistic(f, y, where)
-                    n_data += f.shape[0]
+                    n_out, out_ndim = f.shape[-1], f.ndim
+                    loss_sum += self._loss_statistic(f_obs, y_obs, where)
+                    n_data += f_obs.shape[0]
         except Exception as exc:
             if dctx is None:
                 raise
@@ -490,11 +554,39 @@ class LaplaceWrapper:
                 f"torch.linalg failed ({err}). Check the model for saturated or overflowing "
                 "outputs, or fit a float64 copy of the model (model.double())."
             ) from err
+        head = LinearHead.find(fmodel)
         # commit: all or nothing
-        self._layout, self._fmodel = layout, fmodel
-        self._stats = FitStatistics(n_data, int(n_out), loss_sum)
+        self._layout, self._fmodel, self._head = layout, fmodel, head
+        self._stats = FitStatistics(n_data, int(n_out), loss_sum, int(out_ndim or 2))
         self._posterior = posterior
         return self
+
+    def _check_generator(self, generator: object) -> None:
+        check_generator(generator)
+        if generator is not None and generator.device.type != self._device.type:
+            raise ValueError(
+                f"generator must be on the model's device {self._device}; got a generator on "
+                f"{generator.device}. Create it with torch.Generator(device=...)."
+            )
+
+    def _check_exact_memory(self, fmodel: FunctionalModel, first: object, where: str) -> None:
+        """Refuse ``curvature="ggn"`` when one sample's M·P square-root rows exceed the budget.
+
+        Raises:
+            ValueError: Naming ``curvature="mc"`` as the way out (or a malformed first batch).
+        """
+        x0, _, _ = self._split(first, where)
+        M = fmodel.forward(self._to_device(x0))[0].numel()  # C, or T·C
+        P = fmodel.n_params
+        need = M * P * torch.empty((), dtype=self._dtype).element_size()
+        if need > self.memory_budget:
+            raise ValueError(
+                f"curvature='ggn' must fit one sample's exact square-root rows (M={M} outputs "
+                f"x P={P} parameters, {_gb(need)}) in the memory budget of "
+                f"{_gb(self.memory_budget)}; its cost grows with the number of outputs. Pass "
+                "curvature='mc' (n_mc_samples=S draws per sample: an unbiased estimate at a cost "
+                "that does not grow with C), or raise memory_budget=."
+            )
 
     def _to_device(self, x: object) -> object:
         return to_device(x, self._device)
@@ -687,7 +779,8 @@ class LaplaceWrapper:
             x: Model input (tensor, tuple or dict) of batch size B.
 
         Returns:
-            ``(J, f)``: shape ``(B, C, P)`` and outputs ``(B, C)``.
+            ``(J, f)``: shape ``(B, C, P)`` and outputs ``(B, C)`` (``(B, T, C, P)`` and
+            ``(B, T, C)`` for sequence outputs).
 
         Raises:
             RuntimeError: If not fitted, or the Jacobians are not finite (numerical overflow).
@@ -696,21 +789,25 @@ class LaplaceWrapper:
         x = self._to_device(x)
         for t in input_tensors(x):
             check_finite(t, "input")
-        J, f = self._fmodel.jacobians(x, n_outputs=self._stats.n_outputs)
+        seq = self._stats.output_ndim != 2
+        J, f = self._fmodel.jacobians(x, n_outputs=None if seq else self._stats.n_outputs)
         check_computed_finite(f, "model output at the inputs")
         check_computed_finite(J, "Jacobians J(x)")
-        return J, f
+        return J.reshape(*f.shape, J.shape[-1]), f
 
     def functional_covariance(self, x: object) -> Tensor:
         r"""Covariance of the linearised outputs, :math:`J(x) \Sigma J(x)^\top`.
 
-        Never forms Σ for diag/kfac/lowrank structures; Jacobians are computed in chunks.
+        Never forms Σ for diag/kfac/lowrank structures; Jacobians are computed in chunks, or
+        not at all when the subset is one Linear layer whose output is the model output
+        (``posterior.linear_head_covariance`` from the features entering it).
 
         Args:
             x: Model input of batch size B.
 
         Returns:
-            Shape ``(B, C, C)`` (without observation noise).
+            Shape ``(B, C, C)`` (``(B, T, C, C)`` for sequence outputs), without observation
+            noise.
 
         Raises:
             RuntimeError: If not fitted, or the result is not finite (numerical overflow).
@@ -720,13 +817,14 @@ class LaplaceWrapper:
         x = self._to_device(x)
         for t in input_tensors(x):
             check_finite(t, "input")
-        out = []
-        C = self._stats.n_outputs
-        per_sample = 4 * C * self.n_params * torch.empty((), dtype=self._dtype).element_size()
-        for xc in self._fmodel.chunks(x, self._fmodel.chunk_size(per_sample)):
-            J, _ = self._fmodel.jacobians(xc, n_outputs=C)
-            out.append(self._posterior.functional_covariance(J))
-        cov = torch.cat(out) if out else self._fmodel.theta.new_zeros(0, C, C)
+        with torch.no_grad():
+            _, cov = _predictive.functional_moments(
+                self._fmodel,
+                self._posterior,
+                x,
+                n_outputs=self._stats.n_outputs,
+                head=self._head,
+            )
         check_computed_finite(cov, "functional covariance J Σ Jᵀ")
         return cov
 
@@ -854,7 +952,7 @@ class LaplaceWrapper:
 
         Returns:
             :class:`~laplace_ggn.predictive.Prediction` with ``mean`` and ``variance`` of shape
-            ``(B, C)``.
+            ``(B, C)`` (``(B, T, C)`` for a model with outputs ``(B, T, C)``).
 
         Raises:
             RuntimeError: If not fitted, or the functional covariance or the predictive is not
@@ -879,6 +977,7 @@ class LaplaceWrapper:
             n_samples=n_samples,
             generator=generator,
             n_outputs=self._stats.n_outputs,
+            head=self._head,
         )
         T = self._predictive_temperature
         if self.likelihood is Likelihood.REGRESSION or bool(T == 1):
@@ -976,6 +1075,7 @@ class LaplaceWrapper:
                 generator=generator,
                 n_outputs=self._stats.n_outputs,
                 progress=progress,
+                ignore_index=self.ignore_index,
             )
             self.set_hyperparameters(prior_precision=result.best, predictive_temperature=1.0)
             self.gridsearch_result_ = result
@@ -1100,12 +1200,19 @@ class LaplaceWrapper:
 
         Raises:
             RuntimeError: If not fitted.
-            ValueError: If the structure is not 'full' or 'lowrank', or an argument is invalid.
+            ValueError: If the structure is not 'full' or 'lowrank', the model's outputs are
+                ``(B, T, C)``, or an argument is invalid.
             TypeError: If ``x`` is neither a model input nor a loader.
         """
         from . import diagnostics as _diagnostics
 
         self._require_fit("kernel_decomposition()")
+        if self._stats.output_ndim != 2:
+            raise ValueError(
+                "kernel_decomposition() needs a model with outputs (B, C); got a model fitted "
+                "on outputs (B, T, C). Decompose a model that returns one position, e.g. the "
+                "last token's outputs."
+            )
         return _diagnostics.kernel_decomposition(
             self._posterior,
             self._fmodel,
@@ -1146,6 +1253,9 @@ class LaplaceWrapper:
             "temperature": self.temperature,
             "predictive_temperature": float(self._predictive_temperature),
             "rank": self.rank,
+            "curvature": self.curvature.value,
+            "n_mc_samples": self.n_mc_samples,
+            "ignore_index": self.ignore_index,
             "input_key": self.input_key,
             "target_key": self.target_key,
             "memory_budget": self.memory_budget,
@@ -1191,6 +1301,9 @@ class LaplaceWrapper:
             sigma_noise=state["sigma_noise"],
             temperature=state["temperature"],
             rank=state["rank"],
+            curvature=state.get("curvature", Curvature.GGN.value),
+            n_mc_samples=state.get("n_mc_samples"),
+            ignore_index=state.get("ignore_index", DEFAULT_IGNORE_INDEX),
             input_key=state["input_key"],
             target_key=state["target_key"],
             memory_budget=state["memory_budget"],
@@ -1209,6 +1322,7 @@ class LaplaceWrapper:
             state["posterior"], fmodel.theta, prior, la._scale(la._sigma_noise)
         )
         la._fmodel = fmodel
+        la._head = LinearHead.find(fmodel)
         la._stats = FitStatistics(**state["fit_statistics"])
         la._predictive_temperature = la._check_predictive_temperature(
             state.get("predictive_temperature", 1.0)

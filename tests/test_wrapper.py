@@ -432,10 +432,11 @@ def test_model_output_shape_error():
             self.l = nn.Linear(3, 4)
 
         def forward(self, x):
-            return self.l(x).reshape(-1, 2, 2)
+            return self.l(x).reshape(-1, 2, 2, 1)
 
     X = torch.randn(4, 3)
     with pytest.raises(
-        ValueError, match=r"model output must have shape \(B, C\) or \(B,\); got \(4, 2, 2\)"
+        ValueError,
+        match=r"model output must have shape \(B, C\), \(B,\) or \(B, T, C\) .*; got \(4, 2, 2, 1\)",
     ):
         LaplaceWrapper(Bad(), "regression", structure="diag").fit([(X, torch.randn(4, 4))])

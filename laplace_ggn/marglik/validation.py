@@ -11,7 +11,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._checks import Likelihood, Link, PredictMethod, is_integer, shape_str
+from ..likelihoods import DEFAULT_IGNORE_INDEX, observations
 from ..predictive import (
+    Prediction,
     functional_moments,
     glm_from_moments,
     nn_predictive,
@@ -105,13 +107,15 @@ def gridsearch(
     generator: torch.Generator | None = None,
     n_outputs: int,
     progress: bool = False,
+    ignore_index: int | None = DEFAULT_IGNORE_INDEX,
 ) -> GridsearchResult:
     r"""Score each prior precision by the mean validation NLL of the predictive.
 
     Every grid point is evaluated on its own (a new posterior and a new sum); GLM Jacobians
     of the validation inputs are computed once and shared when they fit the memory budget.
     The chosen point minimises the score; among equal scores (within 1e-12 relative) the
-    largest precision wins.
+    largest precision wins.  Outputs ``(B, T, C)`` are scored per position, without the
+    positions whose target is ``ignore_index``.
 
     Args:
         fmodel: The :class:`~laplace_ggn.functional.FunctionalModel`.
@@ -127,12 +131,14 @@ def gridsearch(
         generator: Random generator for ``mc`` / ``nn``.
         n_outputs: C.
         progress: Show a progress bar.
+        ignore_index: Classification / binary target value to leave out.
 
     Returns:
         The :class:`GridsearchResult`.
 
     Raises:
-        ValueError: If the options are invalid or there is no validation data.
+        ValueError: If the options are invalid or there is no validation data (or every
+            target is ``ignore_index``).
         RuntimeError: If no grid point gives a finite score.
     """
     m, lk = resolve_options(likelihood, method, link)
@@ -142,23 +148,34 @@ def gridsearch(
     prepared = []
     n_val = sum(_batch_len(y) for _, y in batches)
     cache = m is PredictMethod.GLM and n_val * n_outputs * P * elt <= fmodel.memory_budget
+    cached_bytes = 0
     with torch.no_grad():
         for x, y in batches:
+            J = None
             if cache:
                 J, f = fmodel.jacobians(x, n_outputs=n_outputs)
-                prepared.append((x, J, f, lik.check_targets(f, y.to(fmodel.device), "val_loader")))
+                cached_bytes += J.numel() * elt
+                J = J.reshape(-1, f.shape[-1], P)
+                if cached_bytes > fmodel.memory_budget:  # positions made them larger
+                    cache, J = False, None
             else:
                 f = fmodel.forward(x)
-                prepared.append(
-                    (x, None, f, lik.check_targets(f, y.to(fmodel.device), "val_loader"))
-                )
+            _, y_obs, keep = observations(
+                lik, f, y.to(fmodel.device), ignore_index=ignore_index, where="val_loader"
+            )
+            prepared.append((x, J, f, y_obs, keep))
+    n_val = sum(p[3].shape[0] for p in prepared)
+    if n_val == 0:
+        raise ValueError(
+            f"val_loader must hold a target that is not ignore_index={ignore_index}; got none."
+        )
     scores = []
     for alpha in tqdm(grid.tolist(), disable=not progress, desc="gridsearch"):
         total = 0.0
         try:
             post = posterior_at(torch.tensor(alpha, dtype=fmodel.dtype, device=fmodel.device))
             with torch.no_grad():
-                for x, J, f, y in prepared:
+                for x, J, f, y, keep in prepared:
                     if m is PredictMethod.NN:
                         pred = nn_predictive(
                             fmodel,
@@ -185,7 +202,12 @@ def gridsearch(
                             generator=generator,
                             memory_budget=fmodel.memory_budget,
                         )
-                    total += float(predictive_nll(pred, y, likelihood).sum())
+                    C = pred.mean.shape[-1]
+                    mean, var = pred.mean.reshape(-1, C), pred.variance.reshape(-1, C)
+                    if keep is not None:
+                        keep_rows = keep.reshape(-1)
+                        mean, var = mean[keep_rows], var[keep_rows]
+                    total += float(predictive_nll(Prediction(mean, var), y, likelihood).sum())
             score = total / n_val
         except (RuntimeError, ValueError):
             score = math.inf

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._common import Prior, check_J, check_V, standard_normal
+from ._output import EigenOutputCovariance, check_head_features
 
 __all__ = ["DiagPosterior"]
 
@@ -57,6 +58,25 @@ class DiagPosterior:
         """J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``."""
         check_J(J, self.n_params)
         return (J * self.variance()) @ J.transpose(1, 2)
+
+    def linear_head_covariance(self, phi: Tensor, index: Tensor) -> EigenOutputCovariance:
+        r"""J Σ Jᵀ for a Linear head, :math:`J_n = I_C \otimes \tilde\phi_n^\top`: diagonal matrices.
+
+        :math:`(M_n)_{cc} = \sum_i \tilde\phi_{ni}^2 \Sigma_{(c,i)}`, O(N·C·D).
+
+        Args:
+            phi: Features entering the layer with the bias column, shape ``(N, D)``.
+            index: Flat positions of ``[W b]`` in Kronecker order, shape ``(C, D)``.
+
+        Returns:
+            The factored covariances (diagonals ``(N, C)``).
+
+        Raises:
+            ValueError: If the shapes do not fit.
+        """
+        check_head_features(phi, index, self.n_params)
+        v = self.variance()[index.to(self.mean.device)]  # (C, D)
+        return EigenOutputCovariance(None, phi.pow(2) @ v.T)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` parameter vectors, shape ``(n, P)``."""

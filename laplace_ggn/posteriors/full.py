@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
+from ._output import KronDenseOutputCovariance, check_head_features
 
 __all__ = ["FullPosterior"]
 
@@ -131,6 +132,32 @@ class FullPosterior:
         B, C, P = J.shape
         W = self.covariance_sqrt_rows(J.reshape(B * C, P)).reshape(B, C, P)
         return W @ W.transpose(1, 2)
+
+    @cached_property
+    def _sigma(self) -> Tensor:
+        """Σ, shape ``(P, P)``, computed once per posterior (Linear-head products)."""
+        return self.to_dense()
+
+    def linear_head_covariance(self, phi: Tensor, index: Tensor) -> KronDenseOutputCovariance:
+        r"""J Σ Jᵀ for a Linear head, :math:`J_n = I_C \otimes \tilde\phi_n^\top`, without Jacobians.
+
+        Σ is permuted once into Kronecker order ``(C, D, C, D)``; diagonals cost O(N·C·D²),
+        products O(N·P²) with O(N·P) memory (never ``(N, C, P)``).
+
+        Args:
+            phi: Features entering the layer with the bias column, shape ``(N, D)``.
+            index: Flat positions of ``[W b]`` in Kronecker order, shape ``(C, D)``.
+
+        Returns:
+            The factored covariances.
+
+        Raises:
+            ValueError: If the shapes do not fit.
+        """
+        check_head_features(phi, index, self.n_params)
+        idx = index.reshape(-1).to(self.mean.device)
+        S = self._sigma[idx][:, idx].reshape(*index.shape, *index.shape)
+        return KronDenseOutputCovariance(S, phi)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``."""

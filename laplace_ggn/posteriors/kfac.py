@@ -46,6 +46,7 @@ from .._checks import shape_str
 from ..functional import FunctionalModel, ParamLayout
 from ..kfac import KFACCollector, KFACCurvature, KronFactors
 from ._common import Prior, PriorKind, check_J, check_V, make_prior, standard_normal
+from ._output import EigenOutputCovariance, check_head_features
 
 __all__ = ["KFACPosterior", "check_kfac_prior", "make_kfac_collector"]
 
@@ -282,6 +283,50 @@ class KFACPosterior:
             Jd = J[:, :, self._diag_index]
             out = out + (Jd / self._diag_precision) @ Jd.transpose(1, 2)
         return out
+
+    def linear_head_covariance(self, phi: Tensor, index: Tensor) -> EigenOutputCovariance:
+        r"""J Σ Jᵀ for a Linear head, :math:`J_n = I_C \otimes \tilde\phi_n^\top`, without Jacobians.
+
+        With the block's eigenbases, :math:`\psi_n = Q_A^\top \tilde\phi_n` and
+        :math:`M_n = Q_B \mathrm{diag}(e_n) Q_B^\top`,
+
+        .. math::
+            e_{no} = \sum_j \frac{\psi_{nj}^2}{d_{oj}}
+                     - c_o \Big(\sum_j \frac{\psi_{nj} r_j}{d_{oj}}\Big)^2
+
+        (the second term only for a layerwise prior that differs between weight and bias), so
+        diagonals and products cost O(N·(D² + D·C + C²)).  A head outside the Kronecker
+        blocks (exact diagonal part) gives diagonal matrices.
+
+        Args:
+            phi: Features entering the layer with the bias column, shape ``(N, D)``.
+            index: Flat positions of ``[W b]`` in Kronecker order, shape ``(C, D)``.
+
+        Returns:
+            The factored covariances.
+
+        Raises:
+            ValueError: If the shapes do not fit, or the posterior holds more than the head.
+        """
+        check_head_features(phi, index, self.n_params)
+        index = index.to(self.mean.device)
+        blocks = self.curvature.blocks
+        if not blocks:
+            var = torch.empty_like(self.mean)
+            var[self._diag_index] = 1.0 / self._diag_precision
+            return EigenOutputCovariance(None, phi.pow(2) @ var[index].T)
+        e, b = self._eig[0], self._blocks[0]
+        if len(blocks) != 1 or not torch.equal(e.index.reshape(index.shape), index):
+            raise ValueError(
+                "index must be the Kronecker index of the posterior's only block; the "
+                f"posterior has {len(blocks)} blocks over P={self.n_params} parameters."
+            )
+        psi = phi @ e.Q_A  # (N, D)
+        dinv = 1.0 / b["d"]  # (O, D)
+        e_n = psi.pow(2) @ dinv.T  # (N, O)
+        if b["r"] is not None:
+            e_n = e_n - b["c"] * ((psi * b["r"]) @ dinv.T).pow(2)
+        return EigenOutputCovariance(e.Q_B, e_n)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         r"""Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``.

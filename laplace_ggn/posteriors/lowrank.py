@@ -63,7 +63,9 @@ from torch.func import jvp, vjp, vmap
 from .._checks import check_finite
 from ..functional import FunctionalModel, batch_size_of
 from ..ggn import SqrtGGNRows
+from ..likelihoods import as_output_curvature
 from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
+from ._output import LowRankOutputCovariance, check_head_features
 
 __all__ = [
     "DEFAULT_OVERSAMPLING",
@@ -121,7 +123,7 @@ class ExactLowRankCollector:
 
     Args:
         fmodel: The functional model.
-        likelihood: Provides ``sqrt_hessian``.
+        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood).
         memory_budget: Bytes allowed for the stored rows.
 
     Distributed use: :meth:`distributed_state` returns the rows to *gather* (concatenate
@@ -136,11 +138,11 @@ class ExactLowRankCollector:
         self.n_cols: int | None = None  # K, rows per sample, known after the first batch
         self._sqrt_rows = SqrtGGNRows(fmodel, likelihood)
 
-    def update(self, x: object, where: str = "") -> Tensor:
-        """Store one batch's rows; returns the outputs ``(B, C)``.
+    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
+        """Store one batch's rows (targets ``y`` mark ignored positions); returns the outputs.
 
-        The budget is checked before any row of the batch is computed, with at most C rows
-        per sample (K, the exact count, is known from the second batch on), and again with
+        The budget is checked before any row of the batch is computed, with K rows per sample
+        (C, T·C for outputs ``(B, T, C)``, or S Monte-Carlo columns), and again with
         the exact count as each sub-batch's rows arrive; the rows are computed in sub-batches
         whose intermediates fit in the budget (see :meth:`SqrtGGNRows.row_chunks`).
 
@@ -150,10 +152,10 @@ class ExactLowRankCollector:
         """
         P = self.fmodel.n_params
         size = torch.empty((), dtype=self.fmodel.dtype).element_size()
-        per_sample = self.n_cols or self._sqrt_rows.outputs(x, where)
+        per_sample = self.n_cols or self._sqrt_rows.columns(x, where)
         self._check_budget(self.n_rows + batch_size_of(x) * per_sample, P, size, where)
         fs = []
-        for R, f in self._sqrt_rows.row_chunks(x, where):
+        for R, f in self._sqrt_rows.row_chunks(x, where, y):
             self.n_cols = R.shape[1]
             self._check_budget(self.n_rows + R.shape[0] * R.shape[1], P, size, where)
             check_finite(R, "GGN square-root rows (curvature)", where)
@@ -218,7 +220,14 @@ class ExactLowRankCollector:
 
 
 def ggn_matmat(
-    fmodel: FunctionalModel, x: object, Omega: Tensor, likelihood, *, out: Tensor | None = None
+    fmodel: FunctionalModel,
+    x: object,
+    Omega: Tensor,
+    likelihood,
+    *,
+    out: Tensor | None = None,
+    y: Tensor | None = None,
+    where: str = "",
 ) -> tuple[Tensor, Tensor]:
     r"""Add one batch's :math:`\sum_n J_n^\top \Lambda_n J_n \Omega` to ``out``; return it and f.
 
@@ -231,14 +240,18 @@ def ggn_matmat(
         fmodel: The functional model.
         x: Model input of batch size B.
         Omega: Columns, shape ``(P, K)``.
-        likelihood: Provides ``hessian_matvec`` (broadcasting over a leading K dimension).
+        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (exact or MC
+            output Hessians), or a likelihood (exact).
         out: Accumulator ``(P, K)`` to add into (a new zero tensor if ``None``).
+        y: Targets marking ignored positions.
+        where: Location for error messages.
 
     Returns:
-        ``(out, f)``: the accumulated ``G Ω`` of shape ``(P, K)`` and the outputs ``(B, C)``.
+        ``(out, f)``: the accumulated ``G Ω`` of shape ``(P, K)`` and the outputs.
     """
     theta = fmodel.theta
     out = torch.zeros_like(Omega) if out is None else out
+    curv = as_output_curvature(likelihood)
 
     def f_of(th: Tensor) -> Tensor:
         return fmodel(th, x)
@@ -246,18 +259,20 @@ def ggn_matmat(
     try:
         f, vjp_fn = vjp(f_of, theta)
         f = f.detach()
-        B, C = f.shape
-        per_col = 4 * (fmodel.n_params + B * C) * theta.element_size()
+        hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where))
+        per_col = 4 * (fmodel.n_params + f.numel()) * theta.element_size()
         step = fmodel.chunk_size(per_col)
         for start in range(0, Omega.shape[1], step):
             cols = Omega[:, start : start + step].T
-            JO = vmap(lambda v: jvp(f_of, (theta,), (v,))[1])(cols)  # (K, B, C)
-            (g,) = vmap(vjp_fn)(likelihood.hessian_matvec(f, JO))  # (K, P)
+            JO = vmap(lambda v: jvp(f_of, (theta,), (v,))[1])(cols)  # (K, B, ..., C)
+            (g,) = vmap(vjp_fn)(hess(JO))  # (K, P)
             out[:, start : start + step] += g.detach().T
             del g, JO
         return out, f
     except (RuntimeError, NotImplementedError):
-        GO, f = fmodel.jvp_vjp(x, Omega, likelihood.hessian_matvec)
+        f = fmodel.forward(x)
+        hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where))
+        GO, f = fmodel.jvp_vjp(x, Omega, lambda f_, u: hess(u))
         return out.add_(GO), f
 
 
@@ -266,7 +281,7 @@ class NystromCollector:
 
     Args:
         fmodel: The functional model.
-        likelihood: Provides ``hessian_matvec``.
+        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood).
         rank: k, the number of eigenpairs kept.
         oversampling: p, extra sketch columns (Ω has ``min(P, k + p)`` columns).
         seed: Seed of Ω (a fixed seed makes fits reproducible).
@@ -296,13 +311,13 @@ class NystromCollector:
         self._seen = False
         self._result: LowRankCurvature | None = None
 
-    def update(self, x: object, where: str = "") -> Tensor:
-        """Add one batch's GGN product to the sketch; returns the outputs ``(B, C)``.
+    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
+        """Add one batch's GGN product to the sketch (``y`` marks ignored positions); returns f.
 
         Raises:
             ValueError: If the sketch holds NaN/Inf.
         """
-        _, f = ggn_matmat(self.fmodel, x, self.Omega, self.likelihood, out=self.Y)
+        _, f = ggn_matmat(self.fmodel, x, self.Omega, self.likelihood, out=self.Y, y=y, where=where)
         check_finite(self.Y, "GGN sketch (curvature)", where)  # a failed fit discards it
         self._seen = True
         return f
@@ -518,6 +533,41 @@ class LowRankPosterior:
         Res = Jd - JQ @ Q.T
         JQe = JQ * e.sqrt()
         return Res @ Res.transpose(1, 2) + JQe @ JQe.transpose(1, 2)
+
+    def linear_head_covariance(self, phi: Tensor, index: Tensor) -> LowRankOutputCovariance:
+        r"""J Σ Jᵀ for a Linear head, :math:`J_n = I_C \otimes \tilde\phi_n^\top`, without Jacobians.
+
+        :math:`J_n U` is the contraction of φ̃ with U reshaped to ``(C, D, R)``; with a scalar
+        prior :math:`M_n = \alpha^{-1}\|\tilde\phi_n\|^2 I + (J_nU)\,\mathrm{diag}(
+        1/(s\lambda+\alpha) - 1/\alpha)\,(J_nU)^\top`, otherwise
+        :math:`M_n = J_n D^{-1} J_n^\top - Y_n Y_n^\top` with
+        :math:`Y_n = J_n D^{-1} W L_K^{-\top}`.  Cost O(N·C·D·R), memory O(N·C·R).
+
+        Args:
+            phi: Features entering the layer with the bias column, shape ``(N, D)``.
+            index: Flat positions of ``[W b]`` in Kronecker order, shape ``(C, D)``.
+
+        Returns:
+            The factored covariances.
+
+        Raises:
+            ValueError: If the shapes do not fit.
+        """
+        check_head_features(phi, index, self.n_params)
+        index = index.to(self.mean.device)
+        C, D = index.shape
+        if self.prior.is_scalar:
+            a = self.prior.precision
+            JU = torch.einsum("nd,cdr->ncr", phi, self.eigenvectors[index])
+            d = (phi.pow(2).sum(-1, keepdim=True) / a).expand(-1, C)
+            return LowRankOutputCovariance(d, JU, 1.0 / self._eig_precision - 1.0 / a)
+        dinv = self._dinv[index]  # (C, D)
+        JDW = torch.einsum("nd,cdr->ncr", phi, dinv.unsqueeze(-1) * self._W[index])
+        Y = torch.linalg.solve_triangular(
+            self._cap_chol, JDW.reshape(-1, self.rank).T, upper=False
+        ).T.reshape(JDW.shape)
+        w = -torch.ones(self.rank, dtype=phi.dtype, device=phi.device)
+        return LowRankOutputCovariance(phi.pow(2) @ dinv.T, Y, w)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``.

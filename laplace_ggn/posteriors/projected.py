@@ -68,6 +68,7 @@ from torch import Tensor
 from .._checks import check_finite
 from ..functional import FunctionalModel
 from ..ggn import SqrtGGNRows, _symmetric_update
+from ..likelihoods import OutputCurvature, as_output_curvature
 from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
 from .lowrank import DEFAULT_OVERSAMPLING, NystromCollector
 
@@ -126,8 +127,14 @@ def projected_memory_bytes(P: int, dtype: torch.dtype, rank: int | None) -> int:
 def make_projected_collector(
     fmodel: FunctionalModel, likelihood, *, rank: int | None, memory_budget: int
 ):
-    r"""Exact collector for ``rank=None``, a Nyström sketch of :math:`J^\top J` for ``rank=k``."""
-    metric = KernelMetric()
+    r"""Exact collector for ``rank=None``, a Nyström sketch of :math:`J^\top J` for ``rank=k``.
+
+    ``likelihood`` (or the targets' likelihood of an
+    :class:`~laplace_ggn.likelihoods.OutputCurvature`) checks the targets passed to
+    ``update`` and marks ignored positions, whose Jacobian rows are left out.
+    """
+    curv = as_output_curvature(likelihood)
+    metric = OutputCurvature(KernelMetric(), ignore_index=curv.ignore_index, targets=curv.targets)
     if rank is None:
         return ProjectedExactCollector(fmodel, metric, memory_budget=memory_budget)
     return _TopKRange(NystromCollector(fmodel, metric, rank=rank))
@@ -161,7 +168,13 @@ class ProjectedExactCollector:
     single-process fit.
     """
 
-    def __init__(self, fmodel: FunctionalModel, metric: KernelMetric, *, memory_budget: int):
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        metric: KernelMetric | OutputCurvature,
+        *,
+        memory_budget: int,
+    ):
         self.fmodel, self.metric = fmodel, metric
         self.memory_budget = int(memory_budget)
         self.rows: list[Tensor] = []
@@ -177,15 +190,17 @@ class ProjectedExactCollector:
             "directions at O(P·k) memory, or raise memory_budget=."
         )
 
-    def update(self, x: object, where: str = "") -> Tensor:
-        """Add one batch's Jacobian rows (in sub-batches within the budget); returns ``f`` ``(B, C)``.
+    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
+        """Add one batch's Jacobian rows (in sub-batches within the budget); returns ``f``.
+
+        Targets ``y`` (optional) mark ignored positions, whose rows are zero.
 
         Raises:
             ValueError: If the rows or the Gram matrix exceed the memory budget, or the rows
                 hold NaN/Inf.
         """
         fs = []
-        for R, f in self._sqrt_rows.row_chunks(x, where):
+        for R, f in self._sqrt_rows.row_chunks(x, where, y):
             check_finite(R, "Jacobian rows (curvature)", where)
             self._add(R.reshape(-1, R.shape[-1]), where)
             fs.append(f)
@@ -261,9 +276,9 @@ class _TopKRange:
     def __init__(self, nystrom: NystromCollector):
         self.nystrom = nystrom
 
-    def update(self, x: object, where: str = "") -> Tensor:
-        """Add one batch to the sketch; returns the outputs ``(B, C)``."""
-        return self.nystrom.update(x, where)
+    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
+        """Add one batch to the sketch (``y`` marks ignored positions); returns the outputs."""
+        return self.nystrom.update(x, where, y=y)
 
     def finalize(self) -> ProjectedCurvature:
         """The top-k eigenpairs, without the numerically zero ones."""

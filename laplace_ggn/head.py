@@ -1,0 +1,118 @@
+r"""Linear heads: a parameter subset inside one ``nn.Linear`` whose output is the model output.
+
+For such a layer (a classifier head, a language-model head, the last layer of an MLP) the
+Jacobian of the output at one position w.r.t. ``[W b]`` in Kronecker order (output index
+slow, input index fast) is
+
+.. math::
+    J_n = I_C \otimes \tilde\phi_n^\top, \qquad \tilde\phi_n = [\phi_n; 1],
+
+with :math:`\phi_n` the features entering the layer (the 1 only when the bias is in the
+subset).  A posterior then gives :math:`J_n \Sigma J_n^\top` from the features alone
+(``linear_head_covariance(phi, index)``): no ``(B, C, P)`` Jacobian is formed and nothing is
+differentiated through the body of the network.
+
+:class:`LinearHead` finds such a layer from the subset alone (no data) and reads the features
+with a forward hook that it installs once on the functional model's private copy.  The hook
+records only for the thread that asked (thread-local state), so concurrent predictions do not
+see each other's features.  Each call checks that the layer ran once and that its output is
+the model output (the same tensor, or a view of it with the same shape); otherwise the call
+returns ``None`` and the caller uses Jacobians, for that call only.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor, nn
+
+from .functional import FunctionalModel, is_model_output
+from .kfac import kron_index
+
+__all__ = ["LinearHead"]
+
+
+class LinearHead:
+    """A subset made only of the parameters of one ``nn.Linear`` layer.
+
+    Args:
+        fmodel: The functional model whose private module receives the feature hook.
+        module_name: Name of the layer in the model.
+        weight: Name of its weight if in the subset, else ``None``.
+        bias: Name of its bias if in the subset, else ``None``.
+
+    Attributes:
+        n_out: C, the layer's outputs.
+        n_in: D, the feature length including the bias column.
+        index: Flat positions of ``[W b]`` in Kronecker order, shape ``(C, D)``.
+    """
+
+    def __init__(
+        self, fmodel: FunctionalModel, module_name: str, weight: str | None, bias: str | None
+    ):
+        self.fmodel = fmodel
+        self.module_name = module_name
+        module = fmodel.module.get_submodule(module_name)
+        self.weight, self.bias = weight, bias
+        self.n_out = module.out_features
+        self.n_in = (module.in_features if weight else 0) + (1 if bias else 0)
+        self.index = kron_index(fmodel.layout, weight, bias, self.n_out, self.n_in).to(
+            fmodel.device
+        )
+        self._local = threading.local()
+        module.register_forward_hook(self._hook)  # private copy: never the user's module
+
+    @classmethod
+    def find(cls, fmodel: FunctionalModel) -> LinearHead | None:
+        """The head if every parameter of the subset belongs to one untied ``nn.Linear``."""
+        names = set(fmodel.layout.names)
+        owners: dict[int, int] = {}
+        for m in fmodel.module.modules():
+            for p in m.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        for mname, module in fmodel.module.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            prefix = f"{mname}." if mname else ""
+            own = {prefix + n for n, _ in module.named_parameters(recurse=False)}
+            if not names <= own:
+                continue
+            if any(owners[id(p)] > 1 for p in module.parameters(recurse=False)):
+                return None
+            w, b = prefix + "weight", prefix + "bias"
+            return cls(fmodel, mname, w if w in names else None, b if b in names else None)
+        return None
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        records = getattr(self._local, "records", None)
+        if records is not None:
+            records.append((inputs[0], output))
+
+    def features(self, x: object) -> tuple[Tensor, Tensor] | None:
+        r"""Features :math:`\tilde\phi` and outputs at θ*, or ``None`` if this call does not fit.
+
+        Args:
+            x: Model input of batch size B (on the model's device).
+
+        Returns:
+            ``(phi, f)``: features with the bias column, one row per position, shape
+            ``(N, D)`` (N = B, or B·T for outputs ``(B, T, C)``), and the outputs ``(B, C)`` or
+            ``(B, T, C)``; ``None`` if the layer did not run exactly once or its output is not
+            the model output.
+        """
+        self._local.records = []
+        try:
+            f = self.fmodel.forward(x)
+        finally:
+            records, self._local.records = self._local.records, None
+        if len(records) != 1:
+            return None
+        a, o = records[0]
+        if not is_model_output(o, f):
+            return None
+        a = a.detach().reshape(-1, a.shape[-1])
+        cols = ([a] if self.weight else []) + (
+            [torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)] if self.bias else []
+        )
+        return torch.cat(cols, dim=1), f
