@@ -207,9 +207,9 @@ def _probit(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
         p_bar = torch.softmax(kappa * mean, dim=-1)
         s = torch.softmax(mean, dim=-1)
         # on Σ_f / max|Σ_f|: huge finite covariances do not overflow into NaN
-        cs, scale = _unit_scaled(cov)
+        cs, vs, scale = _unit_scaled(cov, v)
         Ss = cs.matvec(s)
-        delta = scale[:, None] * s**2 * (cs.diagonal() - 2 * Ss + (s * Ss).sum(-1, keepdim=True))
+        delta = scale[:, None] * s**2 * (vs - 2 * Ss + (s * Ss).sum(-1, keepdim=True))
     variance = torch.minimum(delta.clamp_min(0), p_bar * (1 - p_bar))
     return Prediction(p_bar, variance)
 
@@ -265,10 +265,10 @@ def _bridge(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
         mean, cov = _binary_as_two_class(mean, cov)
     C = mean.shape[1]
     mu = mean - mean.mean(-1, keepdim=True)
-    cs, scale = _unit_scaled(cov)
+    cs, ds, scale = _unit_scaled(cov, cov.diagonal())
     s1 = cs.matvec(torch.ones_like(mean))
     # diag(P Σ P) with P = I - 11ᵀ/C: Σ_kk - 2(Σ1)_k/C + 1ᵀΣ1/C²
-    v = cs.diagonal() - 2 * s1 / C + s1.sum(-1, keepdim=True) / C**2
+    v = ds - 2 * s1 / C + s1.sum(-1, keepdim=True) / C**2
     v = v.clamp_min(torch.finfo(v.dtype).tiny)
     const = torch.full_like(mu, math.log(1.0 - 2.0 / C) if C > 2 else -math.inf)
     log_num = torch.logaddexp(
@@ -283,18 +283,22 @@ def _bridge(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
     return Prediction(m, variance)
 
 
-def _unit_scaled(cov: OutputCovariance) -> tuple[OutputCovariance, Tensor]:
-    """The covariances divided by their largest absolute entry, and those scales ``(N,)``."""
+def _unit_scaled(cov: OutputCovariance, diag: Tensor) -> tuple[OutputCovariance, Tensor, Tensor]:
+    """The covariances and their diagonals ``diag`` divided by their largest absolute entry.
+
+    Returns:
+        ``(scaled covariances, scaled diagonals (N, C), scales (N,))``.
+    """
     if isinstance(cov, DenseOutputCovariance):
         scale = _max_abs(cov.M)
-        return DenseOutputCovariance(cov.M / scale[:, None, None]), scale
-    d = cov.diagonal()  # PSD: the largest entry is on the diagonal
+        return DenseOutputCovariance(cov.M / scale[:, None, None]), diag / scale[:, None], scale
+    # PSD: the largest entry is on the diagonal
     scale = (
-        d.abs().amax(-1).clamp_min(torch.finfo(d.dtype).tiny)
-        if d.numel()
-        else d.new_ones(d.shape[0])
+        diag.abs().amax(-1).clamp_min(torch.finfo(diag.dtype).tiny)
+        if diag.numel()
+        else diag.new_ones(diag.shape[0])
     )
-    return _Scaled(cov, scale), scale
+    return _Scaled(cov, scale), diag / scale[:, None], scale
 
 
 @dataclass(frozen=True)
