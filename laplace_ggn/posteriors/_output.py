@@ -7,7 +7,7 @@ give :math:`M_n` in a factored form whose diagonal and products cost O(C²) or l
 (see ``linear_head_covariance`` on each posterior), so a 1,000-class head never forms a
 ``(B, C, P)`` Jacobian.  Every form here has the same three methods:
 
-- ``diagonal()``: :math:`\mathrm{diag}(M_n)`, shape ``(N, C)``;
+- ``diagonal()``: :math:`\mathrm{diag}(M_n)`, shape ``(N, C)`` (computed once per object);
 - ``matvec(V)``: :math:`M_n v_n` for ``V`` of shape ``(N, C)``;
 - ``to_dense()``: the matrices, shape ``(N, C, C)``.
 """
@@ -15,6 +15,7 @@ give :math:`M_n` in a factored form whose diagonal and products cost O(C²) or l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -78,9 +79,13 @@ class EigenOutputCovariance:
     Q: Tensor | None
     e: Tensor
 
-    def diagonal(self) -> Tensor:
-        """Diagonals, shape ``(N, C)``."""
+    @cached_property
+    def _diagonal(self) -> Tensor:
         return self.e if self.Q is None else self.e @ (self.Q**2).T
+
+    def diagonal(self) -> Tensor:
+        """Diagonals, shape ``(N, C)`` (computed once)."""
+        return self._diagonal
 
     def matvec(self, V: Tensor) -> Tensor:
         """``M_n v_n``, shape ``(N, C)``."""
@@ -109,9 +114,13 @@ class LowRankOutputCovariance:
     Y: Tensor
     w: Tensor
 
-    def diagonal(self) -> Tensor:
-        """Diagonals, shape ``(N, C)``."""
+    @cached_property
+    def _diagonal(self) -> Tensor:
         return self.d + (self.Y**2 * self.w).sum(-1)
+
+    def diagonal(self) -> Tensor:
+        """Diagonals, shape ``(N, C)`` (computed once)."""
+        return self._diagonal
 
     def matvec(self, V: Tensor) -> Tensor:
         """``M_n v_n``, shape ``(N, C)``."""
@@ -135,10 +144,14 @@ class KronDenseOutputCovariance:
     S: Tensor
     phi: Tensor
 
-    def diagonal(self) -> Tensor:
-        """Diagonals, shape ``(N, C)`` (from the C diagonal ``(D, D)`` blocks of Σ)."""
+    @cached_property
+    def _diagonal(self) -> Tensor:
         blocks = torch.diagonal(self.S, dim1=0, dim2=2).permute(2, 0, 1)  # (C, D, D)
         return torch.einsum("ni,cij,nj->nc", self.phi, blocks, self.phi)
+
+    def diagonal(self) -> Tensor:
+        """Diagonals, shape ``(N, C)`` (from the C diagonal ``(D, D)`` blocks of Σ, once)."""
+        return self._diagonal
 
     def matvec(self, V: Tensor) -> Tensor:
         """``M_n v_n = (I ⊗ φ̃ᵀ) Σ (v_n ⊗ φ̃)``, shape ``(N, C)``; memory O(N·C·D)."""
