@@ -85,7 +85,12 @@ def build(args) -> list[Case]:
     P_ll = (WIDTH + 1) * Cn
     big = Cn >= 1000
     exact_kw = {"memory_budget": BIG_BUDGET} if big else {}
-    note_big = "memory_budget=8 GiB (the default refuses, see the last rows)" if big else ""
+    note_big = (
+        "memory_budget=8 GiB (the default 1 GiB refuses where one sample's C·P rows exceed it; "
+        "last row)"
+        if big
+        else ""
+    )
     cases: list[Case] = [
         Case(f"epoch (fwd+bwd, N={n})", "torch", lambda _: C.epoch(model, dl), role=FLOOR)
     ]
