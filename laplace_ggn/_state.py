@@ -7,7 +7,9 @@ the key, what it must be and what it holds, never accepted to fail (or predict N
 
 Format versions: 1 (no record of the model's architecture) and 2 (adds ``model_parameters``,
 the names and shapes of every parameter of the saved model, so that a model with other or
-extra layers is refused).  Version-1 states still load; they only skip that check.
+extra layers is refused).  Version-1 states still load; they only skip that check.  The keys
+``curvature``, ``n_mc_samples``, ``ignore_index`` and ``fit_statistics['output_ndim']`` are
+optional in both (states written before them load with the defaults "ggn", None, -100, 2).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import Likelihood, Structure, as_enum, check_finite, shape_str
+from ._checks import Curvature, Likelihood, Structure, as_enum, check_finite, shape_str
 
 __all__ = ["STATE_FORMAT_VERSION", "model_parameters", "check_state"]
 
@@ -43,6 +45,7 @@ _COMMON_KEYS = (
 )
 _KEYS = {1: _COMMON_KEYS, 2: (*_COMMON_KEYS, "model_parameters")}
 _STATS_KEYS = ("n_data", "n_outputs", "loss_sum")
+_STATS_OPTIONAL = ("output_ndim",)
 _POSTERIOR_KEYS = {
     Structure.FULL: ("ggn",),
     Structure.DIAG: ("ggn_diag",),
@@ -184,6 +187,17 @@ def _check_options(state: Mapping) -> Structure:
         raise TypeError(f"state['temperature'] must be a float; got {_kind(temp)}.")
     if not (math.isfinite(temp) and temp > 0):
         raise ValueError(f"state['temperature'] must be finite and > 0; got {temp!r}.")
+    curvature = as_enum(Curvature, state.get("curvature", "ggn"), "state['curvature']")
+    n_mc = state.get("n_mc_samples")
+    if n_mc is not None and (not _is_int(n_mc) or n_mc < 1 or curvature is not Curvature.MC):
+        raise ValueError(
+            "state['n_mc_samples'] must be None, or a positive int with curvature 'mc'; got "
+            f"{_kind(n_mc)} with curvature {curvature.value!r}."
+        )
+    if not _is_int(state.get("ignore_index", -100)):
+        raise TypeError(
+            f"state['ignore_index'] must be an int; got {_kind(state['ignore_index'])}."
+        )
     rank = state["rank"]
     ranked = (Structure.LOWRANK, Structure.PROJECTED)
     if rank is not None and (not _is_int(rank) or rank < 1 or structure not in ranked):
@@ -223,11 +237,16 @@ def _check_stats(stats: object) -> None:
     if not isinstance(stats, Mapping):
         raise TypeError(f"state['fit_statistics'] must be a dict; got {_kind(stats)}.")
     _check_keys(stats, _STATS_KEYS, "state['fit_statistics']")
-    unexpected = [k for k in stats if k not in _STATS_KEYS]
+    unexpected = [k for k in stats if k not in _STATS_KEYS + _STATS_OPTIONAL]
     if unexpected:
         raise ValueError(
-            f"state['fit_statistics'] must hold exactly the keys {list(_STATS_KEYS)}; got "
-            f"unexpected {unexpected}."
+            f"state['fit_statistics'] must hold exactly the keys {list(_STATS_KEYS)} (and "
+            f"optionally {list(_STATS_OPTIONAL)}); got unexpected {unexpected}."
+        )
+    if "output_ndim" in stats and stats["output_ndim"] not in (2, 3):
+        raise ValueError(
+            "state['fit_statistics']['output_ndim'] must be 2 (outputs (B, C)) or 3 (outputs "
+            f"(B, T, C)); got {_kind(stats['output_ndim'])}."
         )
     for key in ("n_data", "n_outputs"):
         if not _is_int(stats[key]) or stats[key] < 1:

@@ -473,7 +473,11 @@ class LaplaceWrapper:
             )
         else:
             fmodel = FunctionalModel(self.model, layout, memory_budget=self.memory_budget)
-        if self.curvature is Curvature.GGN and first is not None:
+        if (
+            self.curvature is Curvature.GGN
+            and self.structure is not Structure.LOWRANK  # refuses its rows itself; top-k needs none
+            and first is not None
+        ):
             try:
                 self._check_exact_memory(fmodel, first, f"batch {first_i}")
             except Exception as exc:
@@ -571,6 +575,9 @@ class LaplaceWrapper:
 
     def _check_exact_memory(self, fmodel: FunctionalModel, first: object, where: str) -> None:
         """Refuse ``curvature="ggn"`` when one sample's M·P square-root rows exceed the budget.
+
+        For full, diag and kfac; exact lowrank refuses its N·M rows as they would arrive, and
+        top-k lowrank takes matrix-free products whose cost does not depend on M.
 
         Raises:
             ValueError: Naming ``curvature="mc"`` as the way out (or a malformed first batch).

@@ -381,6 +381,40 @@ def test_many_class_head_memory_does_not_grow_with_c_times_p():
     torch.testing.assert_close(pred.mean.sum(-1), torch.ones(16), rtol=0, atol=1e-5)
 
 
+def test_exact_lowrank_refusal_names_mc_and_top_k_is_not_refused():
+    case = make_case("mlp_classification")  # one sample's rows: 3 x 31 x 8 = 744 bytes
+    la = LaplaceWrapper(case.model, structure="lowrank", memory_budget=2000)
+    with pytest.raises(ValueError, match=r"Pass rank=k .* curvature='mc' keeps n_mc_samples rows"):
+        la.fit(case.loader())
+    # matrix-free top-k: the budget limits its sketch (2·P·(k+p)), not the outputs
+    la = LaplaceWrapper(case.model, structure="lowrank", rank=2, memory_budget=6000)
+    assert la.fit(case.loader()).is_fitted
+
+
+def test_saved_curvature_options_are_validated():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, structure="diag", curvature="mc", n_mc_samples=2)
+    state = la.fit(case.loader(), generator=torch.Generator().manual_seed(0)).state_dict()
+    with pytest.raises(ValueError, match=r"state\['curvature'\] must be one of \['ggn', 'mc'\]"):
+        LaplaceWrapper.from_state_dict(case.model, {**state, "curvature": "fisher"})
+    with pytest.raises(
+        ValueError,
+        match=r"state\['n_mc_samples'\] must be None, or a positive int with curvature 'mc'; got "
+        r"2 \(int\) with curvature 'ggn'",
+    ):
+        LaplaceWrapper.from_state_dict(case.model, {**state, "curvature": "ggn"})
+    with pytest.raises(TypeError, match=r"state\['ignore_index'\] must be an int; got '-100'"):
+        LaplaceWrapper.from_state_dict(case.model, {**state, "ignore_index": "-100"})
+    stats = {**state["fit_statistics"], "output_ndim": 4}
+    with pytest.raises(
+        ValueError, match=r"state\['fit_statistics'\]\['output_ndim'\] must be 2 .* or 3"
+    ):
+        LaplaceWrapper.from_state_dict(case.model, {**state, "fit_statistics": stats})
+    stats = {**state["fit_statistics"], "extra": 1}
+    with pytest.raises(ValueError, match=r"and optionally \['output_ndim'\]\); got unexpected"):
+        LaplaceWrapper.from_state_dict(case.model, {**state, "fit_statistics": stats})
+
+
 def test_projected_refuses_mc_and_skips_ignored_positions():
     case = make_case("mlp_classification")
     with pytest.raises(ValueError, match=r"curvature='mc' applies to structures 'full', 'diag'"):

@@ -172,7 +172,8 @@ class ExactLowRankCollector:
                 f"structure='lowrank' with rank=None must keep all N·C rows of length P={P} within "
                 f"the memory budget of {_gb(self.memory_budget)}; got {n_rows} rows by "
                 f"{where or 'this batch'} ({_gb(need)} and growing). Pass rank=k (e.g. rank=50) "
-                "for the top-k eigenpairs at O(P·k) memory, or raise memory_budget=."
+                "for the top-k eigenpairs at O(P·k) memory, or raise memory_budget=. With many "
+                "outputs, curvature='mc' keeps n_mc_samples rows per sample instead of C."
             )
 
     def finalize(self) -> LowRankCurvature:
