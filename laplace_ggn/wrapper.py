@@ -254,6 +254,12 @@ class LaplaceWrapper:
             rank = int(rank)
         self.rank = rank
         self.curvature = as_enum(Curvature, curvature, "curvature")
+        if self.curvature is Curvature.MC and self.structure is Structure.PROJECTED:
+            raise ValueError(
+                "curvature='mc' applies to structures 'full', 'diag', 'kfac' and 'lowrank'; got "
+                "structure='projected', whose kernel is that of the Jacobian (no output "
+                "Hessian to sample)."
+            )
         if n_mc_samples is not None:
             if self.curvature is not Curvature.MC:
                 raise ValueError(
@@ -475,7 +481,8 @@ class LaplaceWrapper:
             fmodel = FunctionalModel(self.model, layout, memory_budget=self.memory_budget)
         if (
             self.curvature is Curvature.GGN
-            and self.structure is not Structure.LOWRANK  # refuses its rows itself; top-k needs none
+            # lowrank / projected refuse their rows themselves; their top-k needs none
+            and self.structure in (Structure.FULL, Structure.DIAG, Structure.KFAC)
             and first is not None
         ):
             try:
