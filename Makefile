@@ -13,7 +13,7 @@ $(PY):
 
 install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,hf]"
 
 demo: install
 	$(VENV)/bin/laplace-ggn demo

@@ -177,8 +177,8 @@ def _check_options(state: Mapping) -> Structure:
     as_enum(Likelihood, state["likelihood"], "state['likelihood']")
     structure = as_enum(Structure, state["structure"], "state['structure']")
     for key in ("input_key", "target_key"):
-        if not isinstance(state[key], str):
-            raise TypeError(f"state[{key!r}] must be a str; got {_kind(state[key])}.")
+        if state[key] is not None and not isinstance(state[key], str):
+            raise TypeError(f"state[{key!r}] must be a str or None; got {_kind(state[key])}.")
     budget = state["memory_budget"]
     if not _is_int(budget) or budget <= 0:
         raise ValueError(f"state['memory_budget'] must be a positive int; got {_kind(budget)}.")

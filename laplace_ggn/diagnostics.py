@@ -30,7 +30,7 @@ complement is counted as kernel (the posterior there is the prior), and the repo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -255,13 +255,14 @@ def _pm(mean: float, std: float) -> str:
 
 
 def gather_inputs(
-    x: object, *, input_key: str = "input", target_key: str = "target"
+    x: object, *, input_key: str | None = None, target_key: str | None = None
 ) -> tuple[object, Tensor | None]:
     """Model inputs as one batch: a tensor/tuple/dict as is, or a loader's inputs concatenated.
 
     Args:
         x: Model input (tensor, tuple or dict of tensors) or an iterable of ``(x, y)`` batches.
-        input_key: Key of the inputs in mapping batches.
+        input_key: Key of the inputs in mapping batches (see
+            :func:`~laplace_ggn.functional.split_batch`).
         target_key: Key of the targets in mapping batches.
 
     Returns:
@@ -431,8 +432,9 @@ def kernel_decomposition(
     n_samples: int = 32,
     kept_eigenpairs: int | None = None,
     generator: torch.Generator | None = None,
-    input_key: str = "input",
-    target_key: str = "target",
+    input_key: str | None = None,
+    target_key: str | None = None,
+    check_input: Callable[[object], object] | None = None,
 ) -> KernelDecomposition:
     r"""Split the posterior and the linearised predictive into kernel and non-kernel parts.
 
@@ -465,8 +467,11 @@ def kernel_decomposition(
         n_samples: Samples per kind for the table; 0 skips it.
         kept_eigenpairs: k for a top-k low-rank posterior, ``None`` when G is held exactly.
         generator: Random generator for the samples.
-        input_key: Key of the inputs in mapping batches.
+        input_key: Key of the inputs in mapping batches (see
+            :func:`~laplace_ggn.functional.split_batch`).
         target_key: Key of the targets in mapping batches.
+        check_input: Called on the (gathered) inputs before anything is computed; raises on
+            a malformed input.
 
     Returns:
         The report.
@@ -493,6 +498,8 @@ def kernel_decomposition(
             "Pass the inputs as a tensor to use other targets."
         )
     y = loader_y if loader_y is not None else y
+    if check_input is not None:
+        check_input(inputs)
     inputs = to_device(inputs, fmodel.device)
     for t in input_tensors(inputs):
         check_finite(t, "input")

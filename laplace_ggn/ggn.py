@@ -117,12 +117,15 @@ def check_layer_inputs(records: Mapping[str, LayerRecord], where: str = "") -> N
 class SqrtGGNRows:
     r"""Per-batch square-root rows :math:`L_n^\top J_n` of the GGN, by layer hooks where possible.
 
-    For each ``nn.Linear`` layer of the subset that runs once per forward pass, forward hooks
-    record its input ``a`` ``(B, ..., I)`` and output; one batched backward pass of the ``K``
-    columns of :math:`L_n` gives the output gradients ``g`` ``(K, B, ..., O)``, and the rows
-    of the weight are :math:`g_{nk} \otimes a_n` (summed over extra dimensions).  Other
-    parameters use chunked per-sample Jacobians.  If a hooked layer turns out to run more than
-    once, every parameter falls back to Jacobians from then on.
+    For each ``nn.Linear`` layer (or Hugging Face ``Conv1D``, a linear layer with its weight
+    transposed) of the subset that runs once per forward pass, forward hooks record its input
+    ``a`` ``(B, ..., I)`` and output; one batched backward pass of the ``K`` columns of
+    :math:`L_n` gives the output gradients ``g`` ``(K, B, ..., O)``, and the rows of the
+    weight are :math:`g_{nk} \otimes a_n` (summed over extra dimensions).  Other parameters
+    use chunked per-sample Jacobians, and so do those of a layer whose forward never runs (its
+    weights used directly, as ``nn.MultiheadAttention`` does with ``out_proj``).  If a hooked
+    layer turns out to run more than once, every parameter falls back to Jacobians from then
+    on.
 
     Args:
         fmodel: The functional model.
@@ -137,16 +140,14 @@ class SqrtGGNRows:
         layout = fmodel.layout
         in_subset = set(layout.names)
         self.modules: dict[str, nn.Module] = {}
-        covered: set[str] = set()
         if use_hooks:
             for mname, module in fmodel.module.named_modules():
-                if not isinstance(module, nn.Linear):
+                if not (isinstance(module, nn.Linear) or is_transposed_linear(module)):
                     continue
                 pnames = [f"{mname}.{n}" if mname else n for n, _ in module.named_parameters()]
                 if any(p in in_subset for p in pnames):
                     self.modules[mname] = module
-                    covered.update(p for p in pnames if p in in_subset)
-        self.rest = layout.sub_layout([n for n in layout.names if n not in covered])
+        self._set_rest()
         self.hooks_ok = bool(self.modules)
         self.n_outputs: int | None = None  # M, found on the first batch
 
@@ -182,6 +183,16 @@ class SqrtGGNRows:
             yc = None if y is None else y[start : start + batch_size_of(xc)]
             yield self.rows(xc, yc, where)
 
+    def _set_rest(self) -> None:
+        """The parameters outside the hooked layers (taken from per-sample Jacobians)."""
+        covered = {
+            f"{m}.{n}" if m else n
+            for m, module in self.modules.items()
+            for n, _ in module.named_parameters()
+        }
+        layout = self.fmodel.layout
+        self.rest = layout.sub_layout([n for n in layout.names if n not in covered])
+
     def _disable_hooks(self) -> None:
         self.hooks_ok = False
         self.rest = self.fmodel.layout
@@ -208,8 +219,15 @@ class SqrtGGNRows:
         out = self.likelihood
         fd = f.detach()
         mask = out.mask(fd, y, where)
-        if any(len(r.outputs) != 1 for r in records.values()):
+        if any(len(r.outputs) > 1 for r in records.values()):
             return None, fd, None, mask
+        silent = [m for m, r in records.items() if not r.outputs]
+        if silent:  # e.g. nn.MultiheadAttention's out_proj: its weights are used, not its forward
+            for m in silent:
+                del self.modules[m], records[m]
+            self._set_rest()
+            if not self.modules:
+                return None, fd, None, mask
         heads = {
             m
             for m in self.modules
@@ -253,6 +271,8 @@ class SqrtGGNRows:
         R = torch.zeros(B, K, layout.n_params, dtype=f.dtype, device=f.device)
         for mname, (a, g) in grads.items():
             gw, gb = _linear_rows(a, g)
+            if is_transposed_linear(self.modules[mname]):
+                gw = gw.transpose(-1, -2)
             prefix = f"{mname}." if mname else ""
             for pname, val in (("weight", gw), ("bias", gb)):
                 if val is not None and prefix + pname in layout.names:
@@ -285,6 +305,8 @@ class SqrtGGNRows:
                 dw, db = _head_diag(a, self.likelihood.hessian_diagonal(f, mask), has_bias)
             else:
                 dw, db = _linear_diag(a, g, has_bias)
+            if is_transposed_linear(self.modules[mname]):
+                dw = dw.T
             prefix = f"{mname}." if mname else ""
             for pname, val in (("weight", dw), ("bias", db)):
                 if val is not None and prefix + pname in layout.names:
@@ -469,6 +491,22 @@ class DiagGGNCollector:
     def load_distributed_state(self, state: dict[str, Tensor]) -> None:
         """Replace the partial diagonal by the sum over ranks, shape ``(P,)``."""
         self.diag = state["diag"]
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D``: ``y = x W + b`` with ``W`` ``(I, O)``.
+
+    GPT-2-style models use it for every affine layer; it is an ``nn.Linear`` with the weight
+    stored transposed.
+    """
+    cls = type(module)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.ndim == 2
+        and getattr(module, "nf", None) == module.weight.shape[1]
+    )
 
 
 def _linear_rows(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:

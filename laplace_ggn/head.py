@@ -13,7 +13,8 @@ subset).  A posterior then gives :math:`J_n \Sigma J_n^\top` from the features a
 differentiated through the body of the network.
 
 :class:`LinearHead` finds such a layer from the subset alone (no data) and reads the features
-with a forward hook that it installs once on the functional model's private copy.  The hook
+with a forward hook that it installs once on the functional model's private copies (one per
+thread).  The hook
 records only for the thread that asked (thread-local state), so concurrent predictions do not
 see each other's features.  Each call checks that the layer ran once and that its output is
 the model output (the same tensor, or a view of it with the same shape); otherwise the call
@@ -61,7 +62,8 @@ class LinearHead:
             fmodel.device
         )
         self._local = threading.local()
-        module.register_forward_hook(self._hook)  # private copy: never the user's module
+        # on every thread's private copy, never on the user's module
+        fmodel.register_forward_hook(module_name, self._hook)
 
     @classmethod
     def find(cls, fmodel: FunctionalModel) -> LinearHead | None:

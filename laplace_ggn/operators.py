@@ -246,8 +246,8 @@ class _DataCurvatureOperator(LinearOperator):
         likelihood="classification",
         subset="all",
         sigma_noise: float = 1.0,
-        input_key: str = "input",
-        target_key: str = "target",
+        input_key: str | None = None,
+        target_key: str | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         self.likelihood_kind = as_enum(Likelihood, likelihood, "likelihood")
@@ -310,8 +310,10 @@ class GGNOperator(_DataCurvatureOperator):
         likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
         subset: ``"all"``, ``"last_layer"`` or a list of parameter names.
         sigma_noise: σ for regression.
-        input_key: Key of inputs in mapping batches.
-        target_key: Key of targets in mapping batches.
+        input_key: Key of the inputs in mapping batches (see
+            :func:`~laplace_ggn.functional.split_batch`; default: every key but the targets).
+        target_key: Key of the targets in mapping batches (default: ``"target"``,
+            ``"labels"`` or ``"label"``).
         memory_budget: Bytes for chunked intermediates (and for the cache).
         cache: Keep the per-batch graphs between products (see above).
 
@@ -486,6 +488,7 @@ class HessianOperator(_DataCurvatureOperator):
                 return self.likelihood.nll(fm(theta, x), yc, sigma)
 
             grad_fn = torch.func.grad(loss)
-            for k in range(V.shape[1]):
-                out[:, k] += torch.func.jvp(grad_fn, (fm.theta,), (V[:, k],))[1]
+            with fm.forward_mode():
+                for k in range(V.shape[1]):
+                    out[:, k] += torch.func.jvp(grad_fn, (fm.theta,), (V[:, k],))[1]
         return out

@@ -558,7 +558,7 @@ def glm_predictive(
     Raises:
         RuntimeError: If the functional covariance is not finite.
     """
-    with torch.no_grad():
+    with torch.no_grad():  # the Jacobians switch autograd on for themselves
         f, cov = output_covariance(fmodel, posterior, x, n_outputs=n_outputs, head=head)
         check_computed_finite(
             cov.M if isinstance(cov, DenseOutputCovariance) else cov.diagonal(),
@@ -611,24 +611,28 @@ def sample_outputs(fmodel, thetas: Tensor, x: object, *, n_outputs: int) -> Tens
     x_chunk = min(B, pairs)
     s_chunk = max(1, min(S, pairs // x_chunk, fmodel.memory_budget // max(1, 4 * P * elt)))
     rows = []
+    # decided afresh on every call; recurrent layers have no batching rule over parameters
+    call = {"vmap": not fmodel.has_rnn}
     with torch.no_grad():
         for xc in fmodel.chunks(x, x_chunk):
             cols = []
             for start in range(0, S, s_chunk):
-                cols.append(_eval_samples(fmodel, thetas[start : start + s_chunk], xc))
+                cols.append(_eval_samples(fmodel, thetas[start : start + s_chunk], xc, call))
             rows.append(torch.cat(cols, dim=0))
     return torch.cat(rows, dim=1)
 
 
-def _eval_samples(fmodel, thetas: Tensor, x: object) -> Tensor:
-    if getattr(fmodel, "_vmap_samples_ok", True):
+def _eval_samples(fmodel, thetas: Tensor, x: object, call: dict) -> Tensor:
+    if call["vmap"]:
         try:
             return vmap(fmodel, in_dims=(0, None))(thetas, x)
-        except (RuntimeError, NotImplementedError) as err:
-            fmodel._vmap_samples_ok = False
+        except Exception as err:
+            # the model cannot run under vmap (data-dependent control flow, in-place updates
+            # of unbatched tensors); an error of the input itself surfaces again below
+            call["vmap"] = False
             warnings.warn(
                 f"vmap over parameter samples failed ({type(err).__name__}: {str(err)[:120]}); "
-                "falling back to a per-sample loop.",
+                "evaluating the network once per sample.",
                 RuntimeWarning,
                 stacklevel=4,
             )

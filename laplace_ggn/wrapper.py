@@ -15,7 +15,7 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, is_dataclass
 
 import torch
@@ -60,6 +60,13 @@ from .likelihoods import (
     OutputCurvature,
     get_likelihood,
     observations,
+)
+from .model_io import (
+    DEFAULT_TARGET_KEYS,
+    InputSpec,
+    check_keyword_inputs,
+    check_model_input,
+    input_spec,
 )
 from .posteriors import (
     DiagPosterior,
@@ -164,11 +171,16 @@ class LaplaceWrapper:
 
     Args:
         model: Trained network returning outputs of shape ``(B, C)``, or ``(B, T, C)`` with
-            one observation per position; never modified.
+            one observation per position (or a mapping / object with ``logits``, e.g. a
+            Hugging Face ``ModelOutput``, or a tuple whose first element is the output);
+            never modified.
         likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
         structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"`` or ``"projected"`` (the
             prior restricted to the kernel of the GGN, see ``docs/structures.md``).
-        subset: ``"all"``, ``"last_layer"`` or a list of parameter names.
+        subset: ``"all"`` (every parameter with ``requires_grad``; frozen ones, e.g. a base
+            model under LoRA adapters, are left out) or its alias ``"trainable"``,
+            ``"last_layer"`` (the last module with trainable parameters of its own whose
+            output reaches the model output) or a list of parameter names.
         prior_precision: Float, or tensor of shape ``(T,)`` (one per parameter tensor of the
             subset) or ``(P,)``.
         sigma_noise: Observation noise σ (regression only).
@@ -183,9 +195,14 @@ class LaplaceWrapper:
         n_mc_samples: S, the draws per sample for ``curvature="mc"`` (default 1).
         ignore_index: Classification / binary targets equal to it are skipped in the
             curvature, the loss and N (as in ``torch.nn.CrossEntropyLoss``).
-        input_key: Key of the inputs in mapping batches.
-        target_key: Key of the targets in mapping batches.
+        input_key: Key of the inputs in mapping batches whose input sits under one key
+            (``None``: every key but the targets is a keyword input, ``model(**rest)``, as
+            in Hugging Face batches; a single other key ``"input"`` is passed positionally).
+        target_key: Key of the targets in mapping batches (``None``: whichever of
+            ``"target"``, ``"labels"``, ``"label"`` the batch holds).
         memory_budget: Bytes for chunked intermediates and for the largest dense structure.
+        output_fn: Callable mapping the model's output to the ``(B, C)`` tensor, for outputs
+            other than those accepted by default (not saved by :meth:`state_dict`).
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module`` or an option has the wrong type.
@@ -215,9 +232,10 @@ class LaplaceWrapper:
         curvature: str | Curvature = "ggn",
         n_mc_samples: int | None = None,
         ignore_index: int = DEFAULT_IGNORE_INDEX,
-        input_key: str = "input",
-        target_key: str = "target",
+        input_key: str | None = None,
+        target_key: str | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        output_fn: Callable[[object], Tensor] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -273,7 +291,14 @@ class LaplaceWrapper:
         if not is_integer(ignore_index):
             raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}.")
         self.ignore_index = int(ignore_index)
+        for key_name, key in (("input_key", input_key), ("target_key", target_key)):
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"{key_name} must be a str or None; got {type(key).__name__}.")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable or None; got {type(output_fn).__name__}.")
         self.input_key, self.target_key = input_key, target_key
+        self.output_fn = output_fn
+        self._input_spec: InputSpec | None = None
         if not is_integer(memory_budget) or memory_budget <= 0:
             raise ValueError(
                 f"memory_budget must be a positive int (bytes); got {memory_budget!r}."
@@ -458,7 +483,7 @@ class LaplaceWrapper:
             elif layout is None:
                 # 'last_layer' is traced on a private eval-mode copy, never on the user's model
                 private = copy.deepcopy(self.model).eval()
-                layout = resolve_subset(private, self.subset, self._to_device(x0))
+                layout = resolve_subset(private, self.subset, self._to_device(x0), self.output_fn)
         except Exception as exc:
             if dctx is None:
                 raise
@@ -475,10 +500,16 @@ class LaplaceWrapper:
             for p in private.parameters():
                 p.requires_grad_(False)
             fmodel = FunctionalModel(
-                private, layout, memory_budget=self.memory_budget, copy_model=False
+                private,
+                layout,
+                memory_budget=self.memory_budget,
+                copy_model=False,
+                output_fn=self.output_fn,
             )
         else:
-            fmodel = FunctionalModel(self.model, layout, memory_budget=self.memory_budget)
+            fmodel = FunctionalModel(
+                self.model, layout, memory_budget=self.memory_budget, output_fn=self.output_fn
+            )
         if (
             self.curvature is Curvature.GGN
             # lowrank / projected refuse their rows themselves; their top-k needs none
@@ -500,6 +531,7 @@ class LaplaceWrapper:
         )
         collector = spec.make_collector(fmodel, out_curv, self)
         n_data, loss_sum, n_out, out_ndim = 0, 0.0, None, None
+        in_spec = input_spec(x0) if first is not None else None
         try:
             total = len(train_loader)  # type: ignore[arg-type]
         except TypeError:
@@ -568,6 +600,7 @@ class LaplaceWrapper:
         head = LinearHead.find(fmodel)
         # commit: all or nothing
         self._layout, self._fmodel, self._head = layout, fmodel, head
+        self._input_spec = in_spec
         self._stats = FitStatistics(n_data, int(n_out), loss_sum, int(out_ndim or 2))
         self._posterior = posterior
         return self
@@ -610,19 +643,16 @@ class LaplaceWrapper:
 
         Raises:
             ValueError: If the batch is malformed, a floating input has another dtype than the
-                model or holds NaN/Inf, the input has no batch dimension, or an empty input
-                comes with targets, or the targets have no batch dimension or another batch
-                size than the input (a loader of single samples).
+                model or holds NaN/Inf, the input has no batch dimension, its tensors differ in
+                batch size, a key is not an argument of the model, or an empty input comes with
+                targets, or the targets have no batch dimension or another batch size than the
+                input (a loader of single samples).
             TypeError: If the targets are not a tensor.
         """
         x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
+        check_model_input(x, dtype=self._dtype, name="input", where=where)
+        check_keyword_inputs(self.model, x, where)
         for t in input_tensors(x):
-            if t.is_floating_point() and t.dtype != self._dtype:
-                raise ValueError(
-                    f"input in {where} must have the model's dtype {self._dtype}; got "
-                    f"{t.dtype}. Cast the data (x.to({self._dtype})) or the model "
-                    f"(model.to({t.dtype}))."
-                )
             check_finite(t, "input", where)
         y = check_target_tensor(y, where)
         empty = batch_size_of(x, where=where) == 0
@@ -649,6 +679,23 @@ class LaplaceWrapper:
                 "numerical overflow."
             )
         return stat
+
+    def _model_input(self, x: object, name: str = "x") -> object:
+        """Validate a model input of a read path (as fit does) and move it to the device."""
+        if isinstance(x, Mapping):
+            keys = [self.target_key] if self.target_key is not None else DEFAULT_TARGET_KEYS
+            given = [k for k in keys if k in x]
+            if given:
+                raise ValueError(
+                    f"{name} must hold the model's inputs only; got the target key {given[0]!r}. "
+                    f"Drop it: {{k: v for k, v in batch.items() if k != {given[0]!r}}}."
+                )
+            check_keyword_inputs(self.model, x)
+        check_model_input(x, dtype=self._dtype, spec=self._input_spec, name=name)
+        x = self._to_device(x)
+        for t in input_tensors(x):
+            check_finite(t, "input")
+        return x
 
     def _memory_message(self, need: int, P: int) -> str:
         specs = [(s, STRUCTURES[s]) for s in Structure if s in STRUCTURES]  # stable order
@@ -798,11 +845,11 @@ class LaplaceWrapper:
 
         Raises:
             RuntimeError: If not fitted, or the Jacobians are not finite (numerical overflow).
+            ValueError: If the input differs from the training inputs in dtype, structure or
+                number of dimensions, holds the target key, or holds NaN/Inf.
         """
         self._require_fit("jacobians()")
-        x = self._to_device(x)
-        for t in input_tensors(x):
-            check_finite(t, "input")
+        x = self._model_input(x)
         seq = self._stats.output_ndim != 2
         J, f = self._fmodel.jacobians(x, n_outputs=None if seq else self._stats.n_outputs)
         check_computed_finite(f, "model output at the inputs")
@@ -825,12 +872,11 @@ class LaplaceWrapper:
 
         Raises:
             RuntimeError: If not fitted, or the result is not finite (numerical overflow).
-            ValueError: If the input holds NaN/Inf.
+            ValueError: If the input differs from the training inputs in dtype, structure or
+                number of dimensions, holds the target key, or holds NaN/Inf.
         """
         self._require_fit("functional_covariance()")
-        x = self._to_device(x)
-        for t in input_tensors(x):
-            check_finite(t, "input")
+        x = self._model_input(x)
         with torch.no_grad():
             _, cov = _predictive.functional_moments(
                 self._fmodel,
@@ -972,14 +1018,14 @@ class LaplaceWrapper:
             RuntimeError: If not fitted, or the functional covariance or the predictive is not
                 finite (numerical overflow, e.g. saturated logits in float32).
             ValueError: If the method/link combination is invalid (the message lists the valid
-                ones), ``n_samples`` is not a positive int, or the input holds NaN/Inf.
-            TypeError: If ``generator`` is not a ``torch.Generator``.
+                ones), ``n_samples`` is not a positive int, or the input differs from the
+                training inputs in dtype, structure or number of dimensions, holds the target
+                key, or holds NaN/Inf.
+            TypeError: If ``generator`` is not a ``torch.Generator``, or ``x`` holds no tensor.
         """
         _predictive.resolve_options(self.likelihood, method, link)
         self._require_fit("predict()")
-        x = self._to_device(x)
-        for t in input_tensors(x):
-            check_finite(t, "input")
+        x = self._model_input(x)
         pred = _predictive.predict(
             self._fmodel,
             self._posterior,
@@ -1156,6 +1202,13 @@ class LaplaceWrapper:
         batches = []
         for i, batch in enumerate(val_loader):
             x, y, empty = self._split(batch, f"val_loader batch {i}")
+            check_model_input(
+                x,
+                dtype=self._dtype,
+                spec=self._input_spec,
+                name="val_loader input",
+                where=f"batch {i}",
+            )
             if not empty:
                 batches.append((self._to_device(x), y))
         return batches
@@ -1243,6 +1296,7 @@ class LaplaceWrapper:
             generator=generator,
             input_key=self.input_key,
             target_key=self.target_key,
+            check_input=self._model_input,
         )
 
     # -- serialisation ---------------------------------------------------------------------
@@ -1282,7 +1336,13 @@ class LaplaceWrapper:
         }
 
     @classmethod
-    def from_state_dict(cls, model: nn.Module, state: dict) -> LaplaceWrapper:
+    def from_state_dict(
+        cls,
+        model: nn.Module,
+        state: dict,
+        *,
+        output_fn: Callable[[object], Tensor] | None = None,
+    ) -> LaplaceWrapper:
         """Rebuild a fitted wrapper from :meth:`state_dict` and a model of the same architecture.
 
         The whole state is validated first (see ``docs/errors.md``): every key present, of the
@@ -1295,6 +1355,8 @@ class LaplaceWrapper:
             model: Network with the parameters of the saved model (values may differ; θ* of
                 the subset is taken from the state, the other parameters from ``model``).
             state: Output of :meth:`state_dict`.
+            output_fn: The ``output_fn`` of the saved wrapper, if it had one (a callable is
+                not saved in the state).
 
         Returns:
             A fitted wrapper equal to the one saved.
@@ -1321,9 +1383,10 @@ class LaplaceWrapper:
             input_key=state["input_key"],
             target_key=state["target_key"],
             memory_budget=state["memory_budget"],
+            output_fn=output_fn,
         )
         layout = la._layout
-        fmodel = FunctionalModel(model, layout, memory_budget=la.memory_budget)
+        fmodel = FunctionalModel(model, layout, memory_budget=la.memory_budget, output_fn=output_fn)
         mean = state["mean"].to(dtype=la._dtype, device=la._device)
         with torch.no_grad():
             own = dict(fmodel.module.named_parameters())

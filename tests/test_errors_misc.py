@@ -28,18 +28,21 @@ def test_model_input_without_tensor():
 
 
 def test_model_output_not_a_tensor():
-    class TupleOut(nn.Module):
+    class SetOut(nn.Module):
         def __init__(self):
             super().__init__()
             self.l = nn.Linear(3, 2)
 
         def forward(self, x):
-            return self.l(x), x
+            return {"scores": self.l(x)}
 
-    model = TupleOut()
+    model = SetOut()
     fm = FunctionalModel(model, resolve_subset(model, "all"))
     with pytest.raises(
-        TypeError, match=r"model output must be a tensor of shape \(B, C\); got tuple"
+        TypeError,
+        match=r"model output must be a tensor, a mapping or object with 'logits', or a tuple "
+        r"whose first element is the output tensor; got dict with keys \['scores'\]\. Pass "
+        r"output_fn=",
     ):
         fm.forward(torch.zeros(2, 3))
 

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from cases import make_case
@@ -39,14 +41,18 @@ class NotVmappable(nn.Module):
         return torch.tanh(self.l(x))
 
 
-def test_non_vmappable_model_falls_back_with_warning():
+def test_non_vmappable_model_uses_batched_reverse_mode_every_call():
     torch.manual_seed(0)
     model = NotVmappable().double()
     X = torch.randn(5, 3, dtype=torch.float64)
-    fm = FunctionalModel(model, resolve_subset(model, "all"))
-    with pytest.warns(RuntimeWarning, match="vmap over samples failed"):
-        J, _ = fm.jacobians(X)
-    torch.testing.assert_close(J, dense_jacobian(model, X), rtol=1e-10, atol=1e-12)
+    fm = FunctionalModel(model, resolve_subset(model, "all"), memory_budget=400)  # 3 chunks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the batched reverse mode is no slow fallback
+        for _ in range(2):  # decided per call, nothing cached
+            J, f = fm.jacobians(X)
+            torch.testing.assert_close(J, dense_jacobian(model, X), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(f, model(X).detach())
+    assert not hasattr(fm, "_vmap_ok")
 
 
 def test_jvp_vjp_matches_dense():

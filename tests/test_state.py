@@ -132,8 +132,8 @@ def test_wrong_types_and_shapes_are_named():
         _load(case, {**state, "memory_budget": -1})
     with pytest.raises(TypeError, match=r"state\['temperature'\] must be a float; got 'x'"):
         _load(case, {**state, "temperature": "x"})
-    with pytest.raises(TypeError, match=r"state\['input_key'\] must be a str; got None"):
-        _load(case, {**state, "input_key": None})
+    with pytest.raises(TypeError, match=r"state\['input_key'\] must be a str or None; got 3"):
+        _load(case, {**state, "input_key": 3})
     with pytest.raises(
         ValueError, match=r"state\['prior_precision'\] must be a scalar or have shape \(4,\)"
     ):

@@ -387,7 +387,9 @@ def test_fit_and_query_errors():
     ):
         la.fit([(case.X, case.y, case.y)])
     with pytest.raises(
-        ValueError, match=r"must hold keys 'input' and 'target'; got keys \['x', 'y'\]"
+        ValueError,
+        match=r"must hold exactly one target key of \['target', 'labels', 'label'\] when "
+        r"target_key is not set; got keys \['x', 'y'\] \(none\)",
     ):
         la.fit([{"x": case.X, "y": case.y}])
     with pytest.raises(

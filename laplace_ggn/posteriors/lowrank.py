@@ -258,19 +258,25 @@ def ggn_matmat(
         return fmodel(th, x)
 
     try:
-        f, vjp_fn = vjp(f_of, theta)
-        f = f.detach()
-        hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where))
-        per_col = 4 * (fmodel.n_params + f.numel()) * theta.element_size()
-        step = fmodel.chunk_size(per_col)
-        for start in range(0, Omega.shape[1], step):
-            cols = Omega[:, start : start + step].T
-            JO = vmap(lambda v: jvp(f_of, (theta,), (v,))[1])(cols)  # (K, B, ..., C)
-            (g,) = vmap(vjp_fn)(hess(JO))  # (K, P)
-            out[:, start : start + step] += g.detach().T
-            del g, JO
+        with fmodel.forward_mode(), torch.enable_grad():
+            f, vjp_fn = vjp(f_of, theta)
+            f = f.detach()
+            hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where))
+            per_col = 4 * (fmodel.n_params + f.numel()) * theta.element_size()
+            step = fmodel.chunk_size(per_col)
+            products = []
+            for start in range(0, Omega.shape[1], step):
+                cols = Omega[:, start : start + step].T
+                JO = vmap(lambda v: jvp(f_of, (theta,), (v,))[1])(cols)  # (K, B, ..., C)
+                (g,) = vmap(vjp_fn)(hess(JO))  # (K, P)
+                products.append(g.detach().T)
+                del g, JO
+        out.add_(torch.cat(products, dim=1))
         return out, f
-    except (RuntimeError, NotImplementedError):
+    except Exception:
+        # the model cannot run under vmap, or has an operation without a forward-mode
+        # derivative: one forward-mode pass per column (reverse mode where even that fails);
+        # an error of the input or the targets surfaces again here
         f = fmodel.forward(x)
         hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where))
         GO, f = fmodel.jvp_vjp(x, Omega, lambda f_, u: hess(u))

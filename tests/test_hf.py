@@ -1,0 +1,228 @@
+"""Hugging Face models as users have them: tokenizer + collator batches, ModelOutput, LoRA.
+
+Random-init BERT- and GPT-2-style sequence classifiers from tiny configs (no download), a
+word-level tokenizer built in code, batches from ``DataCollatorWithPadding``. The user writes
+nothing but the model and the loader.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from zoo import per_sample_jacobians
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from laplace_ggn import LaplaceWrapper  # noqa: E402
+from laplace_ggn.testing import dense_output_hessians  # noqa: E402
+
+WORDS = "the a cat dog sat ran on under mat log red blue big small".split()
+N = 8
+
+
+def _tokenizer():
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+def _loader(batch_size: int = 4, seed: int = 0) -> tuple[DataLoader, object]:
+    tokenizer = _tokenizer()
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 7, (N,), generator=g)
+    labels = torch.randint(0, 2, (N,), generator=g)
+    rows = []
+    for n, label in zip(lengths.tolist(), labels.tolist()):
+        idx = torch.randint(0, len(WORDS), (n,), generator=g).tolist()
+        rows.append({**tokenizer(" ".join(WORDS[i] for i in idx)), "label": label})
+    collate = transformers.DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return DataLoader(rows, batch_size=batch_size, collate_fn=collate), tokenizer
+
+
+def _bert(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=len(WORDS) + 2,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    return transformers.BertForSequenceClassification(cfg).double().eval()
+
+
+def _gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(WORDS) + 2,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        n_positions=16,
+        num_labels=2,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return transformers.GPT2ForSequenceClassification(cfg).double().eval()
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update ``B A`` (scaled), laid out as
+    PEFT lays it out (``lora_A`` and ``lora_B`` are bias-free ``nn.Linear`` layers)."""
+
+    def __init__(self, base: nn.Linear, r: int = 2, scale: float = 2.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False).double()
+        self.lora_B = nn.Linear(r, base.out_features, bias=False).double()
+        nn.init.normal_(self.lora_B.weight, std=0.3)  # non-zero: a trained adapter
+        self.scale = scale
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
+
+
+def _bert_lora():
+    model = _bert(1).requires_grad_(False)
+    for layer in model.bert.encoder.layer:
+        attn = layer.attention.self
+        attn.query, attn.value = LoRALinear(attn.query), LoRALinear(attn.value)
+    model.classifier.requires_grad_(True)
+    return model.eval()
+
+
+def _all_batches(loader) -> tuple[dict, torch.Tensor]:
+    batches = list(loader)
+    width = max(b["input_ids"].shape[1] for b in batches)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    x = {k: torch.cat([pad(b[k]) for b in batches]) for k in ("input_ids", "attention_mask")}
+    return x, torch.cat([b["labels"] for b in batches])
+
+
+def _inputs(batch) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _dense_ggn(model, x, y, names):
+    J = per_sample_jacobians(model, x, names)
+    with torch.no_grad():
+        f = model(**x).logits
+    return torch.einsum("bcp,bcd,bdq->pq", J, dense_output_hessians("classification", f, y), J)
+
+
+@pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_collator_batches_fit_and_predict_without_glue(make):
+    model = make()
+    loader, _ = _loader()
+    la = LaplaceWrapper(model, structure="full", prior_precision=0.5).fit(loader)
+    x, y = _all_batches(loader)
+    names = la.state_dict()["subset"]
+    G = _dense_ggn(model, x, y, names)
+    Sigma = torch.linalg.inv(G + 0.5 * torch.eye(la.n_params, dtype=torch.float64))
+    torch.testing.assert_close(la.posterior_covariance(), Sigma, rtol=1e-6, atol=1e-9)
+    batch = next(iter(loader))
+    inputs = _inputs(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no slow fallback on the GLM path
+        pred = la.predict(inputs)
+        J, f = la.jacobians(inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(f, model(**inputs).logits, rtol=1e-12, atol=1e-12)
+    J_ref = per_sample_jacobians(model, inputs, names)
+    torch.testing.assert_close(J, J_ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        la.functional_covariance(inputs),
+        torch.einsum("bcp,pq,bdq->bcd", J_ref, Sigma, J_ref),
+        rtol=1e-6,
+        atol=1e-9,
+    )
+    assert pred.mean.shape == (4, 2)
+    sampled = la.predict(inputs, "nn", n_samples=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sampled.mean.sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kfac"])
+@pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_structures_and_last_layer(make, structure):
+    model = make()
+    loader, _ = _loader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # kfac names its diagonal blocks
+        la = LaplaceWrapper(model, structure=structure).fit(loader)
+    x, y = _all_batches(loader)
+    if structure == "diag":  # GPT-2's Conv1D layers (weights stored transposed) included
+        G = _dense_ggn(model, x, y, la.state_dict()["subset"])
+        torch.testing.assert_close(
+            la.posterior.variance(), 1 / (G.diagonal() + 1), rtol=1e-6, atol=1e-9
+        )
+    la.optimize_prior_precision(n_steps=5)
+    assert torch.isfinite(la.log_marginal_likelihood())
+    inputs = _inputs(next(iter(loader)))
+    assert la.predict(inputs).mean.shape == (4, 2)
+    head = LaplaceWrapper(model, structure=structure, subset="last_layer").fit(loader)
+    expected = ["classifier.weight", "classifier.bias"] if make is _bert else ["score.weight"]
+    assert head.state_dict()["subset"] == expected
+    if structure == "diag":
+        G = _dense_ggn(model, x, y, expected)
+        torch.testing.assert_close(
+            head.posterior_covariance(),
+            torch.linalg.inv(torch.diag(G.diagonal()) + torch.eye(head.n_params, dtype=G.dtype)),
+            rtol=1e-6,
+            atol=1e-9,
+        )
+    assert head.predict(inputs, link="bridge").mean.shape == (4, 2)
+
+
+def test_lora_subset_is_the_adapters_and_the_head():
+    model = _bert_lora()
+    loader, _ = _loader()
+    la = LaplaceWrapper(model, structure="full", subset="trainable").fit(loader)
+    names = la.state_dict()["subset"]
+    assert all("lora_" in n or n.startswith("classifier.") for n in names)
+    assert len(names) == 6
+    assert la.n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert la.n_params == LaplaceWrapper(model, structure="full").fit(loader).n_params
+    x, y = _all_batches(loader)
+    G = _dense_ggn(model, x, y, names)
+    Sigma = torch.linalg.inv(G + torch.eye(la.n_params, dtype=torch.float64))
+    torch.testing.assert_close(la.posterior_covariance(), Sigma, rtol=1e-6, atol=1e-9)
+    inputs = _inputs(next(iter(loader)))
+    J_ref = per_sample_jacobians(model, inputs, names)
+    torch.testing.assert_close(
+        la.functional_covariance(inputs),
+        torch.einsum("bcp,pq,bdq->bcd", J_ref, Sigma, J_ref),
+        rtol=1e-6,
+        atol=1e-9,
+    )
+    low = LaplaceWrapper(model, structure="lowrank", rank=5, subset="trainable").fit(loader)
+    assert low.predict(inputs).mean.shape == (4, 2)
+
+
+def test_input_key_with_other_model_inputs_is_refused():
+    model = _bert()
+    loader, _ = _loader()
+    la = LaplaceWrapper(model, structure="diag", input_key="input_ids", target_key="labels")
+    with pytest.raises(
+        ValueError,
+        match=r"must hold only input_key 'input_ids' and the targets 'labels' when input_key is "
+        r"set; got the other keys \['attention_mask'\], which would be ignored",
+    ):
+        la.fit(loader)
+    assert not la.is_fitted
+    fitted = LaplaceWrapper(model, structure="diag").fit(loader)
+    batch = next(iter(loader))
+    with pytest.raises(ValueError, match=r"x must hold the model's inputs only; got the target "):
+        fitted.predict(dict(batch))

@@ -1,0 +1,424 @@
+"""What goes into and comes out of the user's model: mapping batches, output types, the last
+layer, trainable subsets, and validation of the inputs of every read path."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from zoo import TinyEncoder, make_arch
+
+from laplace_ggn import LaplaceWrapper
+from laplace_ggn.functional import FunctionalModel, resolve_subset, split_batch
+
+
+def _mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def _data(n: int = 12, dtype=torch.float64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# 'last_layer': the last layer with parameters of its own whose output reaches the output
+# ---------------------------------------------------------------------------------------------
+
+
+class _Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 10)
+        self.fc2 = nn.Linear(10, 3)
+        self.log_temp = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))) / self.log_temp.exp()
+
+
+def test_last_layer_ignores_root_level_parameters():
+    model = _Temperature().double()
+    X, y = _data()
+    la = LaplaceWrapper(model, structure="diag", subset="last_layer").fit([(X, y)])
+    assert la.state_dict()["subset"] == ["fc2.weight", "fc2.bias"]
+    assert la.n_params == 33
+    arch = make_arch("transformer")  # positional embedding at the root, head last
+    assert resolve_subset(arch.model, "last_layer", arch.x_test).names == (
+        "head.weight",
+        "head.bias",
+    )
+
+
+def test_last_layer_skips_a_layer_whose_output_is_not_used():
+    class SideBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+            self.probe = nn.Linear(4, 1)  # runs last, but its output is discarded
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            out = self.head(h)
+            self.probe(h)
+            return out
+
+    assert resolve_subset(SideBranch(), "last_layer", torch.randn(2, 3)).names == (
+        "head.weight",
+        "head.bias",
+    )
+
+
+def test_last_layer_single_layer_model_and_tied_weights():
+    class OnlyRoot(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 2))
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            return self.act(x @ self.w)
+
+    assert resolve_subset(OnlyRoot(), "last_layer", torch.randn(2, 3)).names == ("w",)
+    assert resolve_subset(nn.Linear(3, 2), "last_layer", torch.randn(2, 3)).names == (
+        "weight",
+        "bias",
+    )
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.out = nn.Linear(4, 5)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(self.emb(ids).mean(1))
+
+    layout = resolve_subset(Tied(), "last_layer", torch.randint(0, 5, (2, 3)))
+    assert layout.names == ("emb.weight", "out.bias")
+
+
+def test_last_layer_refused_when_no_layer_reaches_the_output():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(3, 3)
+            self.w = nn.Parameter(torch.randn(3, 2))
+
+        def forward(self, x):
+            self.aux(x)
+            return x @ self.w
+
+    with pytest.raises(
+        ValueError,
+        match=r"subset='last_layer' needs a module with trainable parameters of its own whose "
+        r"output reaches the model output; the traced forward pass ran the layers \['aux'\], "
+        r"none of whose outputs reaches the model output \(root-level parameters \['w'\] never "
+        r"count\)\. Pass subset= a list of parameter names\.",
+    ):
+        resolve_subset(Unused(), "last_layer", torch.randn(2, 3))
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):  # the layer's weights are used, its forward never runs
+            return nn.functional.linear(x, self.fc.weight) * self.scale
+
+    with pytest.raises(
+        ValueError,
+        match=r"the traced forward pass ran no module with trainable parameters of its own "
+        r"\(root-level parameters \['scale'\] never count\)",
+    ):
+        resolve_subset(Direct(), "last_layer", torch.randn(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# 'trainable': parameters with requires_grad=False are left out
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trainable_alias_leaves_frozen_parameters_out():
+    model = _mlp()
+    model[0].requires_grad_(False)
+    X, y = _data()
+    a = LaplaceWrapper(model, structure="full", subset="all").fit([(X, y)])
+    t = LaplaceWrapper(model, structure="full", subset="trainable").fit([(X, y)])
+    assert a.state_dict()["subset"] == t.state_dict()["subset"] == ["2.weight", "2.bias"]
+    torch.testing.assert_close(a.posterior_covariance(), t.posterior_covariance(), rtol=0, atol=0)
+    with pytest.raises(
+        ValueError, match=r"got 'trainabel'\. Did you mean 'trainable'\? \('trainable' is an alias"
+    ):
+        LaplaceWrapper(model, subset="trainabel")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping batches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_batch_mapping_rules():
+    x, m, y = torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2)
+    # Hugging Face style: every other key is a keyword input
+    got_x, got_y = split_batch({"input_ids": x, "attention_mask": m, "labels": y})
+    assert set(got_x) == {"input_ids", "attention_mask"} and got_y is y
+    assert split_batch({"input": x, "target": y})[0] is x  # single 'input': positional
+    assert split_batch({"input": x, "label": y})[1] is y
+    assert split_batch({"a": x, "b": m, "y": y}, target_key="y")[0] == {"a": x, "b": m}
+    assert split_batch({"inp": x, "lab": y}, input_key="inp", target_key="lab")[0] is x
+    with pytest.raises(
+        ValueError,
+        match=r"mapping batches \(batch 2\) must hold exactly one target key of \['target', "
+        r"'labels', 'label'\] when target_key is not set; got keys \['input', 'target', 'labels'\] "
+        r"\(several: \['target', 'labels'\]\)\. Set target_key=",
+    ):
+        split_batch({"input": x, "target": y, "labels": y}, where="batch 2")
+    with pytest.raises(
+        ValueError, match=r"must hold target_key 'y'; got keys \['input', 'target'\]"
+    ):
+        split_batch({"input": x, "target": y}, target_key="y")
+    with pytest.raises(
+        ValueError, match=r"must hold input_key 'x'; got keys \['input', 'target'\]"
+    ):
+        split_batch({"input": x, "target": y}, input_key="x")
+    with pytest.raises(
+        ValueError,
+        match=r"must hold model inputs besides the targets 'labels'; got keys \['labels'\]",
+    ):
+        split_batch({"labels": y})
+
+
+class _Masked(nn.Module):
+    """Mean of the unmasked rows: the mask changes the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x, mask):
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return self.l((x * m).sum(1) / m.sum(1))
+
+
+def _masked_batches():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 3, generator=g, dtype=torch.float64)
+    mask = torch.ones(8, 4, dtype=torch.long)
+    mask[::2, 2:] = 0
+    y = torch.randint(0, 2, (8,), generator=g)
+    return [{"x": x[i : i + 4], "mask": mask[i : i + 4], "labels": y[i : i + 4]} for i in (0, 4)]
+
+
+def test_mapping_batches_pass_every_input_to_the_model():
+    model = _Masked().double()
+    batches = _masked_batches()
+    la = LaplaceWrapper(model, structure="full").fit(batches)
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    _, f = la.jacobians(inputs)
+    torch.testing.assert_close(f, model(**inputs).detach(), rtol=0, atol=0)
+    la.optimize_prior_precision("gridsearch", val_loader=batches, n_points=3)
+    la2 = LaplaceWrapper(model, structure="full", prior_precision=la.prior_precision).fit(batches)
+    pred = la2.predict(inputs)
+    assert pred.mean.shape == (4, 2)
+    report = la.kernel_decomposition(iter(batches), n_samples=2)  # a loader of mappings
+    assert report is not None
+    with pytest.raises(
+        ValueError,
+        match=r"keyword inputs \(batch 0\) must be arguments of _Masked\.forward\(x, mask\); got "
+        r"the keys \['inp'\]",
+    ):
+        LaplaceWrapper(model, structure="diag").fit(
+            [{"inp": inputs["x"], "mask": inputs["mask"], "labels": batches[0]["labels"]}]
+        )
+    with pytest.raises(
+        ValueError, match=r"x must hold the model's inputs only; got the target key"
+    ):
+        la.predict(batches[0])
+    with pytest.raises(ValueError, match=r"keyword inputs must be arguments of _Masked\.forward"):
+        la.predict({"x": inputs["x"], "mask": inputs["mask"], "extra": inputs["mask"]})
+
+
+def test_input_key_refuses_inputs_it_would_drop():
+    model = _Masked().double()
+    la = LaplaceWrapper(model, structure="diag", input_key="x", target_key="labels")
+    with pytest.raises(
+        ValueError,
+        match=r"must hold only input_key 'x' and the targets 'labels' when input_key is set; got "
+        r"the other keys \['mask'\], which would be ignored\. Leave input_key unset",
+    ):
+        la.fit(_masked_batches())
+    assert not la.is_fitted
+
+
+def test_mapping_batches_on_tensor_models_keep_working():
+    model = _mlp()
+    X, y = _data()
+    old = LaplaceWrapper(model, structure="full").fit([{"input": X, "target": y}])
+    new = LaplaceWrapper(model, structure="full").fit([(X, y)])
+    torch.testing.assert_close(old.posterior_covariance(), new.posterior_covariance())
+    state = old.state_dict()
+    assert state["input_key"] is None and state["target_key"] is None
+    again = LaplaceWrapper.from_state_dict(model, state)
+    torch.testing.assert_close(again.predict(X).mean, old.predict(X).mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model outputs that are not a tensor
+# ---------------------------------------------------------------------------------------------
+
+
+class _Out:
+    def __init__(self, scores):
+        self.scores = scores
+
+
+class _Outputs(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+        self.kind = kind
+
+    def forward(self, x):
+        z = self.l(x)
+        if self.kind == "tuple":
+            return z, x
+        if self.kind == "dict":
+            return {"logits": z, "hidden": x}
+        if self.kind == "attr":
+            return type("ModelOutput", (), {"logits": z})()
+        return _Out(z)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "attr"])
+def test_outputs_accepted_by_default(kind):
+    torch.manual_seed(0)
+    model = _Outputs(kind).double()
+    plain = _Outputs("tuple").double()
+    plain.load_state_dict(model.state_dict())
+    X, y = _data()
+    la = LaplaceWrapper(model, structure="full").fit([(X, y)])
+    ref = LaplaceWrapper(nn.Sequential(plain.l), structure="full").fit([(X, y)])
+    torch.testing.assert_close(la.posterior_covariance(), ref.posterior_covariance())
+    torch.testing.assert_close(la.predict(X).mean, ref.predict(X).mean)
+
+
+def test_output_fn_for_other_outputs_and_its_errors():
+    torch.manual_seed(0)
+    model = _Outputs("custom").double()
+    X, y = _data()
+    with pytest.raises(
+        TypeError,
+        match=r"model output must be a tensor, .* got _Out\. Pass output_fn= \(a callable taking "
+        r"the model output and returning the \(B, C\) tensor\)",
+    ):
+        LaplaceWrapper(model, structure="diag").fit([(X, y)])
+    la = LaplaceWrapper(model, structure="diag", output_fn=lambda out: out.scores).fit([(X, y)])
+    assert la.predict(X).mean.shape == (12, 3)
+    last = LaplaceWrapper(
+        model, structure="diag", subset="last_layer", output_fn=lambda out: out.scores
+    ).fit([(X, y)])
+    assert last.n_params == 12
+    again = LaplaceWrapper.from_state_dict(model, la.state_dict(), output_fn=lambda o: o.scores)
+    torch.testing.assert_close(again.predict(X).mean, la.predict(X).mean)
+    with pytest.raises(TypeError, match=r"output_fn must be callable or None; got str"):
+        LaplaceWrapper(model, output_fn="scores")
+    with pytest.raises(
+        TypeError, match=r"output_fn must return a tensor of shape \(B, C\); got list from a model"
+    ):
+        LaplaceWrapper(model, structure="diag", output_fn=lambda o: [o.scores]).fit([(X, y)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs of the read paths are validated like fit's; no fast path is lost to a user error
+# ---------------------------------------------------------------------------------------------
+
+
+def test_predict_inputs_validated_and_fast_path_kept(monkeypatch):
+    model = _mlp(dtype=torch.float32)
+    X, y = _data(dtype=torch.float32)
+    la = LaplaceWrapper(model, structure="diag").fit(DataLoader(TensorDataset(X, y), 6))
+    before = la.predict(X).mean
+    for fn in (la.predict, la.jacobians, la.functional_covariance):
+        with pytest.raises(
+            ValueError,
+            match=r"x must have the model's dtype torch\.float32; got torch\.float64\. Cast the "
+            r"data \(x\.to\(torch\.float32\)\)",
+        ):
+            fn(X.double())
+        with pytest.raises(
+            ValueError,
+            match=r"x must have 2 dimensions \(batch first\) like the training inputs; got shape "
+            r"\(3,\)\. Add the batch dimension: x\.unsqueeze\(0\)\.",
+        ):
+            fn(X[0])
+        with pytest.raises(ValueError, match=r"model input must have a leading batch dimension"):
+            fn(X[0, 0])
+        with pytest.raises(
+            ValueError,
+            match=r"x must have the structure of the training inputs, tensors at \[''\]; got "
+            r"tensors at \['\[0\]', '\[1\]'\]",
+        ):
+            fn((X, X))
+    with pytest.raises(ValueError, match=r"x tensors must share the batch size"):
+        la.predict((X, X[:3]))
+    with pytest.raises(
+        TypeError, match=r"x must be a tensor, a tuple or a dict of tensors; got str"
+    ):
+        la.predict("abc")
+    full = LaplaceWrapper(model, structure="full").fit([(X, y)])
+    with pytest.raises(ValueError, match=r"x must have the model's dtype torch\.float32"):
+        full.kernel_decomposition(X.double())
+    # the batched (vmap) path is still the one used after those errors, and gives the same
+    calls = []
+    real = FunctionalModel._reverse_jacobian
+    monkeypatch.setattr(
+        FunctionalModel, "_reverse_jacobian", lambda *a: calls.append(1) or real(*a)
+    )
+    torch.testing.assert_close(la.predict(X).mean, before, rtol=0, atol=0)
+    assert not calls
+
+
+def test_integer_and_float_inputs_are_checked_against_training():
+    arch = make_arch("transformer")
+    la = LaplaceWrapper(arch.model, structure="diag").fit(arch.batches)
+    bad = dict(arch.x_test)
+    bad["input_ids"] = bad["input_ids"].double()
+    with pytest.raises(
+        ValueError, match=r"x\['input_ids'\] must be a integer tensor like the training inputs"
+    ):
+        la.predict(bad)
+    with pytest.raises(ValueError, match=r"val_loader input\['attention_mask'\] must have 2"):
+        la.optimize_prior_precision(
+            "gridsearch",
+            val_loader=[
+                {
+                    **arch.x_test,
+                    "attention_mask": arch.x_test["attention_mask"][:, 0],
+                    "labels": arch.y[:5],
+                }
+            ],
+        )
+
+
+def test_user_model_untouched_and_copies_are_independent():
+    model = TinyEncoder().double().eval()
+    snapshot = copy.deepcopy(model.state_dict())
+    arch = make_arch("transformer")
+    la = LaplaceWrapper(model, structure="diag").fit(arch.batches)
+    la.predict(arch.x_test)
+    clone = copy.deepcopy(la)
+    torch.testing.assert_close(clone.predict(arch.x_test).mean, la.predict(arch.x_test).mean)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        la.functional_covariance(arch.x_test)

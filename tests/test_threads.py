@@ -1,0 +1,196 @@
+"""Reads of one fitted wrapper from several threads equal the sequential results exactly."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace_ggn import LaplaceWrapper
+
+N_THREADS, N_CALLS = 4, 12
+
+
+class _NotVmappable(nn.Module):
+    """Data-dependent control flow: vmap over samples fails, the batched reverse mode runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if bool((x.abs() > 100).any()):
+            h = h * 0
+        return self.b(h)
+
+
+def _models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return {"mlp": mlp, "not_vmappable": _NotVmappable().double()}
+
+
+STRUCTURES = {
+    "full": {"structure": "full"},
+    "diag": {"structure": "diag"},
+    "kfac": {"structure": "kfac"},
+    "lowrank": {"structure": "lowrank"},
+    "lowrank_k": {"structure": "lowrank", "rank": 5},
+    "projected": {"structure": "projected"},
+}
+
+
+def _calls(la, X):
+    """Every read path, with seeded generators, as a list of (name, thunk)."""
+    return [
+        ("glm", lambda: la.predict(X).mean),
+        ("glm_var", lambda: la.predict(X).variance),
+        ("mc", lambda: la.predict(X, link="mc", generator=torch.Generator().manual_seed(1)).mean),
+        (
+            "nn",
+            lambda: (
+                la.predict(X, "nn", n_samples=8, generator=torch.Generator().manual_seed(2)).mean
+            ),
+        ),
+        ("jac", lambda: la.jacobians(X)[0]),
+        ("fcov", lambda: la.functional_covariance(X)),
+        ("sample", lambda: la.sample(3, generator=torch.Generator().manual_seed(3))),
+    ]
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "not_vmappable"])
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_concurrent_reads_equal_sequential(structure, model_name):
+    model = _models()[model_name]
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = LaplaceWrapper(model, "classification", **STRUCTURES[structure]).fit(
+            DataLoader(TensorDataset(X, y), 8)
+        )
+    Xt = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    expected = {name: fn() for name, fn in _calls(la, Xt)}
+    errors, mismatches = [], []
+    barrier = threading.Barrier(N_THREADS)
+
+    def work(offset):
+        try:
+            barrier.wait()
+            calls = _calls(la, Xt)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for i in range(N_CALLS):
+                    name, fn = calls[(i + offset) % len(calls)]
+                    got = fn()
+                    if not torch.equal(got, expected[name]):
+                        mismatches.append((name, float((got - expected[name]).abs().max())))
+        except Exception as exc:  # reported below with the thread's traceback text
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not mismatches, mismatches
+    # and the wrapper still works as before afterwards
+    for name, fn in _calls(la, Xt):
+        assert torch.equal(fn(), expected[name]), name
+
+
+def test_threads_on_a_transformer_with_padding_mask():
+    from zoo import make_arch
+
+    arch = make_arch("transformer")
+    la = LaplaceWrapper(arch.model, "classification", structure="diag").fit(arch.batches)
+    expected = la.predict(arch.x_test).mean
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(4):
+                results.append(la.predict(arch.x_test).mean)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.equal(r, expected) for r in results)
+
+
+@pytest.mark.parametrize("structure", ["full", "kfac", "lowrank_k"])
+def test_concurrent_first_reads_of_lazy_factorisations(structure):
+    """Threads start before any factorisation was computed; results equal sequential ones."""
+    model = _models()["mlp"]
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    la = LaplaceWrapper(model, "classification", **STRUCTURES[structure]).fit([(X, y)])
+    fresh = LaplaceWrapper(model, "classification", **STRUCTURES[structure]).fit([(X, y)])
+    results, errors = [], []
+    barrier = threading.Barrier(N_THREADS)
+
+    def work():
+        try:
+            barrier.wait()
+            results.append([fn() for _, fn in _calls(la, X)])
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    expected = [fn() for _, fn in _calls(fresh, X)]
+    for got in results:
+        for (name, _), a, b in zip(_calls(la, X), got, expected):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac"])
+def test_concurrent_reads_of_a_linear_head_subset(structure):
+    """Head-only subsets read the head's features through a hook on every thread's copy."""
+    model = _models()["mlp"]
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    la = LaplaceWrapper(model, "classification", structure=structure, subset="last_layer")
+    la.fit([(X, y)])
+    assert la._head is not None
+    expected = {name: fn() for name, fn in _calls(la, X)}
+    calls_done, errors, mismatches = [], [], []
+
+    def work(offset):
+        try:
+            calls = _calls(la, X)
+            for i in range(N_CALLS):
+                name, fn = calls[(i + offset) % len(calls)]
+                if not torch.equal(fn(), expected[name]):
+                    mismatches.append(name)
+                calls_done.append(name)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not mismatches, mismatches
+    assert len(calls_done) == N_THREADS * N_CALLS
