@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 __all__ = [
     "MATH_ATTENTION",
     "NO_MKLDNN",
+    "differentiating",
     "is_forward_ad_error",
     "shared_clone",
     "unroll_recurrent_layers",
@@ -104,7 +105,7 @@ if _HAS_MHA_FASTPATH:
 #: torch's math kernel, and the inference fast path of ``nn.MultiheadAttention`` /
 #: ``nn.TransformerEncoder`` (fused layers, nested tensors) off.  The fused kernels have no
 #: batching rules and no forward-mode derivatives.  Held during every pass of the functional
-#: model.
+#: model that differentiates or runs under a ``torch.func`` transform.
 MATH_ATTENTION = _ProcessSwitch(_attention_flags, _set_attention_flags, _PLAIN_ATTENTION)
 
 
@@ -115,6 +116,18 @@ def _set_mkldnn(on: bool) -> None:
 #: oneDNN off: its fused CPU RNN kernel has no forward-mode derivative.  Held during
 #: forward-mode passes of models with recurrent layers that are not unrolled.
 NO_MKLDNN = _ProcessSwitch(lambda: bool(torch.backends.mkldnn.enabled), _set_mkldnn, False)
+
+
+def differentiating() -> bool:
+    """Whether autograd records, or a ``torch.func`` transform (vmap, grad, jvp) is active.
+
+    Only such passes need :data:`MATH_ATTENTION`; a plain forward without autograd keeps the
+    fused kernels and fast paths.
+    """
+    if torch.is_grad_enabled():
+        return True
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is None or level() is not None
 
 
 def is_forward_ad_error(err: BaseException) -> bool:

@@ -11,6 +11,7 @@ vector-Jacobian products, all chunked so that intermediates stay under a memory 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import math
@@ -29,6 +30,7 @@ from torch.utils._pytree import tree_map
 from ._autodiff import (
     MATH_ATTENTION,
     NO_MKLDNN,
+    differentiating,
     is_forward_ad_error,
     shared_clone,
     unroll_recurrent_layers,
@@ -514,7 +516,9 @@ class FunctionalModel:
     ``.item()``, nested-tensor fast paths) or recurrent layers use one forward pass of a chunk
     and a batched backward pass of its B·C one-hot cotangents instead, which gives the same
     per-sample Jacobians because the samples do not interact in eval mode.  Attention runs
-    through torch's math kernel during every pass (see :data:`MATH_ATTENTION`).
+    through torch's math kernel during every pass that differentiates or runs under vmap (see
+    :data:`~laplace_ggn._autodiff.MATH_ATTENTION`); plain forward passes keep the fused
+    kernels.
 
     Args:
         model: The trained network (copied, not modified).
@@ -600,7 +604,7 @@ class FunctionalModel:
     def call_dict(self, params: Mapping[str, Tensor], x: object) -> Tensor:
         """Outputs ``(B, C)`` with the named tensors replacing the model's own."""
         module = self.module
-        with MATH_ATTENTION.hold():
+        with MATH_ATTENTION.hold() if differentiating() else contextlib.nullcontext():
             if isinstance(x, Mapping):
                 out = functional_call(module, dict(params), args=(), kwargs=dict(x))
             elif isinstance(x, (tuple, list)):
