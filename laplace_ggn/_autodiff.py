@@ -7,7 +7,14 @@ workspace for a backward under ``torch.no_grad``), and the native RNN kernels wr
 unbatched tensors under :func:`torch.func.vmap`. This module provides
 
 - process-wide switches (:data:`MATH_ATTENTION`, :data:`NO_MKLDNN`) held, reference counted,
-  for the duration of the library's passes and restored afterwards;
+  for the duration of the library's passes and restored afterwards; they only choose between
+  kernels that give the same results, so other threads' forwards stay correct;
+- :func:`plain_attention`: for the calling thread only, ``nn.MultiheadAttention`` and
+  ``nn.TransformerEncoder(Layer)`` of a private model copy prepared by
+  :func:`prepare_attention_layers` leave their inference fast paths (fused layers, nested
+  tensors), which have no batching rules or forward-mode derivatives. The switch is
+  per thread because the fast-path decision is taken twice in one forward (encoder, then
+  attention layer): a process-wide flag changed between the two by another thread breaks it;
 - :func:`unroll_recurrent_layers`: ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` layers of a private
   model copy evaluated step by step with ordinary operations (same parameters, same
   results up to round-off), which vmap, batched backward passes and forward mode all handle;
@@ -27,11 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "MATH_ATTENTION",
     "NO_MKLDNN",
     "differentiating",
+    "plain_attention",
+    "prepare_attention_layers",
     "is_forward_ad_error",
     "shared_clone",
     "unroll_recurrent_layers",
@@ -77,36 +87,115 @@ _SDPA_BACKENDS = tuple(
 )
 
 
-_HAS_MHA_FASTPATH = hasattr(torch.backends, "mha") and hasattr(
-    torch.backends.mha, "set_fastpath_enabled"
-)
-
-
 def _attention_flags() -> dict[str, bool]:
-    flags = {n: bool(getattr(torch.backends.cuda, f"{n}_sdp_enabled")()) for n in _SDPA_BACKENDS}
-    if _HAS_MHA_FASTPATH:
-        flags["mha_fastpath"] = bool(torch.backends.mha.get_fastpath_enabled())
-    return flags
+    return {n: bool(getattr(torch.backends.cuda, f"{n}_sdp_enabled")()) for n in _SDPA_BACKENDS}
 
 
 def _set_attention_flags(flags: dict[str, bool]) -> None:
     for n, on in flags.items():
-        if n == "mha_fastpath":
-            torch.backends.mha.set_fastpath_enabled(on)
-        else:
-            getattr(torch.backends.cuda, f"enable_{n}_sdp")(on)
+        getattr(torch.backends.cuda, f"enable_{n}_sdp")(on)
 
 
-_PLAIN_ATTENTION = {n: n == "math" for n in _SDPA_BACKENDS}
-if _HAS_MHA_FASTPATH:
-    _PLAIN_ATTENTION["mha_fastpath"] = False
+#: Scaled-dot-product attention through torch's math kernel: the fused kernels have no
+#: batching rules and no forward-mode derivatives.  Held (with :func:`plain_attention`)
+#: during every pass of the functional model that differentiates or runs under a
+#: ``torch.func`` transform.
+MATH_ATTENTION = _ProcessSwitch(
+    _attention_flags, _set_attention_flags, {n: n == "math" for n in _SDPA_BACKENDS}
+)
 
-#: Attention as ordinary differentiable operations: scaled-dot-product attention through
-#: torch's math kernel, and the inference fast path of ``nn.MultiheadAttention`` /
-#: ``nn.TransformerEncoder`` (fused layers, nested tensors) off.  The fused kernels have no
-#: batching rules and no forward-mode derivatives.  Held during every pass of the functional
-#: model that differentiates or runs under a ``torch.func`` transform.
-MATH_ATTENTION = _ProcessSwitch(_attention_flags, _set_attention_flags, _PLAIN_ATTENTION)
+
+_THREAD = threading.local()
+
+
+class _NoFastPath(TorchFunctionMode):
+    """A pass-through torch-function mode, active for the calling thread only.
+
+    With it active, ``torch.overrides.has_torch_function`` is true, which keeps
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` off their fused inference paths.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _plain() -> bool:
+    return getattr(_THREAD, "plain_depth", 0) > 0
+
+
+@contextmanager
+def plain_attention() -> Iterator[None]:
+    """Attention as ordinary differentiable operations, in the calling thread, for the block.
+
+    Holds :data:`MATH_ATTENTION` and makes the layers prepared by
+    :func:`prepare_attention_layers` leave their fast paths while the block runs in this
+    thread; forwards in other threads keep them.
+    """
+    _THREAD.plain_depth = getattr(_THREAD, "plain_depth", 0) + 1
+    try:
+        with MATH_ATTENTION.hold():
+            yield
+    finally:
+        _THREAD.plain_depth -= 1
+
+
+class _NoFastPathLayer:
+    """A layer's own forward; inside :func:`plain_attention`, without its fast path."""
+
+    def forward(self, *args, **kwargs):
+        if not _plain():
+            return super().forward(*args, **kwargs)
+        with _NoFastPath():
+            return super().forward(*args, **kwargs)
+
+
+class _NoNestedEncoder:
+    """An encoder's own forward; inside :func:`plain_attention`, building no nested tensor.
+
+    Its padding-mask check runs an operation without a batching rule before any check a
+    torch-function mode could answer, so the instance's own ``use_nested_tensor`` is turned off
+    for the call instead (every thread evaluates its own copy of the module).
+    """
+
+    def forward(self, *args, **kwargs):
+        if not _plain():
+            return super().forward(*args, **kwargs)
+        saved = self.__dict__.get("use_nested_tensor", None)
+        self.use_nested_tensor = False
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            if saved is None:
+                del self.use_nested_tensor
+            else:
+                self.use_nested_tensor = saved
+
+
+_PLAINABLE: dict[type, type] = {}
+
+
+def _plainable(cls: type) -> type:
+    """``cls`` with the matching mixin in front (one class per ``cls``, made once)."""
+    made = _PLAINABLE.get(cls)
+    if made is None:
+        mixin = _NoNestedEncoder if issubclass(cls, nn.TransformerEncoder) else _NoFastPathLayer
+        made = _PLAINABLE.setdefault(
+            cls, type(cls.__name__, (mixin, cls), {"__doc__": cls.__doc__})
+        )
+    return made
+
+
+def prepare_attention_layers(module: nn.Module) -> None:
+    """Let the attention layers of a *private* model copy follow :func:`plain_attention`.
+
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
+    (and their subclasses) change class to subclasses that differ only inside
+    :func:`plain_attention`; names, parameters and results stay.
+    """
+    kinds = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+    for m in module.modules():
+        if isinstance(m, kinds) and not isinstance(m, (_NoFastPathLayer, _NoNestedEncoder)):
+            m.__class__ = _plainable(type(m))
 
 
 def _set_mkldnn(on: bool) -> None:

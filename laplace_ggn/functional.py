@@ -28,10 +28,11 @@ from torch.func import functional_call, jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from ._autodiff import (
-    MATH_ATTENTION,
     NO_MKLDNN,
     differentiating,
     is_forward_ad_error,
+    plain_attention,
+    prepare_attention_layers,
     shared_clone,
     unroll_recurrent_layers,
     warn_reverse_fallback,
@@ -516,9 +517,9 @@ class FunctionalModel:
     ``.item()``, nested-tensor fast paths) or recurrent layers use one forward pass of a chunk
     and a batched backward pass of its B·C one-hot cotangents instead, which gives the same
     per-sample Jacobians because the samples do not interact in eval mode.  Attention runs
-    through torch's math kernel during every pass that differentiates or runs under vmap (see
-    :data:`~laplace_ggn._autodiff.MATH_ATTENTION`); plain forward passes keep the fused
-    kernels.
+    through torch's math kernel, without the layers' inference fast paths, during every pass
+    that differentiates or runs under vmap (see :func:`~laplace_ggn._autodiff.plain_attention`,
+    which acts on the calling thread's copy only); plain forward passes keep the fused kernels.
 
     Args:
         model: The trained network (copied, not modified).
@@ -552,6 +553,7 @@ class FunctionalModel:
         # recurrent layers step by step (vmap, batched backward and forward mode all work);
         # True only if fused recurrent kernels remain (subclasses, packed sequences)
         self.has_rnn = unroll_recurrent_layers(model)
+        prepare_attention_layers(model)
         named = dict(model.named_parameters())
         self.theta = layout.flatten({n: named[n].detach() for n in layout.names}).clone()
         self.device = self.theta.device
@@ -604,7 +606,7 @@ class FunctionalModel:
     def call_dict(self, params: Mapping[str, Tensor], x: object) -> Tensor:
         """Outputs ``(B, C)`` with the named tensors replacing the model's own."""
         module = self.module
-        with MATH_ATTENTION.hold() if differentiating() else contextlib.nullcontext():
+        with plain_attention() if differentiating() else contextlib.nullcontext():
             if isinstance(x, Mapping):
                 out = functional_call(module, dict(params), args=(), kwargs=dict(x))
             elif isinstance(x, (tuple, list)):

@@ -122,13 +122,54 @@ def test_threads_on_a_transformer_with_padding_mask():
         except Exception as exc:
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
+    threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
     assert all(torch.equal(r, expected) for r in results)
+
+
+def test_plain_attention_passes_leave_other_threads_fast_paths_alone():
+    """While a pass differentiates a transformer, forwards in other threads (the library's own
+    plain forwards and the user's) keep the fused path; the process-wide flag is not touched."""
+    from zoo import make_arch
+
+    from laplace_ggn._autodiff import plain_attention
+
+    arch = make_arch("transformer")
+    la = LaplaceWrapper(arch.model, "classification", structure="diag").fit(arch.batches)
+    src = torch.randn(3, 6, 8)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[:, 4:] = True
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def differentiating_thread():
+        with plain_attention():
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=differentiating_thread)
+    t.start()
+    assert inside.wait(10)
+    try:
+        seen["flag"] = torch.backends.mha.get_fastpath_enabled()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's nested-tensor prototype note
+            with torch.no_grad():
+                seen["user_forward"] = encoder(src, src_key_padding_mask=mask)
+            seen["predict"] = la.predict(arch.x_test).mean
+    finally:
+        done.set()
+        t.join()
+    assert seen["flag"] is True
+    # the user's encoder took the nested fast path: padded positions come back as zeros
+    assert torch.equal(seen["user_forward"][:, 4:], torch.zeros_like(seen["user_forward"][:, 4:]))
+    assert torch.allclose(seen["predict"], la.predict(arch.x_test).mean, atol=1e-6)
 
 
 @pytest.mark.parametrize("structure", ["full", "kfac", "lowrank_k"])
