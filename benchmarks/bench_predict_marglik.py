@@ -9,8 +9,8 @@ For diag / kfac / full (and lowrank with ``--lowrank``) it times:
   of G is included;
 - ``predict``: ``predict(X, method="glm", link="probit")`` on 500 test points.
 
-laplace-torch 0.3 reference figures (measured on the same machine type, 2 threads, by the
-issue that asked for this benchmark) are printed next to ours; ``bench_digits.py`` measures
+laplace-torch 0.3 reference figures (measured earlier on the same machine type, 2 threads)
+are printed next to ours; ``bench_digits.py`` measures
 both sides live when the ``.bench-venv`` environment is present.
 
     python benchmarks/bench_predict_marglik.py [--threads 2] [--reps 3] [--lowrank]
