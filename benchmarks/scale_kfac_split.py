@@ -29,8 +29,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from laplace_ggn._checks import Likelihood
+    from laplace_ggn.collectors import KFACCollector
     from laplace_ggn.functional import FunctionalModel, resolve_subset
-    from laplace_ggn.kfac import KFACCollector
     from laplace_ggn.likelihoods import get_likelihood
 
     Xtr, ytr, _, _ = C.digits(0)

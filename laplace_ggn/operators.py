@@ -406,7 +406,7 @@ class GGNOperator(_DataCurvatureOperator):
 
     def to_dense(self) -> Tensor:
         """Dense G ``(P, P)`` from per-sample Jacobians (faster than P products)."""
-        from .ggn import FullGGNCollector
+        from .collectors import FullGGNCollector
 
         col = FullGGNCollector(self.fmodel, self.likelihood)
         for i, x, _ in self.batches():
@@ -415,7 +415,7 @@ class GGNOperator(_DataCurvatureOperator):
 
     def diagonal(self) -> Tensor:
         """Exact diagonal ``(P,)`` (layer hooks for ``nn.Linear``)."""
-        from .ggn import DiagGGNCollector
+        from .collectors import DiagGGNCollector
 
         col = DiagGGNCollector(self.fmodel, self.likelihood)
         for i, x, _ in self.batches():

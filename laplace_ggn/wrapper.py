@@ -1,8 +1,7 @@
 r"""`LaplaceWrapper`: the user-facing composition of likelihood, subset, curvature and posterior.
 
-It holds no mathematics of its own: curvature comes from :mod:`laplace_ggn.ggn` (and
-:mod:`laplace_ggn.kfac`), the Gaussian from :mod:`laplace_ggn.posteriors`, the evidence from
-:mod:`laplace_ggn.marglik`, predictions from :mod:`laplace_ggn.predictive`.
+It holds no mathematics of its own: curvature comes from :mod:`laplace_ggn.collectors`, the
+Gaussian from :mod:`laplace_ggn.posteriors`, the evidence from :mod:`laplace_ggn.marglik`, predictions from :mod:`laplace_ggn.predictive`.
 
 Curvature is computed on a private copy of the model in eval mode (BatchNorm statistics
 frozen, dropout off); the user's model is never modified.
@@ -41,6 +40,16 @@ from ._checks import (
     is_integer,
 )
 from ._state import STATE_FORMAT_VERSION, check_state, model_parameters
+from .collectors import (
+    DiagGGNCollector,
+    FullGGNCollector,
+    dense_bytes,
+    lowrank_memory_bytes,
+    make_kfac_collector,
+    make_lowrank_collector,
+    make_projected_collector,
+    projected_memory_bytes,
+)
 from .functional import (
     FunctionalModel,
     ParamLayout,
@@ -51,7 +60,6 @@ from .functional import (
     split_batch,
     to_device,
 )
-from .ggn import DiagGGNCollector, FullGGNCollector, dense_bytes
 from .head import LinearHead
 from .kfac import kfac_factor_bytes
 from .likelihoods import (
@@ -75,12 +83,7 @@ from .posteriors import (
     LowRankPosterior,
     Prior,
     ProjectedPosterior,
-    lowrank_memory_bytes,
-    make_kfac_collector,
-    make_lowrank_collector,
     make_prior,
-    make_projected_collector,
-    projected_memory_bytes,
 )
 from .posteriors._common import standard_normal
 from .posteriors.alternating import alternating_projection

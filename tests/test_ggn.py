@@ -7,20 +7,19 @@ import torch
 from cases import make_case
 from torch import nn
 
-from laplace_ggn import LaplaceWrapper, ggn
+from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Likelihood, check_finite
-from laplace_ggn.functional import FunctionalModel, resolve_subset
-from laplace_ggn.ggn import (
-    ROW_COPIES,
+from laplace_ggn.collectors import (
     DiagGGNCollector,
+    ExactLowRankCollector,
     FullGGNCollector,
-    SqrtGGNRows,
-    jacobian_sqrt_diag,
-    sub_batches,
+    KFACCollector,
 )
-from laplace_ggn.kfac import KFACCollector
+from laplace_ggn.collectors import _jacobian as jacobian_rows
+from laplace_ggn.collectors._jacobian import ROW_COPIES, jacobian_sqrt_diag, sub_batches
+from laplace_ggn.collectors._rows import SqrtGGNRows
+from laplace_ggn.functional import FunctionalModel, resolve_subset
 from laplace_ggn.likelihoods import get_likelihood
-from laplace_ggn.posteriors.lowrank import ExactLowRankCollector
 from laplace_ggn.testing import dense_ggn
 
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -151,7 +150,7 @@ def test_diagonal_jacobian_part_in_sub_batches_equals_the_whole_batch(kind, monk
     layout = resolve_subset(case.model, "all")
     whole = DiagGGNCollector(FunctionalModel(case.model, layout), lik, use_hooks=False)
     whole.update(case.X)
-    calls = _count_calls(monkeypatch, ggn, "jacobian_sqrt_rows")
+    calls = _count_calls(monkeypatch, jacobian_rows, "jacobian_sqrt_rows")
     budget = 6 * _per_sample_row_bytes(case.model)
     fm = FunctionalModel(case.model, layout, memory_budget=budget)
     chunked = DiagGGNCollector(fm, lik, use_hooks=False)
@@ -172,7 +171,7 @@ def test_kfac_diagonal_part_in_sub_batches_equals_the_whole_batch(monkeypatch):
     whole = KFACCollector(FunctionalModel(case.model, layout), lik)
     with pytest.warns(UserWarning, match="kfac: parameters \\['scale'\\]"):
         whole.update(case.X)
-    calls = _count_calls(monkeypatch, ggn, "jacobian_sqrt_rows")
+    calls = _count_calls(monkeypatch, jacobian_rows, "jacobian_sqrt_rows")
     fm = FunctionalModel(case.model, layout, memory_budget=6 * ROW_COPIES * 3 * 3 * 8)
     chunked = KFACCollector(fm, lik)
     with pytest.warns(UserWarning, match="kfac: parameters"):

@@ -11,8 +11,8 @@ from torch import nn
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Likelihood
+from laplace_ggn.collectors import KFACCollector
 from laplace_ggn.functional import FunctionalModel, resolve_subset
-from laplace_ggn.kfac import KFACCollector
 from laplace_ggn.likelihoods import get_likelihood
 from laplace_ggn.posteriors import KFACPosterior, make_prior
 from laplace_ggn.testing import (

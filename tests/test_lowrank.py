@@ -8,10 +8,10 @@ from cases import CASE_NAMES, make_case
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Likelihood
+from laplace_ggn.collectors import ExactLowRankCollector, NystromCollector
 from laplace_ggn.functional import FunctionalModel, resolve_subset
 from laplace_ggn.likelihoods import get_likelihood
 from laplace_ggn.posteriors import LowRankPosterior, make_prior
-from laplace_ggn.posteriors.lowrank import ExactLowRankCollector, NystromCollector
 from laplace_ggn.testing import check_posterior, dense_ggn, dense_posterior_covariance
 
 TOL = {"rtol": 1e-7, "atol": 1e-9}

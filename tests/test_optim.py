@@ -176,8 +176,8 @@ def test_kfac_step_is_exact_for_linear_regression() -> None:
 @pytest.mark.parametrize("likelihood,out", [("regression", 2), ("classification", 3)])
 def test_kfac_step_matches_kfac_collector(likelihood: str, out: int) -> None:
     from laplace_ggn._checks import Likelihood
+    from laplace_ggn.collectors import KFACCollector
     from laplace_ggn.functional import FunctionalModel, resolve_subset
-    from laplace_ggn.kfac import KFACCollector
     from laplace_ggn.likelihoods import get_likelihood
 
     g = torch.Generator().manual_seed(8)

@@ -16,11 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
+from laplace_ggn.collectors import KernelMetric, ProjectedExactCollector
 from laplace_ggn.functional import FunctionalModel, resolve_subset
 from laplace_ggn.marglik import SpectralEvidence
 from laplace_ggn.posteriors import PriorKind, ProjectedPosterior
 from laplace_ggn.posteriors.alternating import alternating_projection
-from laplace_ggn.posteriors.projected import KernelMetric, ProjectedExactCollector
 from laplace_ggn.testing import check_posterior, dense_ggn, dense_jacobian
 
 DT = torch.float64

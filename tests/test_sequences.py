@@ -13,8 +13,8 @@ from torch import nn
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Curvature, Likelihood
+from laplace_ggn.collectors._rows import SqrtGGNRows
 from laplace_ggn.functional import FunctionalModel, resolve_subset
-from laplace_ggn.ggn import SqrtGGNRows
 from laplace_ggn.likelihoods import OutputCurvature, get_likelihood
 from laplace_ggn.testing import dense_ggn, dense_jacobian
 

@@ -10,9 +10,9 @@ from torch import Tensor
 from ._common import Prior, PriorKind, make_prior
 from .diag import DiagPosterior
 from .full import FullPosterior
-from .kfac import KFACPosterior, make_kfac_collector
-from .lowrank import LowRankPosterior, lowrank_memory_bytes, make_lowrank_collector
-from .projected import ProjectedPosterior, make_projected_collector, projected_memory_bytes
+from .kfac import KFACPosterior
+from .lowrank import LowRankPosterior
+from .projected import ProjectedPosterior
 
 __all__ = [
     "DiagPosterior",
@@ -23,12 +23,7 @@ __all__ = [
     "Prior",
     "PriorKind",
     "ProjectedPosterior",
-    "lowrank_memory_bytes",
-    "make_kfac_collector",
-    "make_lowrank_collector",
-    "make_projected_collector",
     "make_prior",
-    "projected_memory_bytes",
 ]
 
 

@@ -31,9 +31,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._checks import check_finite, shape_str
+from ..collectors._rows import SqrtGGNRows
+from ..collectors.projected import KernelMetric
 from ..functional import FunctionalModel, input_tensors, split_batch, to_device
-from ..ggn import SqrtGGNRows
-from .projected import KernelMetric
 
 __all__ = ["ProjectionResult", "alternating_projection"]
 

@@ -43,12 +43,12 @@ import torch
 from torch import Tensor
 
 from .._checks import shape_str
-from ..functional import FunctionalModel, ParamLayout
-from ..kfac import KFACCollector, KFACCurvature, KronFactors
-from ._common import Prior, PriorKind, check_J, check_V, make_prior, standard_normal
+from ..functional import ParamLayout
+from ..kfac import KFACCurvature, KronFactors
+from ._common import Prior, PriorKind, check_J, check_V, standard_normal
 from ._output import EigenOutputCovariance, check_head_features
 
-__all__ = ["KFACPosterior", "check_kfac_prior", "make_kfac_collector"]
+__all__ = ["KFACPosterior", "check_kfac_prior"]
 
 _ACCEPT_DIAGONAL = "'full', 'diag' and 'lowrank'"
 
@@ -66,20 +66,6 @@ def check_kfac_prior(prior: Prior) -> None:
             f"with structure='kfac'; got shape {shape_str(prior.precision.shape)} (one per "
             f"parameter, P={P}). A per-parameter prior is accepted by structure={_ACCEPT_DIAGONAL}."
         )
-
-
-def make_kfac_collector(
-    fmodel: FunctionalModel, likelihood, *, prior_precision: Tensor | float, mc: bool = False
-) -> KFACCollector:
-    """Validate the prior for KFAC, then create a :class:`~laplace_ggn.kfac.KFACCollector`.
-
-    Raises:
-        ValueError: If ``prior_precision`` is per parameter (see :func:`check_kfac_prior`).
-    """
-    check_kfac_prior(
-        make_prior(prior_precision, fmodel.layout, dtype=fmodel.dtype, device=fmodel.device)
-    )
-    return KFACCollector(fmodel, likelihood, mc=mc)
 
 
 @dataclass(frozen=True)
@@ -106,7 +92,8 @@ class KFACPosterior:
 
     Args:
         mean: θ*, shape ``(P,)``.
-        curvature: Kronecker factors and the diagonal part, from :class:`KFACCollector`.
+        curvature: Kronecker factors and the diagonal part, from
+            :class:`~laplace_ggn.collectors.KFACCollector`.
         prior: Scalar or layerwise prior.
         scale: Curvature scale s = 1/(τσ²), shape ``()``.
 

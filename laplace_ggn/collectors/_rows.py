@@ -32,63 +32,20 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_finite, shape_str
-from .functional import (
+from .._checks import shape_str
+from ..functional import (
     UNBATCHED_HINT,
     FunctionalModel,
     LayerRecord,
-    ParamLayout,
     batch_size_of,
     batched_output_grads,
     capture_layers,
     is_model_output,
 )
-from .likelihoods import OutputCurvature, as_output_curvature
+from ..likelihoods import OutputCurvature, as_output_curvature
+from ._jacobian import ROW_COPIES, jacobian_sqrt_diag, jacobian_sqrt_rows, sub_batches
 
-__all__ = [
-    "SqrtGGNRows",
-    "sqrt_ggn_rows",
-    "jacobian_sqrt_rows",
-    "FullGGNCollector",
-    "DiagGGNCollector",
-    "dense_bytes",
-    "sub_batches",
-    "output_count",
-    "jacobian_sqrt_diag",
-    "check_layer_inputs",
-    "ROW_COPIES",
-]
-
-#: Copies of the rows ``(b, K, P)`` alive at once while one sub-batch's rows are built (the
-#: rows, one layer's or the Jacobians' temporaries, the concatenated Jacobian chunks).
-ROW_COPIES = 3
-
-
-def dense_bytes(P: int, dtype: torch.dtype) -> int:
-    """Bytes of a dense ``(P, P)`` matrix of ``dtype``."""
-    return P * P * torch.empty((), dtype=dtype).element_size()
-
-
-def sub_batches(
-    fmodel: FunctionalModel, x: object, per_sample_bytes: int
-) -> Iterator[tuple[int, object]]:
-    """Consecutive ``(start, x[start:stop])`` whose intermediates fit in the memory budget.
-
-    ``per_sample_bytes`` is what one sample's intermediates take; a batch that fits is
-    yielded whole and unsliced, a larger one in chunks of ``fmodel.chunk_size(...)`` (>= 1)
-    samples.
-    """
-    B = batch_size_of(x)
-    step = fmodel.chunk_size(per_sample_bytes)
-    if step >= B:
-        yield 0, x
-        return
-    yield from zip(range(0, B, step), fmodel.chunks(x, step))
-
-
-def output_count(fmodel: FunctionalModel, x: object) -> int:
-    """M, the outputs of one sample (C, or T·C for ``(B, T, C)``), from a forward pass on it."""
-    return int(fmodel.forward(next(fmodel.chunks(x, 1)))[0].numel())
+__all__ = ["SqrtGGNRows", "check_layer_inputs", "is_transposed_linear"]
 
 
 def check_layer_inputs(records: Mapping[str, LayerRecord], where: str = "") -> None:
@@ -318,179 +275,6 @@ class SqrtGGNRows:
             for name, part in self.rest.unflatten(dr).items():
                 d[layout.slice_of(name)] += part.reshape(-1)
         return d, f
-
-
-def jacobian_sqrt_rows(
-    fmodel: FunctionalModel,
-    x: object,
-    layout: ParamLayout,
-    likelihood,
-    f: Tensor | None = None,
-    *,
-    L: Tensor | None = None,
-    y: Tensor | None = None,
-    where: str = "",
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Rows :math:`L_n^\top J_n` for the parameters of ``layout`` from per-sample Jacobians.
-
-    Args:
-        fmodel: The functional model.
-        x: Model input of batch size B.
-        layout: Sub-layout of the parameters to differentiate (P' of them).
-        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood).
-        f: Outputs ``(B, C)`` or ``(B, T, C)`` if already known.
-        L: The factor ``(B, M, K)`` if already drawn (M = T·C; the same draws for every
-            parameter of a batch).
-        y: Targets marking ignored positions (used when ``L`` is drawn here).
-        where: Location for error messages.
-
-    Returns:
-        ``(R, f, L)``: rows ``(B, K, P')``, outputs and the factor.
-    """
-    M = None if f is None else f[0].numel()
-    J, f_jac = fmodel.jacobians_wrt(x, layout, n_outputs=M)  # (B, M, P')
-    f = f_jac if f is None else f
-    if L is None:
-        out = as_output_curvature(likelihood)
-        L = out.factor(f, out.mask(f, y, where))
-    return torch.einsum("bmp,bmk->bkp", J, L), f, L
-
-
-def jacobian_sqrt_diag(
-    fmodel: FunctionalModel,
-    x: object,
-    layout: ParamLayout,
-    likelihood,
-    f: Tensor | None = None,
-    *,
-    L: Tensor | None = None,
-    y: Tensor | None = None,
-    where: str = "",
-) -> tuple[Tensor, Tensor]:
-    r""":math:`\sum_{n,k} (L_n^\top J_n)_{k\cdot}^2` for the parameters of ``layout``, by sub-batches.
-
-    The per-sample Jacobians ``(b, M, P')`` of each sub-batch fit in the memory budget, so the
-    batch's ``(B, M, P')`` is never formed.
-
-    Args:
-        fmodel: The functional model.
-        x: Model input of batch size B.
-        layout: Sub-layout of the parameters (P' of them).
-        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood).
-        f: Outputs ``(B, C)`` or ``(B, T, C)`` if already known.
-        L: The factor ``(B, M, K)`` if already drawn (sliced with the sub-batches).
-        y: Targets marking ignored positions (sliced with the sub-batches).
-        where: Location for error messages.
-
-    Returns:
-        ``(d, f)``: the diagonal contribution ``(P',)`` and the outputs.
-    """
-    size = torch.empty((), dtype=fmodel.dtype).element_size()
-    M = f[0].numel() if f is not None else output_count(fmodel, x)
-    d = torch.zeros(layout.n_params, dtype=fmodel.dtype, device=fmodel.device)
-    fs = []
-    for start, xc in sub_batches(fmodel, x, ROW_COPIES * M * layout.n_params * size):
-        b = batch_size_of(xc)
-        fc = None if f is None else f[start : start + b]
-        Lc = None if L is None else L[start : start + b]
-        yc = None if y is None else y[start : start + b]
-        R, fc, _ = jacobian_sqrt_rows(fmodel, xc, layout, likelihood, fc, L=Lc, y=yc, where=where)
-        d += R.pow(2).sum((0, 1))
-        fs.append(fc)
-        del R
-    return d, (f if f is not None else fs[0] if len(fs) == 1 else torch.cat(fs))
-
-
-def sqrt_ggn_rows(
-    fmodel: FunctionalModel, x: object, likelihood, y: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    r"""Rows :math:`L_n^\top J_n` of one batch, shape ``(B, K, P)``, and the outputs.
-
-    One-off convenience around :class:`SqrtGGNRows` (collectors keep one instance).
-    """
-    return SqrtGGNRows(fmodel, likelihood).rows(x, y)
-
-
-def _symmetric_update(G: Tensor, R: Tensor, n_blocks: int = 4) -> None:
-    """``G += Rᵀ R`` computing only the upper block triangle (about 5/8 of the flops)."""
-    P = G.shape[0]
-    if P < 512:
-        G.addmm_(R.T, R)
-        return
-    edges = [P * i // n_blocks for i in range(n_blocks + 1)]
-    for i in range(n_blocks):
-        Ri = R[:, edges[i] : edges[i + 1]]
-        rest = R[:, edges[i] :]
-        blk = Ri.T @ rest  # rows of block i, columns i.. end
-        G[edges[i] : edges[i + 1], edges[i] :] += blk
-        if i + 1 < n_blocks:
-            G[edges[i + 1] :, edges[i] : edges[i + 1]] += blk[:, edges[i + 1] - edges[i] :].T
-
-
-class FullGGNCollector:
-    """Accumulate the dense GGN ``(P, P)`` of the subset."""
-
-    def __init__(self, fmodel: FunctionalModel, likelihood, *, use_hooks: bool = True):
-        self.fmodel, self.likelihood = fmodel, likelihood
-        self.rows = SqrtGGNRows(fmodel, likelihood, use_hooks=use_hooks)
-        P = fmodel.n_params
-        self.G = torch.zeros(P, P, dtype=fmodel.dtype, device=fmodel.device)
-
-    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
-        """Add one batch, in sub-batches that fit in the memory budget; returns the outputs.
-
-        Targets ``y`` (optional) mark ignored positions.
-
-        Raises:
-            ValueError: If the rows hold NaN/Inf.
-        """
-        fs = []
-        for R, f in self.rows.row_chunks(x, where, y):
-            check_finite(R, "GGN square-root rows (curvature)", where)
-            _symmetric_update(self.G, R.reshape(-1, R.shape[-1]))
-            fs.append(f)
-            del R  # before the next sub-batch's rows are built
-        return fs[0] if len(fs) == 1 else torch.cat(fs)
-
-    def finalize(self) -> Tensor:
-        """The GGN ``(P, P)``."""
-        return self.G
-
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
-        """State to all-reduce across ranks: the partial GGN ``(P, P)``, summed."""
-        return {"G": (self.G, "sum")}
-
-    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
-        """Replace the partial GGN by the sum over ranks, shape ``(P, P)``."""
-        self.G = state["G"]
-
-
-class DiagGGNCollector:
-    """Accumulate the exact GGN diagonal ``(P,)`` with layer hooks where possible."""
-
-    def __init__(self, fmodel: FunctionalModel, likelihood, *, use_hooks: bool = True):
-        self.fmodel, self.likelihood = fmodel, likelihood
-        self.rows = SqrtGGNRows(fmodel, likelihood, use_hooks=use_hooks)
-        self.diag = torch.zeros(fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
-
-    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
-        """Add one batch (targets ``y`` mark ignored positions); returns the outputs."""
-        inc, f = self.rows.diag(x, y, where)
-        check_finite(inc, "GGN diagonal (curvature)", where)
-        self.diag += inc
-        return f
-
-    def finalize(self) -> Tensor:
-        """The exact diagonal of the GGN, shape ``(P,)``."""
-        return self.diag
-
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
-        """State to all-reduce across ranks: the partial diagonal ``(P,)``, summed."""
-        return {"diag": (self.diag, "sum")}
-
-    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
-        """Replace the partial diagonal by the sum over ranks, shape ``(P,)``."""
-        self.diag = state["diag"]
 
 
 def is_transposed_linear(module: nn.Module) -> bool:

@@ -1,0 +1,317 @@
+r"""KFAC collector: Kronecker factors :math:`A_l, B_l` of ``nn.Linear`` / ``nn.Conv2d`` layers in one pass.
+
+The factors and their conventions are those of :mod:`laplace_ggn.kfac`.  Weight sharing follows
+the "expand" convention: a Linear layer applied to inputs ``(B, T, I)`` and a Conv2d layer
+(inputs unfolded into patches, T output locations) treat each of the N·T locations as a
+sample: A sums over them, B is divided by N·T.
+
+The ``C`` back-propagated columns come from one batched vector-Jacobian product per batch
+(``torch.autograd.grad(..., is_grads_batched=True)`` w.r.t. the layer outputs, recorded with
+temporary forward hooks).  The columns come from an
+:class:`~laplace_ggn.likelihoods.OutputCurvature`: the C exact columns of :math:`L_n`, or S
+sampled columns :math:`\nabla_f \log p(\hat y \mid f)/\sqrt S`, :math:`\hat y \sim p(y \mid f)`,
+whose outer products have expectation :math:`\Lambda_n` (``mc=True`` is one such column).
+
+Outputs ``(B, T, C)`` with ignored targets: a location of a layer whose leading dimensions
+are those of the outputs ``(B, T)`` is left out of A, B and the count when its target is
+ignored *and* its back-propagated gradient is zero in every column (a position-wise head, or
+padding that attention masks out); ignored positions that still influence kept ones (e.g.
+the prompt of a language model) stay.
+
+Parameters outside Kronecker-factored layers (other module types, Linear layers run more than
+once per forward pass, tied weights, grouped or non-zero-padded convolutions) get the exact
+diagonal of their GGN block instead; the collector warns once, naming them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import check_finite
+from ..functional import FunctionalModel, batched_output_grads, capture_layers, is_model_output
+from ..kfac import KFACCurvature, KronFactors
+from ..likelihoods import as_output_curvature
+from ..posteriors._common import make_prior
+from ..posteriors.kfac import check_kfac_prior
+from ._jacobian import jacobian_sqrt_diag
+from ._rows import check_layer_inputs
+
+__all__ = ["KFACCollector", "make_kfac_collector"]
+
+
+def make_kfac_collector(
+    fmodel: FunctionalModel, likelihood, *, prior_precision: Tensor | float, mc: bool = False
+) -> KFACCollector:
+    """Validate the prior for KFAC, then create a :class:`KFACCollector`.
+
+    Raises:
+        ValueError: If ``prior_precision`` is per parameter (see
+            :func:`~laplace_ggn.posteriors.kfac.check_kfac_prior`).
+    """
+    check_kfac_prior(
+        make_prior(prior_precision, fmodel.layout, dtype=fmodel.dtype, device=fmodel.device)
+    )
+    return KFACCollector(fmodel, likelihood, mc=mc)
+
+
+def _conv_supported(m: nn.Conv2d) -> bool:
+    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+
+
+class KFACCollector:
+    r"""Accumulate Kronecker factors :math:`A_l, B_l` in one pass (``update`` per batch).
+
+    Args:
+        fmodel: The functional model (its private module receives the temporary hooks).
+        likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (exact or MC
+            columns), or a likelihood (its exact factor, or one sampled column with ``mc``).
+        mc: With a plain likelihood: back-propagate one sampled column instead of the C
+            exact columns of :math:`L_n`.
+        generator: Random generator for ``mc``.
+
+    Distributed use: :meth:`distributed_state` holds only sums (A, the un-normalised B, the
+    row counts and the diagonal part), so an all-reduce of each followed by
+    :meth:`load_distributed_state` and :meth:`finalize` divides B by the *global* count and
+    gives the single-process factors.  With ``mc`` every rank should use its own seed.
+    """
+
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        likelihood,
+        *,
+        mc: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        self.fmodel = fmodel
+        self.likelihood = as_output_curvature(likelihood, mc=mc, generator=generator)
+        self.mc = self.likelihood.mc
+        layout = fmodel.layout
+        in_subset = set(layout.names)
+        owners: dict[int, int] = {}
+        for m in fmodel.module.modules():
+            for p in m.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self.layers: dict[str, _Layer] = {}
+        for mname, module in fmodel.module.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            if isinstance(module, nn.Conv2d) and not _conv_supported(module):
+                continue
+            if any(owners[id(p)] > 1 for p in module.parameters(recurse=False)):
+                continue  # tied weights: the block of one module would miss the other's use
+            prefix = f"{mname}." if mname else ""
+            w = prefix + "weight" if prefix + "weight" in in_subset else None
+            b = (
+                prefix + "bias"
+                if module.bias is not None and prefix + "bias" in in_subset
+                else None
+            )
+            if w or b:
+                self.layers[mname] = _Layer(module, w, b)
+        self._set_rest()
+        dt, dev = fmodel.dtype, fmodel.device
+        self.A: dict[str, Tensor] = {}
+        self.B: dict[str, Tensor] = {}
+        self.count: dict[str, Tensor] = {}
+        for mname, lay in self.layers.items():
+            D, O = self._dims(lay)
+            self.A[mname] = torch.zeros(D, D, dtype=dt, device=dev)
+            self.B[mname] = torch.zeros(O, O, dtype=dt, device=dev)
+            self.count[mname] = torch.zeros((), dtype=dt, device=dev)
+        self.diag = torch.zeros(self.rest.n_params, dtype=dt, device=dev)
+        self._checked = False
+
+    def _set_rest(self) -> None:
+        covered = {n for lay in self.layers.values() for n in (lay.weight, lay.bias) if n}
+        layout = self.fmodel.layout
+        self.rest = layout.sub_layout([n for n in layout.names if n not in covered])
+
+    @staticmethod
+    def _dims(lay: _Layer) -> tuple[int, int]:
+        m = lay.module
+        if isinstance(m, nn.Linear):
+            I, O = m.in_features, m.out_features
+        else:
+            I, O = m.in_channels * math.prod(m.kernel_size), m.out_channels
+        D = (I if lay.weight else 0) + (1 if lay.bias else 0)
+        return D, O
+
+    # -- data pass -----------------------------------------------------------------------------
+
+    def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
+        """Add one batch to the factors (targets ``y`` mark ignored positions); returns f.
+
+        Raises:
+            RuntimeError: If a factored layer runs a different number of times than on the
+                first batch.
+            ValueError: If the curvature holds NaN/Inf, or a factored layer received an input
+                without a batch dimension (a loader of single samples).
+        """
+        fm = self.fmodel
+        params = {
+            n: t.detach().requires_grad_(True) for n, t in fm.layout.unflatten(fm.theta).items()
+        }
+        with capture_layers({m: lay.module for m, lay in self.layers.items()}) as records:
+            f = fm.call_dict(params, x)
+        check_layer_inputs(records, where)
+        if not self._checked:
+            self._first_batch_checks(records)
+        elif any(len(records[m].outputs) != 1 for m in self.layers):
+            bad = [m for m in self.layers if len(records[m].outputs) != 1]
+            raise RuntimeError(
+                f"layers {bad} must run once per forward pass as on the first batch; they ran "
+                f"another number of times in {where or 'a later batch'}."
+            )
+        fd = f.detach()
+        out = self.likelihood
+        mask = out.mask(fd, y, where)
+        # exact factor: a Linear layer whose output is the model output gets B = Σ Λ in
+        # closed form (O(C²) per position, no back-propagated columns)
+        heads = {
+            m
+            for m, lay in self.layers.items()
+            if not out.mc
+            and isinstance(lay.module, nn.Linear)
+            and is_model_output(records[m].outputs[0], f)
+        }
+        need = [m for m in self.layers if m not in heads]
+        L = out.factor(fd, mask) if need else None  # (B, M, K): one draw for every layer
+        grads = {}
+        if need:
+            cot = L.permute(2, 0, 1).reshape(L.shape[2], *fd.shape)  # (K, B, ..., C)
+            outs = [records[m].outputs[0] for m in need]
+            grads = dict(zip(need, batched_output_grads(f, outs, cot)))
+        for mname, lay in self.layers.items():
+            a = records[mname].inputs[0].detach()
+            if mname in heads:
+                A_inc, rows = self._input_factor(lay, a, mask)
+                B_inc = out.gram(fd, mask)
+            else:
+                A_inc, B_inc, rows = self._factor_increments(lay, a, grads[mname].detach(), mask)
+            check_finite(B_inc, f"KFAC output factor of layer {mname!r}", where)
+            self.A[mname] += A_inc
+            self.B[mname] += B_inc
+            self.count[mname] += rows
+        if self.rest.n_params:
+            d, _ = jacobian_sqrt_diag(fm, x, self.rest, self.likelihood, fd, L=L, y=y, where=where)
+            check_finite(d, "GGN diagonal (curvature)", where)
+            self.diag += d
+        return fd
+
+    def _first_batch_checks(self, records) -> None:
+        self._checked = True
+        again = [m for m in self.layers if len(records[m].outputs) != 1]
+        for m in again:
+            del self.layers[m], self.A[m], self.B[m], self.count[m]
+        if again:
+            self._set_rest()
+            self.diag = torch.zeros(
+                self.rest.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device
+            )
+        if self.rest.n_params:
+            warnings.warn(
+                f"kfac: parameters {list(self.rest.names)} are not in a Kronecker-factored "
+                "nn.Linear / nn.Conv2d layer (other module type, a layer run more than once, "
+                "tied weights or a grouped/padded-mode convolution); they get exact diagonal "
+                "GGN blocks.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _input_factor(lay: _Layer, a: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+        """A increment of a head from its inputs ``(B, ..., I)`` at the kept positions."""
+        a2 = a.reshape(-1, a.shape[-1])
+        if mask is not None:
+            a2 = a2[mask.reshape(-1)]
+        cols = ([a2] if lay.weight else []) + (
+            [torch.ones(a2.shape[0], 1, dtype=a2.dtype, device=a2.device)] if lay.bias else []
+        )
+        a_t = torch.cat(cols, dim=1)
+        return a_t.T @ a_t, a2.shape[0]
+
+    def _factor_increments(
+        self, lay: _Layer, a: Tensor, g: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, int]:
+        m = lay.module
+        K = g.shape[0]
+        if isinstance(m, nn.Linear):
+            a2 = a.reshape(-1, a.shape[-1])
+            g2 = g.reshape(K, -1, g.shape[-1])
+            if mask is not None and tuple(a.shape[:-1]) == tuple(mask.shape):
+                # ignored positions without influence on the kept ones carry no curvature
+                drop = ~mask.reshape(-1) & (g2 == 0).all(dim=2).all(dim=0)
+                a2, g2 = a2[~drop], g2[:, ~drop]
+        else:
+            patches = F.unfold(
+                a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            )
+            a2 = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·T, Cin·kh·kw)
+            g2 = g.flatten(3).transpose(2, 3).reshape(K, -1, g.shape[2])  # (K, B·T, O)
+        rows = a2.shape[0]
+        cols = []
+        if lay.weight:
+            cols.append(a2)
+        if lay.bias:
+            cols.append(torch.ones(rows, 1, dtype=a2.dtype, device=a2.device))
+        a_t = torch.cat(cols, dim=1)
+        return a_t.T @ a_t, torch.einsum("kro,krp->op", g2, g2), rows
+
+    # -- results -------------------------------------------------------------------------------
+
+    def finalize(self) -> KFACCurvature:
+        """The factors with B divided by the number of rows; see :class:`KFACCurvature`.
+
+        Raises:
+            RuntimeError: If no batch was seen.
+        """
+        if not self._checked:
+            raise RuntimeError("KFACCollector.finalize() needs at least one update(x).")
+        blocks = tuple(
+            KronFactors(lay.weight, lay.bias, self.A[m], self.B[m] / self.count[m].clamp_min(1))
+            for m, lay in self.layers.items()
+        )
+        return KFACCurvature(self.fmodel.layout, blocks, tuple(self.rest.names), self.diag)
+
+    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
+        """Sums to all-reduce across ranks: ``name -> (tensor, "sum")``.
+
+        A collector that has seen no data returns zeros of the same names and shapes, except
+        when a layer runs more than once per forward pass: the first batch moves such layers to
+        the diagonal part, which a rank without data cannot know (the entries then differ
+        between ranks and the reduction refuses them).
+        """
+        state: dict[str, tuple[Tensor, str]] = {"diag": (self.diag, "sum")}
+        for m in self.layers:
+            state[f"A.{m}"] = (self.A[m], "sum")
+            state[f"B.{m}"] = (self.B[m], "sum")
+            state[f"count.{m}"] = (self.count[m], "sum")
+        return state
+
+    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
+        """Replace the sums with their all-reduced values (keys of :meth:`distributed_state`).
+
+        A rank that saw no data can load the reduced state and :meth:`finalize` like the others.
+        """
+        self._checked = True
+        self.diag = state["diag"]
+        for m in self.layers:
+            self.A[m], self.B[m], self.count[m] = (
+                state[f"A.{m}"],
+                state[f"B.{m}"],
+                state[f"count.{m}"],
+            )
