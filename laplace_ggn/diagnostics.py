@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._checks import Likelihood, Structure, check_finite, is_integer, shape_str
 from .functional import FunctionalModel, batch_size_of, input_tensors, split_batch, to_device
-from .posteriors import FullPosterior
+from .posteriors import eigenbasis_of
 
 __all__ = ["SUPPORTED_STRUCTURES", "KernelDecomposition", "SampleFit", "kernel_decomposition"]
 
@@ -301,8 +301,8 @@ def eigenbasis(posterior: object) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending, ``(R,)``) and eigenvectors ``(P, R)`` of G held by a posterior.
 
     Args:
-        posterior: A :class:`FullPosterior`, or a posterior with ``eigenvalues`` ``(R,)`` and
-            ``eigenvectors`` ``(P, R)`` of the unit-noise G (the low-rank posterior).
+        posterior: A posterior with the optional ``eigenbasis()`` member of the
+            :class:`~laplace_ggn.posteriors.Posterior` protocol (full and low rank).
 
     Returns:
         ``(λ, U)`` sorted by decreasing λ, λ clamped at 0.
@@ -310,15 +310,13 @@ def eigenbasis(posterior: object) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError: If the posterior holds no eigendecomposition of G.
     """
-    if isinstance(posterior, FullPosterior):
-        lam, U = posterior.eig
-    elif hasattr(posterior, "eigenvalues") and hasattr(posterior, "eigenvectors"):
-        lam, U = posterior.eigenvalues, posterior.eigenvectors
-    else:
+    basis = eigenbasis_of(posterior)
+    if basis is None:
         raise ValueError(
             "posterior must hold an eigendecomposition of G (structure 'full' or 'lowrank'); "
             f"got {type(posterior).__name__}."
         )
+    lam, U = basis
     lam = lam.clamp_min(0)
     order = torch.argsort(lam, descending=True)
     return lam[order], U[:, order]

@@ -1,11 +1,20 @@
-"""Full and diagonal posteriors against their dense forms, for every prior structure."""
+"""Posteriors against their dense forms, for every prior structure; optional protocol members."""
 
 import pytest
 import torch
+from cases import make_case
 
+from laplace_ggn import LaplaceWrapper
 from laplace_ggn.functional import ParamLayout
-from laplace_ggn.posteriors import DiagPosterior, FullPosterior, make_prior
-from laplace_ggn.testing import check_posterior, dense_posterior_covariance
+from laplace_ggn.posteriors import (
+    DiagPosterior,
+    FullPosterior,
+    PriorKind,
+    eigenbasis_of,
+    make_prior,
+    spectrum_of,
+)
+from laplace_ggn.testing import check_posterior, dense_ggn, dense_posterior_covariance
 
 LAYOUT = ParamLayout(("a", "b", "c"), (torch.Size([3, 2]), torch.Size([3]), torch.Size([2])))
 P = LAYOUT.n_params
@@ -156,3 +165,94 @@ def test_full_results_ignore_which_factorisation_was_computed_before(prior_kind)
     for other in (post, seen, derived):
         for a, b in zip(ref, outputs(other)):
             assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# optional protocol members against dense references (float64, tiny fitted model)
+# ---------------------------------------------------------------------------------------------
+
+_MEMBER_CASES = [
+    (structure, prior)
+    for structure in ("full", "diag", "kfac", "lowrank", "projected")
+    for prior in ("scalar", "layerwise", "diagonal")
+    if not (structure == "kfac" and prior == "diagonal")  # refused: not Kronecker-diagonal
+]
+
+
+def _fitted(structure, prior, rank=None):
+    case = make_case("mlp_regression", 0, n=6)
+    P = sum(p.numel() for p in case.model.parameters())
+    T = len(list(case.model.parameters()))
+    prec = {
+        "scalar": 0.8,
+        "layerwise": torch.linspace(0.5, 2.0, T, dtype=torch.float64),
+        "diagonal": torch.linspace(0.3, 1.7, P, dtype=torch.float64),
+    }[prior]
+    la = LaplaceWrapper(
+        case.model,
+        "regression",
+        structure=structure,
+        prior_precision=prec,
+        sigma_noise=0.7,
+        rank=rank,
+    ).fit(case.loader())
+    return case, la.posterior
+
+
+@pytest.mark.parametrize(("structure", "prior"), _MEMBER_CASES)
+def test_spectrum_member_against_dense_precision(structure, prior):
+    _, post = _fitted(structure, prior)
+    kind = post.prior.kind
+    lam = spectrum_of(post, kind)
+    if lam is None:  # only the diag structure shares a basis with a non-scalar prior
+        assert kind is not PriorKind.SCALAR and structure != "diag"
+        return
+    assert structure == "diag" or kind is PriorKind.SCALAR
+    a = post.prior.precision if kind is PriorKind.SCALAR else post.prior.diag()
+    implied = post.scale * lam + a  # eigenvalues of Λ (inf: directions without variance)
+    Sigma = post.to_dense()
+    assert Sigma.dtype == torch.float64 and lam.shape == (Sigma.shape[0],)
+    finite = torch.isfinite(implied)
+    if bool(finite.all()):
+        ref = torch.linalg.eigh(torch.linalg.inv(Sigma)).eigenvalues
+        torch.testing.assert_close(torch.sort(implied).values, ref, rtol=1e-8, atol=1e-10)
+    else:  # projected: Σ has eigenvalue 0 on the range and 1/α on the kernel
+        ref = torch.linalg.eigh(Sigma).eigenvalues
+        torch.testing.assert_close(torch.sort(1 / implied).values, ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(torch.log(implied[finite]).sum(), post.log_det(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("structure", ["full", "lowrank"])
+@pytest.mark.parametrize("prior", ["scalar", "layerwise"])
+def test_eigenbasis_member_against_dense_ggn(structure, prior):
+    case, post = _fitted(structure, prior)
+    lam, U = post.eigenbasis()
+    G = dense_ggn(case.model, case.X, case.y, "regression")
+    P = G.shape[0]
+    assert U.shape[0] == P and lam.shape == (U.shape[1],)
+    ref = torch.linalg.eigh(G).eigenvalues
+    top = torch.sort(lam, descending=True).values
+    torch.testing.assert_close(top, ref.flip(0)[: lam.shape[0]].clamp_min(0), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1], dtype=G.dtype), rtol=0, atol=1e-9)
+    torch.testing.assert_close((U * lam) @ U.T, G, rtol=1e-8, atol=1e-9)
+    if post.prior.is_scalar:  # Σ = U diag(1/(sλ+α)) Uᵀ + (I - UUᵀ)/α
+        alpha, s = post.prior.precision, post.scale
+        Sigma = (U / (s * lam + alpha)) @ U.T + (torch.eye(P, dtype=G.dtype) - U @ U.T) / alpha
+        torch.testing.assert_close(Sigma, post.to_dense(), rtol=1e-8, atol=1e-10)
+
+
+def test_topk_lowrank_eigenbasis_holds_eigenpairs_of_dense_ggn():
+    case, post = _fitted("lowrank", "scalar", rank=4)
+    lam, U = post.eigenbasis()
+    G = dense_ggn(case.model, case.X, case.y, "regression")
+    assert lam.shape == (4,) and U.shape == (G.shape[0], 4)
+    ref = torch.linalg.eigh(G).eigenvalues.flip(0)[:4]
+    torch.testing.assert_close(torch.sort(lam, descending=True).values, ref, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(G @ U, U * lam, rtol=1e-5, atol=1e-6 * float(ref[0]))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kfac", "projected"])
+def test_structures_without_eigenbasis_say_none(structure):
+    _, post = _fitted(structure, "scalar")
+    assert eigenbasis_of(post) is None
+    assert spectrum_of(object(), post.prior.kind) is None and eigenbasis_of(object()) is None

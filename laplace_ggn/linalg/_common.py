@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -21,6 +22,22 @@ class SolveMethod(str, enum.Enum):
     CG = "cg"
     NEUMANN = "neumann"
     KFAC = "kfac"
+
+
+@runtime_checkable
+class SupportsInverseMatvec(Protocol):
+    r"""An operator that applies its own damped inverse, :math:`(A + \delta I)^{-1} v`."""
+
+    def inverse_matvec(self, v: Tensor, damping: float = 0.0) -> Tensor:
+        """``(P,)`` or ``(P, K)`` -> same shape."""
+
+
+@runtime_checkable
+class SupportsSolve(Protocol):
+    """An operator that applies its inverse with the damping it was built with."""
+
+    def solve(self, v: Tensor) -> Tensor:
+        """``(P,)`` or ``(P, K)`` -> same shape."""
 
 
 class ProbeDistribution(str, enum.Enum):

@@ -10,11 +10,14 @@ import torch
 from torch import Tensor
 
 from .._checks import as_enum, shape_str
+from ..kfac import KFACCurvature
 from ..operators import LinearOperator, as_operator
 from ._common import (
     CGResult,
     NeumannResult,
     SolveMethod,
+    SupportsInverseMatvec,
+    SupportsSolve,
     _apply,
     _check_count,
     _check_square,
@@ -244,7 +247,7 @@ def neumann(
 
 
 def inverse_matvec(
-    A: LinearOperator | Tensor | object,
+    A: LinearOperator | Tensor | KFACCurvature | SupportsInverseMatvec | SupportsSolve,
     v: Tensor,
     *,
     method: SolveMethod | str = SolveMethod.CG,
@@ -305,23 +308,23 @@ def inverse_matvec(
     if method is SolveMethod.KFAC:
         if isinstance(A, (Tensor, LinearOperator)):
             pass  # plain matrices have no Kronecker inverse (Tensor.solve is a removed API)
-        elif all(hasattr(A, a) for a in ("blocks", "layout", "diag", "diag_index")):
+        elif isinstance(A, KFACCurvature):
             return _kfac_inverse_matvec(A, v, damping)
-        elif hasattr(A, "inverse_matvec"):
-            return A.inverse_matvec(v, damping=damping)  # type: ignore[union-attr]
-        elif hasattr(A, "solve"):
+        elif isinstance(A, SupportsInverseMatvec):
+            return A.inverse_matvec(v, damping=damping)
+        elif isinstance(A, SupportsSolve):
             if damping != 0:
                 raise ValueError(
                     f"damping must be 0 for an object with only solve(v); got {damping!r}. "
                     "Build the object with its damping instead."
                 )
-            return A.solve(v)  # type: ignore[union-attr]
+            return A.solve(v)
         raise TypeError(
             "A must expose inverse_matvec(v, damping) or solve(v) for method='kfac'; got "
             f"{type(A).__name__}. Pass the fitted KFAC curvature."
         )
 
-    op = as_operator(A)  # type: ignore[arg-type]
+    op = as_operator(A)  # raises TypeError naming any other type
     P = _check_square(op)
     if v.shape[0] != P:
         raise ValueError(f"v must have shape ({P},) or ({P}, K); got {shape_str(v.shape)}.")

@@ -10,14 +10,7 @@ from torch import Tensor
 
 from .._checks import Likelihood
 from ..likelihoods import FitStatistics
-from ..posteriors import (
-    DiagPosterior,
-    FullPosterior,
-    KFACPosterior,
-    LowRankPosterior,
-    PriorKind,
-    ProjectedPosterior,
-)
+from ..posteriors import PriorKind, spectrum_of
 
 __all__ = ["SpectralEvidence", "check_evidence", "curvature_spectrum", "log_marginal_likelihood"]
 
@@ -103,12 +96,14 @@ def check_evidence(
 def curvature_spectrum(posterior, kind: PriorKind) -> Tensor | None:
     r"""Eigenvalues λ ``(P,)`` of the curvature with :math:`\log|sG+\Lambda_0| = \sum\log(s\lambda+a)`.
 
-    The eigenbasis must also diagonalise the prior: true for the diag structure with any
-    prior (λ = diag G, ``a`` per parameter) and, for a scalar prior, for full (eigenvalues of
-    G, one ``eigh`` cached on the posterior), KFAC (:math:`\lambda_B \otimes \lambda_A` per
-    block and the exact diagonal of the other parameters) and low rank (its eigenvalues,
-    zeros elsewhere).  The projected structure is the limit of an infinite curvature on the
-    range: λ is ``inf`` on its R directions and 0 on the kernel.
+    The posterior's optional ``spectrum(kind)`` member (see
+    :class:`~laplace_ggn.posteriors.Posterior`): the eigenbasis must also diagonalise the
+    prior. True for the diag structure with any prior (λ = diag G, ``a`` per parameter) and,
+    for a scalar prior, for full (eigenvalues of G, one ``eigvalsh`` cached on the posterior),
+    KFAC (:math:`\lambda_B \otimes \lambda_A` per block and the exact diagonal of the other
+    parameters) and low rank (its eigenvalues, zeros elsewhere).  The projected structure is
+    the limit of an infinite curvature on the range: λ is ``inf`` on its R directions and 0 on
+    the kernel.
 
     Args:
         posterior: A fitted posterior.
@@ -118,24 +113,7 @@ def curvature_spectrum(posterior, kind: PriorKind) -> Tensor | None:
         λ in the order that matches the prior's per-parameter diagonal where that matters
         (diag structure), or ``None`` if no shared spectrum exists for this pair.
     """
-    if isinstance(posterior, DiagPosterior):
-        return posterior.ggn_diag
-    if kind is not PriorKind.SCALAR:
-        return None
-    if isinstance(posterior, FullPosterior):
-        return posterior.eigenvalues
-    if isinstance(posterior, KFACPosterior):
-        parts = [torch.outer(e.lam_B, e.lam_A).reshape(-1) for e in posterior._eig]
-        parts.append(posterior.curvature.diag.reshape(-1))
-        return torch.cat(parts)
-    if isinstance(posterior, LowRankPosterior):
-        lam = posterior.eigenvalues
-        return torch.cat([lam, lam.new_zeros(posterior.n_params - lam.shape[0])])
-    if isinstance(posterior, ProjectedPosterior):
-        lam = posterior.mean.new_zeros(posterior.n_params)
-        lam[: posterior.rank] = torch.inf
-        return lam
-    return None
+    return spectrum_of(posterior, kind)
 
 
 class SpectralEvidence:

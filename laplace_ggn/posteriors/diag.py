@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import Prior, check_J, check_V, standard_normal
+from ._common import Prior, PriorKind, check_J, check_V, standard_normal
 from ._output import EigenOutputCovariance, check_head_features
 
 __all__ = ["DiagPosterior"]
@@ -39,6 +39,17 @@ class DiagPosterior:
     def log_det(self) -> Tensor:
         r"""log|Λ| of the precision Λ (not of Σ), shape ``()``."""
         return torch.log(self.precision_diag()).sum()
+
+    def spectrum(self, kind: PriorKind) -> Tensor:
+        """The diagonal g of G ``(P,)``: the standard basis diagonalises every prior.
+
+        Args:
+            kind: The prior structure (any).
+
+        Returns:
+            g with log|s diag(g) + Λ₀| = Σ log(s g_i + a_i), in parameter order, ``(P,)``.
+        """
+        return self.ggn_diag
 
     def variance(self) -> Tensor:
         """Diagonal of Σ, shape ``(P,)``."""

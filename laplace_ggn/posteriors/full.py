@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
+from ._common import Prior, PriorKind, check_J, check_V, robust_cholesky, standard_normal
 from ._output import KronDenseOutputCovariance, check_head_features
 
 __all__ = ["FullPosterior"]
@@ -92,6 +92,27 @@ class FullPosterior:
     @cached_property
     def _chol(self) -> Tensor:
         return robust_cholesky(self.precision(), "posterior precision")
+
+    # -- optional protocol members ------------------------------------------------------------
+
+    def spectrum(self, kind: PriorKind) -> Tensor | None:
+        """Eigenvalues of G ``(P,)`` (:attr:`eigenvalues`) for a scalar prior, else ``None``.
+
+        Args:
+            kind: The prior structure; only a scalar prior shares the eigenbasis of G.
+
+        Returns:
+            λ with log|sG + αI| = Σ log(sλ + α), shape ``(P,)``, or ``None``.
+        """
+        return self.eigenvalues if kind is PriorKind.SCALAR else None
+
+    def eigenbasis(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues ``(P,)`` and eigenvectors ``(P, P)`` of G (:attr:`eig`).
+
+        Returns:
+            ``(λ, U)`` with G = U diag(λ) Uᵀ, λ clamped at 0.
+        """
+        return self.eig
 
     # -- Posterior protocol ----------------------------------------------------------------
 

@@ -348,6 +348,22 @@ class KFACPosterior:
 
     # -- serialisation ---------------------------------------------------------------------------
 
+    def spectrum(self, kind: PriorKind) -> Tensor | None:
+        r"""For a scalar prior, :math:`\lambda_B \otimes \lambda_A` per block and the diagonal rest.
+
+        Args:
+            kind: The prior structure; only a scalar prior shares the Kronecker eigenbasis.
+
+        Returns:
+            λ (blocks in order, then the exactly diagonal parameters), shape ``(P,)``, or
+            ``None``.
+        """
+        if kind is not PriorKind.SCALAR:
+            return None
+        parts = [torch.outer(e.lam_B, e.lam_A).reshape(-1) for e in self._eig]
+        parts.append(self.curvature.diag.reshape(-1))
+        return torch.cat(parts)
+
     def state_dict(self) -> dict[str, object]:
         """Factors, parameter names of each block, and the diagonal part."""
         state: dict[str, object] = {

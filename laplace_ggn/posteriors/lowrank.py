@@ -58,7 +58,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
+from ._common import Prior, PriorKind, check_J, check_V, robust_cholesky, standard_normal
 from ._output import LowRankOutputCovariance, check_head_features
 
 __all__ = ["LowRankPosterior"]
@@ -286,6 +286,28 @@ class LowRankPosterior:
             prior,
             self.scale if scale is None else scale,
         )
+
+    def spectrum(self, kind: PriorKind) -> Tensor | None:
+        """For a scalar prior, the R eigenvalues of G followed by P - R zeros, else ``None``.
+
+        Args:
+            kind: The prior structure; only a scalar prior shares the eigenbasis of G.
+
+        Returns:
+            λ with log|Λ| = Σ log(sλ + α), shape ``(P,)``, or ``None``.
+        """
+        if kind is not PriorKind.SCALAR:
+            return None
+        lam = self.eigenvalues
+        return torch.cat([lam, lam.new_zeros(self.n_params - lam.shape[0])])
+
+    def eigenbasis(self) -> tuple[Tensor, Tensor]:
+        """The held eigenpairs of G: λ ``(R,)`` and orthonormal U ``(P, R)``.
+
+        Returns:
+            ``(λ, U)``; the complement of the columns of U carries the prior only.
+        """
+        return self.eigenvalues, self.eigenvectors
 
     def state_dict(self) -> dict[str, Tensor]:
         """The eigenpairs (the prior is stored by the wrapper)."""

@@ -64,7 +64,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from ._common import Prior, check_J, check_V, robust_cholesky, standard_normal
+from ._common import Prior, PriorKind, check_J, check_V, robust_cholesky, standard_normal
 
 __all__ = ["ProjectedPosterior"]
 
@@ -209,6 +209,25 @@ class ProjectedPosterior:
             prior,
             self.scale if scale is None else scale,
         )
+
+    def spectrum(self, kind: PriorKind) -> Tensor | None:
+        """For a scalar prior, ``inf`` on the R directions of the range and 0 on the kernel.
+
+        The projected posterior is the limit of an infinite curvature on the range, so with a
+        scalar prior λ is ``inf`` there (no variance, a constant log term left out) and 0 on
+        the kernel; other priors have no shared basis (``None``).
+
+        Args:
+            kind: The prior structure.
+
+        Returns:
+            λ, shape ``(P,)``, or ``None``.
+        """
+        if kind is not PriorKind.SCALAR:
+            return None
+        lam = self.mean.new_zeros(self.n_params)
+        lam[: self.rank] = torch.inf
+        return lam
 
     def state_dict(self) -> dict[str, Tensor]:
         """The basis of the range and its eigenvalues (the prior is stored by the wrapper)."""
