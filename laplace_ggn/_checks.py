@@ -27,6 +27,7 @@ __all__ = [
     "check_finite",
     "check_generator",
     "check_positive",
+    "check_positive_int",
     "check_target_tensor",
     "is_integer",
     "shape_str",
@@ -183,6 +184,20 @@ def is_integer(value: object) -> bool:
         and value.ndim == 0
         and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
     )
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` as an ``int`` if it is a positive integer (see :func:`is_integer`).
+
+    Returns:
+        The integer.
+
+    Raises:
+        ValueError: If it is not a positive integer.
+    """
+    if not is_integer(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return int(value)
 
 
 def check_generator(generator: object) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import DEFAULT_MEMORY_BUDGET, Likelihood, as_enum, is_integer, shape_str
+from ._checks import DEFAULT_MEMORY_BUDGET, is_integer, shape_str
 from .functional import FunctionalModel, resolve_subset, split_batch
 from .likelihoods import get_likelihood
 
@@ -250,8 +250,7 @@ class _DataCurvatureOperator(LinearOperator):
         target_key: str | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
-        self.likelihood_kind = as_enum(Likelihood, likelihood, "likelihood")
-        self.likelihood = get_likelihood(self.likelihood_kind)
+        self.likelihood = get_likelihood(likelihood)
         first = next(iter(loader), None)
         if first is None:
             raise ValueError("loader must yield at least one batch; got an empty loader.")
@@ -263,7 +262,7 @@ class _DataCurvatureOperator(LinearOperator):
         sigma = float(sigma_noise)
         if not (sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"sigma_noise must be finite and > 0; got {sigma_noise}.")
-        self.sigma2 = sigma**2 if self.likelihood_kind is Likelihood.REGRESSION else 1.0
+        self.sigma2 = self.likelihood.sigma2(sigma)
         P = layout.n_params
         self.shape = (P, P)
         self.dtype, self.device = self.fmodel.dtype, self.fmodel.device

@@ -1,0 +1,139 @@
+"""What the likelihoods share: fit statistics, the predictive's moments, shared helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._checks import Link, PredictMethod, shape_str
+
+DEFAULT_IGNORE_INDEX = -100
+
+VALID_PREDICT_OPTIONS = (
+    "valid combinations: method='glm' with link 'probit', 'bridge' or 'mc'; method='nn' with "
+    "link 'mc' (the default for 'nn'); regression ignores the link"
+)
+
+
+@dataclass(frozen=True)
+class FitStatistics:
+    """Sufficient statistics of the training loss at θ*, enough to recompute ℓ(θ*) for any σ.
+
+    Attributes:
+        n_data: Number of training points N (kept positions for outputs ``(B, T, C)``).
+        n_outputs: Number of outputs C.
+        loss_sum: Summed NLL (classification) or summed squared error Σ‖y - f‖² (regression).
+        output_ndim: 2 for outputs ``(B, C)``, 3 for ``(B, T, C)``.
+    """
+
+    n_data: int
+    n_outputs: int
+    loss_sum: float
+    output_ndim: int = 2
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Moments of a predictive distribution.
+
+    Attributes:
+        mean: Regression: predictive mean; classification: class probabilities (a binary
+            model gives the probability of class 1), shape ``(B, C)``.
+        variance: Regression: variance of y (functional + σ²); classification: variance of
+            the class probability under the posterior, shape ``(B, C)``.
+    """
+
+    mean: Tensor
+    variance: Tensor
+
+
+def sample_moments(out: Tensor) -> Prediction:
+    """Mean and unbiased variance over the first dimension of ``out`` ``(S, B, C)``.
+
+    Returns:
+        The :class:`Prediction`, shapes ``(B, C)``; the variance is 0 when S = 1.
+    """
+    S = out.shape[0]
+    var = out.var(dim=0, correction=1) if S > 1 and out.shape[1] else torch.zeros_like(out[0])
+    return Prediction(out.mean(0), var)
+
+
+def check_batch_size(pred: Prediction, y: Tensor) -> int:
+    """B of the prediction, after checking that ``y`` has it.
+
+    Returns:
+        B.
+
+    Raises:
+        ValueError: If ``y`` does not match the prediction's batch size.
+    """
+    B = pred.mean.shape[0]
+    if y.shape[0] != B:
+        raise ValueError(f"y must have batch size {B}; got shape {shape_str(y.shape)}.")
+    return B
+
+
+def classifier_link(method: PredictMethod, link: Link | None) -> tuple[PredictMethod, Link]:
+    """The link of a classification predictive: probit for ``glm``, ``mc`` for ``nn`` by default.
+
+    Returns:
+        ``(method, link)``.
+
+    Raises:
+        ValueError: If ``method='nn'`` comes with a link other than ``mc``.
+    """
+    if method is PredictMethod.NN:
+        if link not in (None, Link.MC):
+            raise ValueError(
+                f"link must be 'mc' (or None) with method='nn'; got link={link.value!r}. The "
+                f"sampled-network predictive averages over network samples; "
+                f"{VALID_PREDICT_OPTIONS}."
+            )
+        return method, Link.MC
+    return method, (Link.PROBIT if link is None else link)
+
+
+def class_positions(kind_name: str, f: Tensor, y: Tensor, where: str) -> Tensor:
+    """Targets ``(B, T)`` or ``(B, T, 1)`` of outputs ``(B, T, C)`` as one row per position.
+
+    Returns:
+        Shape ``(B·T,)``.
+
+    Raises:
+        ValueError: If ``y`` has neither shape.
+    """
+    lead = tuple(f.shape[:-1])
+    shapes = [lead, (*lead, 1)]
+    check_position_shapes(kind_name, f, y, shapes, where)
+    return y.reshape(-1)
+
+
+def check_position_shapes(
+    kind_name: str, f: Tensor, y: Tensor, shapes: list[tuple[int, ...]], where: str
+) -> None:
+    """Refuse targets of outputs ``(B, T, C)`` whose shape is none of ``shapes``.
+
+    Raises:
+        ValueError: Naming the accepted shapes.
+    """
+    if tuple(y.shape) not in shapes:
+        loc = f" ({where})" if where else ""
+        want = " or ".join(shape_str(s) for s in shapes)
+        raise ValueError(
+            f"{kind_name} targets{loc} must have shape {want} for outputs of shape "
+            f"{shape_str(f.shape)} (one target per position); got {shape_str(y.shape)}."
+        )
+
+
+def ignored_positions(y: Tensor, n: int, ignore_index: int | None) -> Tensor | None:
+    """Rows of class targets ``y`` equal to ``ignore_index`` (``None`` if none or no rows match).
+
+    Returns:
+        Boolean mask ``(n,)`` or ``None``.
+    """
+    if ignore_index is None or y.numel() != n:
+        return None
+    ignored = (y == ignore_index).reshape(n)
+    return ignored if bool(ignored.any()) else None
