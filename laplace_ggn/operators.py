@@ -1,10 +1,8 @@
-r"""Linear operators and the curvature operators over a DataLoader.
+r"""Curvature operators over a DataLoader, on the :class:`LinearOperator` base.
 
-A :class:`LinearOperator` is anything with ``shape``, ``dtype``, ``device`` and a product with
-vectors ``(P,)`` or matrices ``(P, K)``.  Operators compose with ``@``, ``+``, scalar ``*`` and
-``.T``; ``to_dense()`` materialises them (tests and tiny problems only).
-
-The curvature operators stream over a DataLoader at every product:
+The base class and its compositions (``@``, ``+``, scalar ``*``, ``.T``, ``to_dense()``) are in
+:mod:`laplace_ggn.linear_operator` and available here too.  The curvature operators stream
+over a DataLoader at every product:
 
 .. math::
     G v = \sum_n J_n^\top \Lambda_n J_n v, \qquad
@@ -15,14 +13,15 @@ The curvature operators stream over a DataLoader at every product:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
 
 import torch
 from torch import Tensor
 
-from ._checks import DEFAULT_MEMORY_BUDGET, is_integer, shape_str
+from ._checks import DEFAULT_MEMORY_BUDGET, is_integer
 from .functional import FunctionalModel, resolve_subset, split_batch
 from .likelihoods import get_likelihood
+from .linear_operator import CallableOperator, DenseOperator, LinearOperator, as_operator
 
 __all__ = [
     "LinearOperator",
@@ -34,205 +33,6 @@ __all__ = [
     "EFOperator",
     "MCFisherOperator",
 ]
-
-
-class LinearOperator:
-    """Base class: subclasses implement ``_matmat(V)`` for ``V`` of shape ``(P, K)``.
-
-    Attributes:
-        shape: ``(P, Q)``.
-        dtype: Floating dtype of products.
-        device: Device of products.
-    """
-
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    device: torch.device
-
-    def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _rmatmat(self, V: Tensor) -> Tensor:
-        """Product with the transpose; symmetric operators need not override."""
-        return self._matmat(V)
-
-    def __matmul__(self, V: Tensor) -> Tensor:
-        """Product with a vector ``(Q,)`` or matrix ``(Q, K)``.
-
-        Raises:
-            ValueError: If the leading dimension of ``V`` is not ``Q``.
-        """
-        if isinstance(V, LinearOperator):
-            return _ProductOperator(self, V)
-        if V.ndim not in (1, 2) or V.shape[0] != self.shape[1]:
-            raise ValueError(
-                f"operand must have shape ({self.shape[1]},) or ({self.shape[1]}, K); "
-                f"got {shape_str(V.shape)}."
-            )
-        if V.ndim == 1:
-            return self._matmat(V.unsqueeze(1)).squeeze(1)
-        return self._matmat(V)
-
-    def __add__(self, other: LinearOperator) -> LinearOperator:
-        if not isinstance(other, LinearOperator):
-            return NotImplemented
-        if other.shape != self.shape:
-            raise ValueError(
-                f"operators must have the same shape to add; got {self.shape} and {other.shape}."
-            )
-        return _SumOperator(self, other)
-
-    def __mul__(self, scalar: float) -> LinearOperator:
-        if isinstance(scalar, LinearOperator) or (
-            isinstance(scalar, Tensor) and scalar.numel() != 1
-        ):
-            return NotImplemented
-        return _ScaledOperator(self, scalar)
-
-    __rmul__ = __mul__
-
-    def __neg__(self) -> LinearOperator:
-        return _ScaledOperator(self, -1.0)
-
-    def __sub__(self, other: LinearOperator) -> LinearOperator:
-        return self + (-other)
-
-    @property
-    def T(self) -> LinearOperator:  # noqa: N802 - matches torch / numpy
-        """The transposed operator."""
-        return _TransposedOperator(self)
-
-    def to_dense(self) -> Tensor:
-        """Materialise the operator, shape ``(P, Q)``; costs Q products."""
-        eye = torch.eye(self.shape[1], dtype=self.dtype, device=self.device)
-        return self @ eye
-
-    def diagonal(self) -> Tensor:
-        """Exact diagonal by products with unit vectors (subclasses may do better)."""
-        return torch.diagonal(self.to_dense())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
-
-
-class DenseOperator(LinearOperator):
-    """Wrap an explicit matrix ``(P, Q)``."""
-
-    def __init__(self, A: Tensor):
-        if A.ndim != 2:
-            raise ValueError(f"A must be a matrix (P, Q); got shape {shape_str(A.shape)}.")
-        self.A = A
-        self.shape = (A.shape[0], A.shape[1])
-        self.dtype = A.dtype
-        self.device = A.device
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self.A @ V
-
-    def _rmatmat(self, V: Tensor) -> Tensor:
-        return self.A.T @ V
-
-    def to_dense(self) -> Tensor:
-        """The wrapped matrix ``(P, Q)``."""
-        return self.A
-
-    def diagonal(self) -> Tensor:
-        """Its diagonal."""
-        return torch.diagonal(self.A)
-
-
-class CallableOperator(LinearOperator):
-    """Wrap a function ``V (P, K) -> A V (P, K)`` of a symmetric operator."""
-
-    def __init__(
-        self,
-        matmat: Callable[[Tensor], Tensor],
-        size: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
-        self._fn = matmat
-        self.shape = (size, size)
-        self.dtype = dtype
-        self.device = torch.device(device)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self._fn(V)
-
-
-def as_operator(A: LinearOperator | Tensor) -> LinearOperator:
-    """Return ``A`` as a :class:`LinearOperator` (tensors are wrapped).
-
-    Raises:
-        TypeError: If ``A`` is neither an operator nor a 2-D tensor.
-    """
-    if isinstance(A, LinearOperator):
-        return A
-    if isinstance(A, Tensor):
-        return DenseOperator(A)
-    raise TypeError(f"A must be a LinearOperator or a 2-D tensor; got {type(A).__name__}.")
-
-
-class _SumOperator(LinearOperator):
-    def __init__(self, a: LinearOperator, b: LinearOperator):
-        self.a, self.b = a, b
-        self.shape, self.dtype, self.device = a.shape, a.dtype, a.device
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self.a @ V + self.b @ V
-
-    def _rmatmat(self, V: Tensor) -> Tensor:
-        return self.a.T @ V + self.b.T @ V
-
-
-class _ScaledOperator(LinearOperator):
-    def __init__(self, a: LinearOperator, scalar: float | Tensor):
-        self.a, self.scalar = a, scalar
-        self.shape, self.dtype, self.device = a.shape, a.dtype, a.device
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self.scalar * (self.a @ V)
-
-    def _rmatmat(self, V: Tensor) -> Tensor:
-        return self.scalar * (self.a.T @ V)
-
-
-class _TransposedOperator(LinearOperator):
-    def __init__(self, a: LinearOperator):
-        self.a = a
-        self.shape = (a.shape[1], a.shape[0])
-        self.dtype, self.device = a.dtype, a.device
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self.a._rmatmat(V)
-
-    def _rmatmat(self, V: Tensor) -> Tensor:
-        return self.a._matmat(V)
-
-    @property
-    def T(self) -> LinearOperator:  # noqa: N802
-        return self.a
-
-
-class _ProductOperator(LinearOperator):
-    def __init__(self, a: LinearOperator, b: LinearOperator):
-        if a.shape[1] != b.shape[0]:
-            raise ValueError(f"cannot multiply operators of shapes {a.shape} and {b.shape}.")
-        self.a, self.b = a, b
-        self.shape = (a.shape[0], b.shape[1])
-        self.dtype, self.device = a.dtype, a.device
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self.a @ (self.b @ V)
-
-    def _rmatmat(self, V: Tensor) -> Tensor:
-        return self.b.T @ (self.a.T @ V)
-
-
-# ---------------------------------------------------------------------------------------------
-# Curvature operators over a DataLoader
-# ---------------------------------------------------------------------------------------------
 
 
 class _DataCurvatureOperator(LinearOperator):
@@ -301,7 +101,8 @@ class GGNOperator(_DataCurvatureOperator):
     every product. The operator holds a private copy of the model, so θ* cannot change under
     the cache, but the loader can: the cache assumes the loader yields the same batches at every
     pass; call :meth:`clear_cache` if it does not. Models whose operations lack a double
-    backward fall back to the uncached product.
+    backward fall back to the uncached product. Every product that recomputes batches
+    without the cache warns once, with the reason.
 
     Args:
         model: The network (copied; never modified).
@@ -328,6 +129,7 @@ class GGNOperator(_DataCurvatureOperator):
     def __init__(self, model, loader, *, cache: bool = False, **kwargs):
         super().__init__(model, loader, **kwargs)
         self.cache = bool(cache)
+        self._disabled: str | None = None  # why the cache cannot be used for this model
         self.clear_cache()
 
     def _output_matvec(self, f: Tensor, u: Tensor, y: Tensor, index: int) -> Tensor:
@@ -371,24 +173,31 @@ class GGNOperator(_DataCurvatureOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         if not self.cache:
             return super()._matmat(V)
+        if self._disabled is not None:
+            self._warn_uncached("every batch", self._disabled)
+            return super()._matmat(V)
         V = V.to(self.dtype)
         out = torch.zeros(self.shape[0], V.shape[1], dtype=self.dtype, device=self.device)
         if self._complete:
             for entry in self._entries.values():
                 out += self._cached_product(entry, V)
             return out
-        complete = True
+        n_batches, n_uncached = 0, 0
         for i, x, y in self.batches():
+            n_batches += 1
             entry = self._entries.get(i)
-            if entry is None and self.cache and not self._budget_hit:
+            if entry is None and self._disabled is None and not self._budget_hit:
                 entry, nbytes = self._build_entry(x)
                 self._budget_hit = self._cached_bytes + nbytes > self.fmodel.memory_budget
                 if not self._budget_hit:
                     try:
                         out += self._cached_product(entry, V)
-                    except RuntimeError:  # an operation without double backward
-                        self.cache = False
+                    except RuntimeError as err:  # an operation without double backward
                         self.clear_cache()
+                        self._disabled = (
+                            "an operation of the model has no double backward "
+                            f"({type(err).__name__}: {str(err)[:120]})"
+                        )
                     else:
                         self._entries[i] = entry
                         self._cached_bytes += nbytes
@@ -397,11 +206,26 @@ class GGNOperator(_DataCurvatureOperator):
             if entry is not None:
                 out += self._cached_product(entry, V)
             else:
-                complete = False
+                n_uncached += 1
                 matvec = lambda f, u, y=y, i=i: self._output_matvec(f, u, y, i)  # noqa: E731
                 out += self.fmodel.jvp_vjp(x, V, matvec)[0]
-        self._complete = self.cache and complete
+        self._complete = self._disabled is None and n_uncached == 0
+        if n_uncached:
+            reason = self._disabled or (
+                f"their graphs do not fit memory_budget={self.fmodel.memory_budget} bytes next "
+                f"to the {len(self._entries)} cached batches ({self._cached_bytes} bytes)"
+            )
+            self._warn_uncached(f"{n_uncached} of {n_batches} batches", reason)
         return out
+
+    @staticmethod
+    def _warn_uncached(which: str, reason: str) -> None:
+        warnings.warn(
+            f"GGNOperator(cache=True) recomputed {which} at this product without the cache: "
+            f"{reason}.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def to_dense(self) -> Tensor:
         """Dense G ``(P, P)`` from per-sample Jacobians (faster than P products)."""

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -139,7 +140,14 @@ def test_cached_ggn_products_match_dense(name, budget):
     g = torch.Generator().manual_seed(0)
     for _ in range(3):  # first product builds the cache, later ones reuse it
         V = torch.randn(ref.shape[0], 2, dtype=torch.float64, generator=g)
-        torch.testing.assert_close(G @ V, ref @ V, **TOL)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.testing.assert_close(G @ V, ref @ V, **TOL)
+        said = [str(w.message) for w in caught if "GGNOperator(cache=True)" in str(w.message)]
+        if budget == 2**30:
+            assert not said
+        else:  # batches past the budget are recomputed, and every such product says so once
+            assert len(said) == 1 and "do not fit memory_budget" in said[0]
     n_cached = len(G._entries)
     if budget == 2**30:
         assert G._complete and n_cached == 3
