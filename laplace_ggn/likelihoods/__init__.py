@@ -35,12 +35,16 @@ __all__ = [
     "Categorical",
     "FitStatistics",
     "Gaussian",
+    "LikelihoodModel",
     "OutputCurvature",
     "Prediction",
     "as_output_curvature",
     "get_likelihood",
     "observations",
 ]
+
+#: Any of the likelihood objects.
+LikelihoodModel = Gaussian | Categorical | Bernoulli
 
 _MODELS = {
     Likelihood.REGRESSION: Gaussian,
@@ -49,9 +53,7 @@ _MODELS = {
 }
 
 
-def get_likelihood(
-    kind: Likelihood | str | Gaussian | Categorical | Bernoulli,
-) -> Gaussian | Categorical | Bernoulli:
+def get_likelihood(kind: Likelihood | str | LikelihoodModel) -> LikelihoodModel:
     """Return the likelihood object for a :class:`~laplace_ggn._checks.Likelihood` option.
 
     Args:
