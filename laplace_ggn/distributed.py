@@ -9,11 +9,15 @@ state of a single pass over all the data:
 
 The module speaks the *collector distribution protocol*: a collector provides
 
-- ``distributed_state() -> dict[str, tuple[Tensor, str]]``: name -> (tensor, ``"sum"`` or
-  ``"gather"``); a collector that has seen no data returns zeros of the right shape for
-  ``"sum"`` entries and zero rows for ``"gather"`` entries;
+- ``distributed_state() -> dict[str, tuple[Tensor, Reduction]]``: name -> (tensor, how ranks
+  combine it: :class:`Reduction`, or its value ``"sum"`` / ``"gather"``); a collector that has
+  seen no data returns zeros of the right shape for ``SUM`` entries and zero rows for
+  ``GATHER`` entries;
 - ``load_distributed_state(state: dict[str, Tensor])``: replace its state with the summed
   (all-reduce) or gathered (concatenated along dim 0, in rank order) tensors.
+
+The collectors of :mod:`laplace_ggn.collectors` derive both from the states they declare with
+:meth:`~laplace_ggn.collectors.base.Collector.add_state`.
 
 :class:`DistributedFit` runs the collectives of one :meth:`LaplaceWrapper.fit
 <laplace_ggn.wrapper.LaplaceWrapper.fit>` in a fixed order on every rank:
@@ -35,6 +39,7 @@ Works with gloo (CPU) and NCCL (tensors are moved to the current CUDA device for
 from __future__ import annotations
 
 import builtins
+import enum
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -45,11 +50,14 @@ from torch import Tensor, nn
 
 from .functional import ParamLayout, resolve_subset
 
-__all__ = ["GATHER", "SUM", "DistributedFit", "model_digests", "resolve_distributed"]
+__all__ = ["DistributedFit", "Reduction", "model_digests", "resolve_distributed"]
 
-SUM = "sum"
-GATHER = "gather"
-_OPS = (SUM, GATHER)
+
+class Reduction(str, enum.Enum):
+    """How the ranks combine one tensor of a collector's state."""
+
+    SUM = "sum"  #: element-wise sum (all-reduce)
+    GATHER = "gather"  #: row blocks concatenated along dim 0 in rank order (all-gather)
 
 
 def resolve_distributed(
@@ -115,11 +123,26 @@ def model_digests(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _reduction(op: object, name: str) -> Reduction:
+    """The :class:`Reduction` of a collector state, converted once from its value.
+
+    Raises:
+        ValueError: If ``op`` names no reduction.
+    """
+    try:
+        return Reduction(op)
+    except ValueError:
+        raise ValueError(
+            f"collector state {name!r} must be reduced by one of "
+            f"{[r.value for r in Reduction]}; got {op!r}."
+        ) from None
+
+
 @dataclass(frozen=True)
 class _StateMeta:
     """What a rank reports of one collector tensor before the reduction."""
 
-    op: str
+    op: Reduction
     shape: tuple[int, ...]
     dtype: torch.dtype
 
@@ -275,17 +298,12 @@ class DistributedFit:
                 dtypes or shapes. Errors of other ranks are raised on every rank.
         """
         meta: dict[str, _StateMeta] = {}
-        state: dict[str, tuple[Tensor, str]] = {}
+        state: dict[str, tuple[Tensor, Reduction]] = {}
         if error is None:
             try:
                 state = collector.distributed_state()
                 for name, (t, op) in state.items():
-                    if op not in _OPS:
-                        raise ValueError(
-                            f"collector state {name!r} must be reduced by one of {list(_OPS)}; "
-                            f"got {op!r}."
-                        )
-                    meta[name] = _StateMeta(op, tuple(t.shape), t.dtype)
+                    meta[name] = _StateMeta(_reduction(op, name), tuple(t.shape), t.dtype)
             except Exception as exc:  # noqa: BLE001 -- raised on every rank below
                 error = exc
         report = {
@@ -315,7 +333,7 @@ class DistributedFit:
         rows = {
             name: [rep["meta"][name].shape[0] for rep in reports]
             for name, m in ref.items()
-            if m.op == GATHER
+            if m.op is Reduction.GATHER
         }
         collector.load_distributed_state(self._reduce(state, ref, rows))
         return total, C, loss
@@ -329,11 +347,12 @@ class DistributedFit:
             )
         for name, a in ref.items():
             b = other[name]
-            same_shape = a.shape == b.shape if a.op == SUM else a.shape[1:] == b.shape[1:]
+            same_shape = a.shape == b.shape if a.op is Reduction.SUM else a.shape[1:] == b.shape[1:]
             if a.op != b.op or a.dtype != b.dtype or not same_shape:
                 raise ValueError(
-                    f"collector state {name!r} must agree across ranks; got {a.op} "
-                    f"{a.shape} {a.dtype} on rank 0 and {b.op} {b.shape} {b.dtype} on rank {r}."
+                    f"collector state {name!r} must agree across ranks; got {a.op.value} "
+                    f"{a.shape} {a.dtype} on rank 0 and {b.op.value} {b.shape} {b.dtype} on "
+                    f"rank {r}."
                 )
 
     def _to_comm(self, t: Tensor) -> Tensor:
@@ -341,7 +360,7 @@ class DistributedFit:
 
     def _reduce(
         self,
-        state: dict[str, tuple[Tensor, str]],
+        state: dict[str, tuple[Tensor, Reduction]],
         meta: dict[str, _StateMeta],
         rows: dict[str, list[int]],
     ) -> dict[str, Tensor]:
@@ -349,7 +368,7 @@ class DistributedFit:
         # sums: one flat all-reduce per dtype, in the (agreed) order of the entries
         by_dtype: dict[torch.dtype, list[str]] = {}
         for name, m in meta.items():
-            if m.op == SUM:
+            if m.op is Reduction.SUM:
                 by_dtype.setdefault(m.dtype, []).append(name)
         for names in by_dtype.values():
             tensors = [state[n][0] for n in names]
@@ -360,7 +379,7 @@ class DistributedFit:
                 out[name] = part.reshape(t.shape).to(t.device).clone()
         # gathers: pad to the largest row count, all-gather, trim, concatenate in rank order
         for name, m in meta.items():
-            if m.op != GATHER:
+            if m.op is not Reduction.GATHER:
                 continue
             t = state[name][0].detach()
             counts = rows[name]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn import distributed as D
+from laplace_ggn.collectors.base import Collector, Reduction
 from laplace_ggn.wrapper import STRUCTURES
 
 WORLD = 2
@@ -472,3 +473,52 @@ def test_model_digests_name_every_tensor_and_see_small_changes():
         )
     d1 = D.model_digests(model)
     assert [k for k in d0 if d0[k] != d1[k]] == ["param:0.0.weight"]
+
+
+class _ToyCollector(Collector):
+    """Declares one state of each kind a collector may hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("s", torch.zeros(2, dtype=torch.float64), reduce="sum")
+        self.add_state("rows", torch.zeros(0, 2, dtype=torch.float64), reduce=Reduction.GATHER)
+        self.add_state("n", torch.zeros(1, dtype=torch.float64), reduce=Reduction.SUM)
+        self.n = 0
+        self.loads = 0
+
+    def update(self, x, where="", *, y=None):
+        self.s += x.sum(0)
+        self.rows.append(x)
+        self.n += x.shape[0]
+        return x
+
+    def finalize(self):
+        return self.s
+
+    def _after_load(self):
+        self.loads += 1
+
+
+def test_collector_state_is_derived_from_its_declarations():
+    col = _ToyCollector()
+    empty = col.distributed_state()
+    assert list(empty) == ["s", "rows", "n"]
+    assert [op for _, op in empty.values()] == [Reduction.SUM, Reduction.GATHER, Reduction.SUM]
+    assert empty["rows"][0].shape == (0, 2) and float(empty["n"][0]) == 0.0
+    x = torch.arange(6, dtype=torch.float64).reshape(3, 2)
+    col.update(x[:2])
+    col.update(x[2:])
+    state = col.distributed_state()
+    torch.testing.assert_close(state["rows"][0], x, rtol=0, atol=0)
+    assert len(col.rows) == 1  # the row blocks were stacked in place
+    assert float(state["n"][0]) == 3.0
+    col.load_distributed_state(
+        {"s": 2 * state["s"][0], "rows": torch.cat([x, x]), "n": 2 * state["n"][0]}
+    )
+    assert col.n == 6 and isinstance(col.n, int) and col.rows[0].shape == (6, 2) and col.loads == 1
+    with pytest.raises(ValueError, match=r"reduce must be one of \['sum', 'gather'\]; got 'mean'"):
+        col.add_state("m", torch.zeros(1), reduce="mean")
+    with pytest.raises(ValueError, match=r"default of the gathered state 'r' must have shape"):
+        col.add_state("r", torch.zeros(1, 2), reduce=Reduction.GATHER)
+    col.remove_state("s")
+    assert list(col.distributed_state()) == ["rows", "n"]

@@ -88,22 +88,20 @@ class SqrtGGNRows:
         fmodel: The functional model.
         likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood,
             for its exact factor).
-        use_hooks: Use the layer hooks (``False``: Jacobians for everything).
     """
 
-    def __init__(self, fmodel: FunctionalModel, likelihood, *, use_hooks: bool = True):
+    def __init__(self, fmodel: FunctionalModel, likelihood):
         self.fmodel = fmodel
         self.likelihood: OutputCurvature = as_output_curvature(likelihood)
         layout = fmodel.layout
         in_subset = set(layout.names)
         self.modules: dict[str, nn.Module] = {}
-        if use_hooks:
-            for mname, module in fmodel.module.named_modules():
-                if not (isinstance(module, nn.Linear) or is_transposed_linear(module)):
-                    continue
-                pnames = [f"{mname}.{n}" if mname else n for n, _ in module.named_parameters()]
-                if any(p in in_subset for p in pnames):
-                    self.modules[mname] = module
+        for mname, module in fmodel.module.named_modules():
+            if not (isinstance(module, nn.Linear) or is_transposed_linear(module)):
+                continue
+            pnames = [f"{mname}.{n}" if mname else n for n, _ in module.named_parameters()]
+            if any(p in in_subset for p in pnames):
+                self.modules[mname] = module
         self._set_rest()
         self.hooks_ok = bool(self.modules)
         self.n_outputs: int | None = None  # M, found on the first batch

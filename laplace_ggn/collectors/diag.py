@@ -12,17 +12,23 @@ from torch import Tensor
 from .._checks import check_finite
 from ..functional import FunctionalModel
 from ._rows import SqrtGGNRows
+from .base import Collector, Reduction
 
 __all__ = ["DiagGGNCollector"]
 
 
-class DiagGGNCollector:
-    """Accumulate the exact GGN diagonal ``(P,)`` with layer hooks where possible."""
+class DiagGGNCollector(Collector):
+    """Accumulate the exact GGN diagonal ``(P,)`` with layer hooks where possible.
 
-    def __init__(self, fmodel: FunctionalModel, likelihood, *, use_hooks: bool = True):
+    State: ``diag`` ``(P,)``, summed over ranks.
+    """
+
+    def __init__(self, fmodel: FunctionalModel, likelihood):
+        super().__init__()
         self.fmodel, self.likelihood = fmodel, likelihood
-        self.rows = SqrtGGNRows(fmodel, likelihood, use_hooks=use_hooks)
-        self.diag = torch.zeros(fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+        self.rows = SqrtGGNRows(fmodel, likelihood)
+        diag = torch.zeros(fmodel.n_params, dtype=fmodel.dtype, device=fmodel.device)
+        self.add_state("diag", diag, reduce=Reduction.SUM)
 
     def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
         """Add one batch (targets ``y`` mark ignored positions); returns the outputs."""
@@ -34,11 +40,3 @@ class DiagGGNCollector:
     def finalize(self) -> Tensor:
         """The exact diagonal of the GGN, shape ``(P,)``."""
         return self.diag
-
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
-        """State to all-reduce across ranks: the partial diagonal ``(P,)``, summed."""
-        return {"diag": (self.diag, "sum")}
-
-    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
-        """Replace the partial diagonal by the sum over ranks, shape ``(P,)``."""
-        self.diag = state["diag"]

@@ -12,6 +12,7 @@ from torch import Tensor
 from .._checks import check_finite
 from ..functional import FunctionalModel
 from ._rows import SqrtGGNRows
+from .base import Collector, Reduction
 
 __all__ = ["FullGGNCollector", "dense_bytes", "symmetric_update"]
 
@@ -37,14 +38,16 @@ def symmetric_update(G: Tensor, R: Tensor, n_blocks: int = 4) -> None:
             G[edges[i + 1] :, edges[i] : edges[i + 1]] += blk[:, edges[i + 1] - edges[i] :].T
 
 
-class FullGGNCollector:
-    """Accumulate the dense GGN ``(P, P)`` of the subset."""
+class FullGGNCollector(Collector):
+    """Accumulate the dense GGN ``(P, P)`` of the subset (state ``G``, summed over ranks)."""
 
-    def __init__(self, fmodel: FunctionalModel, likelihood, *, use_hooks: bool = True):
+    def __init__(self, fmodel: FunctionalModel, likelihood):
+        super().__init__()
         self.fmodel, self.likelihood = fmodel, likelihood
-        self.rows = SqrtGGNRows(fmodel, likelihood, use_hooks=use_hooks)
+        self.rows = SqrtGGNRows(fmodel, likelihood)
         P = fmodel.n_params
-        self.G = torch.zeros(P, P, dtype=fmodel.dtype, device=fmodel.device)
+        G = torch.zeros(P, P, dtype=fmodel.dtype, device=fmodel.device)
+        self.add_state("G", G, reduce=Reduction.SUM)
 
     def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
         """Add one batch, in sub-batches that fit in the memory budget; returns the outputs.
@@ -65,11 +68,3 @@ class FullGGNCollector:
     def finalize(self) -> Tensor:
         """The GGN ``(P, P)``."""
         return self.G
-
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
-        """State to all-reduce across ranks: the partial GGN ``(P, P)``, summed."""
-        return {"G": (self.G, "sum")}
-
-    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
-        """Replace the partial GGN by the sum over ranks, shape ``(P, P)``."""
-        self.G = state["G"]

@@ -41,8 +41,12 @@ from ..posteriors._common import make_prior
 from ..posteriors.kfac import check_kfac_prior
 from ._jacobian import jacobian_sqrt_diag
 from ._rows import check_layer_inputs
+from .base import Collector, Reduction
 
 __all__ = ["KFACCollector", "make_kfac_collector"]
+
+SUM = Reduction.SUM
+_FACTOR_STATES = ("A", "B", "count")
 
 
 def make_kfac_collector(
@@ -71,7 +75,7 @@ class _Layer:
     bias: str | None
 
 
-class KFACCollector:
+class KFACCollector(Collector):
     r"""Accumulate Kronecker factors :math:`A_l, B_l` in one pass (``update`` per batch).
 
     Args:
@@ -82,10 +86,14 @@ class KFACCollector:
             exact columns of :math:`L_n`.
         generator: Random generator for ``mc``.
 
-    Distributed use: :meth:`distributed_state` holds only sums (A, the un-normalised B, the
-    row counts and the diagonal part), so an all-reduce of each followed by
-    :meth:`load_distributed_state` and :meth:`finalize` divides B by the *global* count and
-    gives the single-process factors.  With ``mc`` every rank should use its own seed.
+    Distributed use: the states are sums only (``diag``, the diagonal part, and per layer m
+    ``A.m``, the un-normalised ``B.m`` and the row count ``count.m``), so an all-reduce of
+    each followed by :meth:`finalize` divides B by the *global* count and gives the
+    single-process factors.  With ``mc`` every rank should use its own seed.  A collector that
+    has seen no data reports zeros of the same names and shapes, except when a layer runs more
+    than once per forward pass: the first batch moves such layers to the diagonal part, which
+    a rank without data cannot know (the entries then differ between ranks and the reduction
+    refuses them).
     """
 
     def __init__(
@@ -96,6 +104,7 @@ class KFACCollector:
         mc: bool = False,
         generator: torch.Generator | None = None,
     ):
+        super().__init__()
         self.fmodel = fmodel
         self.likelihood = as_output_curvature(likelihood, mc=mc, generator=generator)
         self.mc = self.likelihood.mc
@@ -124,16 +133,17 @@ class KFACCollector:
                 self.layers[mname] = _Layer(module, w, b)
         self._set_rest()
         dt, dev = fmodel.dtype, fmodel.device
-        self.A: dict[str, Tensor] = {}
-        self.B: dict[str, Tensor] = {}
-        self.count: dict[str, Tensor] = {}
+        self.add_state("diag", torch.zeros(self.rest.n_params, dtype=dt, device=dev), reduce=SUM)
         for mname, lay in self.layers.items():
             D, O = self._dims(lay)
-            self.A[mname] = torch.zeros(D, D, dtype=dt, device=dev)
-            self.B[mname] = torch.zeros(O, O, dtype=dt, device=dev)
-            self.count[mname] = torch.zeros((), dtype=dt, device=dev)
-        self.diag = torch.zeros(self.rest.n_params, dtype=dt, device=dev)
+            self.add_state(f"A.{mname}", torch.zeros(D, D, dtype=dt, device=dev), reduce=SUM)
+            self.add_state(f"B.{mname}", torch.zeros(O, O, dtype=dt, device=dev), reduce=SUM)
+            self.add_state(f"count.{mname}", torch.zeros((), dtype=dt, device=dev), reduce=SUM)
         self._checked = False
+
+    def _factors(self, mname: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The states ``(A, B, count)`` of layer ``mname``."""
+        return tuple(getattr(self, f"{kind}.{mname}") for kind in _FACTOR_STATES)
 
     def _set_rest(self) -> None:
         covered = {n for lay in self.layers.values() for n in (lay.weight, lay.bias) if n}
@@ -203,9 +213,10 @@ class KFACCollector:
             else:
                 A_inc, B_inc, rows = self._factor_increments(lay, a, grads[mname].detach(), mask)
             check_finite(B_inc, f"KFAC output factor of layer {mname!r}", where)
-            self.A[mname] += A_inc
-            self.B[mname] += B_inc
-            self.count[mname] += rows
+            A, B, count = self._factors(mname)
+            A.add_(A_inc)
+            B.add_(B_inc)
+            count.add_(rows)
         if self.rest.n_params:
             d, _ = jacobian_sqrt_diag(fm, x, self.rest, self.likelihood, fd, L=L, y=y, where=where)
             check_finite(d, "GGN diagonal (curvature)", where)
@@ -216,12 +227,15 @@ class KFACCollector:
         self._checked = True
         again = [m for m in self.layers if len(records[m].outputs) != 1]
         for m in again:
-            del self.layers[m], self.A[m], self.B[m], self.count[m]
+            del self.layers[m]
+            for kind in _FACTOR_STATES:
+                self.remove_state(f"{kind}.{m}")
         if again:
             self._set_rest()
-            self.diag = torch.zeros(
+            diag = torch.zeros(
                 self.rest.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device
             )
+            self.add_state("diag", diag, reduce=SUM)
         if self.rest.n_params:
             warnings.warn(
                 f"kfac: parameters {list(self.rest.names)} are not in a Kronecker-factored "
@@ -281,37 +295,12 @@ class KFACCollector:
         """
         if not self._checked:
             raise RuntimeError("KFACCollector.finalize() needs at least one update(x).")
-        blocks = tuple(
-            KronFactors(lay.weight, lay.bias, self.A[m], self.B[m] / self.count[m].clamp_min(1))
-            for m, lay in self.layers.items()
-        )
-        return KFACCurvature(self.fmodel.layout, blocks, tuple(self.rest.names), self.diag)
+        blocks = []
+        for m, lay in self.layers.items():
+            A, B, count = self._factors(m)
+            blocks.append(KronFactors(lay.weight, lay.bias, A, B / count.clamp_min(1)))
+        return KFACCurvature(self.fmodel.layout, tuple(blocks), tuple(self.rest.names), self.diag)
 
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
-        """Sums to all-reduce across ranks: ``name -> (tensor, "sum")``.
-
-        A collector that has seen no data returns zeros of the same names and shapes, except
-        when a layer runs more than once per forward pass: the first batch moves such layers to
-        the diagonal part, which a rank without data cannot know (the entries then differ
-        between ranks and the reduction refuses them).
-        """
-        state: dict[str, tuple[Tensor, str]] = {"diag": (self.diag, "sum")}
-        for m in self.layers:
-            state[f"A.{m}"] = (self.A[m], "sum")
-            state[f"B.{m}"] = (self.B[m], "sum")
-            state[f"count.{m}"] = (self.count[m], "sum")
-        return state
-
-    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
-        """Replace the sums with their all-reduced values (keys of :meth:`distributed_state`).
-
-        A rank that saw no data can load the reduced state and :meth:`finalize` like the others.
-        """
+    def _after_load(self) -> None:
+        """A rank that saw no data can :meth:`finalize` after loading the reduced sums."""
         self._checked = True
-        self.diag = state["diag"]
-        for m in self.layers:
-            self.A[m], self.B[m], self.count[m] = (
-                state[f"A.{m}"],
-                state[f"B.{m}"],
-                state[f"count.{m}"],
-            )

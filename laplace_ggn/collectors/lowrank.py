@@ -16,6 +16,7 @@ from torch import Tensor
 from .._checks import check_finite
 from ..functional import FunctionalModel, batch_size_of
 from ._rows import SqrtGGNRows
+from .base import Collector, Reduction
 from .nystrom import DEFAULT_OVERSAMPLING, LowRankCurvature, NystromCollector
 
 __all__ = [
@@ -51,7 +52,7 @@ def make_lowrank_collector(
     return NystromCollector(fmodel, likelihood, rank=rank)
 
 
-class ExactLowRankCollector:
+class ExactLowRankCollector(Collector):
     r"""Store all rows of :math:`V^\top` (:math:`G = VV^\top`) and take their thin SVD.
 
     Args:
@@ -59,14 +60,16 @@ class ExactLowRankCollector:
         likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature` (or a likelihood).
         memory_budget: Bytes allowed for the stored rows.
 
-    Distributed use: :meth:`distributed_state` returns the rows to *gather* (concatenate
-    along dim 0 across ranks); the SVD of the gathered rows is that of the single-process fit.
+    Distributed use: the state ``rows`` is gathered (concatenated along dim 0 across ranks);
+    the SVD of the gathered rows is that of the single-process fit.
     """
 
     def __init__(self, fmodel: FunctionalModel, likelihood, *, memory_budget: int):
+        super().__init__()
         self.fmodel, self.likelihood = fmodel, likelihood
         self.memory_budget = int(memory_budget)
-        self.rows: list[Tensor] = []
+        P, dt, dev = fmodel.n_params, fmodel.dtype, fmodel.device
+        self.add_state("rows", torch.zeros(0, P, dtype=dt, device=dev), reduce=Reduction.GATHER)
         self.n_rows = 0
         self.n_cols: int | None = None  # K, rows per sample, known after the first batch
         self._sqrt_rows = SqrtGGNRows(fmodel, likelihood)
@@ -124,30 +127,8 @@ class ExactLowRankCollector:
         return LowRankCurvature(S[keep] ** 2, Wh[keep].T.contiguous())
 
     def _stacked_rows(self) -> Tensor:
-        """All rows as one ``(M, P)`` tensor, kept as the only chunk.
+        """All rows as one ``(M, P)`` tensor, kept as the only chunk (see :meth:`state_tensor`)."""
+        return self.state_tensor("rows")
 
-        The chunks are moved into it one by one, so the peak is the rows plus one chunk,
-        not twice the rows as with ``torch.cat``.
-        """
-        P, dt, dev = self.fmodel.n_params, self.fmodel.dtype, self.fmodel.device
-        if not self.rows:
-            return torch.zeros(0, P, dtype=dt, device=dev)
-        if len(self.rows) > 1:
-            Vt = torch.empty(self.n_rows, P, dtype=dt, device=dev)
-            pos = 0
-            while self.rows:
-                R = self.rows.pop(0)
-                Vt[pos : pos + R.shape[0]] = R
-                pos += R.shape[0]
-                del R
-            self.rows = [Vt]
-        return self.rows[0]
-
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
-        """``{"rows": (V^T (M, P), "gather")}``."""
-        return {"rows": (self._stacked_rows(), "gather")}
-
-    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
-        """Replace the rows with the rows gathered from all ranks."""
-        self.rows = [state["rows"]]
-        self.n_rows = state["rows"].shape[0]
+    def _after_load(self) -> None:
+        self.n_rows = self.rows[0].shape[0]

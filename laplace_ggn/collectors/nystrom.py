@@ -23,6 +23,7 @@ from torch.func import jvp, vjp, vmap
 from .._checks import check_finite
 from ..functional import FunctionalModel
 from ..likelihoods import as_output_curvature
+from .base import Collector, Reduction
 
 __all__ = ["DEFAULT_OVERSAMPLING", "LowRankCurvature", "NystromCollector", "ggn_matmat"]
 
@@ -105,7 +106,7 @@ def ggn_matmat(
         return out.add_(GO), f
 
 
-class NystromCollector:
+class NystromCollector(Collector):
     r"""Randomized Nyström sketch :math:`Y = G\Omega` in one pass; top-k eigenpairs at the end.
 
     Args:
@@ -116,8 +117,7 @@ class NystromCollector:
         seed: Seed of Ω (a fixed seed makes fits reproducible).
 
     Distributed use: every rank must use the same Ω (the same ``seed``, drawn on the CPU and
-    then moved, so independent of the device); :meth:`distributed_state` returns the partial
-    sketch Y to *sum*.
+    then moved, so independent of the device); the state ``Y``, the partial sketch, is summed.
     """
 
     def __init__(
@@ -129,6 +129,7 @@ class NystromCollector:
         oversampling: int = DEFAULT_OVERSAMPLING,
         seed: int = _SKETCH_SEED,
     ):
+        super().__init__()
         self.fmodel, self.likelihood, self.rank = fmodel, likelihood, int(rank)
         P = fmodel.n_params
         ell = min(P, self.rank + int(oversampling))
@@ -136,7 +137,7 @@ class NystromCollector:
         Omega = torch.randn(P, ell, generator=gen, dtype=fmodel.dtype).to(fmodel.device)
         self.Omega = torch.linalg.qr(Omega)[0]
         del Omega
-        self.Y = torch.zeros_like(self.Omega)
+        self.add_state("Y", torch.zeros_like(self.Omega), reduce=Reduction.SUM)
         self._seen = False
         self._result: LowRankCurvature | None = None
 
@@ -188,11 +189,5 @@ class NystromCollector:
         self._result = LowRankCurvature(lam[:k], U)
         return self._result
 
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
-        """``{"Y": (G Ω (P, k+p), "sum")}``."""
-        return {"Y": (self.Y, "sum")}
-
-    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
-        """Replace the partial sketch with the sum over ranks."""
-        self.Y = state["Y"]
+    def _after_load(self) -> None:
         self._seen = True

@@ -21,6 +21,7 @@ from .._checks import check_finite
 from ..functional import FunctionalModel
 from ..likelihoods import OutputCurvature, as_output_curvature
 from ._rows import SqrtGGNRows
+from .base import Collector, Reduction
 from .full import symmetric_update
 from .nystrom import DEFAULT_OVERSAMPLING, NystromCollector
 
@@ -102,7 +103,7 @@ def _numerical_range(lam: Tensor, U: Tensor, n_rows: int) -> ProjectedCurvature:
     return ProjectedCurvature(lam[keep].contiguous(), U[:, keep].contiguous())
 
 
-class ProjectedExactCollector:
+class ProjectedExactCollector(Collector):
     r"""Every Jacobian row :math:`J_n`; SVD of the rows, or ``eigh`` of their Gram matrix.
 
     Rows are kept while there are at most P of them (memory P·N·C); beyond that they are
@@ -114,9 +115,9 @@ class ProjectedExactCollector:
         metric: The :class:`KernelMetric`.
         memory_budget: Bytes allowed for the rows or the Gram matrix.
 
-    Distributed use: :meth:`distributed_state` gathers the kept rows and sums the Gram matrix
-    (present only when P×P fits the budget) and the row counts; the result equals the
-    single-process fit.
+    Distributed use: the states are the kept ``rows`` (gathered), the row count ``n_rows`` and
+    the Gram matrix ``gram`` (summed; declared only when P×P fits the budget); the result
+    equals the single-process fit.
     """
 
     def __init__(
@@ -126,11 +127,17 @@ class ProjectedExactCollector:
         *,
         memory_budget: int,
     ):
+        super().__init__()
         self.fmodel, self.metric = fmodel, metric
         self.memory_budget = int(memory_budget)
-        self.rows: list[Tensor] = []
-        self.gram: Tensor | None = None
-        self.n_rows = 0
+        P, dt, dev = fmodel.n_params, fmodel.dtype, fmodel.device
+        zero = torch.zeros((), dtype=dt, device=dev)
+        self.add_state("rows", torch.zeros(0, P, dtype=dt, device=dev), reduce=Reduction.GATHER)
+        self.add_state("n_rows", zero.expand(1), reduce=Reduction.SUM)
+        self.n_rows = 0  # held as an int
+        if P * P * zero.element_size() <= self.memory_budget:  # always so once rows are folded
+            self.add_state("gram", zero.expand(P, P), reduce=Reduction.SUM)
+        self.gram: Tensor | None = None  # None until the rows are folded
         self._sqrt_rows = SqrtGGNRows(fmodel, metric)
 
     def _too_big(self, what: str, need: int, where: str) -> ValueError:
@@ -201,30 +208,15 @@ class ProjectedExactCollector:
         _, S, Wh = torch.linalg.svd(rows, full_matrices=False)
         return _numerical_range(S**2, Wh.T, self.n_rows)
 
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
-        """Rows to gather, the Gram matrix to sum (when P×P fits the budget), the row count."""
-        P, dt, dev = self.fmodel.n_params, self.fmodel.dtype, self.fmodel.device
-        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, P, dtype=dt, device=dev)
-        state = {
-            "rows": (rows, "gather"),
-            "n_rows": (torch.tensor([float(self.n_rows)], dtype=dt, device=dev), "sum"),
-        }
-        if P * P * rows.element_size() <= self.memory_budget:  # always so once rows were folded
-            gram = self.gram if self.gram is not None else torch.zeros(P, P, dtype=dt, device=dev)
-            state["gram"] = (gram, "sum")
-        return state
 
-    def load_distributed_state(self, state: dict[str, Tensor]) -> None:
-        """Replace the local rows and Gram matrix with those of all ranks."""
-        self.rows = [state["rows"]]
-        self.gram = state.get("gram")
-        self.n_rows = int(round(float(state["n_rows"].sum())))
+class _TopKRange(Collector):
+    r"""Top-k eigenpairs of :math:`J^\top J` from a Nyström sketch (``rank=k``).
 
-
-class _TopKRange:
-    r"""Top-k eigenpairs of :math:`J^\top J` from a Nyström sketch (``rank=k``)."""
+    Its distributed state is the sketch's.
+    """
 
     def __init__(self, nystrom: NystromCollector):
+        super().__init__()
         self.nystrom = nystrom
 
     def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
@@ -236,7 +228,7 @@ class _TopKRange:
         E = self.nystrom.finalize()
         return _numerical_range(E.eigenvalues, E.eigenvectors, E.eigenvectors.shape[0])
 
-    def distributed_state(self) -> dict[str, tuple[Tensor, str]]:
+    def distributed_state(self) -> dict[str, tuple[Tensor, Reduction]]:
         """The partial sketch, summed."""
         return self.nystrom.distributed_state()
 
