@@ -228,7 +228,7 @@ def _structures(requested: str) -> tuple[list[str], dict[str, str]]:
         ``(names, notes)``: the structures, and ``{name: reason}`` for a missing request.
     """
     from ._checks import Structure
-    from .wrapper import STRUCTURES
+    from .structures import STRUCTURES
 
     available = [s.value for s in Structure if s in STRUCTURES]
     if requested == "all":

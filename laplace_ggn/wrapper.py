@@ -1,7 +1,8 @@
 r"""`LaplaceWrapper`: the user-facing composition of likelihood, subset, curvature and posterior.
 
 It holds no mathematics of its own: curvature comes from :mod:`laplace_ggn.collectors`, the
-Gaussian from :mod:`laplace_ggn.posteriors`, the evidence from :mod:`laplace_ggn.marglik`, predictions from :mod:`laplace_ggn.predictive`.
+Gaussian from :mod:`laplace_ggn.posteriors`, the evidence from :mod:`laplace_ggn.marglik`,
+predictions from :mod:`laplace_ggn.predictive`.
 
 Curvature is computed on a private copy of the model in eval mode (BatchNorm statistics
 frozen, dropout off); the user's model is never modified.
@@ -15,7 +16,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,16 +41,7 @@ from ._checks import (
     is_integer,
 )
 from ._state import STATE_FORMAT_VERSION, check_state, model_parameters
-from .collectors import (
-    DiagGGNCollector,
-    FullGGNCollector,
-    dense_bytes,
-    lowrank_memory_bytes,
-    make_kfac_collector,
-    make_lowrank_collector,
-    make_projected_collector,
-    projected_memory_bytes,
-)
+from .collectors import dense_bytes
 from .functional import (
     FunctionalModel,
     ParamLayout,
@@ -61,7 +53,6 @@ from .functional import (
     to_device,
 )
 from .head import LinearHead
-from .kfac import kfac_factor_bytes
 from .likelihoods import (
     DEFAULT_IGNORE_INDEX,
     FitStatistics,
@@ -76,89 +67,15 @@ from .model_io import (
     check_model_input,
     input_spec,
 )
-from .posteriors import (
-    DiagPosterior,
-    FullPosterior,
-    KFACPosterior,
-    LowRankPosterior,
-    Prior,
-    ProjectedPosterior,
-    make_prior,
-)
+from .posteriors import Prior, make_prior
 from .posteriors._common import standard_normal
 from .posteriors.alternating import alternating_projection
-from .posteriors.kfac import check_kfac_prior
 from .predictive import Prediction
+from .structures import STRUCTURES, StructureOptions, resolve_structure
 
 __all__ = ["LaplaceWrapper"]
 
 _PROGRESS_MIN_BATCHES = 20
-
-
-@dataclass(frozen=True)
-class StructureSpec:
-    """How one structure is collected from data and turned into a posterior.
-
-    Attributes:
-        make_collector: ``(fmodel, likelihood, wrapper) -> collector`` with ``update(x, where)
-            -> f`` and ``finalize() -> curvature``.
-        build: ``(curvature, mean, prior, scale, wrapper) -> posterior``.
-        posterior_cls: Class with ``from_state_dict(state, mean, prior, scale)``.
-        memory_bytes: ``(P, dtype, wrapper) -> bytes`` the stored structure needs.
-    """
-
-    make_collector: Callable
-    build: Callable
-    posterior_cls: type
-    memory_bytes: Callable[[int, torch.dtype, "LaplaceWrapper"], int]
-    check_prior: Callable[[Prior], None] = lambda prior: None
-
-
-STRUCTURES: dict[Structure, StructureSpec] = {
-    Structure.FULL: StructureSpec(
-        make_collector=lambda fm, lik, la: FullGGNCollector(fm, lik),
-        build=lambda G, mean, prior, scale, la: FullPosterior(mean, G, prior, scale),
-        posterior_cls=FullPosterior,
-        memory_bytes=lambda P, dtype, la: dense_bytes(P, dtype),
-    ),
-    Structure.DIAG: StructureSpec(
-        make_collector=lambda fm, lik, la: DiagGGNCollector(fm, lik),
-        build=lambda d, mean, prior, scale, la: DiagPosterior(mean, d, prior, scale),
-        posterior_cls=DiagPosterior,
-        memory_bytes=lambda P, dtype, la: P * torch.empty((), dtype=dtype).element_size(),
-    ),
-    Structure.KFAC: StructureSpec(
-        make_collector=lambda fm, lik, la: make_kfac_collector(
-            fm, lik, prior_precision=la._prior_precision
-        ),
-        build=lambda K, mean, prior, scale, la: KFACPosterior(mean, K, prior, scale),
-        posterior_cls=KFACPosterior,
-        memory_bytes=lambda P, dtype, la: (
-            kfac_factor_bytes(la.model, dtype) + 2 * P * torch.empty((), dtype=dtype).element_size()
-        ),
-        check_prior=check_kfac_prior,
-    ),
-    Structure.LOWRANK: StructureSpec(
-        make_collector=lambda fm, lik, la: make_lowrank_collector(
-            fm, lik, rank=la.rank, memory_budget=la.memory_budget
-        ),
-        build=lambda E, mean, prior, scale, la: LowRankPosterior(
-            mean, E.eigenvalues, E.eigenvectors, prior, scale
-        ),
-        posterior_cls=LowRankPosterior,
-        memory_bytes=lambda P, dtype, la: lowrank_memory_bytes(P, dtype, la.rank),
-    ),
-    Structure.PROJECTED: StructureSpec(
-        make_collector=lambda fm, lik, la: make_projected_collector(
-            fm, lik, rank=la.rank, memory_budget=la.memory_budget
-        ),
-        build=lambda E, mean, prior, scale, la: ProjectedPosterior(
-            mean, E.eigenvalues, E.eigenvectors, prior, scale
-        ),
-        posterior_cls=ProjectedPosterior,
-        memory_bytes=lambda P, dtype, la: projected_memory_bytes(P, dtype, la.rank),
-    ),
-}
 
 
 def _gb(n_bytes: float) -> str:
@@ -179,7 +96,8 @@ class LaplaceWrapper:
             never modified.
         likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
         structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"`` or ``"projected"`` (the
-            prior restricted to the kernel of the GGN, see ``docs/structures.md``).
+            prior restricted to the kernel of the GGN, see ``docs/structures.md``), or another
+            name of :data:`laplace_ggn.structures.STRUCTURES`.
         subset: ``"all"`` (every parameter with ``requires_grad``; frozen ones, e.g. a base
             model under LoRA adapters, are left out) or its alias ``"trainable"``,
             ``"last_layer"`` (the last module with trainable parameters of its own whose
@@ -244,7 +162,7 @@ class LaplaceWrapper:
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         self.model = model
         self.likelihood = as_enum(Likelihood, likelihood, "likelihood")
-        self.structure = as_enum(Structure, structure, "structure")
+        self.structure = resolve_structure(structure)
         self._lik = get_likelihood(self.likelihood)
         param = next(iter(model.parameters()), None)
         if param is None:
@@ -265,21 +183,23 @@ class LaplaceWrapper:
             raise ValueError(f"temperature must be finite and > 0; got {temperature}.")
         self.temperature = float(temperature)
         if rank is not None:
-            if self.structure not in (Structure.LOWRANK, Structure.PROJECTED):
+            if not STRUCTURES[self.structure].takes_rank:
+                ranked = " or ".join(repr(n) for n, s in STRUCTURES.items() if s.takes_rank)
                 raise ValueError(
-                    f"rank applies to structure='lowrank' or 'projected' only; got rank={rank} "
-                    f"with structure={self.structure.value!r}."
+                    f"rank applies to structure={ranked} only; got rank={rank} "
+                    f"with structure={self.structure!r}."
                 )
             if not is_integer(rank) or rank < 1:
                 raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
             rank = int(rank)
         self.rank = rank
         self.curvature = as_enum(Curvature, curvature, "curvature")
-        if self.curvature is Curvature.MC and self.structure is Structure.PROJECTED:
+        if self.curvature is Curvature.MC and not STRUCTURES[self.structure].samples_curvature:
+            sampled = [repr(n) for n, s in STRUCTURES.items() if s.samples_curvature]
             raise ValueError(
-                "curvature='mc' applies to structures 'full', 'diag', 'kfac' and 'lowrank'; got "
-                "structure='projected', whose kernel is that of the Jacobian (no output "
-                "Hessian to sample)."
+                f"curvature='mc' applies to structures {', '.join(sampled[:-1])} and "
+                f"{sampled[-1]}; got structure={self.structure!r}, whose curvature is not "
+                "built from output Hessians (none to sample)."
             )
         if n_mc_samples is not None:
             if self.curvature is not Curvature.MC:
@@ -408,6 +328,14 @@ class LaplaceWrapper:
             spec.check_prior(prior)
         return prior
 
+    def _structure_options(self) -> StructureOptions:
+        return StructureOptions(
+            model=self.model,
+            prior_precision=self._prior_precision,
+            rank=self.rank,
+            memory_budget=self.memory_budget,
+        )
+
     # -- fitting ---------------------------------------------------------------------------
 
     def fit(
@@ -462,7 +390,7 @@ class LaplaceWrapper:
         self._check_generator(generator)
         spec = STRUCTURES.get(self.structure)
         if spec is None:
-            raise NotImplementedError(f"structure={self.structure.value!r} is not available.")
+            raise NotImplementedError(f"structure={self.structure!r} is not available.")
         dctx = _distributed.resolve_distributed(distributed, process_group)
         first, iterator, layout, private, local_error = None, iter(()), self._layout, None, None
         first_i, n_empty = 0, 0
@@ -496,7 +424,7 @@ class LaplaceWrapper:
                 self.model, self.subset, layout, has_data=first is not None, error=local_error
             )
         prior = self._prior(self._prior_precision, layout)
-        need = spec.memory_bytes(layout.n_params, self._dtype, self)
+        need = spec.memory_bytes(layout.n_params, self._dtype, self._structure_options())
         if need > self.memory_budget:
             raise ValueError(self._memory_message(need, layout.n_params))
         if private is not None:
@@ -516,7 +444,7 @@ class LaplaceWrapper:
         if (
             self.curvature is Curvature.GGN
             # lowrank / projected refuse their rows themselves; their top-k needs none
-            and self.structure in (Structure.FULL, Structure.DIAG, Structure.KFAC)
+            and spec.exact_rows
             and first is not None
         ):
             try:
@@ -532,7 +460,7 @@ class LaplaceWrapper:
             generator=generator,
             ignore_index=self.ignore_index,
         )
-        collector = spec.make_collector(fmodel, out_curv, self)
+        collector = spec.make_collector(fmodel, out_curv, self._structure_options())
         n_data, loss_sum, n_out, out_ndim = 0, 0.0, None, None
         in_spec = input_spec(x0) if first is not None else None
         try:
@@ -552,7 +480,7 @@ class LaplaceWrapper:
                 total=total,
                 initial=first_i,
                 disable=not show,
-                desc=f"fit {self.structure.value}",
+                desc=f"fit {self.structure}",
             ) as bar:
                 for i, batch in enumerate(bar, start=first_i):
                     where = f"batch {i}"
@@ -592,11 +520,15 @@ class LaplaceWrapper:
             for name, t in _curvature_tensors(curvature, "curvature"):
                 check_finite(t, name)
             posterior = spec.build(
-                curvature, fmodel.theta, prior, self._scale(self._sigma_noise), self
+                curvature,
+                fmodel.theta,
+                prior,
+                self._scale(self._sigma_noise),
+                self._structure_options(),
             )
         except torch.linalg.LinAlgError as err:
             raise RuntimeError(
-                f"curvature of structure={self.structure.value!r} must be factorisable; "
+                f"curvature of structure={self.structure!r} must be factorisable; "
                 f"torch.linalg failed ({err}). Check the model for saturated or overflowing "
                 "outputs, or fit a float64 copy of the model (model.double())."
             ) from err
@@ -701,14 +633,11 @@ class LaplaceWrapper:
         return x
 
     def _memory_message(self, need: int, P: int) -> str:
-        specs = [(s, STRUCTURES[s]) for s in Structure if s in STRUCTURES]  # stable order
-        fits = [
-            f"{s.value!r} ({_gb(spec.memory_bytes(P, self._dtype, self))})"
-            for s, spec in specs
-            if spec.memory_bytes(P, self._dtype, self) <= self.memory_budget
-        ]
+        opts = self._structure_options()
+        sizes = {name: spec.memory_bytes(P, self._dtype, opts) for name, spec in STRUCTURES.items()}
+        fits = [f"{name!r} ({_gb(n)})" for name, n in sizes.items() if n <= self.memory_budget]
         return (
-            f"structure={self.structure.value!r} needs {_gb(need)} for P={P} parameters in "
+            f"structure={self.structure!r} needs {_gb(need)} for P={P} parameters in "
             f"{self._dtype}, over the memory budget of {_gb(self.memory_budget)}. Structures that "
             f"fit: {', '.join(fits) or 'none'}; or pass memory_budget= (bytes) to allow more, "
             "or subset='last_layer'."
@@ -958,10 +887,10 @@ class LaplaceWrapper:
                 re-iterable.
         """
         self._require_fit("sample_projected()")
-        if self.structure is not Structure.PROJECTED:
+        if self.structure != Structure.PROJECTED.value:
             raise ValueError(
                 f"sample_projected() needs structure='projected'; got structure="
-                f"{self.structure.value!r}. Fit LaplaceWrapper(..., structure='projected'), "
+                f"{self.structure!r}. Fit LaplaceWrapper(..., structure='projected'), "
                 "or use sample(n)."
             )
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -1316,7 +1245,7 @@ class LaplaceWrapper:
             "format_version": STATE_FORMAT_VERSION,
             "model_parameters": model_parameters(self.model),
             "likelihood": self.likelihood.value,
-            "structure": self.structure.value,
+            "structure": self.structure,
             "subset": list(layout.names),
             "shapes": [tuple(s) for s in layout.shapes],
             "prior_precision": self._prior_precision.detach().clone(),
@@ -1412,7 +1341,7 @@ class LaplaceWrapper:
     def __repr__(self) -> str:
         fitted = f"fitted, P={self.n_params}" if self.is_fitted else "not fitted"
         return (
-            f"LaplaceWrapper(likelihood={self.likelihood.value!r}, structure={self.structure.value!r}, "
+            f"LaplaceWrapper(likelihood={self.likelihood.value!r}, structure={self.structure!r}, "
             f"subset={self.subset if isinstance(self.subset, str) else 'list'!r}, {fitted})"
         )
 

@@ -15,3 +15,15 @@ torch.set_num_threads(1)
 def case(request):
     name, seed = request.param
     return make_case(name, seed)
+
+
+@pytest.fixture(autouse=True)
+def _structure_registry_kept():
+    """Tests may add, replace or remove structures; the registry returns as it was, in order."""
+    from laplace_ggn.structures import STRUCTURES
+
+    saved = dict(STRUCTURES)
+    yield
+    if list(STRUCTURES.items()) != list(saved.items()):
+        STRUCTURES.clear()
+        STRUCTURES.update(saved)

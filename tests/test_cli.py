@@ -12,7 +12,7 @@ import torch
 
 from laplace_ggn import cli
 from laplace_ggn._checks import Structure
-from laplace_ggn.wrapper import STRUCTURES
+from laplace_ggn.structures import STRUCTURES
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn import distributed as D
 from laplace_ggn.collectors.base import Collector, Reduction
-from laplace_ggn.wrapper import STRUCTURES
+from laplace_ggn.structures import STRUCTURES
 
 WORLD = 2
 SPLIT = 7  # rank 0 holds the first 7 of 12 points, rank 1 the other 5 (unequal shards)
@@ -38,7 +38,7 @@ SETTINGS = {
 
 
 def _structures() -> list[str]:
-    return [s.value for s in STRUCTURES]
+    return list(STRUCTURES)
 
 
 def _wrapper(setting: str, structure: str, model=None) -> LaplaceWrapper:

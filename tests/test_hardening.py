@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn.posteriors import FullPosterior, make_prior
 from laplace_ggn.posteriors._common import robust_cholesky
-from laplace_ggn.wrapper import STRUCTURES
+from laplace_ggn.structures import STRUCTURES
 
-STRUCTS = [s.value for s in STRUCTURES]
+STRUCTS = list(STRUCTURES)
 
 
 def _fit(case, structure="full", batch_size=5, **kwargs) -> LaplaceWrapper:

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn.marglik import GridsearchResult, grid_edge_warning
 from laplace_ggn.predictive import laplace_bridge, mc_link, probit, psd_sqrt
-from laplace_ggn.wrapper import STRUCTURES
+from laplace_ggn.structures import STRUCTURES
 
-STRUCTS = [s.value for s in STRUCTURES]
+STRUCTS = list(STRUCTURES)
 DT = torch.float64
 
 

@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn import marglik as ml
 from laplace_ggn.posteriors import PriorKind
-from laplace_ggn.wrapper import STRUCTURES
+from laplace_ggn.structures import STRUCTURES
 
 DT = torch.float64
-STRUCT_NAMES = [s.value for s in STRUCTURES]
+STRUCT_NAMES = list(STRUCTURES)
 EXACT_FOR_LINEAR = [s for s in ("full", "kfac", "lowrank") if s in STRUCT_NAMES]
 
 

@@ -14,11 +14,11 @@ from torch import nn
 
 from laplace_ggn import LaplaceWrapper, Prediction
 from laplace_ggn.predictive import laplace_bridge, mc_link, predictive_nll, probit, psd_sqrt
+from laplace_ggn.structures import STRUCTURES
 from laplace_ggn.testing import dense_jacobian
-from laplace_ggn.wrapper import STRUCTURES
 
 DT = torch.float64
-STRUCT_NAMES = [s.value for s in STRUCTURES]
+STRUCT_NAMES = list(STRUCTURES)
 CASES = ["mlp_regression", "mlp_classification", "mlp_binary"]
 
 

@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
+from laplace_ggn.structures import STRUCTURES
 from laplace_ggn.testing import dense_ggn, dense_posterior_covariance
-from laplace_ggn.wrapper import STRUCTURES
 
-STRUCTS = [s.value for s in STRUCTURES]
+STRUCTS = list(STRUCTURES)
 LIKELIHOODS = ["regression", "classification", "binary"]
 
 

@@ -67,11 +67,11 @@ def _dense(model, batches, likelihood="classification", names=None):
 
 def _curvature(la):
     post = la.posterior
-    if la.structure.value == "full":
+    if la.structure == "full":
         return post.ggn
-    if la.structure.value == "diag":
+    if la.structure == "diag":
         return torch.diag(post.ggn_diag)
-    if la.structure.value == "kfac":
+    if la.structure == "kfac":
         return post.curvature.to_dense()
     return post.eigenvectors @ torch.diag(post.eigenvalues) @ post.eigenvectors.T
 

@@ -168,7 +168,7 @@ def kernel_decomposition(
     if structure not in SUPPORTED_STRUCTURES:
         raise ValueError(
             f"structure must be one of {[s.value for s in SUPPORTED_STRUCTURES]} for "
-            f"kernel_decomposition(); got {structure.value!r}. The decomposition needs the "
+            f"kernel_decomposition(); got {getattr(structure, 'value', structure)!r}. The decomposition needs the "
             "eigenbasis of G: fit with structure='full' or structure='lowrank'."
         )
     lam, U = eigenbasis(posterior)
