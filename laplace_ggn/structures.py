@@ -22,7 +22,7 @@ the wrapper itself.  ``docs/architecture.md`` walks through the steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,14 @@ from .collectors import (
     projected_memory_bytes,
 )
 from .kfac import kfac_factor_bytes
+from .persistence import (
+    SavedSubset,
+    check_diag_state,
+    check_eigen_state,
+    check_full_state,
+    check_kfac_state,
+    check_tensor_state,
+)
 from .posteriors import (
     DiagPosterior,
     FullPosterior,
@@ -100,6 +108,9 @@ class StructureSpec:
             output Hessians whose square roots can be sampled).
         exact_rows: Whether the collector holds one sample's C·P exact square-root rows at
             once, so that ``curvature="ggn"`` is refused when they exceed the memory budget.
+        check_state: ``(posterior_state, saved_subset) -> None``, raising ``ValueError`` /
+            ``TypeError`` naming the entry of a saved posterior state that is invalid (see
+            :mod:`laplace_ggn.persistence`; default: every tensor finite).
     """
 
     name: str
@@ -111,6 +122,7 @@ class StructureSpec:
     takes_rank: bool = False
     samples_curvature: bool = True
     exact_rows: bool = False
+    check_state: Callable[[Mapping, SavedSubset], None] = check_tensor_state
 
 
 #: The structures ``LaplaceWrapper(structure=...)`` accepts, by name, in the order listed.
@@ -182,6 +194,7 @@ register_structure(
         posterior_cls=FullPosterior,
         memory_bytes=lambda P, dtype, opts: dense_bytes(P, dtype),
         exact_rows=True,
+        check_state=check_full_state,
     )
 )
 register_structure(
@@ -192,6 +205,7 @@ register_structure(
         posterior_cls=DiagPosterior,
         memory_bytes=lambda P, dtype, opts: P * _element_bytes(dtype),
         exact_rows=True,
+        check_state=check_diag_state,
     )
 )
 register_structure(
@@ -207,6 +221,7 @@ register_structure(
         ),
         check_prior=check_kfac_prior,
         exact_rows=True,
+        check_state=check_kfac_state,
     )
 )
 register_structure(
@@ -221,6 +236,7 @@ register_structure(
         posterior_cls=LowRankPosterior,
         memory_bytes=lambda P, dtype, opts: lowrank_memory_bytes(P, dtype, opts.rank),
         takes_rank=True,
+        check_state=check_eigen_state,
     )
 )
 register_structure(
@@ -236,5 +252,6 @@ register_structure(
         memory_bytes=lambda P, dtype, opts: projected_memory_bytes(P, dtype, opts.rank),
         takes_rank=True,
         samples_curvature=False,
+        check_state=check_eigen_state,
     )
 )

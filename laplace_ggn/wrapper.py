@@ -40,7 +40,6 @@ from ._checks import (
     check_target_tensor,
     is_integer,
 )
-from ._state import STATE_FORMAT_VERSION, check_state, model_parameters
 from .collectors import dense_bytes
 from .functional import (
     FunctionalModel,
@@ -67,6 +66,7 @@ from .model_io import (
     check_model_input,
     input_spec,
 )
+from .persistence import STATE_FORMAT_VERSION, check_state, model_parameters
 from .posteriors import Prior, make_prior
 from .posteriors._common import standard_normal
 from .posteriors.alternating import alternating_projection
@@ -1299,7 +1299,7 @@ class LaplaceWrapper:
                 must be and what it holds), the state is from a newer format, or the model's
                 parameters do not match the saved ones.
         """
-        state = check_state(state, model)
+        state = check_state(state, model, STRUCTURES)
         la = cls(
             model,
             state["likelihood"],

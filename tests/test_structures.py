@@ -50,7 +50,7 @@ def isotropic():
     try:
         yield ISOTROPIC
     finally:
-        STRUCTURES.pop(ISOTROPIC.name)
+        STRUCTURES.pop(ISOTROPIC.name, None)
 
 
 def test_a_registered_toy_structure_fits_and_predicts(isotropic):
@@ -119,3 +119,18 @@ def test_structure_options_are_what_the_spec_functions_read():
     assert STRUCTURES["full"].memory_bytes(P, DT, opts) == P * P * 8
     with pytest.raises(AttributeError):
         opts.rank = 3
+
+
+def test_a_toy_structure_saves_and_loads_through_the_registry(isotropic):
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="isotropic").fit(case.loader())
+    state = la.state_dict()
+    back = LaplaceWrapper.from_state_dict(case.model, state)
+    assert back.structure == "isotropic"
+    torch.testing.assert_close(back.posterior_covariance(), la.posterior_covariance())
+    state["posterior"]["ggn_diag"] = state["posterior"]["ggn_diag"] * float("nan")
+    with pytest.raises(ValueError, match=r"state\['posterior'\]\['ggn_diag'\] must be finite"):
+        LaplaceWrapper.from_state_dict(case.model, state)
+    STRUCTURES.pop("isotropic")
+    with pytest.raises(ValueError, match=r"state\['structure'\] must be one of \['full'"):
+        LaplaceWrapper.from_state_dict(case.model, la.state_dict())

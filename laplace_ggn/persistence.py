@@ -1,4 +1,4 @@
-"""Validation of a saved wrapper state before :meth:`LaplaceWrapper.from_state_dict` uses it.
+"""Saved wrapper states: their layout and their validation before loading.
 
 A state is the dict of :meth:`LaplaceWrapper.state_dict`.  Every key is checked at load time
 (type, shape, finiteness, consistency with the structure and with the model), so that a
@@ -10,19 +10,34 @@ the names and shapes of every parameter of the saved model, so that a model with
 extra layers is refused).  Version-1 states still load; they only skip that check.  The keys
 ``curvature``, ``n_mc_samples``, ``ignore_index`` and ``fit_statistics['output_ndim']`` are
 optional in both (states written before them load with the defaults "ggn", None, -100, 2).
+
+The posterior's entries are checked by the ``check_state`` of its structure
+(:class:`~laplace_ggn.structures.StructureSpec`); the checks of the built-in structures are
+here, as :func:`check_full_state` and its siblings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import Curvature, Likelihood, Structure, as_enum, check_finite, shape_str
+from ._checks import Curvature, Likelihood, as_enum, check_finite, near_matches, shape_str
 
-__all__ = ["STATE_FORMAT_VERSION", "model_parameters", "check_state"]
+__all__ = [
+    "STATE_FORMAT_VERSION",
+    "SavedSubset",
+    "check_diag_state",
+    "check_eigen_state",
+    "check_full_state",
+    "check_kfac_state",
+    "check_state",
+    "check_tensor_state",
+    "model_parameters",
+]
 
 STATE_FORMAT_VERSION = 2
 
@@ -46,12 +61,26 @@ _COMMON_KEYS = (
 _KEYS = {1: _COMMON_KEYS, 2: (*_COMMON_KEYS, "model_parameters")}
 _STATS_KEYS = ("n_data", "n_outputs", "loss_sum")
 _STATS_OPTIONAL = ("output_ndim",)
-_POSTERIOR_KEYS = {
-    Structure.FULL: ("ggn",),
-    Structure.DIAG: ("ggn_diag",),
-    Structure.LOWRANK: ("eigenvalues", "eigenvectors"),
-    Structure.PROJECTED: ("eigenvalues", "eigenvectors"),
-}
+
+
+@dataclass(frozen=True)
+class SavedSubset:
+    """The parameter subset of a saved state, against which its posterior is checked.
+
+    Attributes:
+        structure: The structure's name.
+        names: Parameter names of the subset.
+        shapes: Their shapes.
+    """
+
+    structure: str
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+
+    @property
+    def n_params(self) -> int:
+        """P of the subset."""
+        return sum(math.prod(s) for s in self.shapes)
 
 
 def model_parameters(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -173,9 +202,20 @@ def _check_architecture(saved: object, model: nn.Module) -> None:
         )
 
 
-def _check_options(state: Mapping) -> Structure:
+def _check_structure(value: object, structures: Mapping[str, object]) -> str:
+    if isinstance(value, str) and value in structures:
+        return value
+    valid = list(structures)
+    hint = near_matches(str(value), valid)
+    raise ValueError(
+        f"state['structure'] must be one of {valid}; got {value!r}."
+        + (f" Did you mean {hint[0]!r}?" if hint else "")
+    )
+
+
+def _check_options(state: Mapping, structures: Mapping[str, object]) -> str:
     as_enum(Likelihood, state["likelihood"], "state['likelihood']")
-    structure = as_enum(Structure, state["structure"], "state['structure']")
+    structure = _check_structure(state["structure"], structures)
     for key in ("input_key", "target_key"):
         if state[key] is not None and not isinstance(state[key], str):
             raise TypeError(f"state[{key!r}] must be a str or None; got {_kind(state[key])}.")
@@ -199,11 +239,12 @@ def _check_options(state: Mapping) -> Structure:
             f"state['ignore_index'] must be an int; got {_kind(state['ignore_index'])}."
         )
     rank = state["rank"]
-    ranked = (Structure.LOWRANK, Structure.PROJECTED)
+    ranked = [name for name, spec in structures.items() if spec.takes_rank]
     if rank is not None and (not _is_int(rank) or rank < 1 or structure not in ranked):
         raise ValueError(
-            "state['rank'] must be None, or a positive int with structure 'lowrank' or "
-            f"'projected'; got {_kind(rank)} with structure {structure.value!r}."
+            "state['rank'] must be None, or a positive int with structure "
+            f"{' or '.join(repr(n) for n in ranked)}; got {_kind(rank)} with structure "
+            f"{structure!r}."
         )
     if "predictive_temperature" in state:  # optional: states written before it existed lack it
         t = state["predictive_temperature"]
@@ -262,7 +303,15 @@ def _check_stats(stats: object) -> None:
         )
 
 
-def _check_kfac(post: Mapping, subset: list[str], shapes: list[tuple[int, ...]]) -> None:
+def check_kfac_state(post: Mapping, saved: SavedSubset) -> None:
+    """Check the saved state of a KFAC posterior: Kronecker blocks and a diagonal rest.
+
+    Raises:
+        ValueError: If a key is missing, a block names no parameter of the subset or has
+            factors of the wrong shape, or the blocks do not cover the subset exactly once.
+        TypeError: If a factor is not a floating tensor.
+    """
+    subset, shapes = saved.names, saved.shapes
     _check_keys(post, ("n_blocks", "diag_names", "diag"), "state['posterior']")
     n_blocks = post["n_blocks"]
     if not _is_int(n_blocks) or n_blocks < 0:
@@ -301,41 +350,82 @@ def _check_kfac(post: Mapping, subset: list[str], shapes: list[tuple[int, ...]])
         )
 
 
-def _check_posterior(
-    post: object, structure: Structure, P: int, subset: list[str], shapes: list
-) -> None:
-    if not isinstance(post, Mapping):
-        raise TypeError(f"state['posterior'] must be a dict; got {_kind(post)}.")
-    if structure is Structure.KFAC:
-        _check_kfac(post, subset, shapes)
-        return
-    expected = _POSTERIOR_KEYS[structure]
-    hint = f" Was the state saved with another structure than {structure.value!r}?"
+def _check_exact_keys(post: Mapping, expected: Sequence[str], saved: SavedSubset) -> None:
+    hint = f" Was the state saved with another structure than {saved.structure!r}?"
     _check_keys(post, expected, "state['posterior']", hint)
     unexpected = [k for k in post if k not in expected]
     if unexpected:
         raise ValueError(
             f"state['posterior'] must hold exactly the keys {list(expected)} of structure "
-            f"{structure.value!r}; got unexpected {unexpected}.{hint}"
+            f"{saved.structure!r}; got unexpected {unexpected}.{hint}"
         )
-    name = "state['posterior'][{!r}]".format
-    if structure is Structure.FULL:
-        _tensor(post, "ggn", name("ggn"), (P, P))
-    elif structure is Structure.DIAG:
-        d = _tensor(post, "ggn_diag", name("ggn_diag"), (P,))
-        if bool((d < 0).any()):
-            raise ValueError(f"{name('ggn_diag')} must be >= 0 (a GGN diagonal); got negatives.")
-    else:
-        lam = _tensor(post, "eigenvalues", name("eigenvalues"))
-        if lam.ndim != 1 or bool((lam < 0).any()):
-            raise ValueError(
-                f"{name('eigenvalues')} must be a vector (R,) of values >= 0; got "
-                f"{_kind(lam)}{' with negatives' if lam.ndim == 1 else ''}."
-            )
-        _tensor(post, "eigenvectors", name("eigenvectors"), (P, lam.shape[0]))
 
 
-def check_state(state: object, model: nn.Module) -> dict:
+_entry = "state['posterior'][{!r}]".format
+
+
+def check_full_state(post: Mapping, saved: SavedSubset) -> None:
+    """Check the saved state of a full posterior: the dense GGN ``(P, P)``.
+
+    Raises:
+        ValueError: If the keys or the shape are not those of the structure.
+        TypeError: If the GGN is not a floating tensor.
+    """
+    _check_exact_keys(post, ("ggn",), saved)
+    P = saved.n_params
+    _tensor(post, "ggn", _entry("ggn"), (P, P))
+
+
+def check_diag_state(post: Mapping, saved: SavedSubset) -> None:
+    """Check the saved state of a diag posterior: the GGN diagonal ``(P,)``, >= 0.
+
+    Raises:
+        ValueError: If the keys or the shape are not those of the structure, or an entry is
+            negative.
+        TypeError: If the diagonal is not a floating tensor.
+    """
+    _check_exact_keys(post, ("ggn_diag",), saved)
+    d = _tensor(post, "ggn_diag", _entry("ggn_diag"), (saved.n_params,))
+    if bool((d < 0).any()):
+        raise ValueError(f"{_entry('ggn_diag')} must be >= 0 (a GGN diagonal); got negatives.")
+
+
+def check_eigen_state(post: Mapping, saved: SavedSubset) -> None:
+    """Check a saved eigendecomposition: eigenvalues ``(R,)`` >= 0 and eigenvectors ``(P, R)``.
+
+    Raises:
+        ValueError: If the keys or the shapes are not those of the structure, or an
+            eigenvalue is negative.
+        TypeError: If an entry is not a floating tensor.
+    """
+    _check_exact_keys(post, ("eigenvalues", "eigenvectors"), saved)
+    lam = _tensor(post, "eigenvalues", _entry("eigenvalues"))
+    if lam.ndim != 1 or bool((lam < 0).any()):
+        raise ValueError(
+            f"{_entry('eigenvalues')} must be a vector (R,) of values >= 0; got "
+            f"{_kind(lam)}{' with negatives' if lam.ndim == 1 else ''}."
+        )
+    _tensor(post, "eigenvectors", _entry("eigenvectors"), (saved.n_params, lam.shape[0]))
+
+
+def check_tensor_state(post: Mapping, saved: SavedSubset) -> None:
+    """Check a posterior state whose structure declares no check: its tensors are finite.
+
+    Raises:
+        ValueError: If a floating tensor holds NaN or Inf.
+    """
+    for key, value in post.items():
+        if isinstance(value, Tensor):
+            check_finite(value, _entry(key))
+
+
+def _check_posterior(post: object, check: Callable[[Mapping, SavedSubset], None], saved) -> None:
+    if not isinstance(post, Mapping):
+        raise TypeError(f"state['posterior'] must be a dict; got {_kind(post)}.")
+    check(post, saved)
+
+
+def check_state(state: object, model: nn.Module, structures: Mapping[str, object]) -> dict:
     """Validate a saved state against ``model``; return it with tensors ready for the model.
 
     The posterior's tensors are cast to the dtype and device of the model's parameters (a
@@ -345,6 +435,9 @@ def check_state(state: object, model: nn.Module) -> dict:
     Args:
         state: Output of :meth:`LaplaceWrapper.state_dict`.
         model: The network to load it into.
+        structures: The registry of structures (``laplace_ggn.structures.STRUCTURES``); the
+            saved structure must be one of its names, and its ``check_state`` checks the
+            posterior.
 
     Returns:
         A shallow copy of ``state`` whose ``"posterior"`` tensors have the model's dtype and
@@ -362,7 +455,7 @@ def check_state(state: object, model: nn.Module) -> dict:
         )
     version = _check_version(state)
     _check_keys(state, _KEYS[version], "state", " Was it written by LaplaceWrapper.state_dict()?")
-    structure = _check_options(state)
+    structure = _check_options(state, structures)
     subset, shapes = _check_subset(state, model)
     if version >= 2:
         _check_architecture(state["model_parameters"], model)
@@ -370,7 +463,8 @@ def check_state(state: object, model: nn.Module) -> dict:
     _check_prior_shape(state["prior_precision"], len(subset), P)
     _tensor(state, "mean", "state['mean']", (P,))
     _check_stats(state["fit_statistics"])
-    _check_posterior(state["posterior"], structure, P, subset, shapes)
+    saved = SavedSubset(structure, subset, shapes)
+    _check_posterior(state["posterior"], structures[structure].check_state, saved)
     ref = next(iter(model.parameters()))
     post = {
         k: v.to(dtype=ref.dtype, device=ref.device) if isinstance(v, Tensor) else v
