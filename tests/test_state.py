@@ -11,7 +11,8 @@ from cases import make_case
 from torch import nn
 
 from laplace_ggn import LaplaceWrapper
-from laplace_ggn._state import STATE_FORMAT_VERSION, check_state
+from laplace_ggn.persistence import STATE_FORMAT_VERSION, check_state
+from laplace_ggn.structures import STRUCTURES
 
 STRUCTS = ["full", "diag", "kfac", "lowrank"]
 POSTERIOR_TENSOR = {
@@ -244,8 +245,8 @@ def test_format_1_states_still_load_without_the_architecture_check():
 
 def test_check_state_returns_posterior_tensors_cast_and_leaves_the_state_alone():
     case, state = _state("full")
-    out = check_state(state, case.model)
+    out = check_state(state, case.model, STRUCTURES)
     assert out["posterior"]["ggn"] is state["posterior"]["ggn"]  # same dtype: no copy
-    out32 = check_state(state, copy.deepcopy(case.model).float())
+    out32 = check_state(state, copy.deepcopy(case.model).float(), STRUCTURES)
     assert out32["posterior"]["ggn"].dtype == torch.float32
     assert state["posterior"]["ggn"].dtype == torch.float64
