@@ -280,7 +280,7 @@ class NaturalGradient(torch.optim.Optimizer):
             )
 
         prior, damping, lr = per_param("prior_precision"), per_param("damping"), per_param("lr")
-        sigma2 = self.sigma_noise**2 if self.likelihood_kind is Likelihood.REGRESSION else 1.0
+        sigma2 = self._lik.sigma2(self.sigma_noise)
 
         with torch.enable_grad():
             nll = self._lik.nll(f, y, self.sigma_noise)

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._checks import Likelihood
 from ..functional import split_batch
 from .report import SampleFit
 
@@ -56,8 +55,8 @@ def gather_inputs(
 class _FitAccumulator:
     """Running sums of NLL, squared error and correct predictions per sample."""
 
-    def __init__(self, lik, likelihood: Likelihood, sigma: Tensor):
-        self.lik, self.kind, self.sigma = lik, likelihood, sigma
+    def __init__(self, lik, sigma: Tensor):
+        self.lik, self.sigma = lik, sigma
         self.nll: dict[tuple[str, str], Tensor] = {}
         self.metric: dict[tuple[str, str], Tensor] = {}
         self.n = 0
@@ -66,12 +65,7 @@ class _FitAccumulator:
     def add(self, key: tuple[str, str], F: Tensor, y: Tensor) -> None:
         """Add outputs ``F`` of shape ``(S, B, C)`` against targets ``y``."""
         nll = torch.stack([self.lik.nll(f, y, self.sigma) for f in F])
-        if self.kind is Likelihood.REGRESSION:
-            met = ((F - y) ** 2).sum((1, 2))
-        elif self.kind is Likelihood.CLASSIFICATION:
-            met = (F.argmax(-1) == y).sum(-1).to(F.dtype)
-        else:
-            met = ((F > 0).to(F.dtype) == y).sum((1, 2)).to(F.dtype)
+        met = self.lik.fit_metric_sum(F, y)
         self.nll[key] = self.nll.get(key, 0) + nll
         self.metric[key] = self.metric.get(key, 0) + met
 
@@ -79,21 +73,9 @@ class _FitAccumulator:
         out = []
         for key in self.nll:
             nll = self.nll[key] / self.n
-            if self.kind is Likelihood.REGRESSION:
-                met = (self.metric[key] / (self.n * self.n_out)).sqrt()
-            else:
-                met = self.metric[key] / self.n
+            met = self.lik.fit_metric(self.metric[key], self.n, self.n_out)
             sd = (lambda t: float(t.std())) if nll.numel() > 1 else (lambda t: 0.0)
             out.append(
                 SampleFit(key[0], key[1], float(nll.mean()), sd(nll), float(met.mean()), sd(met))
             )
         return tuple(out)
-
-
-def _map_targets(f: Tensor, likelihood: Likelihood) -> Tensor:
-    """Targets made from the MAP outputs ``(B, C)``: the outputs, the argmax, or the sign."""
-    if likelihood is Likelihood.REGRESSION:
-        return f
-    if likelihood is Likelihood.CLASSIFICATION:
-        return f.argmax(-1)
-    return (f > 0).to(f.dtype)

@@ -11,7 +11,7 @@ from torch import Tensor
 from .._checks import Likelihood, Structure, check_finite, is_integer, shape_str
 from ..functional import FunctionalModel, batch_size_of, input_tensors, to_device
 from ..posteriors import eigenbasis_of
-from ._samples import _FitAccumulator, _map_targets, gather_inputs
+from ._samples import _FitAccumulator, gather_inputs
 from .report import KernelDecomposition
 
 __all__ = ["SUPPORTED_STRUCTURES", "eigenbasis", "kernel_decomposition"]
@@ -228,7 +228,7 @@ def kernel_decomposition(
         delta = posterior.sample(n_samples, generator=generator) - posterior.mean
         d_nonk = (delta @ U[:, :r]) @ U[:, :r].T
         deltas = {"kernel": delta - d_nonk, "non-kernel": d_nonk, "full": delta}
-    acc = _FitAccumulator(lik, likelihood, sigma)
+    acc = _FitAccumulator(lik, sigma)
     acc.n_out = C
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
     per_sample = 6 * C * P * torch.empty((), dtype=fmodel.dtype).element_size()
@@ -238,7 +238,7 @@ def kernel_decomposition(
         b = J.shape[0]
         parts.append(_variance_parts(posterior, J, lam, U, r))
         if n_samples:
-            yc = y[start : start + b] if y is not None else _map_targets(fc, likelihood)
+            yc = y[start : start + b] if y is not None else lik.targets_from_outputs(fc)
             acc.n += b
             for model in MODELS:
                 acc.add(("MAP", model), fc.unsqueeze(0), yc)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from .._checks import Likelihood
+from ..likelihoods import get_likelihood
 
 __all__ = ["KernelDecomposition", "SampleFit"]
 
@@ -102,7 +103,7 @@ class KernelDecomposition:
     @property
     def metric_name(self) -> str:
         """``"RMSE"`` for regression, ``"accuracy"`` otherwise."""
-        return "RMSE" if self.likelihood is Likelihood.REGRESSION else "accuracy"
+        return get_likelihood(self.likelihood).metric_name
 
     @property
     def predictive_variance(self) -> Tensor:

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import Likelihood
 from ..likelihoods import FitStatistics
 from ..posteriors import PriorKind, spectrum_of
 
@@ -177,7 +176,7 @@ class SpectralEvidence:
         self.kind, self.layout = kind, layout
         self.stats, self.likelihood = stats, likelihood
         self.temperature = float(temperature)
-        self.regression = likelihood.kind is Likelihood.REGRESSION
+        self.regression = likelihood.has_noise
         self._lam_np = self.lam.numpy() if self.lam.device.type == "cpu" else None
         if kind is PriorKind.LAYERWISE:
             numels = torch.tensor(layout.numels, device=self.lam.device)
