@@ -78,3 +78,41 @@ def test_target_validation_messages():
         Bernoulli().check_targets(torch.zeros(4, 1), torch.tensor([0.0, 1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match=r"binary targets must have shape \(4,\) or \(4, 1\)"):
         Bernoulli().check_targets(torch.zeros(4, 1), torch.zeros(3))
+
+
+def test_get_likelihood_converts_options_once_and_passes_objects_through():
+    lik = get_likelihood("classification")
+    assert isinstance(lik, Categorical)
+    assert get_likelihood(lik) is lik
+    assert isinstance(get_likelihood(Likelihood.BINARY), Bernoulli)
+    with pytest.raises(ValueError, match=r"likelihood must be one of \['regression'"):
+        get_likelihood("gaussian")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_predictive_mapping_fit_metric_and_targets(kind):
+    g = torch.Generator().manual_seed(3)
+    f, y = _data(kind, g)
+    lik = get_likelihood(Likelihood(kind))
+    yc = lik.check_targets(f, y)
+    out = f + 0.1 * torch.randn(5, *f.shape, dtype=f.dtype, generator=g)  # (S, B, C)
+    pred = lik.sample_predictive(out, 0.5)
+    probs = {"regression": out, "classification": out.softmax(-1), "binary": out.sigmoid()}[kind]
+    torch.testing.assert_close(pred.mean, probs.mean(0))
+    noise = 0.25 if kind == "regression" else 0.0
+    torch.testing.assert_close(pred.variance, probs.var(0) + noise)
+    total = lik.fit_metric_sum(out, yc)
+    assert total.shape == (5,)
+    metric = lik.fit_metric(total, f.shape[0], f.shape[1])
+    if kind == "regression":
+        want = ((out - yc) ** 2).mean((1, 2)).sqrt()
+    elif kind == "classification":
+        want = (out.argmax(-1) == yc).double().mean(-1)
+    else:
+        want = ((out > 0).double() == yc).double().mean((1, 2))
+    torch.testing.assert_close(metric, want)
+    assert lik.metric_name == ("RMSE" if kind == "regression" else "accuracy")
+    mapped = lik.check_targets(f, lik.targets_from_outputs(f))
+    assert mapped.shape == yc.shape
+    assert lik.has_noise == (kind == "regression")
+    assert lik.predicts_probabilities == (kind != "regression")
