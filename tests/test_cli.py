@@ -86,7 +86,9 @@ def test_digit_splits_are_standardised_and_ood_is_rotated():
     from sklearn.datasets import load_digits
 
     imgs = torch.as_tensor(load_digits().images[:3], dtype=torch.float64)
-    rot = cli._rotate_and_noise(imgs.reshape(3, 64), generator=torch.Generator().manual_seed(0))
+    rot = cli.data._rotate_and_noise(
+        imgs.reshape(3, 64), generator=torch.Generator().manual_seed(0)
+    )
     expect = torch.rot90(imgs[0], 1, dims=(0, 1)).reshape(64)
     assert float((rot[0] - expect).abs().mean()) < 4.0  # only the noise (std 4, clipped) differs
     off_by_rotation = float((rot[0] - imgs[0].reshape(64)).abs().mean())
@@ -205,7 +207,7 @@ def test_demo_restores_the_thread_count(tmp_path, monkeypatch):
 
 
 def test_benchmark_without_suite_exits_2(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_benchmark_script", lambda: None)
+    monkeypatch.setattr(cli.benchmark, "_benchmark_script", lambda: None)
     assert cli.main(["benchmark", "--quick"]) == 2
     assert "benchmarks/run_all.py not found" in capsys.readouterr().err
 
@@ -217,13 +219,13 @@ def test_benchmark_runs_the_suite_with_its_arguments(tmp_path, monkeypatch):
     script.write_text(
         f"import json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\nsys.exit(3)\n"
     )
-    monkeypatch.setattr(cli, "_benchmark_script", lambda: script)
+    monkeypatch.setattr(cli.benchmark, "_benchmark_script", lambda: script)
     assert cli.main(["benchmark", "--quick", "--only", "digits"]) == 3
     assert json.loads(record.read_text()) == ["--quick", "--only", "digits"]
 
 
 def test_benchmark_script_is_found_in_the_checkout():
-    found = cli._benchmark_script()
+    found = cli.benchmark._benchmark_script()
     expected = ROOT / "benchmarks" / "run_all.py"
     assert found == (expected if expected.is_file() else None)
 
@@ -302,3 +304,12 @@ def test_docs_index_links_resolve():
     assert len(readme_imgs) >= 3 and len(index_imgs) >= 3
     for img in readme_imgs + index_imgs:
         assert (ROOT / "docs" / img).is_file(), img
+
+
+def test_structure_choices_follow_the_registry(monkeypatch, capsys):
+    monkeypatch.setitem(STRUCTURES, "toy", next(iter(STRUCTURES.values())))
+    assert cli.structure_choices()[-1] == "all" and "toy" in cli.structure_choices()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--help"])
+    assert exc.value.code == 0
+    assert "toy" in capsys.readouterr().out
