@@ -674,3 +674,25 @@ def test_warns_when_tol_is_below_float32_accuracy():
         rep = la.kernel_decomposition(case.X.float(), tol=1e-4, n_samples=0)
         la.kernel_decomposition(case.X.float(), rank=3, n_samples=0)
     assert rep.predictive_variance.dtype == torch.float32
+
+
+def test_supported_structures_follow_the_registry(monkeypatch):
+    from dataclasses import replace
+
+    import laplace_ggn.diagnostics as diagnostics
+    from laplace_ggn.structures import STRUCTURES
+
+    assert diagnostics.SUPPORTED_STRUCTURES == ("full", "lowrank")
+    monkeypatch.setitem(STRUCTURES, "toy", replace(STRUCTURES["full"], name="toy"))
+    monkeypatch.setitem(STRUCTURES, "toy_diag", replace(STRUCTURES["diag"], name="toy_diag"))
+    assert diagnostics.supported_structures() == ("full", "lowrank", "toy")
+    assert "toy" in diagnostics.SUPPORTED_STRUCTURES
+    with pytest.raises(ValueError, match=r"structure must be one of \['full', 'lowrank', 'toy'\]"):
+        kernel_decomposition(
+            object(),
+            None,
+            torch.zeros(2, 3, dtype=DT),
+            likelihood=Likelihood.REGRESSION,
+            lik=get_likelihood(Likelihood.REGRESSION),
+            structure="toy_diag",
+        )

@@ -28,7 +28,7 @@ complement is counted as kernel (the posterior there is the prior), and the repo
 """
 
 from ._samples import gather_inputs
-from .kernel import SUPPORTED_STRUCTURES, eigenbasis, kernel_decomposition
+from .kernel import eigenbasis, kernel_decomposition, supported_structures
 from .report import KernelDecomposition, SampleFit
 
 __all__ = [
@@ -38,4 +38,16 @@ __all__ = [
     "eigenbasis",
     "gather_inputs",
     "kernel_decomposition",
+    "supported_structures",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``SUPPORTED_STRUCTURES``: :func:`supported_structures` of the registry as it is now.
+
+    Raises:
+        AttributeError: For any other name.
+    """
+    if name == "SUPPORTED_STRUCTURES":
+        return supported_structures()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

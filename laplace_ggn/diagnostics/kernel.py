@@ -14,9 +14,7 @@ from ..posteriors import eigenbasis_of
 from ._samples import _FitAccumulator, gather_inputs
 from .report import KernelDecomposition
 
-__all__ = ["SUPPORTED_STRUCTURES", "eigenbasis", "kernel_decomposition"]
-
-SUPPORTED_STRUCTURES = (Structure.FULL, Structure.LOWRANK)
+__all__ = ["eigenbasis", "kernel_decomposition", "supported_structures"]
 MODELS = ("network", "linearised")
 
 
@@ -35,14 +33,33 @@ def eigenbasis(posterior: object) -> tuple[Tensor, Tensor]:
     """
     basis = eigenbasis_of(posterior)
     if basis is None:
+        names = " or ".join(repr(s) for s in supported_structures())
         raise ValueError(
-            "posterior must hold an eigendecomposition of G (structure 'full' or 'lowrank'); "
-            f"got {type(posterior).__name__}."
+            f"posterior must hold an eigendecomposition of G (structure {names}); got "
+            f"{type(posterior).__name__}."
         )
     lam, U = basis
     lam = lam.clamp_min(0)
     order = torch.argsort(lam, descending=True)
     return lam[order], U[:, order]
+
+
+def supported_structures() -> tuple[str, ...]:
+    """The registered structures whose posteriors hold an eigenbasis of G, in registry order.
+
+    Those whose posterior class provides the optional ``eigenbasis()`` member of the
+    :class:`~laplace_ggn.posteriors.Posterior` protocol (``full`` and ``lowrank`` built in).
+
+    Returns:
+        The structure names.
+    """
+    from ..structures import STRUCTURES
+
+    return tuple(
+        name
+        for name, spec in STRUCTURES.items()
+        if callable(getattr(spec.posterior_cls, "eigenbasis", None))
+    )
 
 
 def _check_options(tol: object, rank: object, n_samples: object, R: int) -> None:
@@ -108,7 +125,7 @@ def kernel_decomposition(
     *,
     likelihood: Likelihood,
     lik: object,
-    structure: Structure,
+    structure: str,
     y: Tensor | None = None,
     sigma_noise: Tensor | float = 1.0,
     tol: float = 1e-9,
@@ -161,15 +178,19 @@ def kernel_decomposition(
         The report.
 
     Raises:
-        ValueError: If the structure is not ``full`` or ``lowrank``, an option is out of
+        ValueError: If the posterior holds no eigenbasis of G (structures other than those
+            of :func:`supported_structures`), an option is out of
             range, ``y`` is given with a loader, or targets do not fit the likelihood.
         TypeError: If ``x`` is neither an input nor a loader.
     """
-    if structure not in SUPPORTED_STRUCTURES:
+    name = structure.value if isinstance(structure, Structure) else str(structure)
+    supported = supported_structures()
+    if eigenbasis_of(posterior) is None and name not in supported:
         raise ValueError(
-            f"structure must be one of {[s.value for s in SUPPORTED_STRUCTURES]} for "
-            f"kernel_decomposition(); got {getattr(structure, 'value', structure)!r}. The decomposition needs the "
-            "eigenbasis of G: fit with structure='full' or structure='lowrank'."
+            f"structure must be one of {list(supported)} for kernel_decomposition(); got "
+            f"{name!r}. The decomposition needs the eigenbasis of G: fit with "
+            + " or ".join(f"structure={s!r}" for s in supported)
+            + "."
         )
     lam, U = eigenbasis(posterior)
     P, R = U.shape
