@@ -146,10 +146,6 @@ class OutputCurvature:
         y = y.to(f.device)
         return observations(self.targets, f, y, ignore_index=self.ignore_index, where=where)[2]
 
-    def n_columns(self, f: Tensor) -> int:
-        """K, the columns of :meth:`factor` for outputs ``f``."""
-        return self.n_samples if self.mc else f[0].numel()
-
     def factor(self, f: Tensor, mask: Tensor | None = None) -> Tensor:
         """The factor ``L`` of the batch, shape ``(B, M, K)`` (see the class docstring).
 
