@@ -507,3 +507,10 @@ def test_spectral_density_custom_grid_and_errors() -> None:
         spectral_density(A, n_probes=0, n_lanczos=3)
     with pytest.raises(ValueError, match="n_grid must be an integer >= 2; got 1"):
         spectral_density(A, n_lanczos=3, n_grid=1)
+
+
+def test_power_iteration_warns_when_it_stops_unconverged() -> None:
+    A = torch.diag(torch.tensor([1.0, 0.999, 0.5], dtype=DT))
+    with pytest.warns(RuntimeWarning, match=r"did not reach the relative tolerance tol=1e-12 in"):
+        lam, _ = power_iteration(A, n_iter=3, tol=1e-12, generator=gen(0))
+    assert 0.5 <= float(lam) <= 1.0

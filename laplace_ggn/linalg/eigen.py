@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -14,25 +16,27 @@ __all__ = ["lanczos", "power_iteration"]
 
 def _power_iteration(
     A: LinearOperator, n_iter: int, tol: float, generator: torch.Generator | None
-) -> tuple[float, Tensor, int]:
+) -> tuple[float, Tensor, int, bool]:
+    """``(Rayleigh quotient, unit vector, products, converged)`` after at most ``n_iter`` steps."""
     P = A.shape[0]
     v = _random_unit(P, A, generator)
     lam = 0.0
     n = 0
+    converged = False
     for _ in range(n_iter):
         w = A @ v
         n += 1
         lam_new = float(torch.dot(v, w))
         w_norm = torch.linalg.vector_norm(w)
         if float(w_norm) == 0.0:
-            return 0.0, v, n
+            return 0.0, v, n, True
         v = w / w_norm
         if abs(lam_new - lam) <= tol * abs(lam_new):
-            lam = lam_new
+            lam, converged = lam_new, True
             break
         lam = lam_new
     lam = float(torch.dot(v, A @ v))
-    return lam, v, n + 1
+    return lam, v, n + 1, converged
 
 
 def power_iteration(
@@ -60,6 +64,10 @@ def power_iteration(
     Raises:
         ValueError: If ``A`` is not square or ``n_iter`` < 1.
 
+    Warns:
+        RuntimeWarning: If the eigenvalue has not settled to ``tol`` after ``n_iter``
+            iterations (the last estimate is returned).
+
     Example:
         >>> lam, v = power_iteration(torch.diag(torch.tensor([3.0, 1.0])), n_iter=200)
         >>> round(float(lam), 4)
@@ -70,7 +78,15 @@ def power_iteration(
     n_iter = _check_count(n_iter, "n_iter")
     if not tol > 0:
         raise ValueError(f"tol must be > 0; got {tol!r}.")
-    lam, v, _ = _power_iteration(A, n_iter, tol, generator)
+    lam, v, _, converged = _power_iteration(A, n_iter, tol, generator)
+    if not converged:
+        warnings.warn(
+            f"power_iteration did not reach the relative tolerance tol={tol:g} in "
+            f"n_iter={n_iter} iterations; returning the last estimate {lam:.6g}. Increase "
+            "n_iter (convergence is slow when the two largest |eigenvalues| are close).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return torch.tensor(lam, dtype=A.dtype, device=A.device), v
 
 

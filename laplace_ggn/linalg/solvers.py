@@ -143,11 +143,11 @@ def _extreme_eigenvalues(
     Returns:
         ``(lambda_max, lambda_min, n_products)``.
     """
-    lam, _, n1 = _power_iteration(A, n_iter, tol, generator)
+    lam, _, n1, _ = _power_iteration(A, n_iter, tol, generator)
     if lam <= 0:
         return lam, lam, n1
     shifted = _Identity(A.shape[0], A.dtype, A.device) * lam - A
-    mu, _, n2 = _power_iteration(shifted, n_iter, tol, generator)
+    mu, _, n2, _ = _power_iteration(shifted, n_iter, tol, generator)
     return lam, lam - mu, n1 + n2
 
 
