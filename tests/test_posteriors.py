@@ -256,3 +256,21 @@ def test_structures_without_eigenbasis_say_none(structure):
     _, post = _fitted(structure, "scalar")
     assert eigenbasis_of(post) is None
     assert spectrum_of(object(), post.prior.kind) is None and eigenbasis_of(object()) is None
+
+
+@pytest.mark.parametrize(("structure", "prior"), _MEMBER_CASES)
+def test_variance_and_sqrt_rows_members_against_dense_covariance(structure, prior):
+    _, post = _fitted(structure, prior)
+    Sigma = post.to_dense()
+    P = Sigma.shape[0]
+    has_variance = structure in ("diag", "kfac", "lowrank")
+    has_sqrt = structure in ("full", "lowrank")
+    assert hasattr(post, "variance") == has_variance
+    assert hasattr(post, "covariance_sqrt_rows") == has_sqrt
+    if has_variance:
+        torch.testing.assert_close(post.variance(), Sigma.diagonal(), rtol=1e-9, atol=1e-12)
+    if has_sqrt:  # rows of X S with S Sᵀ = Σ
+        X = torch.randn(4, P, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        XS = post.covariance_sqrt_rows(X)
+        assert XS.shape == (4, P)
+        torch.testing.assert_close(XS @ XS.T, X @ Sigma @ X.T, rtol=1e-9, atol=1e-12)
