@@ -2,6 +2,8 @@
 
 from ._checks import Curvature, Likelihood, Link, PredictMethod, Structure
 from .diagnostics import KernelDecomposition
+from .fitted import FittedLaplace
+from .hyperparameters import Hyperparameters
 from .linalg import (
     cg,
     hutchinson_diagonal,
@@ -13,6 +15,7 @@ from .linalg import (
     power_iteration,
     spectral_density,
 )
+from .marglik import GridSearch, Marglik, MarglikTemperature
 from .operators import (
     CallableOperator,
     DenseOperator,
@@ -31,6 +34,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LaplaceWrapper",
+    "FittedLaplace",
+    "Hyperparameters",
+    "Marglik",
+    "GridSearch",
+    "MarglikTemperature",
     "Prediction",
     "KernelDecomposition",
     "Likelihood",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,8 @@ __all__ = [
     "check_state",
     "check_tensor_state",
     "model_parameters",
+    "save_state",
+    "saved_options",
 ]
 
 STATE_FORMAT_VERSION = 2
@@ -471,3 +473,64 @@ def check_state(state: object, model: nn.Module, structures: Mapping[str, object
         for k, v in state["posterior"].items()
     }
     return {**state, "posterior": post}
+
+
+def save_state(fitted, options) -> dict:
+    """The state of a fitted wrapper: its options, hyperparameters, θ* and posterior.
+
+    Args:
+        fitted: The :class:`~laplace_ggn.FittedLaplace`.
+        options: The :class:`~laplace_ggn.fitting.FitOptions` of the fit.
+
+    Returns:
+        A dict of plain values and tensors (cloned), loadable by :func:`check_state`.
+    """
+    layout, hp, reader = fitted.layout, fitted.hyperparameters, options.reader
+    return {
+        "format_version": STATE_FORMAT_VERSION,
+        "model_parameters": model_parameters(options.model),
+        "likelihood": options.likelihood.value,
+        "structure": options.structure,
+        "subset": list(layout.names),
+        "shapes": [tuple(s) for s in layout.shapes],
+        "prior_precision": hp.prior_precision.detach().clone(),
+        "sigma_noise": hp.sigma_noise.detach().clone(),
+        "temperature": hp.temperature,
+        "predictive_temperature": float(hp.predictive_temperature),
+        "rank": options.rank,
+        "curvature": options.curvature.value,
+        "n_mc_samples": options.n_mc_samples,
+        "ignore_index": reader.ignore_index,
+        "input_key": reader.input_key,
+        "target_key": reader.target_key,
+        "memory_budget": options.memory_budget,
+        "mean": fitted.posterior.mean.detach().clone(),
+        "fit_statistics": asdict(fitted.statistics),
+        "posterior": {
+            k: v.detach().clone() if isinstance(v, Tensor) else v
+            for k, v in fitted.posterior.state_dict().items()
+        },
+    }
+
+
+def saved_options(state: Mapping) -> dict:
+    """The keyword options of ``LaplaceWrapper(...)`` recorded in a checked state.
+
+    Returns:
+        ``{"likelihood": ..., "structure": ..., ...}`` with the defaults of optional keys.
+    """
+    return {
+        "likelihood": state["likelihood"],
+        "structure": state["structure"],
+        "subset": list(state["subset"]),
+        "prior_precision": state["prior_precision"],
+        "sigma_noise": state["sigma_noise"],
+        "temperature": state["temperature"],
+        "rank": state["rank"],
+        "curvature": state.get("curvature", Curvature.GGN.value),
+        "n_mc_samples": state.get("n_mc_samples"),
+        "ignore_index": state.get("ignore_index", -100),
+        "input_key": state["input_key"],
+        "target_key": state["target_key"],
+        "memory_budget": state["memory_budget"],
+    }

@@ -1,8 +1,11 @@
 r"""`LaplaceWrapper`: the user-facing composition of likelihood, subset, curvature and posterior.
 
-It holds no mathematics of its own: curvature comes from :mod:`laplace_ggn.collectors`, the
-Gaussian from :mod:`laplace_ggn.posteriors`, the evidence from :mod:`laplace_ggn.marglik`,
-predictions from :mod:`laplace_ggn.predictive`.
+It holds no mathematics and no state of its own beyond its options and the fitted result:
+options are validated by :class:`~laplace_ggn.fitting.FitOptions` and
+:class:`~laplace_ggn.hyperparameters.Hyperparameters`, the data pass is
+:func:`~laplace_ggn.fitting.fit_laplace`, its result a :class:`~laplace_ggn.FittedLaplace`
+(:attr:`LaplaceWrapper.fitted`) that predicts, tunes and is saved
+(:mod:`laplace_ggn.persistence`); structures come from :mod:`laplace_ggn.structures`.
 
 Curvature is computed on a private copy of the model in eval mode (BatchNorm statistics
 frozen, dropout off); the user's model is never modified.
@@ -10,21 +13,13 @@ frozen, dropout off); the user's model is never modified.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
-import numbers
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, fields, is_dataclass
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from . import distributed as _distributed
 from . import marglik as _marglik
-from . import predictive as _predictive
 from ._checks import (
     DEFAULT_MEMORY_BUDGET,
     Curvature,
@@ -32,54 +27,21 @@ from ._checks import (
     Link,
     PredictMethod,
     Structure,
-    as_enum,
     check_computed_finite,
-    check_finite,
     check_generator,
-    check_positive,
-    check_target_tensor,
     is_integer,
 )
 from .collectors import dense_bytes
-from .functional import (
-    FunctionalModel,
-    ParamLayout,
-    batch_size_of,
-    check_batch_dims,
-    input_tensors,
-    resolve_subset,
-    split_batch,
-    to_device,
-)
-from .head import LinearHead
-from .likelihoods import (
-    DEFAULT_IGNORE_INDEX,
-    FitStatistics,
-    OutputCurvature,
-    get_likelihood,
-    observations,
-)
-from .model_io import (
-    DEFAULT_TARGET_KEYS,
-    InputSpec,
-    check_keyword_inputs,
-    check_model_input,
-    input_spec,
-)
-from .persistence import STATE_FORMAT_VERSION, check_state, model_parameters
-from .posteriors import Prior, make_prior
-from .posteriors._common import standard_normal
-from .posteriors.alternating import alternating_projection
-from .predictive import Prediction
-from .structures import STRUCTURES, StructureOptions, resolve_structure
+from .fitted import FittedLaplace, sample_projected
+from .fitting import FitOptions, fit_laplace, gigabytes, restore_fitted
+from .hyperparameters import Hyperparameters
+from .layout import ParamLayout, resolve_subset
+from .likelihoods import DEFAULT_IGNORE_INDEX
+from .persistence import check_state, save_state, saved_options
+from .predictive import Prediction, resolve_options
+from .structures import STRUCTURES
 
 __all__ = ["LaplaceWrapper"]
-
-_PROGRESS_MIN_BATCHES = 20
-
-
-def _gb(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.3g} GB"
 
 
 class LaplaceWrapper:
@@ -158,102 +120,65 @@ class LaplaceWrapper:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         output_fn: Callable[[object], Tensor] | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        self.model = model
-        self.likelihood = as_enum(Likelihood, likelihood, "likelihood")
-        self.structure = resolve_structure(structure)
-        self._lik = get_likelihood(self.likelihood)
-        param = next(iter(model.parameters()), None)
-        if param is None:
-            raise ValueError("model must have parameters; got a module with none.")
-        self._dtype, self._device = param.dtype, param.device
+        o = FitOptions.create(
+            model,
+            likelihood,
+            structure=structure,
+            subset=subset,
+            rank=rank,
+            curvature=curvature,
+            n_mc_samples=n_mc_samples,
+            ignore_index=ignore_index,
+            input_key=input_key,
+            target_key=target_key,
+            memory_budget=memory_budget,
+            output_fn=output_fn,
+        )
+        self._options, reader = o, o.reader
         # resolve the subset now where no data is needed, to fail early on bad names
-        self.subset = subset
         self._layout: ParamLayout | None = (
             None if subset == "last_layer" else resolve_subset(model, subset)
         )
-        self._prior_precision = self._check_prior_input(prior_precision)
+        self._initial = Hyperparameters.create(
+            o.likelihood,
+            prior_precision=prior_precision,
+            sigma_noise=sigma_noise,
+            temperature=temperature,
+            dtype=reader.dtype,
+            device=reader.device,
+        )
         if self._layout is not None:
-            self._prior(self._prior_precision)
-        self._sigma_noise = self._check_sigma_applies(self._as_sigma(sigma_noise))
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a float; got {type(temperature).__name__}.")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0; got {temperature}.")
-        self.temperature = float(temperature)
-        if rank is not None:
-            if not STRUCTURES[self.structure].takes_rank:
-                ranked = " or ".join(repr(n) for n, s in STRUCTURES.items() if s.takes_rank)
-                raise ValueError(
-                    f"rank applies to structure={ranked} only; got rank={rank} "
-                    f"with structure={self.structure!r}."
-                )
-            if not is_integer(rank) or rank < 1:
-                raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
-            rank = int(rank)
-        self.rank = rank
-        self.curvature = as_enum(Curvature, curvature, "curvature")
-        if self.curvature is Curvature.MC and not STRUCTURES[self.structure].samples_curvature:
-            sampled = [repr(n) for n, s in STRUCTURES.items() if s.samples_curvature]
-            raise ValueError(
-                f"curvature='mc' applies to structures {', '.join(sampled[:-1])} and "
-                f"{sampled[-1]}; got structure={self.structure!r}, whose curvature is not "
-                "built from output Hessians (none to sample)."
-            )
-        if n_mc_samples is not None:
-            if self.curvature is not Curvature.MC:
-                raise ValueError(
-                    f"n_mc_samples applies to curvature='mc' only; got n_mc_samples="
-                    f"{n_mc_samples!r} with curvature={self.curvature.value!r}."
-                )
-            if not is_integer(n_mc_samples) or n_mc_samples < 1:
-                raise ValueError(f"n_mc_samples must be a positive integer; got {n_mc_samples!r}.")
-            n_mc_samples = int(n_mc_samples)
-        self.n_mc_samples = n_mc_samples
-        if not is_integer(ignore_index):
-            raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}.")
-        self.ignore_index = int(ignore_index)
-        for key_name, key in (("input_key", input_key), ("target_key", target_key)):
-            if key is not None and not isinstance(key, str):
-                raise TypeError(f"{key_name} must be a str or None; got {type(key).__name__}.")
-        if output_fn is not None and not callable(output_fn):
-            raise TypeError(f"output_fn must be callable or None; got {type(output_fn).__name__}.")
-        self.input_key, self.target_key = input_key, target_key
-        self.output_fn = output_fn
-        self._input_spec: InputSpec | None = None
-        if not is_integer(memory_budget) or memory_budget <= 0:
-            raise ValueError(
-                f"memory_budget must be a positive int (bytes); got {memory_budget!r}."
-            )
-        self.memory_budget = int(memory_budget)
-        self._predictive_temperature = torch.ones((), dtype=self._dtype, device=self._device)
-        self._posterior = None
-        self._fmodel: FunctionalModel | None = None
-        self._stats: FitStatistics | None = None
-        self._head: LinearHead | None = None
+            o.spec.check_prior(self._initial.prior(self._layout))
+        self.model, self.likelihood, self.structure, self.subset = (
+            model,
+            o.likelihood,
+            o.structure,
+            subset,
+        )
+        self.rank, self.curvature, self.n_mc_samples = o.rank, o.curvature, o.n_mc_samples
+        self.ignore_index, self.input_key, self.target_key = (
+            reader.ignore_index,
+            reader.input_key,
+            reader.target_key,
+        )
+        self.memory_budget, self.output_fn = o.memory_budget, output_fn
+        self.temperature = self._initial.temperature
+        self.fitted: FittedLaplace | None = None
 
-    # -- validation helpers ------------------------------------------------------------------
-
-    def _check_prior_input(self, prior_precision: float | Tensor) -> Tensor:
-        if isinstance(prior_precision, bool) or not isinstance(
-            prior_precision, (int, float, Tensor)
-        ):
-            raise TypeError(
-                f"prior_precision must be a float or a tensor; got {type(prior_precision).__name__}."
-            )
-        t = torch.as_tensor(prior_precision, dtype=self._dtype, device=self._device)
-        check_positive(t.detach(), "prior_precision")
-        return t
-
-    def _require_fit(self, what: str) -> None:
-        if self._posterior is None:
+    def _require_fit(self, what: str) -> FittedLaplace:
+        if self.fitted is None:
             raise RuntimeError(f"{what} needs a fitted posterior; call fit(train_loader) first.")
+        return self.fitted
+
+    @property
+    def hyperparameters(self) -> Hyperparameters:
+        """The current :class:`~laplace_ggn.hyperparameters.Hyperparameters`."""
+        return self._initial if self.fitted is None else self.fitted.hyperparameters
 
     @property
     def is_fitted(self) -> bool:
         """Whether :meth:`fit` (or :meth:`from_state_dict`) has produced a posterior."""
-        return self._posterior is not None
+        return self.fitted is not None
 
     @property
     def posterior(self):
@@ -262,8 +187,7 @@ class LaplaceWrapper:
         Raises:
             RuntimeError: If the wrapper is not fitted.
         """
-        self._require_fit("posterior")
-        return self._posterior
+        return self._require_fit("posterior").posterior
 
     @property
     def n_params(self) -> int:
@@ -272,6 +196,8 @@ class LaplaceWrapper:
         Raises:
             RuntimeError: If the subset is 'last_layer' and the wrapper is not fitted yet.
         """
+        if self.fitted is not None:
+            return self.fitted.n_params
         if self._layout is None:
             raise RuntimeError("n_params of subset='last_layer' is known after fit(train_loader).")
         return self._layout.n_params
@@ -279,12 +205,12 @@ class LaplaceWrapper:
     @property
     def prior_precision(self) -> Tensor:
         """Current prior precision, shape ``()``, ``(T,)`` or ``(P,)``."""
-        return self._prior_precision.detach()
+        return self.hyperparameters.prior_precision.detach()
 
     @property
     def sigma_noise(self) -> Tensor:
         """Current observation noise σ, shape ``()``."""
-        return self._sigma_noise.detach()
+        return self.hyperparameters.sigma_noise.detach()
 
     @property
     def predictive_temperature(self) -> Tensor:
@@ -295,48 +221,7 @@ class LaplaceWrapper:
         ``optimize_prior_precision(method="marglik_temperature")`` or
         :meth:`set_hyperparameters`.
         """
-        return self._predictive_temperature.detach()
-
-    def _check_predictive_temperature(self, value: float | Tensor) -> Tensor:
-        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-            raise TypeError(f"predictive_temperature must be a float; got {type(value).__name__}.")
-        t = torch.as_tensor(value, dtype=self._dtype, device=self._device).detach()
-        if t.ndim != 0:
-            raise ValueError(
-                f"predictive_temperature must be a scalar; got shape {tuple(t.shape)}."
-            )
-        check_positive(t, "predictive_temperature")
-        if self.likelihood is Likelihood.REGRESSION and float(t) != 1.0:
-            raise ValueError(
-                f"predictive_temperature applies to likelihood 'classification' or 'binary'; got "
-                f"predictive_temperature={float(t)} with likelihood='regression' (whose "
-                "predictive is calibrated through sigma_noise)."
-            )
-        return t
-
-    def _scale(self, sigma: Tensor) -> Tensor:
-        if self.likelihood is Likelihood.REGRESSION:
-            return 1.0 / (self.temperature * sigma**2)
-        return torch.as_tensor(1.0 / self.temperature, dtype=self._dtype, device=self._device)
-
-    def _prior(self, precision: Tensor, layout: ParamLayout | None = None) -> Prior:
-        """Validated prior of the structure (shape, positivity, kind the structure accepts)."""
-        layout = layout or self._layout
-        prior = make_prior(precision, layout, dtype=self._dtype, device=self._device)
-        spec = STRUCTURES.get(self.structure)
-        if spec is not None:
-            spec.check_prior(prior)
-        return prior
-
-    def _structure_options(self) -> StructureOptions:
-        return StructureOptions(
-            model=self.model,
-            prior_precision=self._prior_precision,
-            rank=self.rank,
-            memory_budget=self.memory_budget,
-        )
-
-    # -- fitting ---------------------------------------------------------------------------
+        return self.hyperparameters.predictive_temperature.detach()
 
     def fit(
         self,
@@ -382,268 +267,18 @@ class LaplaceWrapper:
                 ``generator`` is not a ``torch.Generator``.
             RuntimeError: If the curvature cannot be factorised (torch.linalg failed).
         """
-        if not isinstance(train_loader, Iterable):
-            raise TypeError(
-                f"train_loader must be an iterable of batches (e.g. a DataLoader); "
-                f"got {type(train_loader).__name__}."
-            )
-        self._check_generator(generator)
-        spec = STRUCTURES.get(self.structure)
-        if spec is None:
-            raise NotImplementedError(f"structure={self.structure!r} is not available.")
-        dctx = _distributed.resolve_distributed(distributed, process_group)
-        first, iterator, layout, private, local_error = None, iter(()), self._layout, None, None
-        first_i, n_empty = 0, 0
-        try:
-            iterator = iter(train_loader)
-            # batches with 0 rows are skipped; the first batch with data starts the pass
-            for first_i, batch in enumerate(iterator):
-                x0, _, empty = self._split(batch, f"batch {first_i}")
-                if not empty:
-                    first = batch
-                    break
-                n_empty += 1
-            if first is None:
-                if dctx is None:
-                    raise ValueError(
-                        "train_loader must yield at least one batch; got an empty loader."
-                        if not n_empty
-                        else "train_loader must yield at least one non-empty batch; got "
-                        f"{n_empty} batch(es), all with 0 rows."
-                    )
-            elif layout is None:
-                # 'last_layer' is traced on a private eval-mode copy, never on the user's model
-                private = copy.deepcopy(self.model).eval()
-                layout = resolve_subset(private, self.subset, self._to_device(x0), self.output_fn)
-        except Exception as exc:
-            if dctx is None:
-                raise
-            local_error = exc
-        if dctx is not None:
-            layout = dctx.agree(
-                self.model, self.subset, layout, has_data=first is not None, error=local_error
-            )
-        prior = self._prior(self._prior_precision, layout)
-        need = spec.memory_bytes(layout.n_params, self._dtype, self._structure_options())
-        if need > self.memory_budget:
-            raise ValueError(self._memory_message(need, layout.n_params))
-        if private is not None:
-            for p in private.parameters():
-                p.requires_grad_(False)
-            fmodel = FunctionalModel(
-                private,
-                layout,
-                memory_budget=self.memory_budget,
-                copy_model=False,
-                output_fn=self.output_fn,
-            )
-        else:
-            fmodel = FunctionalModel(
-                self.model, layout, memory_budget=self.memory_budget, output_fn=self.output_fn
-            )
-        if (
-            self.curvature is Curvature.GGN
-            # lowrank / projected refuse their rows themselves; their top-k needs none
-            and spec.exact_rows
-            and first is not None
-        ):
-            try:
-                self._check_exact_memory(fmodel, first, f"batch {first_i}")
-            except Exception as exc:
-                if dctx is None:
-                    raise
-                local_error = exc  # raised on every rank by dctx.finish, after the collective
-        out_curv = OutputCurvature(
-            self._lik,
-            curvature=self.curvature,
-            n_samples=self.n_mc_samples or 1,
+        self.fitted = fit_laplace(
+            self._options,
+            self.hyperparameters,
+            self._layout,
+            train_loader,
+            progress=progress,
+            distributed=distributed,
+            process_group=process_group,
             generator=generator,
-            ignore_index=self.ignore_index,
         )
-        collector = spec.make_collector(fmodel, out_curv, self._structure_options())
-        n_data, loss_sum, n_out, out_ndim = 0, 0.0, None, None
-        in_spec = input_spec(x0) if first is not None else None
-        try:
-            total = len(train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-        show = (
-            progress
-            if progress is not None
-            else (total is not None and total >= _PROGRESS_MIN_BATCHES)
-        )
-        show = show and (dctx is None or dctx.rank == 0)
-        batches = _chain_first(first, iterator) if first is not None and local_error is None else ()
-        try:
-            with tqdm(
-                batches,
-                total=total,
-                initial=first_i,
-                disable=not show,
-                desc=f"fit {self.structure}",
-            ) as bar:
-                for i, batch in enumerate(bar, start=first_i):
-                    where = f"batch {i}"
-                    x, y, empty = self._split(batch, where)
-                    if empty:
-                        continue
-                    x, y = self._to_device(x), y.to(self._device)
-                    f = collector.update(x, where, y=y)
-                    check_finite(f, "model output", where)
-                    if out_ndim is not None and f.ndim != out_ndim:
-                        raise ValueError(
-                            f"model output in {where} must have {out_ndim} dimensions like "
-                            f"batch 0; got shape {tuple(f.shape)}."
-                        )
-                    f_obs, y_obs, _ = observations(
-                        self._lik, f, y, ignore_index=self.ignore_index, where=where
-                    )
-                    check_finite(y_obs, "targets", where)
-                    if n_out is not None and f.shape[-1] != n_out:
-                        raise ValueError(
-                            f"model output in {where} must have {n_out} columns like batch 0; "
-                            f"got {f.shape[-1]}."
-                        )
-                    n_out, out_ndim = f.shape[-1], f.ndim
-                    loss_sum += self._loss_statistic(f_obs, y_obs, where)
-                    n_data += f_obs.shape[0]
-        except Exception as exc:
-            if dctx is None:
-                raise
-            local_error = exc
-        if dctx is not None:
-            n_data, n_out, loss_sum = dctx.finish(
-                collector, n_data=n_data, n_outputs=n_out, loss_sum=loss_sum, error=local_error
-            )
-        try:
-            curvature = collector.finalize()
-            for name, t in _curvature_tensors(curvature, "curvature"):
-                check_finite(t, name)
-            posterior = spec.build(
-                curvature,
-                fmodel.theta,
-                prior,
-                self._scale(self._sigma_noise),
-                self._structure_options(),
-            )
-        except torch.linalg.LinAlgError as err:
-            raise RuntimeError(
-                f"curvature of structure={self.structure!r} must be factorisable; "
-                f"torch.linalg failed ({err}). Check the model for saturated or overflowing "
-                "outputs, or fit a float64 copy of the model (model.double())."
-            ) from err
-        head = LinearHead.find(fmodel)
-        # commit: all or nothing
-        self._layout, self._fmodel, self._head = layout, fmodel, head
-        self._input_spec = in_spec
-        self._stats = FitStatistics(n_data, int(n_out), loss_sum, int(out_ndim or 2))
-        self._posterior = posterior
+        self._layout = self.fitted.layout
         return self
-
-    def _check_generator(self, generator: object) -> None:
-        check_generator(generator)
-        if generator is not None and generator.device.type != self._device.type:
-            raise ValueError(
-                f"generator must be on the model's device {self._device}; got a generator on "
-                f"{generator.device}. Create it with torch.Generator(device=...)."
-            )
-
-    def _check_exact_memory(self, fmodel: FunctionalModel, first: object, where: str) -> None:
-        """Refuse ``curvature="ggn"`` when one sample's M·P square-root rows exceed the budget.
-
-        For full, diag and kfac; exact lowrank refuses its N·M rows as they would arrive, and
-        top-k lowrank takes matrix-free products whose cost does not depend on M.
-
-        Raises:
-            ValueError: Naming ``curvature="mc"`` as the way out (or a malformed first batch).
-        """
-        x0, _, _ = self._split(first, where)
-        M = fmodel.forward(self._to_device(x0))[0].numel()  # C, or T·C
-        P = fmodel.n_params
-        need = M * P * torch.empty((), dtype=self._dtype).element_size()
-        if need > self.memory_budget:
-            raise ValueError(
-                f"curvature='ggn' must fit one sample's exact square-root rows (M={M} outputs "
-                f"x P={P} parameters, {_gb(need)}) in the memory budget of "
-                f"{_gb(self.memory_budget)}; its cost grows with the number of outputs. Pass "
-                "curvature='mc' (n_mc_samples=S draws per sample: an unbiased estimate at a cost "
-                "that does not grow with C), or raise memory_budget=."
-            )
-
-    def _to_device(self, x: object) -> object:
-        return to_device(x, self._device)
-
-    def _split(self, batch: object, where: str) -> tuple[object, Tensor, bool]:
-        """``(x, y, empty)`` of a checked loader batch; ``empty`` when it holds 0 rows (skipped).
-
-        Raises:
-            ValueError: If the batch is malformed, a floating input has another dtype than the
-                model or holds NaN/Inf, the input has no batch dimension, its tensors differ in
-                batch size, a key is not an argument of the model, or an empty input comes with
-                targets, or the targets have no batch dimension or another batch size than the
-                input (a loader of single samples).
-            TypeError: If the targets are not a tensor.
-        """
-        x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
-        check_model_input(x, dtype=self._dtype, name="input", where=where)
-        check_keyword_inputs(self.model, x, where)
-        for t in input_tensors(x):
-            check_finite(t, "input", where)
-        y = check_target_tensor(y, where)
-        empty = batch_size_of(x, where=where) == 0
-        if empty and (y.ndim == 0 or y.shape[0] != 0):
-            raise ValueError(
-                f"targets in {where} must have as many rows as the input (0); got shape "
-                f"{tuple(y.shape)}."
-            )
-        check_batch_dims(x, y, where)
-        return x, y, empty
-
-    def _loss_statistic(self, f: Tensor, y: Tensor, where: str) -> float:
-        """The batch's loss statistic, accumulated in float64 (no float32 overflow of Σ(y−f)²).
-
-        Raises:
-            ValueError: If it is not finite even in float64.
-        """
-        f64 = f.to(torch.float64)
-        stat = float(self._lik.loss_statistic(f64, y.to(f64) if y.is_floating_point() else y))
-        if not math.isfinite(stat):
-            raise ValueError(
-                f"training loss in {where} must be finite; got {stat}. The model's outputs are too "
-                "large for the loss (saturated or overflowing outputs): check the model for "
-                "numerical overflow."
-            )
-        return stat
-
-    def _model_input(self, x: object, name: str = "x") -> object:
-        """Validate a model input of a read path (as fit does) and move it to the device."""
-        if isinstance(x, Mapping):
-            keys = [self.target_key] if self.target_key is not None else DEFAULT_TARGET_KEYS
-            given = [k for k in keys if k in x]
-            if given:
-                raise ValueError(
-                    f"{name} must hold the model's inputs only; got the target key {given[0]!r}. "
-                    f"Drop it: {{k: v for k, v in batch.items() if k != {given[0]!r}}}."
-                )
-            check_keyword_inputs(self.model, x)
-        check_model_input(x, dtype=self._dtype, spec=self._input_spec, name=name)
-        x = self._to_device(x)
-        for t in input_tensors(x):
-            check_finite(t, "input")
-        return x
-
-    def _memory_message(self, need: int, P: int) -> str:
-        opts = self._structure_options()
-        sizes = {name: spec.memory_bytes(P, self._dtype, opts) for name, spec in STRUCTURES.items()}
-        fits = [f"{name!r} ({_gb(n)})" for name, n in sizes.items() if n <= self.memory_budget]
-        return (
-            f"structure={self.structure!r} needs {_gb(need)} for P={P} parameters in "
-            f"{self._dtype}, over the memory budget of {_gb(self.memory_budget)}. Structures that "
-            f"fit: {', '.join(fits) or 'none'}; or pass memory_budget= (bytes) to allow more, "
-            "or subset='last_layer'."
-        )
-
-    # -- posterior quantities ------------------------------------------------------------------
 
     def posterior_covariance(self) -> Tensor:
         """Dense posterior covariance Σ, shape ``(P, P)``.
@@ -652,16 +287,17 @@ class LaplaceWrapper:
             RuntimeError: If not fitted, or Σ is not finite.
             ValueError: If P×P exceeds the memory budget (the message gives the GB needed).
         """
-        self._require_fit("posterior_covariance()")
-        P = self.n_params
-        need = dense_bytes(P, self._dtype)
+        fitted = self._require_fit("posterior_covariance()")
+        P = fitted.n_params
+        need = dense_bytes(P, fitted.fmodel.dtype)
         if need > self.memory_budget:
             raise ValueError(
-                f"posterior_covariance() needs a dense ({P}, {P}) matrix of {_gb(need)}, over "
-                f"the memory budget of {_gb(self.memory_budget)}. Use functional_covariance(x), "
-                "sample(n) or posterior.covariance_matvec(V) instead, or raise memory_budget=."
+                f"posterior_covariance() needs a dense ({P}, {P}) matrix of {gigabytes(need)}, "
+                f"over the memory budget of {gigabytes(self.memory_budget)}. Use "
+                "functional_covariance(x), sample(n) or posterior.covariance_matvec(V) instead, "
+                "or raise memory_budget=."
             )
-        Sigma = self._posterior.to_dense()
+        Sigma = fitted.posterior.to_dense()
         check_computed_finite(Sigma, "posterior covariance Σ")
         return Sigma
 
@@ -687,42 +323,8 @@ class LaplaceWrapper:
                 term that overflowed).
             ValueError: If a hyperparameter is not positive or has the wrong shape.
         """
-        self._require_fit("log_marginal_likelihood()")
-        post = self._posterior_at(prior_precision, sigma_noise)
-        sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
-        value = _marglik.log_marginal_likelihood(post, self._stats, self._lik, sigma)
-        _marglik.check_evidence(value, post, self._stats, self._lik, sigma)
-        return value
-
-    def _as_sigma(self, sigma_noise: float | Tensor) -> Tensor:
-        if isinstance(sigma_noise, bool) or not isinstance(sigma_noise, (numbers.Real, Tensor)):
-            raise TypeError(
-                f"sigma_noise must be a float or a 0-dim tensor; got {type(sigma_noise).__name__}."
-            )
-        s = torch.as_tensor(sigma_noise, dtype=self._dtype, device=self._device)
-        if s.ndim != 0:
-            raise ValueError(f"sigma_noise must be a scalar; got shape {tuple(s.shape)}.")
-        check_positive(s.detach(), "sigma_noise")
-        return s
-
-    def _check_sigma_applies(self, sigma: Tensor) -> Tensor:
-        """Refuse σ ≠ 1 for likelihoods without observation noise; returns ``sigma``."""
-        if self.likelihood is not Likelihood.REGRESSION and float(sigma) != 1.0:
-            raise ValueError(
-                f"sigma_noise applies to likelihood='regression' only; got sigma_noise="
-                f"{float(sigma)} with likelihood={self.likelihood.value!r}."
-            )
-        return sigma
-
-    def _posterior_at(self, prior_precision=None, sigma_noise=None):
-        """The fitted posterior with other hyperparameters (no refit)."""
-        if prior_precision is None and sigma_noise is None:
-            return self._posterior
-        prec = self._prior_precision if prior_precision is None else prior_precision
-        if isinstance(prec, Tensor):
-            prec = prec.to(dtype=self._dtype, device=self._device)
-        sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
-        return self._posterior.with_prior(self._prior(prec), self._scale(sigma))
+        fitted = self._require_fit("log_marginal_likelihood()")
+        return fitted.log_marginal_likelihood(prior_precision, sigma_noise)
 
     def set_hyperparameters(
         self,
@@ -743,30 +345,17 @@ class LaplaceWrapper:
             ValueError: If a value is invalid.
             TypeError: If ``predictive_temperature`` is not a number.
         """
-        self._require_fit("set_hyperparameters()")
-        prec = (
-            self._prior_precision
-            if prior_precision is None
-            else self._check_prior_input(prior_precision)
+        fitted = self._require_fit("set_hyperparameters()")
+        hp = fitted.hyperparameters.replace(
+            prior_precision=prior_precision,
+            sigma_noise=sigma_noise,
+            predictive_temperature=predictive_temperature,
         )
-        sigma = self._sigma_noise if sigma_noise is None else self._as_sigma(sigma_noise)
-        self._check_sigma_applies(sigma)
-        temp = (
-            self._predictive_temperature
-            if predictive_temperature is None
-            else self._check_predictive_temperature(predictive_temperature)
-        )
-        post = self._posterior.with_prior(self._prior(prec.detach()), self._scale(sigma.detach()))
-        self._prior_precision, self._sigma_noise, self._posterior = (
-            prec.detach(),
-            sigma.detach(),
-            post,
-        )
-        self._predictive_temperature = temp
+        self.fitted = fitted.with_hyperparameters(hp)
         return self
 
     def jacobians(self, x: object) -> tuple[Tensor, Tensor]:
-        """Jacobians of the outputs at test inputs.
+        """Jacobians of the outputs at test inputs (see :meth:`FittedLaplace.jacobians`).
 
         Args:
             x: Model input (tensor, tuple or dict) of batch size B.
@@ -780,13 +369,7 @@ class LaplaceWrapper:
             ValueError: If the input differs from the training inputs in dtype, structure or
                 number of dimensions, holds the target key, or holds NaN/Inf.
         """
-        self._require_fit("jacobians()")
-        x = self._model_input(x)
-        seq = self._stats.output_ndim != 2
-        J, f = self._fmodel.jacobians(x, n_outputs=None if seq else self._stats.n_outputs)
-        check_computed_finite(f, "model output at the inputs")
-        check_computed_finite(J, "Jacobians J(x)")
-        return J.reshape(*f.shape, J.shape[-1]), f
+        return self._require_fit("jacobians()").jacobians(x)
 
     def functional_covariance(self, x: object) -> Tensor:
         r"""Covariance of the linearised outputs, :math:`J(x) \Sigma J(x)^\top`.
@@ -807,18 +390,7 @@ class LaplaceWrapper:
             ValueError: If the input differs from the training inputs in dtype, structure or
                 number of dimensions, holds the target key, or holds NaN/Inf.
         """
-        self._require_fit("functional_covariance()")
-        x = self._model_input(x)
-        with torch.no_grad():
-            _, cov = _predictive.functional_moments(
-                self._fmodel,
-                self._posterior,
-                x,
-                n_outputs=self._stats.n_outputs,
-                head=self._head,
-            )
-        check_computed_finite(cov, "functional covariance J Σ Jᵀ")
-        return cov
+        return self._require_fit("functional_covariance()").functional_covariance(x)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw parameter vectors of the subset from the posterior.
@@ -835,11 +407,11 @@ class LaplaceWrapper:
             ValueError: If ``n`` is not a positive integer (Python, NumPy or 0-dim torch).
             TypeError: If ``generator`` is not a ``torch.Generator``.
         """
-        self._require_fit("sample()")
+        fitted = self._require_fit("sample()")
         if not is_integer(n) or n < 1:
             raise ValueError(f"n must be a positive integer; got {n!r}.")
         check_generator(generator)
-        draws = self._posterior.sample(int(n), generator=generator)
+        draws = fitted.posterior.sample(int(n), generator=generator)
         check_computed_finite(draws, "posterior samples")
         return draws
 
@@ -855,17 +427,9 @@ class LaplaceWrapper:
     ) -> Tensor:
         r"""Draw from the projected posterior by alternating projections over the training data.
 
-        .. math::
-            \theta = \theta_* + D^{-1/2}\,\Pi\, z, \qquad z \sim N(0, I),
-
-        with Π the projection onto the kernel of the GGN (whitened by the prior D; for a scalar
-        prior :math:`P_{ker} z/\sqrt\alpha`), applied matrix-free by cycling over the batches
-        of ``train_loader`` (:func:`~laplace_ggn.posteriors.alternating.alternating_projection`):
-        memory O(P·n) plus one batch's kernel rows, work linear in P, one pass over the data
-        per cycle.  It needs no stored basis of the range, so it applies to models whose exact
-        basis does not fit in memory; the training data must be passed again, as the wrapper
-        keeps no reference to it.  With the same ``generator`` state it converges to
-        :meth:`sample` of an exact (``rank=None``) fit.
+        See :func:`~laplace_ggn.fitted.sample_projected`: memory O(P·n) plus one batch's
+        kernel rows, one pass over the data per cycle; it converges to :meth:`sample` of an
+        exact (``rank=None``) fit with the same ``generator`` state.
 
         Args:
             n: Number of samples.
@@ -886,37 +450,16 @@ class LaplaceWrapper:
             TypeError: If ``generator`` is not a ``torch.Generator`` or the loader is not
                 re-iterable.
         """
-        self._require_fit("sample_projected()")
-        if self.structure != Structure.PROJECTED.value:
-            raise ValueError(
-                f"sample_projected() needs structure='projected'; got structure="
-                f"{self.structure!r}. Fit LaplaceWrapper(..., structure='projected'), "
-                "or use sample(n)."
-            )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator or None; got {type(generator).__name__}."
-            )
-        post = self._posterior
-        z = standard_normal(
-            n, self.n_params, dtype=self._dtype, device=self._device, generator=generator
-        )
-        w = post.prior.diag().rsqrt()
-        result = alternating_projection(
-            self._fmodel,
-            self._lik,
+        fitted = self._require_fit("sample_projected()")
+        return sample_projected(
+            fitted,
+            n,
             train_loader,
-            z.T.contiguous(),
             n_iterations=n_iterations,
             tol=tol,
-            weights=None if post.prior.is_scalar else w,
-            input_key=self.input_key,
-            target_key=self.target_key,
+            generator=generator,
             progress=progress,
         )
-        return post.mean + result.projected.T * w
-
-    # -- predictions and hyperparameter tuning ------------------------------------------------
 
     def predict(
         self,
@@ -955,30 +498,13 @@ class LaplaceWrapper:
                 key, or holds NaN/Inf.
             TypeError: If ``generator`` is not a ``torch.Generator``, or ``x`` holds no tensor.
         """
-        _predictive.resolve_options(self.likelihood, method, link)
-        self._require_fit("predict()")
-        x = self._model_input(x)
-        pred = _predictive.predict(
-            self._fmodel,
-            self._posterior,
-            x,
-            likelihood=self.likelihood,
-            method=method,
-            link=link,
-            sigma_noise=self._sigma_noise,
-            n_samples=n_samples,
-            generator=generator,
-            n_outputs=self._stats.n_outputs,
-            head=self._head,
-        )
-        T = self._predictive_temperature
-        if self.likelihood is Likelihood.REGRESSION or bool(T == 1):
-            return pred
-        return _predictive.temper(pred, T, binary=self.likelihood is Likelihood.BINARY)
+        resolve_options(self.likelihood, method, link)
+        fitted = self._require_fit("predict()")
+        return fitted.predict(x, method, link=link, n_samples=n_samples, generator=generator)
 
     def optimize_prior_precision(
         self,
-        method: str = "marglik",
+        method: object = "marglik",
         *,
         val_loader: Iterable | None = None,
         tune_sigma_noise: bool = False,
@@ -996,20 +522,22 @@ class LaplaceWrapper:
     ) -> LaplaceWrapper:
         """Tune the prior precision (and σ) by evidence and/or validation NLL; no refit.
 
-        ``"marglik"``: Adam on the log hyperparameters of the Laplace evidence (see
-        :mod:`laplace_ggn.marglik`), reusing one factorisation of the curvature; the curve is
-        kept in ``self.marglik_result_``.  ``"gridsearch"``: a scalar precision chosen on a
-        log-spaced grid by the mean validation NLL of the chosen predictive; the curve is kept
-        in ``self.gridsearch_result_``.  ``"marglik_temperature"`` (classification and
-        binary): the prior precision by the evidence, then the :attr:`predictive_temperature`
-        T by the mean validation NLL of the chosen predictive (curves in
-        ``self.marglik_result_`` and ``self.temperature_result_``); the evidence keeps the
-        posterior's larger uncertainty away from the data, T corrects the confidence in
-        distribution (see ``docs/calibration.md``).  ``"marglik"`` and ``"gridsearch"`` reset
-        T to 1.  On failure the hyperparameters stay as they were.
+        ``method`` is a tuning object of :mod:`laplace_ggn.marglik` —
+        :class:`~laplace_ggn.marglik.Marglik`, :class:`~laplace_ggn.marglik.GridSearch`,
+        :class:`~laplace_ggn.marglik.MarglikTemperature` — or its name with its options as
+        keywords.  ``"marglik"``: Adam on the log hyperparameters of the Laplace evidence,
+        reusing one factorisation of the curvature (curve in ``self.marglik_result_``).
+        ``"gridsearch"``: a scalar precision chosen on a log-spaced grid by the mean
+        validation NLL of the chosen predictive (curve in ``self.gridsearch_result_``).
+        ``"marglik_temperature"`` (classification and binary): the prior precision by the
+        evidence, then the :attr:`predictive_temperature` T by the mean validation NLL
+        (curves in ``self.marglik_result_`` and ``self.temperature_result_``; see
+        ``docs/calibration.md``).  ``"marglik"`` and ``"gridsearch"`` reset T to 1.  On
+        failure the hyperparameters stay as they were.
 
         Args:
-            method: ``"marglik"``, ``"gridsearch"`` or ``"marglik_temperature"``.
+            method: A tuning object, or ``"marglik"``, ``"gridsearch"`` or
+                ``"marglik_temperature"``.
             val_loader: Held-out ``(input, target)`` batches (gridsearch, marglik_temperature).
             tune_sigma_noise: Tune σ jointly (marglik, regression).
             prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"`` (marglik methods;
@@ -1034,9 +562,9 @@ class LaplaceWrapper:
             TypeError: If ``generator`` is not a ``torch.Generator``, or ``val_loader`` is not
                 iterable.
         """
-        opts = _marglik.check_tuning_options(
-            self.likelihood,
+        tuner = _marglik.tuning_method(
             method,
+            self.likelihood,
             val_loader=val_loader,
             tune_sigma_noise=tune_sigma_noise,
             prior_structure=prior_structure,
@@ -1050,124 +578,14 @@ class LaplaceWrapper:
             n_samples=n_samples,
             generator=generator,
         )
-        self._require_fit("optimize_prior_precision()")
-        batches = None if val_loader is None else self._validation_batches(val_loader)
-        if opts.method is _marglik.TuneMethod.GRIDSEARCH:
-            result = _marglik.gridsearch(
-                self._fmodel,
-                posterior_at=lambda a: self._posterior_at(a, None),
-                batches=batches,
-                likelihood=self.likelihood,
-                lik=self._lik,
-                grid=opts.grid.to(self._dtype),
-                method=opts.predict_method,
-                link=opts.link,
-                sigma_noise=self._sigma_noise,
-                n_samples=opts.n_samples,
-                generator=generator,
-                n_outputs=self._stats.n_outputs,
-                progress=progress,
-                ignore_index=self.ignore_index,
-            )
-            self.set_hyperparameters(prior_precision=result.best, predictive_temperature=1.0)
-            self.gridsearch_result_ = result
-            edge = _marglik.grid_edge_warning(result, explicit_grid=grid is not None)
-            if edge:
-                warnings.warn(edge, UserWarning, stacklevel=2)
-            return self
-        if opts.method is _marglik.TuneMethod.MARGLIK_TEMPERATURE and not batches:
-            raise ValueError("val_loader must yield at least one batch; got an empty loader.")
-        kind = opts.kind or self._posterior.prior.kind
-        init = _marglik.convert_prior(self._prior_precision, kind, self._layout)
-        self._posterior_at(init, None)  # validates the prior structure for this posterior
-        try:
-            result = _marglik.optimize_marglik(
-                self._posterior,
-                self._stats,
-                self._lik,
-                posterior_at=self._posterior_at,
-                prior_precision=init,
-                kind=kind,
-                sigma_noise=self._sigma_noise,
-                temperature=self.temperature,
-                tune_sigma_noise=tune_sigma_noise,
-                n_steps=opts.n_steps,
-                lr=opts.lr,
-                progress=progress,
-            )
-        except RuntimeError as err:
-            # name the overflowing term when the evidence is not finite at the start already
-            start, value = self._posterior_at(init, None), None
-            with contextlib.suppress(RuntimeError, ValueError):
-                value = _marglik.log_marginal_likelihood(
-                    start, self._stats, self._lik, self._sigma_noise
-                )
-            if value is not None:
-                _marglik.check_evidence(
-                    value, start, self._stats, self._lik, self._sigma_noise, err
-                )
-            raise
-        temp = None
-        if opts.method is _marglik.TuneMethod.MARGLIK_TEMPERATURE:
-            temp = self._tune_temperature(result.prior_precision, batches, opts, generator)
-        self.set_hyperparameters(
-            prior_precision=result.prior_precision,
-            sigma_noise=result.sigma_noise if tune_sigma_noise else None,
-            predictive_temperature=1.0 if temp is None else temp.temperature,
-        )
-        self.marglik_result_ = result
-        if temp is not None:
-            self.temperature_result_ = temp
+        tuned = tuner.tune(self._require_fit("optimize_prior_precision()"), progress=progress)
+        self.fitted = self.fitted.with_hyperparameters(tuned.hyperparameters)
+        for name in ("marglik", "gridsearch", "temperature"):
+            if getattr(tuned, name) is not None:
+                setattr(self, f"{name}_result_", getattr(tuned, name))
+        if tuned.warning:
+            warnings.warn(tuned.warning, UserWarning, stacklevel=2)
         return self
-
-    def _validation_batches(self, val_loader: Iterable) -> list[tuple[object, Tensor]]:
-        """Checked, non-empty ``(x, y)`` batches of a validation loader.
-
-        Raises:
-            TypeError: If ``val_loader`` is not iterable.
-        """
-        if not isinstance(val_loader, Iterable):
-            raise TypeError(
-                f"val_loader must be an iterable of batches (e.g. a DataLoader); "
-                f"got {type(val_loader).__name__}."
-            )
-        batches = []
-        for i, batch in enumerate(val_loader):
-            x, y, empty = self._split(batch, f"val_loader batch {i}")
-            check_model_input(
-                x,
-                dtype=self._dtype,
-                spec=self._input_spec,
-                name="val_loader input",
-                where=f"batch {i}",
-            )
-            if not empty:
-                batches.append((self._to_device(x), y))
-        return batches
-
-    def _tune_temperature(self, prior_precision: Tensor, batches: list, opts, generator):
-        """Predictive temperature on validation data at the tuned prior (no state change)."""
-        post = self._posterior_at(prior_precision, None)
-        probs, labels = [], []
-        for x, y in batches:
-            pred = _predictive.predict(
-                self._fmodel,
-                post,
-                x,
-                likelihood=self.likelihood,
-                method=opts.predict_method,
-                link=opts.link,
-                n_samples=opts.n_samples,
-                generator=generator,
-                n_outputs=self._stats.n_outputs,
-            )
-            probs.append(pred.mean)
-            labels.append(self._lik.check_targets(pred.mean, y.to(self._device), "val_loader"))
-        return _marglik.tune_predictive_temperature(
-            torch.cat(probs), torch.cat(labels), binary=self.likelihood is Likelihood.BINARY
-        )
-
-    # -- diagnostics -----------------------------------------------------------------------
 
     def kernel_decomposition(
         self,
@@ -1205,22 +623,22 @@ class LaplaceWrapper:
         """
         from . import diagnostics as _diagnostics
 
-        self._require_fit("kernel_decomposition()")
-        if self._stats.output_ndim != 2:
+        fitted = self._require_fit("kernel_decomposition()")
+        if fitted.statistics.output_ndim != 2:
             raise ValueError(
                 "kernel_decomposition() needs a model with outputs (B, C); got a model fitted "
                 "on outputs (B, T, C). Decompose a model that returns one position, e.g. the "
                 "last token's outputs."
             )
         return _diagnostics.kernel_decomposition(
-            self._posterior,
-            self._fmodel,
+            fitted.posterior,
+            fitted.fmodel,
             x,
             likelihood=self.likelihood,
-            lik=self._lik,
+            lik=fitted.likelihood,
             structure=self.structure,
             y=y,
-            sigma_noise=self._sigma_noise,
+            sigma_noise=fitted.hyperparameters.sigma_noise,
             tol=tol,
             rank=rank,
             n_samples=n_samples,
@@ -1228,44 +646,19 @@ class LaplaceWrapper:
             generator=generator,
             input_key=self.input_key,
             target_key=self.target_key,
-            check_input=self._model_input,
+            check_input=fitted.model_input,
         )
-
-    # -- serialisation ---------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Everything needed to rebuild the fitted wrapper with :meth:`from_state_dict`.
 
+        Returns:
+            The state (see :mod:`laplace_ggn.persistence`).
+
         Raises:
             RuntimeError: If not fitted.
         """
-        self._require_fit("state_dict()")
-        layout = self._layout
-        return {
-            "format_version": STATE_FORMAT_VERSION,
-            "model_parameters": model_parameters(self.model),
-            "likelihood": self.likelihood.value,
-            "structure": self.structure,
-            "subset": list(layout.names),
-            "shapes": [tuple(s) for s in layout.shapes],
-            "prior_precision": self._prior_precision.detach().clone(),
-            "sigma_noise": self._sigma_noise.detach().clone(),
-            "temperature": self.temperature,
-            "predictive_temperature": float(self._predictive_temperature),
-            "rank": self.rank,
-            "curvature": self.curvature.value,
-            "n_mc_samples": self.n_mc_samples,
-            "ignore_index": self.ignore_index,
-            "input_key": self.input_key,
-            "target_key": self.target_key,
-            "memory_budget": self.memory_budget,
-            "mean": self._posterior.mean.detach().clone(),
-            "fit_statistics": asdict(self._stats),
-            "posterior": {
-                k: v.detach().clone() if isinstance(v, Tensor) else v
-                for k, v in self._posterior.state_dict().items()
-            },
-        }
+        return save_state(self._require_fit("state_dict()"), self._options)
 
     @classmethod
     def from_state_dict(
@@ -1300,67 +693,15 @@ class LaplaceWrapper:
                 parameters do not match the saved ones.
         """
         state = check_state(state, model, STRUCTURES)
-        la = cls(
-            model,
-            state["likelihood"],
-            structure=state["structure"],
-            subset=list(state["subset"]),
-            prior_precision=state["prior_precision"],
-            sigma_noise=state["sigma_noise"],
-            temperature=state["temperature"],
-            rank=state["rank"],
-            curvature=state.get("curvature", Curvature.GGN.value),
-            n_mc_samples=state.get("n_mc_samples"),
-            ignore_index=state.get("ignore_index", DEFAULT_IGNORE_INDEX),
-            input_key=state["input_key"],
-            target_key=state["target_key"],
-            memory_budget=state["memory_budget"],
-            output_fn=output_fn,
-        )
-        layout = la._layout
-        fmodel = FunctionalModel(model, layout, memory_budget=la.memory_budget, output_fn=output_fn)
-        mean = state["mean"].to(dtype=la._dtype, device=la._device)
-        with torch.no_grad():
-            own = dict(fmodel.module.named_parameters())
-            for name, value in layout.unflatten(mean).items():
-                own[name].copy_(value)
-        fmodel.theta = mean.clone()
-        spec = STRUCTURES[la.structure]
-        prior = la._prior(la._prior_precision)
-        la._posterior = spec.posterior_cls.from_state_dict(
-            state["posterior"], fmodel.theta, prior, la._scale(la._sigma_noise)
-        )
-        la._fmodel = fmodel
-        la._head = LinearHead.find(fmodel)
-        la._stats = FitStatistics(**state["fit_statistics"])
-        la._predictive_temperature = la._check_predictive_temperature(
-            state.get("predictive_temperature", 1.0)
-        )
+        la = cls(model, **saved_options(state), output_fn=output_fn)
+        hp = la._initial.replace(predictive_temperature=state.get("predictive_temperature", 1.0))
+        la.fitted = restore_fitted(la._options, hp, la._layout, state)
         return la
 
     def __repr__(self) -> str:
         fitted = f"fitted, P={self.n_params}" if self.is_fitted else "not fitted"
+        subset = self.subset if isinstance(self.subset, str) else "list"
         return (
-            f"LaplaceWrapper(likelihood={self.likelihood.value!r}, structure={self.structure!r}, "
-            f"subset={self.subset if isinstance(self.subset, str) else 'list'!r}, {fitted})"
+            f"LaplaceWrapper(likelihood={self.likelihood.value!r}, "
+            f"structure={self.structure!r}, subset={subset!r}, {fitted})"
         )
-
-
-def _curvature_tensors(obj: object, name: str) -> list[tuple[str, Tensor]]:
-    """Every tensor of a curvature (a tensor or a dataclass of tensors), with its name."""
-    if isinstance(obj, Tensor):
-        return [(name, obj)]
-    if is_dataclass(obj):
-        return [
-            item
-            for f in fields(obj)
-            for item in _curvature_tensors(getattr(obj, f.name), f"{name} {f.name}")
-        ]
-    if isinstance(obj, (tuple, list)):
-        return [item for i, v in enumerate(obj) for item in _curvature_tensors(v, f"{name}[{i}]")]
-    return []
-
-
-def _chain_first(first: object, rest: Iterable) -> Iterable:
-    yield first
-    yield from rest

@@ -385,7 +385,7 @@ def test_topk_lowrank_posterior_against_dense(prior, k):
     x = torch.cat([case.X, torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=DT)])
     rep = kernel_decomposition(
         post,
-        la._fmodel,
+        la.fitted.fmodel,
         x,
         likelihood=Likelihood.REGRESSION,
         lik=get_likelihood(Likelihood.REGRESSION),
@@ -576,14 +576,14 @@ def test_error_posterior_without_eigenbasis(fitted):
         ValueError, match="posterior must hold an eigendecomposition of G.*got object"
     ):
         eigenbasis(object())
-    prior = make_prior(1.0, la._layout, dtype=DT, device=torch.device("cpu"))
+    prior = make_prior(1.0, la.fitted.layout, dtype=DT, device=torch.device("cpu"))
     diag_post = type("Diagonal", (), {"prior": prior, "mean": la.posterior.mean})()
     with pytest.raises(
         ValueError, match="posterior must hold an eigendecomposition of G.*Diagonal"
     ):
         kernel_decomposition(
             diag_post,
-            la._fmodel,
+            la.fitted.fmodel,
             case.X,
             likelihood=Likelihood.REGRESSION,
             lik=get_likelihood(Likelihood.REGRESSION),

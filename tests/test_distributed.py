@@ -63,9 +63,9 @@ def _summary(la: LaplaceWrapper) -> dict:
     return {
         "cov": la.posterior_covariance(),
         "lml": la.log_marginal_likelihood().detach(),
-        "n_data": la._stats.n_data,
-        "n_outputs": la._stats.n_outputs,
-        "names": list(la._layout.names),
+        "n_data": la.fitted.statistics.n_data,
+        "n_outputs": la.fitted.statistics.n_outputs,
+        "names": list(la.fitted.layout.names),
     }
 
 

@@ -407,7 +407,7 @@ def test_indefinite_precision_raises_runtime_error_not_exit():
     G = -10.0 * torch.eye(P, dtype=torch.float64)
     prior = make_prior(
         torch.ones(4, dtype=torch.float64),
-        la._layout,
+        la.fitted.layout,
         dtype=torch.float64,
         device=torch.device("cpu"),
     )
@@ -578,11 +578,11 @@ def test_batched_one_dimensional_and_token_inputs_still_fit(structure):
     x = torch.randn(10, generator=g, dtype=torch.float64)
     la = LaplaceWrapper(_ScalarFeature().double(), "regression", structure=structure)
     la.fit(DataLoader(TensorDataset(x, torch.sin(x)), batch_size=4))
-    assert la._stats.n_data == 10 and la._stats.n_outputs == 1
+    assert la.fitted.statistics.n_data == 10 and la.fitted.statistics.n_outputs == 1
     tokens, labels = torch.randint(0, 7, (10, 5), generator=g), torch.randint(0, 2, (10,))
     la = LaplaceWrapper(_Tokens().double(), "classification", structure=structure)
     la.fit(DataLoader(TensorDataset(tokens, labels), batch_size=4))
-    assert la._stats.n_data == 10 and la._stats.n_outputs == 2
+    assert la.fitted.statistics.n_data == 10 and la.fitted.statistics.n_outputs == 2
 
 
 # -- state_dict ----------------------------------------------------------------------------------

@@ -394,7 +394,7 @@ def test_uncovered_parameters_get_exact_diagonal_and_one_warning(make, expected)
     torch.testing.assert_close(curv.diag, ref.diagonal()[idx], **TOL)
     Gk = curv.to_dense()
     for blk in curv.blocks:  # the covered layers still match the reference blocks
-        bi = blk.index(la._layout)
+        bi = blk.index(la.fitted.layout)
         torch.testing.assert_close(Gk[bi][:, bi], torch.kron(blk.B, blk.A), **TOL)
 
 

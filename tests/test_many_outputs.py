@@ -1,6 +1,7 @@
 """Monte-Carlo curvature, Linear-head products and the exact path's memory refusal."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Curvature, Likelihood, Link
+from laplace_ggn.fitting import FitOptions
 from laplace_ggn.likelihoods import OutputCurvature, get_likelihood
 from laplace_ggn.predictive import glm_from_moments
 from laplace_ggn.testing import dense_ggn, dense_jacobian
@@ -147,9 +149,10 @@ def test_curvature_options_are_validated():
     case = make_case("mlp_classification")
     with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None; got int"):
         la.fit(case.loader(), generator=0)
-    la._device = torch.device("meta")  # a generator on another device than the model
+    opts = FitOptions.create(model, curvature="mc")
+    meta = replace(opts, reader=replace(opts.reader, device=torch.device("meta")))
     with pytest.raises(ValueError, match=r"generator must be on the model's device meta"):
-        la.fit(case.loader(), generator=torch.Generator())
+        meta.check_generator(torch.Generator())  # a generator on another device than the model
 
 
 def test_curvature_option_round_trips_state_dict():
@@ -220,12 +223,12 @@ def test_linear_head_covariance_equals_dense(structure, rank, prior, subset):
         rank=rank,
         prior_precision=_prior(prior, len(names), P),
     ).fit(case.loader())
-    assert la._head is not None
+    assert la.fitted.head is not None
     Xt = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     J = dense_jacobian(case.model, Xt, names)
     ref = torch.einsum("bcp,pq,bdq->bcd", J, la.posterior_covariance(), J)
-    phi, f = la._head.features(Xt)
-    op = la.posterior.linear_head_covariance(phi, la._head.index)
+    phi, f = la.fitted.head.features(Xt)
+    op = la.posterior.linear_head_covariance(phi, la.fitted.head.index)
     torch.testing.assert_close(op.to_dense(), ref, **TOL)
     torch.testing.assert_close(op.diagonal(), torch.diagonal(ref, dim1=1, dim2=2), **TOL)
     v = torch.randn(7, 3, dtype=torch.float64)
@@ -246,8 +249,8 @@ def test_head_predict_forms_no_jacobian(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Jacobians were computed")
 
-    monkeypatch.setattr(la._fmodel, "jacobians", refuse)
-    monkeypatch.setattr(la._fmodel, "jacobians_wrt", refuse)
+    monkeypatch.setattr(la.fitted.fmodel, "jacobians", refuse)
+    monkeypatch.setattr(la.fitted.fmodel, "jacobians_wrt", refuse)
     got = la.predict(case.X, link="probit")
     torch.testing.assert_close(got.mean, want.mean, rtol=0, atol=0)
     la.functional_covariance(case.X)
@@ -297,18 +300,18 @@ def test_head_falls_back_to_jacobians_when_it_does_not_apply(make):
     case = make_case("mlp_classification")
     model = make(case)
     la = LaplaceWrapper(model, structure="full", subset="last_layer").fit(case.loader())
-    names = list(la._layout.names)
+    names = list(la.fitted.layout.names)
     J = dense_jacobian(model, case.X, names)
     ref = torch.einsum("bcp,pq,bdq->bcd", J, la.posterior_covariance(), J)
     torch.testing.assert_close(la.functional_covariance(case.X), ref, **TOL)
-    assert la._head is None or la._head.features(case.X) is None
+    assert la.fitted.head is None or la.fitted.head.features(case.X) is None
 
 
 def test_head_is_found_only_for_one_untied_linear():
     case = make_case("mlp_classification")
     for subset, found in (("all", False), (["0.weight"], True), (["0.weight", "2.bias"], False)):
         la = LaplaceWrapper(case.model, structure="diag", subset=subset).fit(case.loader())
-        assert (la._head is not None) is found
+        assert (la.fitted.head is not None) is found
 
     class Tied(nn.Module):
         def __init__(self):
@@ -321,7 +324,7 @@ def test_head_is_found_only_for_one_untied_linear():
             return self.b(torch.tanh(self.a(x)))
 
     la = LaplaceWrapper(Tied().double(), structure="diag", subset=["a.weight"])
-    assert la.fit(case.loader())._head is None
+    assert la.fit(case.loader()).fitted.head is None
 
 
 def test_head_features_are_thread_local():
@@ -350,11 +353,11 @@ def test_head_features_are_thread_local():
 def test_head_feature_errors():
     case = make_case("mlp_classification")
     la = LaplaceWrapper(case.model, structure="diag", subset="last_layer").fit(case.loader())
-    phi, _ = la._head.features(case.X)
+    phi, _ = la.fitted.head.features(case.X)
     with pytest.raises(ValueError, match=r"index must have shape \(C, D\) with C·D = P = 15"):
-        la.posterior.linear_head_covariance(phi, la._head.index[:, :2])
+        la.posterior.linear_head_covariance(phi, la.fitted.head.index[:, :2])
     with pytest.raises(ValueError, match=r"phi must have shape \(N, 5\)"):
-        la.posterior.linear_head_covariance(phi[:, :3], la._head.index)
+        la.posterior.linear_head_covariance(phi[:, :3], la.fitted.head.index)
 
 
 def test_kfac_head_covariance_needs_the_single_block():

@@ -191,15 +191,24 @@ def test_spectral_evidence_and_gradient_equal_the_posterior_evidence(name, struc
     la = LaplaceWrapper(case.model, case.likelihood, structure=structure).fit(case.loader())
     lam = ml.curvature_spectrum(la.posterior, kind)
     assert lam is not None and lam.shape == (la.n_params,)
-    prec = _prior_for(kind, la._layout)
+    prec = _prior_for(kind, la.fitted.layout)
     sigma = torch.tensor(0.7 if case.likelihood == "regression" else 1.0, dtype=DT)
     spec = ml.SpectralEvidence(
-        lam, la.posterior.mean, la._stats, la._lik, kind=kind, layout=la._layout, temperature=1.0
+        lam,
+        la.posterior.mean,
+        la.fitted.statistics,
+        la.fitted.likelihood,
+        kind=kind,
+        layout=la.fitted.layout,
+        temperature=1.0,
     )
     u = torch.log(prec).requires_grad_(True)
     ls = torch.log(sigma).requires_grad_(True)
     ref = ml.log_marginal_likelihood(
-        la._posterior_at(torch.exp(u), torch.exp(ls)), la._stats, la._lik, torch.exp(ls)
+        la.fitted.posterior_at(torch.exp(u), torch.exp(ls)),
+        la.fitted.statistics,
+        la.fitted.likelihood,
+        torch.exp(ls),
     )
     g_ref = torch.autograd.grad(ref, [u, ls], allow_unused=True)
     e, gu, gls = spec.value_and_grad(u.detach(), ls.detach())
@@ -244,7 +253,7 @@ def test_marglik_with_non_scalar_priors_raises_the_evidence(structure, prior_str
         return
     before = float(la.log_marginal_likelihood())
     la.optimize_prior_precision(prior_structure=prior_structure, n_steps=50)
-    T, P = len(la._layout.names), la.n_params
+    T, P = len(la.fitted.layout.names), la.n_params
     assert la.prior_precision.shape == ((T,) if prior_structure == "layerwise" else (P,))
     after = la.log_marginal_likelihood()
     assert float(after) > before
@@ -254,7 +263,7 @@ def test_marglik_with_non_scalar_priors_raises_the_evidence(structure, prior_str
 def test_convert_prior_between_structures():
     case = make_case("mlp_classification")
     la = LaplaceWrapper(case.model, "classification", structure="diag").fit(case.loader())
-    lay = la._layout
+    lay = la.fitted.layout
     per_tensor = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=DT)
     full = ml.convert_prior(per_tensor, PriorKind.DIAGONAL, lay)
     torch.testing.assert_close(full, lay.expand_per_tensor(per_tensor))
@@ -489,3 +498,77 @@ def test_tuning_errors():
         ValueError, match="tune_sigma_noise must be left unset with method='gridsearch'"
     ):
         lr_.optimize_prior_precision("gridsearch", val_loader=reg.loader(), tune_sigma_noise=True)
+
+
+def test_tuning_objects_equal_their_strings():
+    case = make_case("mlp_classification")
+    val = case.loader()
+    runs = []
+    for method in (ml.GridSearch(val, n_points=5), ("gridsearch", {"n_points": 5})):
+        la = LaplaceWrapper(case.model, "classification", structure="diag").fit(case.loader())
+        if isinstance(method, tuple):
+            la.optimize_prior_precision(method[0], val_loader=val, **method[1])
+        else:
+            la.optimize_prior_precision(method)
+        runs.append(la)
+    torch.testing.assert_close(
+        runs[0].gridsearch_result_.scores, runs[1].gridsearch_result_.scores, rtol=0, atol=0
+    )
+    la = runs[0]
+    la.optimize_prior_precision(ml.Marglik(n_steps=3, lr=0.05))
+    assert la.marglik_result_.evidence.shape == (4,)  # the start and 3 steps
+    tuned = ml.MarglikTemperature(val, n_steps=2).tune(la.fitted)
+    assert float(tuned.hyperparameters.predictive_temperature) == float(
+        tuned.temperature.temperature
+    )
+    assert la.fitted.hyperparameters.predictive_temperature == 1  # tune() changes nothing
+
+
+def test_tuning_objects_validate_their_options_at_construction():
+    with pytest.raises(ValueError, match="n_steps must be a positive integer; got 0"):
+        ml.Marglik(n_steps=0)
+    with pytest.raises(ValueError, match=r"prior_structure must be one of \['scalar'"):
+        ml.Marglik(prior_structure="blockwise")
+    with pytest.raises(ValueError, match="val_loader must be given with method='gridsearch'"):
+        ml.GridSearch(None)
+    with pytest.raises(ValueError, match="grid must not be combined with log_range"):
+        ml.GridSearch([], grid=[1.0], n_points=3)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None; got int"):
+        ml.MarglikTemperature([], generator=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_steps'"):
+        ml.GridSearch([], n_steps=3)
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="diag").fit(case.loader())
+    with pytest.raises(
+        ValueError,
+        match=r"n_steps must be left unset with method='gridsearch'.*GridSearch takes val_loader, "
+        r"grid, log_range, n_points",
+    ):
+        la.optimize_prior_precision("gridsearch", val_loader=[], n_steps=3)
+    with pytest.raises(ValueError, match="lr must be left unset with a tuning object"):
+        la.optimize_prior_precision(ml.Marglik(), lr=0.5)
+
+
+def test_gridsearch_warns_for_each_numerical_failure_and_raises_other_errors(monkeypatch):
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="diag").fit(case.loader())
+    fitted = la.fitted
+
+    def failing(prior_precision=None, sigma_noise=None):
+        if prior_precision is not None and float(prior_precision) > 1:
+            raise RuntimeError("Cholesky failed")
+        return type(fitted).posterior_at(fitted, prior_precision, sigma_noise)
+
+    object.__setattr__(fitted, "posterior_at", failing)
+    with pytest.warns(
+        RuntimeWarning, match=r"gridsearch scored prior_precision=10 as inf: .*Cholesky failed"
+    ):
+        tuned = ml.GridSearch(case.loader(), grid=[0.1, 10.0]).tune(fitted)
+    assert tuned.gridsearch.scores[1] == math.inf and float(tuned.gridsearch.best) == 0.1
+
+    def wrong(prior_precision=None, sigma_noise=None):
+        raise ValueError("a bug, not a numerical failure")
+
+    object.__setattr__(fitted, "posterior_at", wrong)
+    with pytest.raises(ValueError, match="a bug, not a numerical failure"):
+        ml.GridSearch(case.loader(), grid=[0.1, 10.0]).tune(fitted)

@@ -262,7 +262,7 @@ def test_nn_reproducible_and_shares_network_samples_across_inputs():
     torch.testing.assert_close(a.variance, b.variance, rtol=0, atol=0)
     # the same draws, network by network, as la.sample with that generator
     thetas = la.sample(20, generator=torch.Generator().manual_seed(4))
-    outs = torch.stack([la._fmodel(t, x) for t in thetas])
+    outs = torch.stack([la.fitted.fmodel(t, x) for t in thetas])
     torch.testing.assert_close(a.mean, outs.mean(0), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(a.variance, outs.var(0) + la.sigma_noise**2, rtol=1e-12, atol=1e-13)
 
@@ -326,7 +326,7 @@ def test_nn_falls_back_to_a_loop_when_vmap_fails():
     with pytest.warns(RuntimeWarning, match="vmap over parameter samples failed"):
         pred = la.predict(x, "nn", n_samples=5, generator=torch.Generator().manual_seed(0))
     thetas = la.sample(5, generator=torch.Generator().manual_seed(0))
-    outs = torch.stack([la._fmodel(t, x) for t in thetas])
+    outs = torch.stack([la.fitted.fmodel(t, x) for t in thetas])
     torch.testing.assert_close(pred.mean, outs.mean(0), rtol=1e-12, atol=1e-13)
 
 

@@ -79,7 +79,7 @@ def test_projected_posterior_equals_the_dense_kernel_reference(problem, kind):
     la.fit(DataLoader(TensorDataset(X, y), batch_size=3))
     post = la.posterior
     assert isinstance(post, ProjectedPosterior) and post.rank == r
-    d = la._posterior.prior.diag()
+    d = la.fitted.posterior.prior.diag()
     Sigma = K @ torch.linalg.solve(K.T @ (d[:, None] * K), K.T)  # prior conditioned on U^T θ = 0
     check_posterior(post, Sigma, rank=P - r, rtol=1e-8, atol=1e-10)
     G = dense_ggn(model, X, y, lik)
@@ -125,7 +125,7 @@ def test_empty_kernel_gives_exactly_zero_covariance():
     assert bool((la.posterior_covariance() == 0).all())
     assert bool((la.sample(3) == la.posterior.mean).all())
     assert float(la.log_marginal_likelihood()) == pytest.approx(
-        -la._stats.loss_sum - 0.5 * float((la.posterior.mean**2).sum())
+        -la.fitted.statistics.loss_sum - 0.5 * float((la.posterior.mean**2).sum())
     )
 
 
@@ -151,7 +151,7 @@ def test_evidence_is_the_limit_and_its_maximum_is_closed_form():
     R, P = la.posterior.rank, la.n_params
     th2 = float((la.posterior.mean**2).sum())
     for a in (0.3, 2.0):
-        ref = -la._stats.loss_sum - 0.5 * a * th2 + 0.5 * R * math.log(a)
+        ref = -la.fitted.statistics.loss_sum - 0.5 * a * th2 + 0.5 * R * math.log(a)
         assert float(la.log_marginal_likelihood(a)) == pytest.approx(ref, rel=1e-12)
     la.optimize_prior_precision(n_steps=400, lr=0.05)
     assert float(la.prior_precision) == pytest.approx(R / th2, rel=1e-3)
@@ -172,10 +172,10 @@ def test_spectral_evidence_refuses_infinite_curvature_with_a_non_scalar_prior():
         SpectralEvidence(
             lam,
             la.posterior.mean,
-            la._stats,
-            la._lik,
+            la.fitted.statistics,
+            la.fitted.likelihood,
             kind=PriorKind.LAYERWISE,
-            layout=la._layout,
+            layout=la.fitted.layout,
             temperature=1.0,
         )
 
@@ -219,14 +219,18 @@ def test_alternating_projection_reports_its_convergence_and_splits_batches():
     V = torch.randn(la.n_params, 4, generator=torch.Generator().manual_seed(1), dtype=DT)
     U = la.posterior.eigenvectors
     # a budget of one sample's rows per step: the batch of 6 is projected in 6 sub-batches
-    fm = FunctionalModel(model, la._layout, memory_budget=3 * 2 * la.n_params * 8)
-    res = alternating_projection(fm, la._lik, [(X, y)], V, n_iterations=400, tol=1e-13)
+    fm = FunctionalModel(model, la.fitted.layout, memory_budget=3 * 2 * la.n_params * 8)
+    res = alternating_projection(fm, la.fitted.likelihood, [(X, y)], V, n_iterations=400, tol=1e-13)
     torch.testing.assert_close(res.projected, V - U @ (U.T @ V), rtol=0, atol=1e-9)
     assert res.converged and res.changes.ndim == 1 and float(res.changes[-1]) <= 1e-13
-    whole = alternating_projection(la._fmodel, la._lik, [(X, y)], V, n_iterations=3)
+    whole = alternating_projection(
+        la.fitted.fmodel, la.fitted.likelihood, [(X, y)], V, n_iterations=3
+    )
     assert whole.converged and len(whole.changes) == 2  # one batch: exact after one cycle
     with pytest.warns(RuntimeWarning, match="alternating projections stopped after 1 cycles"):
-        short = alternating_projection(fm, la._lik, [(X, y)], V, n_iterations=1, tol=0.0)
+        short = alternating_projection(
+            fm, la.fitted.likelihood, [(X, y)], V, n_iterations=1, tol=0.0
+        )
     assert not short.converged
 
 
@@ -256,7 +260,9 @@ def test_sample_projected_errors():
     with pytest.raises(ValueError, match="input in batch 0 must be finite"):
         la.sample_projected(2, [(bad, y)])
     with pytest.raises(ValueError, match=r"V must have shape \(26, K\); got \(26,\)"):
-        alternating_projection(la._fmodel, la._lik, loader, torch.zeros(26, dtype=DT))
+        alternating_projection(
+            la.fitted.fmodel, la.fitted.likelihood, loader, torch.zeros(26, dtype=DT)
+        )
     other = LaplaceWrapper(model, lik, structure="diag").fit(loader)
     with pytest.raises(
         ValueError, match="sample_projected\\(\\) needs structure='projected'; got structure='diag'"
@@ -432,7 +438,7 @@ def test_temperature_errors_leave_the_state_unchanged(monkeypatch):
         ValueError, match=r"predictive_temperature must be finite and > 0; got \[0.0\]"
     ):
         la.set_hyperparameters(predictive_temperature=0.0)
-    import laplace_ggn.marglik as ml
+    import laplace_ggn.marglik.options as ml
 
     la.set_hyperparameters(prior_precision=2.0, predictive_temperature=0.5)
 

@@ -87,13 +87,13 @@ def test_exact_structures_equal_dense_reference(structure, rank):
     torch.testing.assert_close(_curvature(la), ref, rtol=1e-8, atol=1e-10)
     # N counts the kept positions; the loss is the cross-entropy over them
     kept = [y[y != -100] for _, y in batches]
-    assert la._stats.n_data == sum(k.numel() for k in kept) == 12
+    assert la.fitted.statistics.n_data == sum(k.numel() for k in kept) == 12
     with torch.no_grad():
         ce = sum(
             nn.functional.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1), reduction="sum")
             for x, y in batches
         )
-    assert la._stats.loss_sum == pytest.approx(float(ce), rel=1e-12)
+    assert la.fitted.statistics.loss_sum == pytest.approx(float(ce), rel=1e-12)
 
 
 def _kfac_reference(model, batches):
@@ -174,7 +174,7 @@ def test_kfac_sequence_regression_head_is_exact():
     la = LaplaceWrapper(model, "regression", structure="kfac", subset=names).fit(batches)
     G = _dense(model, batches, "regression", names=names)
     torch.testing.assert_close(la.posterior.curvature.to_dense(), G, **TOL)
-    assert la._stats.n_data == 3 * 5 + 2 * 3
+    assert la.fitted.statistics.n_data == 3 * 5 + 2 * 3
 
 
 @pytest.mark.parametrize("structure", ["full", "kfac", "lowrank"])
@@ -187,7 +187,7 @@ def test_predict_and_functional_covariance_per_position(structure, subset):
     with pytest.warns(UserWarning) if structure == "kfac" and subset == "all" else _nothing():
         la.fit(batches)
     x = batches[0][0]
-    J = dense_jacobian(model, x, la._layout.names)  # (B, T, C, P)
+    J = dense_jacobian(model, x, la.fitted.layout.names)  # (B, T, C, P)
     ref = torch.einsum("btcp,pq,btdq->btcd", J, la.posterior_covariance(), J)
     torch.testing.assert_close(la.functional_covariance(x), ref, rtol=1e-8, atol=1e-11)
     pred = la.predict(x, link="probit")
@@ -215,10 +215,10 @@ def test_sequence_regression_full_and_evidence():
     torch.testing.assert_close(
         la.posterior.ggn, _dense(model, batches, "regression"), rtol=1e-8, atol=1e-10
     )
-    assert la._stats.n_data == 21
+    assert la.fitted.statistics.n_data == 21
     with torch.no_grad():
         sse = sum(float(((model(x) - y) ** 2).sum()) for x, y in batches)
-    assert la._stats.loss_sum == pytest.approx(sse, rel=1e-12)
+    assert la.fitted.statistics.loss_sum == pytest.approx(sse, rel=1e-12)
     pred = la.predict(batches[1][0])
     assert pred.mean.shape == (2, 3, 3)
     assert bool((pred.variance > 0.64).all())
@@ -231,7 +231,7 @@ def test_binary_sequence_with_ignored_targets():
     batches = [(x, torch.where(y == -100, -100, y % 2).double()) for x, y in batches]
     la = LaplaceWrapper(model, "binary", structure="full").fit(batches)
     torch.testing.assert_close(la.posterior.ggn, _dense(model, batches, "binary"), **TOL)
-    assert la._stats.n_data == 12
+    assert la.fitted.statistics.n_data == 12
 
 
 def test_mc_sequence_factor_is_unbiased():
@@ -333,8 +333,8 @@ def test_gridsearch_scores_kept_positions():
 def test_kernel_decomposition_refuses_sequence_outputs():
     model, batches = _data()
     la = LaplaceWrapper(model, "classification", structure="full").fit(batches)
-    assert la._stats.output_ndim == 3
+    assert la.fitted.statistics.output_ndim == 3
     with pytest.raises(ValueError, match=r"kernel_decomposition\(\) needs a model with outputs"):
         la.kernel_decomposition(batches[0][0])
     back = LaplaceWrapper.from_state_dict(model, la.state_dict())
-    assert back._stats.output_ndim == 3
+    assert back.fitted.statistics.output_ndim == 3

@@ -100,8 +100,8 @@ def test_structure_subset_prior(name, structure, subset, prior):
         return
     la = _wrapper(case, structure, sub, prec, rank)
     la.fit(case.loader(5))
-    assert list(la._layout.names) == names
-    s = float(la._scale(la.sigma_noise))
+    assert list(la.fitted.layout.names) == names
+    s = float(la.fitted.hyperparameters.scale())
     G = _reference_curvature(case, structure, names, la)
     prior_diag = la.posterior.prior.diag()
     Lam = s * G + torch.diag(prior_diag)
@@ -138,7 +138,7 @@ def test_evidence_gradient_in_layerwise_prior_matches_dense(structure):
 
     p2 = prec.detach().clone().requires_grad_(True)
     s2 = sig.detach().clone().requires_grad_(True)
-    d = la._layout.expand_per_tensor(p2)
+    d = la.fitted.layout.expand_per_tensor(p2)
     params = dict(case.model.named_parameters())
     theta = torch.cat([params[n].detach().reshape(-1) for n in names])
     with torch.no_grad():

@@ -212,7 +212,7 @@ def test_concurrent_reads_of_a_linear_head_subset(structure):
     y = torch.randint(0, 3, (16,), generator=g)
     la = LaplaceWrapper(model, "classification", structure=structure, subset="last_layer")
     la.fit([(X, y)])
-    assert la._head is not None
+    assert la.fitted.head is not None
     expected = {name: fn() for name, fn in _calls(la, X)}
     calls_done, errors, mismatches = [], [], []
 

@@ -71,7 +71,7 @@ def main() -> None:
                 ref.set_hyperparameters(prior_precision=la.prior_precision)
                 lml_ref = float(ref.log_marginal_likelihood())
                 print(
-                    f"{structure:5s} P={la.n_params} N={la._stats.n_data}  "
+                    f"{structure:5s} P={la.n_params} N={la.fitted.statistics.n_data}  "
                     f"evidence {world} ranks {lml:.6f}  1 process {lml_ref:.6f}  "
                     f"rel. diff {abs(lml - lml_ref) / abs(lml_ref):.1e}  "
                     f"fit {t_dist:.2f} s on {world} ranks, {t_one:.2f} s in 1 process",

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     plt.close(fig)
 
     D = projected_samples(la, on_train.rank, 12, args.seed + 1)
-    theta, fm = la.posterior.mean, la._fmodel
+    theta, fm = la.posterior.mean, la.fitted.fmodel
     with torch.no_grad():
         (f_map,) = fm(theta, grid).T
         J, _ = la.jacobians(grid)

@@ -7,6 +7,10 @@ r"""Laplace evidence and the tuning of the prior precision and the observation n
 with :math:`\Lambda = G/(\tau\sigma^2) + \Lambda_0` (the 2π terms of the Gaussian
 approximation cancel; σ enters ℓ and G for regression).
 
+Each tuning method is an object holding its validated options — :class:`Marglik`,
+:class:`GridSearch`, :class:`MarglikTemperature` — with ``tune(fitted)``; the strings of
+``optimize_prior_precision`` are converted into them once (:func:`tuning_method`).
+
 Tuning by evidence (``method="marglik"``) runs Adam on the log hyperparameters.  Each step
 reuses one factorisation of the curvature: when the precision is diagonal in a fixed basis —
 a scalar prior with the full (eigenvalues of G), KFAC (products of factor eigenvalues) or
@@ -32,7 +36,7 @@ from .evidence import (
     log_marginal_likelihood,
 )
 from .optimize import MarglikResult, convert_prior, optimize_marglik
-from .options import TuneMethod, TuningOptions, check_tuning_options
+from .options import GridSearch, Marglik, MarglikTemperature, Tuned, TuneMethod, tuning_method
 from .temperature import TemperatureResult, tune_predictive_temperature
 from .validation import (
     GridsearchResult,
@@ -48,10 +52,13 @@ __all__ = [
     "SpectralEvidence",
     "TemperatureResult",
     "TuneMethod",
-    "TuningOptions",
+    "Tuned",
+    "GridSearch",
+    "Marglik",
+    "MarglikTemperature",
     "check_evidence",
     "check_grid",
-    "check_tuning_options",
+    "tuning_method",
     "convert_prior",
     "curvature_spectrum",
     "default_grid",

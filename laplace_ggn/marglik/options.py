@@ -1,24 +1,43 @@
-"""Tuning methods and the validation of the options of a tuning call."""
+"""Tuning methods as objects: each holds its validated options and tunes a fitted posterior.
+
+:class:`Marglik` (Laplace evidence), :class:`GridSearch` (validation NLL over a grid of
+scalar precisions) and :class:`MarglikTemperature` (evidence, then a predictive temperature
+on validation NLL).  Each validates its own options at construction and has
+``tune(fitted, *, progress=False) -> Tuned``, the new hyperparameters and the curves, changing
+nothing itself.  :func:`tuning_method` converts the strings of
+``LaplaceWrapper.optimize_prior_precision(method, **options)`` into these objects once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
-from .._checks import Likelihood, Link, PredictMethod, as_enum, is_integer
+from .._checks import Likelihood, Link, PredictMethod, as_enum, check_generator, is_integer
 from ..posteriors import PriorKind
-from ..predictive import resolve_options
-from .validation import check_grid, default_grid
+from ..predictive import predict, resolve_options
+from .evidence import check_evidence, log_marginal_likelihood
+from .optimize import MarglikResult, convert_prior, optimize_marglik
+from .temperature import TemperatureResult, tune_predictive_temperature
+from .validation import GridsearchResult, check_grid, default_grid, grid_edge_warning, gridsearch
 
-__all__ = ["TuneMethod", "TuningOptions", "check_tuning_options"]
+__all__ = [
+    "GridSearch",
+    "Marglik",
+    "MarglikTemperature",
+    "TuneMethod",
+    "Tuned",
+    "tuning_method",
+]
 
 
 class TuneMethod(str, enum.Enum):
-    """How :meth:`LaplaceWrapper.optimize_prior_precision` tunes the hyperparameters."""
+    """The names ``optimize_prior_precision(method=...)`` accepts."""
 
     MARGLIK = "marglik"
     GRIDSEARCH = "gridsearch"
@@ -26,125 +45,394 @@ class TuneMethod(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class TuningOptions:
-    """Validated options of :meth:`LaplaceWrapper.optimize_prior_precision`."""
+class Tuned:
+    """What a tuning method found; the caller applies it.
 
-    method: TuneMethod
-    kind: PriorKind | None
-    n_steps: int
-    lr: float
-    grid: Tensor | None
-    predict_method: PredictMethod
-    link: Link | None
-    n_samples: int
-
-
-_MARGLIK_ONLY = ("n_steps", "lr", "tune_sigma_noise", "prior_structure")
-_GRID_ONLY = (
-    "val_loader",
-    "grid",
-    "log_range",
-    "n_points",
-    "predict_method",
-    "link",
-    "n_samples",
-    "generator",
-)
-_PREDICTIVE = ("val_loader", "predict_method", "link", "n_samples", "generator")
-#: The options each method accepts (the others must be left unset).
-_ACCEPTS = {
-    TuneMethod.MARGLIK: set(_MARGLIK_ONLY),
-    TuneMethod.GRIDSEARCH: set(_GRID_ONLY),
-    TuneMethod.MARGLIK_TEMPERATURE: {"n_steps", "lr", "prior_structure", *_PREDICTIVE},
-}
-
-
-def check_tuning_options(likelihood: Likelihood, method: object, **given: object) -> TuningOptions:
-    """Validate the options of a tuning call before anything runs.
-
-    Options that belong to the other method must be left unset (``None`` / ``False``).
-
-    Args:
-        likelihood: The wrapper's likelihood.
-        method: ``"marglik"``, ``"gridsearch"`` or ``"marglik_temperature"``.
-        **given: The keyword options as passed.
-
-    Returns:
-        The :class:`TuningOptions`.
-
-    Raises:
-        ValueError: If an option is invalid, set for the wrong method, or
-            ``tune_sigma_noise`` is asked for outside regression, or
-            ``"marglik_temperature"`` for regression.
-        TypeError: If ``generator`` is not a ``torch.Generator``.
+    Attributes:
+        hyperparameters: The tuned :class:`~laplace_ggn.hyperparameters.Hyperparameters`.
+        marglik: The evidence curve, if the evidence was maximised.
+        gridsearch: The validation curve of a grid search.
+        temperature: The predictive-temperature search.
+        warning: A message to pass on to the user (e.g. a choice at the edge of the grid).
     """
-    m = as_enum(TuneMethod, method, "method")
-    wrong = [k for k in (*_MARGLIK_ONLY, *_GRID_ONLY) if k not in _ACCEPTS[m]]
-    wrong = [k for k in wrong if given.get(k) not in (None, False)]
-    if wrong:
-        others = [o.value for o in TuneMethod if o is not m and set(wrong) <= _ACCEPTS[o]]
-        where = " or ".join(repr(o) for o in others) or "no single method"
-        raise ValueError(
-            f"{', '.join(wrong)} must be left unset with method={m.value!r}; got "
-            f"{', '.join(f'{k}={given[k]!r}' for k in wrong)}. They apply to method={where}."
-        )
-    if m is TuneMethod.MARGLIK_TEMPERATURE and likelihood is Likelihood.REGRESSION:
-        raise ValueError(
-            "method='marglik_temperature' needs likelihood 'classification' or 'binary'; got "
-            "likelihood='regression'. A Gaussian predictive is calibrated through σ: use "
-            "method='marglik' with tune_sigma_noise=True."
-        )
-    if given.get("tune_sigma_noise") and likelihood is not Likelihood.REGRESSION:
-        raise ValueError(
-            f"tune_sigma_noise=True needs likelihood='regression'; got likelihood="
-            f"{likelihood.value!r}, which has no observation noise."
-        )
-    kind = None
-    if given.get("prior_structure") is not None:
-        kind = as_enum(PriorKind, given["prior_structure"], "prior_structure")
-    n_steps = 100 if given.get("n_steps") is None else given["n_steps"]
-    if not is_integer(n_steps) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}.")
-    n_steps = int(n_steps)
-    lr = 0.1 if given.get("lr") is None else given["lr"]
+
+    hyperparameters: object
+    marglik: MarglikResult | None = None
+    gridsearch: GridsearchResult | None = None
+    temperature: TemperatureResult | None = None
+    warning: str | None = None
+
+
+def _check_marglik_options(method: object) -> None:
+    """Validate ``prior_structure``, ``n_steps`` and ``lr`` of an evidence-based method."""
+    if method.prior_structure is not None:
+        kind = as_enum(PriorKind, method.prior_structure, "prior_structure")
+        object.__setattr__(method, "prior_structure", kind)
+    if not is_integer(method.n_steps) or method.n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer; got {method.n_steps!r}.")
+    object.__setattr__(method, "n_steps", int(method.n_steps))
+    lr = method.lr
     if (
         isinstance(lr, bool)
         or not isinstance(lr, (int, float))
         or not (math.isfinite(lr) and lr > 0)
     ):
         raise ValueError(f"lr must be a finite float > 0; got {lr!r}.")
-    grid = None
-    predict_method, link, n_samples = PredictMethod.GLM, None, 100
-    if m is not TuneMethod.MARGLIK and given.get("val_loader") is None:
+    object.__setattr__(method, "lr", float(lr))
+
+
+def _check_predictive_options(method: object, name: str) -> None:
+    """Validate ``val_loader``, ``predict_method``, ``link``, ``n_samples``, ``generator``."""
+    if method.val_loader is None:
         raise ValueError(
-            f"val_loader must be given with method={m.value!r}; got None. Pass a loader of "
+            f"val_loader must be given with method={name!r}; got None. Pass a loader of "
             "held-out (input, target) batches, or use method='marglik'."
         )
-    if m is TuneMethod.GRIDSEARCH:
-        if given.get("grid") is not None:
-            if given.get("log_range") is not None or given.get("n_points") is not None:
+    method_ = as_enum(PredictMethod, method.predict_method, "predict_method")
+    object.__setattr__(method, "predict_method", method_)
+    if method.link is not None:
+        object.__setattr__(method, "link", as_enum(Link, method.link, "link"))
+    if not is_integer(method.n_samples) or method.n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer; got {method.n_samples!r}.")
+    object.__setattr__(method, "n_samples", int(method.n_samples))
+    check_generator(method.generator)
+
+
+def _check_regression(likelihood: Likelihood) -> None:
+    """Refuse tuning σ outside regression."""
+    if likelihood is not Likelihood.REGRESSION:
+        raise ValueError(
+            f"tune_sigma_noise=True needs likelihood='regression'; got likelihood="
+            f"{likelihood.value!r}, which has no observation noise."
+        )
+
+
+def _check_classification(likelihood: Likelihood) -> None:
+    """Refuse a predictive temperature for regression."""
+    if likelihood is Likelihood.REGRESSION:
+        raise ValueError(
+            "method='marglik_temperature' needs likelihood 'classification' or 'binary'; "
+            "got likelihood='regression'. A Gaussian predictive is calibrated through σ: "
+            "use method='marglik' with tune_sigma_noise=True."
+        )
+
+
+def _run_marglik(method, fitted, *, tune_sigma_noise: bool, progress: bool) -> MarglikResult:
+    """Adam on the evidence from the fitted hyperparameters (see :func:`optimize_marglik`).
+
+    Raises:
+        RuntimeError: If the evidence is not finite (naming the overflowing term when it is
+            not finite at the start already).
+    """
+    hp = fitted.hyperparameters
+    kind = method.prior_structure or fitted.posterior.prior.kind
+    init = convert_prior(hp.prior_precision, kind, fitted.layout)
+    fitted.posterior_at(init, None)  # validates the prior structure for this posterior
+    try:
+        return optimize_marglik(
+            fitted.posterior,
+            fitted.statistics,
+            fitted.likelihood,
+            posterior_at=fitted.posterior_at,
+            prior_precision=init,
+            kind=kind,
+            sigma_noise=hp.sigma_noise,
+            temperature=hp.temperature,
+            tune_sigma_noise=tune_sigma_noise,
+            n_steps=method.n_steps,
+            lr=method.lr,
+            progress=progress,
+        )
+    except RuntimeError as err:
+        # name the overflowing term when the evidence is not finite at the start already
+        start, value = fitted.posterior_at(init, None), None
+        stats, lik, sigma = fitted.statistics, fitted.likelihood, hp.sigma_noise
+        with contextlib.suppress(RuntimeError, ValueError):
+            value = log_marginal_likelihood(start, stats, lik, sigma)
+        if value is not None:
+            check_evidence(value, start, stats, lik, sigma, err)
+        raise
+
+
+@dataclass(frozen=True)
+class Marglik:
+    """Maximise the Laplace evidence over the log prior precision (and log σ) with Adam.
+
+    Args:
+        prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"`` (``None``: the
+            structure of the current prior precision).
+        n_steps: Adam steps.
+        lr: Adam learning rate on the log hyperparameters.
+        tune_sigma_noise: Tune σ jointly (regression).
+
+    Raises:
+        ValueError: If an option is out of range.
+    """
+
+    prior_structure: str | PriorKind | None = None
+    n_steps: int = 100
+    lr: float = 0.1
+    tune_sigma_noise: bool = False
+
+    name = TuneMethod.MARGLIK
+
+    def __post_init__(self):
+        _check_marglik_options(self)
+
+    def check(self, likelihood: Likelihood) -> None:
+        """Refuse options that do not apply to ``likelihood``.
+
+        Raises:
+            ValueError: If ``tune_sigma_noise`` is asked for outside regression.
+        """
+        if self.tune_sigma_noise:
+            _check_regression(likelihood)
+
+    def tune(self, fitted, *, progress: bool = False) -> Tuned:
+        """Tune ``fitted`` (a :class:`~laplace_ggn.FittedLaplace`); T is reset to 1.
+
+        Returns:
+            The :class:`Tuned` hyperparameters and the evidence curve.
+        """
+        self.check(fitted.kind)
+        result = _run_marglik(
+            self, fitted, tune_sigma_noise=self.tune_sigma_noise, progress=progress
+        )
+        hp = fitted.hyperparameters.replace(
+            prior_precision=result.prior_precision,
+            sigma_noise=result.sigma_noise if self.tune_sigma_noise else None,
+            predictive_temperature=1.0,
+        )
+        return Tuned(hp, marglik=result)
+
+
+@dataclass(frozen=True)
+class GridSearch:
+    """Choose a scalar prior precision on a log grid by the mean validation NLL.
+
+    Args:
+        val_loader: Held-out ``(input, target)`` batches.
+        grid: Explicit precisions (not with ``log_range`` / ``n_points``).
+        log_range: ``(lo, hi)`` powers of 10 of the grid (default ``(-4, 4)``).
+        n_points: Grid points (default 41).
+        predict_method: Predictive scored on the validation data.
+        link: Link of that predictive.
+        n_samples: S of that predictive.
+        generator: Random generator of that predictive.
+
+    Raises:
+        ValueError: If an option is invalid, or ``grid`` comes with ``log_range`` /
+            ``n_points``.
+        TypeError: If ``generator`` is not a ``torch.Generator``.
+    """
+
+    val_loader: object
+    grid: object = None
+    log_range: tuple[float, float] | None = None
+    n_points: int | None = None
+    predict_method: str | PredictMethod = "glm"
+    link: str | Link | None = None
+    n_samples: int = 100
+    generator: torch.Generator | None = None
+    points: Tensor = field(init=False, repr=False)
+
+    name = TuneMethod.GRIDSEARCH
+
+    def __post_init__(self):
+        _check_predictive_options(self, self.name.value)
+        if self.grid is not None:
+            if self.log_range is not None or self.n_points is not None:
                 raise ValueError(
                     "grid must not be combined with log_range / n_points; got both. Pass either "
                     "an explicit grid or a log-range and a number of points."
                 )
-            grid = check_grid(given["grid"])
+            points = check_grid(self.grid)
         else:
-            lo_hi = (-4.0, 4.0) if given.get("log_range") is None else given["log_range"]
-            n = 41 if given.get("n_points") is None else given["n_points"]
-            grid = default_grid(lo_hi, n)
-    if m is not TuneMethod.MARGLIK:
-        predict_method, link = resolve_options(
-            likelihood,
-            "glm" if given.get("predict_method") is None else given["predict_method"],
-            given.get("link"),
+            lo_hi = (-4.0, 4.0) if self.log_range is None else self.log_range
+            points = default_grid(lo_hi, 41 if self.n_points is None else self.n_points)
+        object.__setattr__(self, "points", points)
+
+    def check(self, likelihood: Likelihood) -> None:
+        """Refuse a predictive that does not apply to ``likelihood``.
+
+        Raises:
+            ValueError: If the method / link pair is invalid for it.
+        """
+        resolve_options(likelihood, self.predict_method, self.link)
+
+    def tune(self, fitted, *, progress: bool = False) -> Tuned:
+        """Score every grid point on the validation data; T is reset to 1.
+
+        Returns:
+            The :class:`Tuned` precision, the validation curve and an edge warning.
+        """
+        self.check(fitted.kind)
+        method, link = resolve_options(fitted.kind, self.predict_method, self.link)
+        batches = fitted.reader.validation_batches(self.val_loader, fitted.input_spec)
+        result = gridsearch(
+            fitted.fmodel,
+            posterior_at=lambda a: fitted.posterior_at(a, None),
+            batches=batches,
+            likelihood=fitted.kind,
+            lik=fitted.likelihood,
+            grid=self.points.to(fitted.fmodel.dtype),
+            method=method,
+            link=link,
+            sigma_noise=fitted.hyperparameters.sigma_noise,
+            n_samples=self.n_samples,
+            generator=self.generator,
+            n_outputs=fitted.statistics.n_outputs,
+            progress=progress,
+            ignore_index=fitted.reader.ignore_index,
         )
-        n_samples = 100 if given.get("n_samples") is None else given["n_samples"]
-        if not is_integer(n_samples) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
-        n_samples = int(n_samples)
-        gen = given.get("generator")
-        if gen is not None and not isinstance(gen, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator or None; got {type(gen).__name__}."
+        hp = fitted.hyperparameters.replace(prior_precision=result.best, predictive_temperature=1.0)
+        edge = grid_edge_warning(result, explicit_grid=self.grid is not None)
+        return Tuned(hp, gridsearch=result, warning=edge)
+
+
+@dataclass(frozen=True)
+class MarglikTemperature:
+    """The prior precision by the evidence, then a predictive temperature by validation NLL.
+
+    Classification and binary only (see ``docs/calibration.md``).
+
+    Args:
+        val_loader: Held-out ``(input, target)`` batches.
+        prior_structure: As for :class:`Marglik`.
+        n_steps: As for :class:`Marglik`.
+        lr: As for :class:`Marglik`.
+        predict_method: Predictive scored on the validation data.
+        link: Link of that predictive.
+        n_samples: S of that predictive.
+        generator: Random generator of that predictive.
+
+    Raises:
+        ValueError: If an option is invalid.
+        TypeError: If ``generator`` is not a ``torch.Generator``.
+    """
+
+    val_loader: object
+    prior_structure: str | PriorKind | None = None
+    n_steps: int = 100
+    lr: float = 0.1
+    predict_method: str | PredictMethod = "glm"
+    link: str | Link | None = None
+    n_samples: int = 100
+    generator: torch.Generator | None = None
+
+    name = TuneMethod.MARGLIK_TEMPERATURE
+
+    def __post_init__(self):
+        _check_marglik_options(self)
+        _check_predictive_options(self, self.name.value)
+
+    def check(self, likelihood: Likelihood) -> None:
+        """Refuse regression and a predictive that does not apply to ``likelihood``.
+
+        Raises:
+            ValueError: If ``likelihood`` is regression or the method / link pair invalid.
+        """
+        _check_classification(likelihood)
+        resolve_options(likelihood, self.predict_method, self.link)
+
+    def tune(self, fitted, *, progress: bool = False) -> Tuned:
+        """Tune α by the evidence, then T on the validation data at that α.
+
+        Returns:
+            The :class:`Tuned` hyperparameters, the evidence curve and the temperature search.
+
+        Raises:
+            ValueError: If the validation loader yields no batch.
+        """
+        self.check(fitted.kind)
+        batches = fitted.reader.validation_batches(self.val_loader, fitted.input_spec)
+        if not batches:
+            raise ValueError("val_loader must yield at least one batch; got an empty loader.")
+        result = _run_marglik(self, fitted, tune_sigma_noise=False, progress=progress)
+        method, link = resolve_options(fitted.kind, self.predict_method, self.link)
+        post = fitted.posterior_at(result.prior_precision, None)
+        probs, labels = [], []
+        for x, y in batches:
+            pred = predict(
+                fitted.fmodel,
+                post,
+                x,
+                likelihood=fitted.kind,
+                method=method,
+                link=link,
+                n_samples=self.n_samples,
+                generator=self.generator,
+                n_outputs=fitted.statistics.n_outputs,
             )
-    return TuningOptions(m, kind, n_steps, float(lr), grid, predict_method, link, n_samples)
+            probs.append(pred.mean)
+            y = y.to(fitted.fmodel.device)
+            labels.append(fitted.likelihood.check_targets(pred.mean, y, "val_loader"))
+        temp = tune_predictive_temperature(
+            torch.cat(probs), torch.cat(labels), binary=fitted.kind is Likelihood.BINARY
+        )
+        hp = fitted.hyperparameters.replace(
+            prior_precision=result.prior_precision, predictive_temperature=temp.temperature
+        )
+        return Tuned(hp, marglik=result, temperature=temp)
+
+
+_METHODS = {m.name: m for m in (Marglik, GridSearch, MarglikTemperature)}
+
+
+def _keywords(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.init]
+
+
+def tuning_method(method: object, likelihood: Likelihood, **given: object):
+    """The tuning object of ``optimize_prior_precision(method, **options)``, checked.
+
+    Options left at ``None`` / ``False`` are not set.  An option of another method is
+    refused, naming the methods it applies to and the options of this one.
+
+    Args:
+        method: ``"marglik"``, ``"gridsearch"``, ``"marglik_temperature"`` or a tuning object
+            (then no option may be set).
+        likelihood: The wrapper's likelihood.
+        **given: The keyword options as passed.
+
+    Returns:
+        A :class:`Marglik`, :class:`GridSearch` or :class:`MarglikTemperature`.
+
+    Raises:
+        ValueError: If an option is invalid, belongs to another method, or does not apply to
+            ``likelihood``.
+        TypeError: If ``generator`` is not a ``torch.Generator``.
+    """
+    given = {k: v for k, v in given.items() if v is not None and v is not False}
+    if isinstance(method, tuple(_METHODS.values())):
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} must be left unset with a tuning object; got "
+                f"{', '.join(f'{k}={v!r}' for k, v in given.items())}. Set them on the "
+                f"{type(method).__name__}(...) instead."
+            )
+        method.check(likelihood)
+        return method
+    cls = _METHODS[as_enum(TuneMethod, method, "method")]
+    accepts = _keywords(cls)
+    wrong = [k for k in given if k not in accepts]
+    if wrong:
+        others = [
+            m.value for m, c in _METHODS.items() if c is not cls and set(wrong) <= set(_keywords(c))
+        ]
+        where = " or ".join(repr(o) for o in others) or "no single method"
+        raise ValueError(
+            f"{', '.join(wrong)} must be left unset with method={cls.name.value!r}; got "
+            f"{', '.join(f'{k}={given[k]!r}' for k in wrong)}. They apply to method={where}; "
+            f"{cls.__name__} takes {', '.join(accepts)}."
+        )
+    # the likelihood is refused before the options are
+    if cls is MarglikTemperature:
+        _check_classification(likelihood)
+    if given.get("tune_sigma_noise"):
+        _check_regression(likelihood)
+    if "val_loader" in accepts:  # required: its absence is named by the constructor
+        given = {"val_loader": None, **given}
+    obj = cls(**given)
+    obj.check(likelihood)
+    return obj

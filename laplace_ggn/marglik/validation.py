@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class GridsearchResult:
     Attributes:
         grid: Prior precisions tried, shape ``(K,)``, increasing.
         scores: Mean validation negative log predictive density, shape ``(K,)`` (``inf``
-            where the evaluation failed).
+            where the evaluation failed numerically; a ``RuntimeWarning`` names each).
         best_index: Index of the chosen precision (ties go to the larger precision).
     """
 
@@ -171,7 +172,7 @@ def gridsearch(
         )
     scores = []
     for alpha in tqdm(grid.tolist(), disable=not progress, desc="gridsearch"):
-        total = 0.0
+        total, failure = 0.0, None
         try:
             post = posterior_at(torch.tensor(alpha, dtype=fmodel.dtype, device=fmodel.device))
             with torch.no_grad():
@@ -209,9 +210,18 @@ def gridsearch(
                         mean, var = mean[keep_rows], var[keep_rows]
                     total += float(predictive_nll(Prediction(mean, var), y, likelihood).sum())
             score = total / n_val
-        except (RuntimeError, ValueError):
+        except RuntimeError as err:  # numerical failure: a factorisation or an overflow
+            failure, score = f"its predictive failed numerically ({err})", math.inf
+        if failure is None and not math.isfinite(score):
+            failure = f"its validation NLL is {score}"
+        if failure is not None:
+            warnings.warn(
+                f"gridsearch scored prior_precision={alpha:.3g} as inf: {failure}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             score = math.inf
-        scores.append(score if math.isfinite(score) else math.inf)
+        scores.append(score)
     s = torch.tensor(scores, dtype=torch.float64)
     if not bool(torch.isfinite(s).any()):
         raise RuntimeError(
