@@ -23,7 +23,10 @@ from ._checks import (
     Structure,
     check_computed_finite,
     check_generator,
+    is_integer,
 )
+from .collectors import dense_bytes
+from .fit_options import gigabytes
 from .functional import FunctionalModel
 from .head import LinearHead
 from .hyperparameters import Hyperparameters, check_sigma_noise
@@ -172,6 +175,47 @@ class FittedLaplace:
         value = _marglik.log_marginal_likelihood(post, self.statistics, self.likelihood, sigma)
         _marglik.check_evidence(value, post, self.statistics, self.likelihood, sigma)
         return value
+
+    def posterior_covariance(self, memory_budget: int) -> Tensor:
+        """Dense posterior covariance Σ, shape ``(P, P)``, if it fits ``memory_budget`` bytes.
+
+        Returns:
+            Σ.
+
+        Raises:
+            ValueError: If P×P exceeds the budget (the message gives the GB needed).
+            RuntimeError: If Σ is not finite.
+        """
+        P = self.n_params
+        need = dense_bytes(P, self.fmodel.dtype)
+        if need > memory_budget:
+            raise ValueError(
+                f"posterior_covariance() needs a dense ({P}, {P}) matrix of {gigabytes(need)}, "
+                f"over the memory budget of {gigabytes(memory_budget)}. Use "
+                "functional_covariance(x), sample(n) or posterior.covariance_matvec(V) instead, "
+                "or raise memory_budget=."
+            )
+        Sigma = self.posterior.to_dense()
+        check_computed_finite(Sigma, "posterior covariance Σ")
+        return Sigma
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``(n, P)`` parameter vectors of the subset drawn from the posterior.
+
+        Returns:
+            The draws.
+
+        Raises:
+            ValueError: If ``n`` is not a positive integer (Python, NumPy or 0-dim torch).
+            TypeError: If ``generator`` is not a ``torch.Generator``.
+            RuntimeError: If the draws are not finite.
+        """
+        if not is_integer(n) or n < 1:
+            raise ValueError(f"n must be a positive integer; got {n!r}.")
+        check_generator(generator)
+        draws = self.posterior.sample(int(n), generator=generator)
+        check_computed_finite(draws, "posterior samples")
+        return draws
 
     def model_input(self, x: object, name: str = "x") -> object:
         """A checked model input on the model's device (see :class:`BatchReader`).

@@ -12,30 +12,25 @@ extra layers is refused).  Version-1 states still load; they only skip that chec
 optional in both (states written before them load with the defaults "ggn", None, -100, 2).
 
 The posterior's entries are checked by the ``check_state`` of its structure
-(:class:`~laplace_ggn.structures.StructureSpec`); the checks of the built-in structures are
-here, as :func:`check_full_state` and its siblings.
+(:class:`~laplace_ggn.structures.StructureSpec`; the built-in ones are in
+:mod:`laplace_ggn.posterior_states`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import Curvature, Likelihood, as_enum, check_finite, near_matches, shape_str
+from ._checks import Curvature, Likelihood, as_enum, near_matches, shape_str
+from .posterior_states import SavedSubset, check_keys, describe, is_int, state_tensor
 
 __all__ = [
     "STATE_FORMAT_VERSION",
-    "SavedSubset",
-    "check_diag_state",
-    "check_eigen_state",
-    "check_full_state",
-    "check_kfac_state",
     "check_state",
-    "check_tensor_state",
     "model_parameters",
     "save_state",
     "saved_options",
@@ -65,62 +60,9 @@ _STATS_KEYS = ("n_data", "n_outputs", "loss_sum")
 _STATS_OPTIONAL = ("output_ndim",)
 
 
-@dataclass(frozen=True)
-class SavedSubset:
-    """The parameter subset of a saved state, against which its posterior is checked.
-
-    Attributes:
-        structure: The structure's name.
-        names: Parameter names of the subset.
-        shapes: Their shapes.
-    """
-
-    structure: str
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-
-    @property
-    def n_params(self) -> int:
-        """P of the subset."""
-        return sum(math.prod(s) for s in self.shapes)
-
-
 def model_parameters(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of every parameter of ``model``, in ``named_parameters()`` order."""
     return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {shape_str(value.shape)} and dtype {value.dtype}"
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _tensor(state: Mapping, key: str, name: str, shape: tuple | None = None) -> Tensor:
-    """A finite floating tensor ``state[key]`` of ``shape`` (``None``: any shape)."""
-    t = state[key]
-    if not isinstance(t, Tensor) or not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor; got {_kind(t)}.")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(
-            f"{name} must have shape {shape_str(shape)}; got {shape_str(t.shape)}. "
-            "Was the state saved from another model or structure?"
-        )
-    check_finite(t, name)
-    return t
-
-
-def _check_keys(mapping: Mapping, expected: Sequence[str], name: str, hint: str = "") -> None:
-    missing = [k for k in expected if k not in mapping]
-    if missing:
-        raise ValueError(
-            f"{name} must hold the keys {list(expected)}; missing {missing} (got keys "
-            f"{sorted(map(str, mapping))}).{hint}"
-        )
 
 
 def _check_version(state: Mapping) -> int:
@@ -130,10 +72,10 @@ def _check_version(state: Mapping) -> int:
             f"got keys {sorted(map(str, state))}."
         )
     version = state["format_version"]
-    if not _is_int(version):
+    if not is_int(version):
         raise TypeError(
             f"state['format_version'] must be an int in [1, {STATE_FORMAT_VERSION}]; "
-            f"got {_kind(version)}."
+            f"got {describe(version)}."
         )
     if version > STATE_FORMAT_VERSION:
         raise ValueError(
@@ -155,7 +97,7 @@ def _check_subset(state: Mapping, model: nn.Module) -> tuple[list[str], list[tup
         or not all(isinstance(n, str) for n in subset)
     ):
         raise TypeError(
-            f"state['subset'] must be a non-empty list of parameter names; got {_kind(subset)}."
+            f"state['subset'] must be a non-empty list of parameter names; got {describe(subset)}."
         )
     if len(set(subset)) != len(subset):
         raise ValueError(f"state['subset'] must hold unique names; got {list(subset)}.")
@@ -163,13 +105,13 @@ def _check_subset(state: Mapping, model: nn.Module) -> tuple[list[str], list[tup
         not isinstance(shapes, (list, tuple))
         or len(shapes) != len(subset)
         or not all(
-            isinstance(s, (list, tuple, torch.Size)) and all(_is_int(d) and d >= 0 for d in s)
+            isinstance(s, (list, tuple, torch.Size)) and all(is_int(d) and d >= 0 for d in s)
             for s in shapes
         )
     ):
         raise ValueError(
             f"state['shapes'] must be a list of {len(subset)} shapes (tuples of ints >= 0), one "
-            f"per name of state['subset']; got {_kind(shapes)}."
+            f"per name of state['subset']; got {describe(shapes)}."
         )
     named = dict(model.named_parameters())
     for name, shape in zip(subset, shapes):
@@ -189,7 +131,7 @@ def _check_architecture(saved: object, model: nn.Module) -> None:
         isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) for e in saved
     ):
         raise TypeError(
-            f"state['model_parameters'] must be a list of (name, shape) pairs; got {_kind(saved)}."
+            f"state['model_parameters'] must be a list of (name, shape) pairs; got {describe(saved)}."
         )
     want = {n: tuple(s) for n, s in saved}
     have = dict(model_parameters(model))
@@ -220,44 +162,44 @@ def _check_options(state: Mapping, structures: Mapping[str, object]) -> str:
     structure = _check_structure(state["structure"], structures)
     for key in ("input_key", "target_key"):
         if state[key] is not None and not isinstance(state[key], str):
-            raise TypeError(f"state[{key!r}] must be a str or None; got {_kind(state[key])}.")
+            raise TypeError(f"state[{key!r}] must be a str or None; got {describe(state[key])}.")
     budget = state["memory_budget"]
-    if not _is_int(budget) or budget <= 0:
-        raise ValueError(f"state['memory_budget'] must be a positive int; got {_kind(budget)}.")
+    if not is_int(budget) or budget <= 0:
+        raise ValueError(f"state['memory_budget'] must be a positive int; got {describe(budget)}.")
     temp = state["temperature"]
     if isinstance(temp, bool) or not isinstance(temp, (int, float)):
-        raise TypeError(f"state['temperature'] must be a float; got {_kind(temp)}.")
+        raise TypeError(f"state['temperature'] must be a float; got {describe(temp)}.")
     if not (math.isfinite(temp) and temp > 0):
         raise ValueError(f"state['temperature'] must be finite and > 0; got {temp!r}.")
     curvature = as_enum(Curvature, state.get("curvature", "ggn"), "state['curvature']")
     n_mc = state.get("n_mc_samples")
-    if n_mc is not None and (not _is_int(n_mc) or n_mc < 1 or curvature is not Curvature.MC):
+    if n_mc is not None and (not is_int(n_mc) or n_mc < 1 or curvature is not Curvature.MC):
         raise ValueError(
             "state['n_mc_samples'] must be None, or a positive int with curvature 'mc'; got "
-            f"{_kind(n_mc)} with curvature {curvature.value!r}."
+            f"{describe(n_mc)} with curvature {curvature.value!r}."
         )
-    if not _is_int(state.get("ignore_index", -100)):
+    if not is_int(state.get("ignore_index", -100)):
         raise TypeError(
-            f"state['ignore_index'] must be an int; got {_kind(state['ignore_index'])}."
+            f"state['ignore_index'] must be an int; got {describe(state['ignore_index'])}."
         )
     rank = state["rank"]
     ranked = [name for name, spec in structures.items() if spec.takes_rank]
-    if rank is not None and (not _is_int(rank) or rank < 1 or structure not in ranked):
+    if rank is not None and (not is_int(rank) or rank < 1 or structure not in ranked):
         raise ValueError(
             "state['rank'] must be None, or a positive int with structure "
-            f"{' or '.join(repr(n) for n in ranked)}; got {_kind(rank)} with structure "
+            f"{' or '.join(repr(n) for n in ranked)}; got {describe(rank)} with structure "
             f"{structure!r}."
         )
     if "predictive_temperature" in state:  # optional: states written before it existed lack it
         t = state["predictive_temperature"]
         if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise TypeError(f"state['predictive_temperature'] must be a float; got {_kind(t)}.")
+            raise TypeError(f"state['predictive_temperature'] must be a float; got {describe(t)}.")
         if not (math.isfinite(t) and t > 0):
             raise ValueError(f"state['predictive_temperature'] must be finite and > 0; got {t!r}.")
     for key in ("prior_precision", "sigma_noise"):
         t = state[key]
         if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
-            raise TypeError(f"state[{key!r}] must be a float or a tensor; got {_kind(t)}.")
+            raise TypeError(f"state[{key!r}] must be a float or a tensor; got {describe(t)}.")
         t = torch.as_tensor(t)
         if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
             raise ValueError(
@@ -278,8 +220,8 @@ def _check_prior_shape(prec: object, n_tensors: int, P: int) -> None:
 
 def _check_stats(stats: object) -> None:
     if not isinstance(stats, Mapping):
-        raise TypeError(f"state['fit_statistics'] must be a dict; got {_kind(stats)}.")
-    _check_keys(stats, _STATS_KEYS, "state['fit_statistics']")
+        raise TypeError(f"state['fit_statistics'] must be a dict; got {describe(stats)}.")
+    check_keys(stats, _STATS_KEYS, "state['fit_statistics']")
     unexpected = [k for k in stats if k not in _STATS_KEYS + _STATS_OPTIONAL]
     if unexpected:
         raise ValueError(
@@ -289,141 +231,27 @@ def _check_stats(stats: object) -> None:
     if "output_ndim" in stats and stats["output_ndim"] not in (2, 3):
         raise ValueError(
             "state['fit_statistics']['output_ndim'] must be 2 (outputs (B, C)) or 3 (outputs "
-            f"(B, T, C)); got {_kind(stats['output_ndim'])}."
+            f"(B, T, C)); got {describe(stats['output_ndim'])}."
         )
     for key in ("n_data", "n_outputs"):
-        if not _is_int(stats[key]) or stats[key] < 1:
+        if not is_int(stats[key]) or stats[key] < 1:
             raise ValueError(
-                f"state['fit_statistics'][{key!r}] must be an int >= 1; got {_kind(stats[key])}."
+                f"state['fit_statistics'][{key!r}] must be an int >= 1; got {describe(stats[key])}."
             )
     loss = stats["loss_sum"]
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
-        raise TypeError(f"state['fit_statistics']['loss_sum'] must be a float; got {_kind(loss)}.")
+        raise TypeError(
+            f"state['fit_statistics']['loss_sum'] must be a float; got {describe(loss)}."
+        )
     if not (math.isfinite(loss) and loss >= 0):
         raise ValueError(
             f"state['fit_statistics']['loss_sum'] must be finite and >= 0; got {loss!r}."
         )
 
 
-def check_kfac_state(post: Mapping, saved: SavedSubset) -> None:
-    """Check the saved state of a KFAC posterior: Kronecker blocks and a diagonal rest.
-
-    Raises:
-        ValueError: If a key is missing, a block names no parameter of the subset or has
-            factors of the wrong shape, or the blocks do not cover the subset exactly once.
-        TypeError: If a factor is not a floating tensor.
-    """
-    subset, shapes = saved.names, saved.shapes
-    _check_keys(post, ("n_blocks", "diag_names", "diag"), "state['posterior']")
-    n_blocks = post["n_blocks"]
-    if not _is_int(n_blocks) or n_blocks < 0:
-        raise ValueError(
-            f"state['posterior']['n_blocks'] must be an int >= 0; got {_kind(n_blocks)}."
-        )
-    shape_of = dict(zip(subset, shapes))
-    names = post["diag_names"]
-    if not isinstance(names, (list, tuple)) or not all(n in shape_of for n in names):
-        raise ValueError(
-            "state['posterior']['diag_names'] must be a list of names of state['subset']; "
-            f"got {_kind(names)}."
-        )
-    covered = list(names)
-    n_diag = sum(math.prod(shape_of[n]) for n in names)
-    _tensor(post, "diag", "state['posterior']['diag']", (n_diag,))
-    for i in range(n_blocks):
-        keys = [f"block.{i}.{k}" for k in ("weight", "bias", "A", "B")]
-        _check_keys(post, keys, "state['posterior']")
-        w, b = post[keys[0]], post[keys[1]]
-        if (w is None and b is None) or any(n is not None and n not in shape_of for n in (w, b)):
-            raise ValueError(
-                f"state['posterior'] block {i} must name a weight and/or a bias of "
-                f"state['subset']; got weight={w!r}, bias={b!r}."
-            )
-        out = shape_of[w][0] if w is not None else shape_of[b][0]
-        fan_in = math.prod(shape_of[w][1:]) if w is not None else 0
-        D = fan_in + (b is not None)
-        _tensor(post, keys[2], f"state['posterior'][{keys[2]!r}]", (D, D))
-        _tensor(post, keys[3], f"state['posterior'][{keys[3]!r}]", (out, out))
-        covered += [n for n in (w, b) if n is not None]
-    if sorted(covered) != sorted(subset):
-        raise ValueError(
-            "state['posterior'] (kfac) must cover every name of state['subset'] exactly once "
-            f"by its blocks and diag_names; covers {sorted(covered)}, subset {sorted(subset)}."
-        )
-
-
-def _check_exact_keys(post: Mapping, expected: Sequence[str], saved: SavedSubset) -> None:
-    hint = f" Was the state saved with another structure than {saved.structure!r}?"
-    _check_keys(post, expected, "state['posterior']", hint)
-    unexpected = [k for k in post if k not in expected]
-    if unexpected:
-        raise ValueError(
-            f"state['posterior'] must hold exactly the keys {list(expected)} of structure "
-            f"{saved.structure!r}; got unexpected {unexpected}.{hint}"
-        )
-
-
-_entry = "state['posterior'][{!r}]".format
-
-
-def check_full_state(post: Mapping, saved: SavedSubset) -> None:
-    """Check the saved state of a full posterior: the dense GGN ``(P, P)``.
-
-    Raises:
-        ValueError: If the keys or the shape are not those of the structure.
-        TypeError: If the GGN is not a floating tensor.
-    """
-    _check_exact_keys(post, ("ggn",), saved)
-    P = saved.n_params
-    _tensor(post, "ggn", _entry("ggn"), (P, P))
-
-
-def check_diag_state(post: Mapping, saved: SavedSubset) -> None:
-    """Check the saved state of a diag posterior: the GGN diagonal ``(P,)``, >= 0.
-
-    Raises:
-        ValueError: If the keys or the shape are not those of the structure, or an entry is
-            negative.
-        TypeError: If the diagonal is not a floating tensor.
-    """
-    _check_exact_keys(post, ("ggn_diag",), saved)
-    d = _tensor(post, "ggn_diag", _entry("ggn_diag"), (saved.n_params,))
-    if bool((d < 0).any()):
-        raise ValueError(f"{_entry('ggn_diag')} must be >= 0 (a GGN diagonal); got negatives.")
-
-
-def check_eigen_state(post: Mapping, saved: SavedSubset) -> None:
-    """Check a saved eigendecomposition: eigenvalues ``(R,)`` >= 0 and eigenvectors ``(P, R)``.
-
-    Raises:
-        ValueError: If the keys or the shapes are not those of the structure, or an
-            eigenvalue is negative.
-        TypeError: If an entry is not a floating tensor.
-    """
-    _check_exact_keys(post, ("eigenvalues", "eigenvectors"), saved)
-    lam = _tensor(post, "eigenvalues", _entry("eigenvalues"))
-    if lam.ndim != 1 or bool((lam < 0).any()):
-        raise ValueError(
-            f"{_entry('eigenvalues')} must be a vector (R,) of values >= 0; got "
-            f"{_kind(lam)}{' with negatives' if lam.ndim == 1 else ''}."
-        )
-    _tensor(post, "eigenvectors", _entry("eigenvectors"), (saved.n_params, lam.shape[0]))
-
-
-def check_tensor_state(post: Mapping, saved: SavedSubset) -> None:
-    """Check a posterior state whose structure declares no check: its tensors are finite.
-
-    Raises:
-        ValueError: If a floating tensor holds NaN or Inf.
-    """
-    for key, value in post.items():
-        if isinstance(value, Tensor):
-            check_finite(value, _entry(key))
-
-
 def _check_posterior(post: object, check: Callable[[Mapping, SavedSubset], None], saved) -> None:
     if not isinstance(post, Mapping):
-        raise TypeError(f"state['posterior'] must be a dict; got {_kind(post)}.")
+        raise TypeError(f"state['posterior'] must be a dict; got {describe(post)}.")
     check(post, saved)
 
 
@@ -456,14 +284,14 @@ def check_state(state: object, model: nn.Module, structures: Mapping[str, object
             f"state must be a dict from LaplaceWrapper.state_dict(); got {type(state).__name__}."
         )
     version = _check_version(state)
-    _check_keys(state, _KEYS[version], "state", " Was it written by LaplaceWrapper.state_dict()?")
+    check_keys(state, _KEYS[version], "state", " Was it written by LaplaceWrapper.state_dict()?")
     structure = _check_options(state, structures)
     subset, shapes = _check_subset(state, model)
     if version >= 2:
         _check_architecture(state["model_parameters"], model)
     P = sum(math.prod(s) for s in shapes)
     _check_prior_shape(state["prior_precision"], len(subset), P)
-    _tensor(state, "mean", "state['mean']", (P,))
+    state_tensor(state, "mean", "state['mean']", (P,))
     _check_stats(state["fit_statistics"])
     saved = SavedSubset(structure, subset, shapes)
     _check_posterior(state["posterior"], structures[structure].check_state, saved)

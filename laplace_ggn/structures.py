@@ -40,7 +40,7 @@ from .collectors import (
     projected_memory_bytes,
 )
 from .kfac import kfac_factor_bytes
-from .persistence import (
+from .posterior_states import (
     SavedSubset,
     check_diag_state,
     check_eigen_state,
@@ -110,7 +110,7 @@ class StructureSpec:
             once, so that ``curvature="ggn"`` is refused when they exceed the memory budget.
         check_state: ``(posterior_state, saved_subset) -> None``, raising ``ValueError`` /
             ``TypeError`` naming the entry of a saved posterior state that is invalid (see
-            :mod:`laplace_ggn.persistence`; default: every tensor finite).
+            :mod:`laplace_ggn.posterior_states`; default: every tensor finite).
     """
 
     name: str

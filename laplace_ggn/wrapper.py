@@ -1,11 +1,11 @@
 r"""`LaplaceWrapper`: the user-facing composition of likelihood, subset, curvature and posterior.
 
-It holds no mathematics and no state of its own beyond its options and the fitted result:
-options are validated by :class:`~laplace_ggn.fitting.FitOptions` and
+It holds no mathematics and no state beyond its options and the fitted result: options are
+validated by :class:`~laplace_ggn.fit_options.FitOptions` and
 :class:`~laplace_ggn.hyperparameters.Hyperparameters`, the data pass is
 :func:`~laplace_ggn.fitting.fit_laplace`, its result a :class:`~laplace_ggn.FittedLaplace`
-(:attr:`LaplaceWrapper.fitted`) that predicts, tunes and is saved
-(:mod:`laplace_ggn.persistence`); structures come from :mod:`laplace_ggn.structures`.
+(:attr:`LaplaceWrapper.fitted`) that predicts, is tuned (:mod:`laplace_ggn.marglik`) and is
+saved (:mod:`laplace_ggn.persistence`); structures come from :mod:`laplace_ggn.structures`.
 
 Curvature is computed on a private copy of the model in eval mode (BatchNorm statistics
 frozen, dropout off); the user's model is never modified.
@@ -20,20 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from . import marglik as _marglik
-from ._checks import (
-    DEFAULT_MEMORY_BUDGET,
-    Curvature,
-    Likelihood,
-    Link,
-    PredictMethod,
-    Structure,
-    check_computed_finite,
-    check_generator,
-    is_integer,
-)
-from .collectors import dense_bytes
+from ._checks import DEFAULT_MEMORY_BUDGET, Curvature, Likelihood, Link, PredictMethod, Structure
+from .fit_options import FitOptions
 from .fitted import FittedLaplace, sample_projected
-from .fitting import FitOptions, fit_laplace, gigabytes, restore_fitted
+from .fitting import fit_laplace, restore_fitted
 from .hyperparameters import Hyperparameters
 from .layout import ParamLayout, resolve_subset
 from .likelihoods import DEFAULT_IGNORE_INDEX
@@ -51,41 +41,29 @@ class LaplaceWrapper:
         p(\theta \mid \mathcal D) \approx N(\theta_*, \Sigma), \qquad
         \Sigma^{-1} = \Lambda = G / \tau + \Lambda_0 .
 
+    Every option is described in ``docs/api.md``.
+
     Args:
-        model: Trained network returning outputs of shape ``(B, C)``, or ``(B, T, C)`` with
-            one observation per position (or a mapping / object with ``logits``, e.g. a
-            Hugging Face ``ModelOutput``, or a tuple whose first element is the output);
-            never modified.
+        model: Trained network with outputs ``(B, C)`` or ``(B, T, C)`` (or a mapping /
+            object with ``logits``, or a tuple whose first element is the output); never
+            modified.
         likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
-        structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"`` or ``"projected"`` (the
-            prior restricted to the kernel of the GGN, see ``docs/structures.md``), or another
-            name of :data:`laplace_ggn.structures.STRUCTURES`.
-        subset: ``"all"`` (every parameter with ``requires_grad``; frozen ones, e.g. a base
-            model under LoRA adapters, are left out) or its alias ``"trainable"``,
-            ``"last_layer"`` (the last module with trainable parameters of its own whose
-            output reaches the model output) or a list of parameter names.
-        prior_precision: Float, or tensor of shape ``(T,)`` (one per parameter tensor of the
-            subset) or ``(P,)``.
+        structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"``, ``"projected"`` (see
+            ``docs/structures.md``) or another name of :data:`~laplace_ggn.structures.STRUCTURES`.
+        subset: ``"all"`` / ``"trainable"`` (parameters with ``requires_grad``),
+            ``"last_layer"`` or a list of parameter names.
+        prior_precision: Float, or tensor of shape ``(T,)`` (per parameter tensor) or ``(P,)``.
         sigma_noise: Observation noise σ (regression only).
         temperature: τ; the curvature is divided by it.
-        rank: ``lowrank``: ``None`` for exact Woodbury, an int for the top-k eigenpairs;
-            ``projected``: ``None`` for the exact kernel, k to keep the k most constrained
-            directions out of the support.
-        curvature: ``"ggn"`` (exact: C back-propagated columns per sample) or ``"mc"`` (the
-            Monte-Carlo Fisher: ``n_mc_samples`` columns from labels drawn from the model,
-            an unbiased estimate of G whose cost does not grow with C); see
-            ``docs/structures.md``.
-        n_mc_samples: S, the draws per sample for ``curvature="mc"`` (default 1).
-        ignore_index: Classification / binary targets equal to it are skipped in the
-            curvature, the loss and N (as in ``torch.nn.CrossEntropyLoss``).
-        input_key: Key of the inputs in mapping batches whose input sits under one key
-            (``None``: every key but the targets is a keyword input, ``model(**rest)``, as
-            in Hugging Face batches; a single other key ``"input"`` is passed positionally).
-        target_key: Key of the targets in mapping batches (``None``: whichever of
-            ``"target"``, ``"labels"``, ``"label"`` the batch holds).
+        rank: ``lowrank`` / ``projected``: ``None`` for the exact structure, k for top-k.
+        curvature: ``"ggn"`` (exact) or ``"mc"`` (Monte-Carlo Fisher, cost independent of C).
+        n_mc_samples: S, the label draws per sample of ``curvature="mc"`` (default 1).
+        ignore_index: Classification / binary targets equal to it are skipped.
+        input_key: Key of the inputs in mapping batches (``None``: every other key).
+        target_key: Key of the targets in mapping batches (``None``: ``"target"``,
+            ``"labels"`` or ``"label"``).
         memory_budget: Bytes for chunked intermediates and for the largest dense structure.
-        output_fn: Callable mapping the model's output to the ``(B, C)`` tensor, for outputs
-            other than those accepted by default (not saved by :meth:`state_dict`).
+        output_fn: Map from the model's output to the ``(B, C)`` tensor (not saved).
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module`` or an option has the wrong type.
@@ -120,7 +98,7 @@ class LaplaceWrapper:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         output_fn: Callable[[object], Tensor] | None = None,
     ):
-        o = FitOptions.create(
+        o = self._options = FitOptions.create(
             model,
             likelihood,
             structure=structure,
@@ -134,7 +112,6 @@ class LaplaceWrapper:
             memory_budget=memory_budget,
             output_fn=output_fn,
         )
-        self._options, reader = o, o.reader
         # resolve the subset now where no data is needed, to fail early on bad names
         self._layout: ParamLayout | None = (
             None if subset == "last_layer" else resolve_subset(model, subset)
@@ -144,25 +121,22 @@ class LaplaceWrapper:
             prior_precision=prior_precision,
             sigma_noise=sigma_noise,
             temperature=temperature,
-            dtype=reader.dtype,
-            device=reader.device,
+            dtype=o.reader.dtype,
+            device=o.reader.device,
         )
         if self._layout is not None:
             o.spec.check_prior(self._initial.prior(self._layout))
-        self.model, self.likelihood, self.structure, self.subset = (
-            model,
-            o.likelihood,
-            o.structure,
-            subset,
+        for name in ("model", "likelihood", "structure", "subset", "rank", "curvature"):
+            setattr(self, name, getattr(o, name))
+        for name in ("ignore_index", "input_key", "target_key"):
+            setattr(self, name, getattr(o.reader, name))
+        self.n_mc_samples, self.memory_budget, self.output_fn = (
+            o.n_mc_samples,
+            o.memory_budget,
+            o.output_fn,
         )
-        self.rank, self.curvature, self.n_mc_samples = o.rank, o.curvature, o.n_mc_samples
-        self.ignore_index, self.input_key, self.target_key = (
-            reader.ignore_index,
-            reader.input_key,
-            reader.target_key,
-        )
-        self.memory_budget, self.output_fn = o.memory_budget, output_fn
         self.temperature = self._initial.temperature
+        #: The :class:`~laplace_ggn.FittedLaplace` of the last fit (``None`` before).
         self.fitted: FittedLaplace | None = None
 
     def _require_fit(self, what: str) -> FittedLaplace:
@@ -172,7 +146,7 @@ class LaplaceWrapper:
 
     @property
     def hyperparameters(self) -> Hyperparameters:
-        """The current :class:`~laplace_ggn.hyperparameters.Hyperparameters`."""
+        """The current :class:`~laplace_ggn.Hyperparameters`."""
         return self._initial if self.fitted is None else self.fitted.hyperparameters
 
     @property
@@ -182,25 +156,15 @@ class LaplaceWrapper:
 
     @property
     def posterior(self):
-        """The fitted posterior object (see :mod:`laplace_ggn.posteriors`).
-
-        Raises:
-            RuntimeError: If the wrapper is not fitted.
-        """
+        """The fitted posterior (see :mod:`laplace_ggn.posteriors`); RuntimeError if unfitted."""
         return self._require_fit("posterior").posterior
 
     @property
     def n_params(self) -> int:
-        """P, the number of parameters in the subset.
-
-        Raises:
-            RuntimeError: If the subset is 'last_layer' and the wrapper is not fitted yet.
-        """
-        if self.fitted is not None:
-            return self.fitted.n_params
-        if self._layout is None:
+        """P of the subset; RuntimeError for ``"last_layer"`` before the fit."""
+        if self.fitted is None and self._layout is None:
             raise RuntimeError("n_params of subset='last_layer' is known after fit(train_loader).")
-        return self._layout.n_params
+        return (self._layout if self.fitted is None else self.fitted.layout).n_params
 
     @property
     def prior_precision(self) -> Tensor:
@@ -214,13 +178,7 @@ class LaplaceWrapper:
 
     @property
     def predictive_temperature(self) -> Tensor:
-        r"""Predictive temperature T of classification predictions, shape ``()`` (1: none).
-
-        :meth:`predict` returns :math:`p_T \propto \bar p^{1/T}`
-        (:func:`~laplace_ggn.predictive.temper`); set by
-        ``optimize_prior_precision(method="marglik_temperature")`` or
-        :meth:`set_hyperparameters`.
-        """
+        r"""Predictive temperature T of classification predictions, :math:`p_T \propto \bar p^{1/T}`."""
         return self.hyperparameters.predictive_temperature.detach()
 
     def fit(
@@ -234,35 +192,26 @@ class LaplaceWrapper:
     ) -> LaplaceWrapper:
         """Collect the curvature in one pass over the data and build the posterior.
 
-        Under ``torch.distributed`` every rank passes its own shard; the collectors' states,
-        N and the loss sum are reduced over the ranks, and every rank ends with the posterior
-        of the fit on all the shards together (see ``docs/distributed.md``).
+        Under ``torch.distributed`` every rank passes its shard and ends with the posterior
+        of all shards together (``docs/distributed.md``).  On error the wrapper keeps its
+        previous state; distributed, an error on one rank is raised on every rank.
 
         Args:
-            train_loader: Iterable of ``(x, y)`` batches or mappings; ``x`` may be a tensor,
-                a tuple or a dict of tensors. Floating inputs must have the model's dtype;
-                tensors on another device are moved to the model's device.
-            progress: Show a tqdm bar (``None``: only for loaders of 20 batches or more;
-                distributed: on rank 0 only).
+            train_loader: Iterable of ``(x, y)`` batches or mappings (``x``: tensor, tuple or
+                dict of tensors of the model's dtype).
+            progress: Show a tqdm bar (``None``: for loaders of 20 batches or more).
             distributed: ``None``: reduce over ranks when ``torch.distributed`` is
-                initialised; ``True``: require it; ``False``: fit on this process's data only.
+                initialised; ``True``: require it; ``False``: this process's data only.
             process_group: Group to reduce over (default: the default group).
-            generator: Random generator of the label draws of ``curvature="mc"`` (on the
-                model's device; the exact curvature draws nothing and ignores it). The same
-                generator state and data give the same curvature; distributed, give every
-                rank its own seed.
+            generator: Random generator of the label draws of ``curvature="mc"``.
 
         Returns:
             ``self``, fitted.
 
         Raises:
-            ValueError: If the loader yields no data (on every rank; batches of 0 rows are
-                skipped), a batch is malformed, holds NaN/Inf, has the wrong dtype, targets do
-                not fit the likelihood, the structure would exceed the memory budget (for
-                ``curvature="ggn"``: one sample's C·P square-root rows), the models differ
-                across ranks, or ``generator`` is on another device than the model. The
-                wrapper keeps its previous state. Distributed: an error on one rank is raised
-                on every rank.
+            ValueError: If the loader yields no data, a batch is malformed or not finite,
+                targets do not fit the likelihood, the structure exceeds the memory budget,
+                the models differ across ranks, or ``generator`` is on another device.
             TypeError: If ``train_loader`` is not iterable, targets are not tensors, or
                 ``generator`` is not a ``torch.Generator``.
             RuntimeError: If the curvature cannot be factorised (torch.linalg failed).
@@ -281,35 +230,20 @@ class LaplaceWrapper:
         return self
 
     def posterior_covariance(self) -> Tensor:
-        """Dense posterior covariance Σ, shape ``(P, P)``.
+        """Dense posterior covariance Σ, shape ``(P, P)`` (see :class:`FittedLaplace`).
 
         Raises:
             RuntimeError: If not fitted, or Σ is not finite.
             ValueError: If P×P exceeds the memory budget (the message gives the GB needed).
         """
-        fitted = self._require_fit("posterior_covariance()")
-        P = fitted.n_params
-        need = dense_bytes(P, fitted.fmodel.dtype)
-        if need > self.memory_budget:
-            raise ValueError(
-                f"posterior_covariance() needs a dense ({P}, {P}) matrix of {gigabytes(need)}, "
-                f"over the memory budget of {gigabytes(self.memory_budget)}. Use "
-                "functional_covariance(x), sample(n) or posterior.covariance_matvec(V) instead, "
-                "or raise memory_budget=."
-            )
-        Sigma = fitted.posterior.to_dense()
-        check_computed_finite(Sigma, "posterior covariance Σ")
-        return Sigma
+        return self._require_fit("posterior_covariance()").posterior_covariance(self.memory_budget)
 
     def log_marginal_likelihood(
         self,
         prior_precision: float | Tensor | None = None,
         sigma_noise: float | Tensor | None = None,
     ) -> Tensor:
-        r"""Laplace evidence :math:`\log p(\mathcal D)`, shape ``()``.
-
-        Differentiable in ``prior_precision`` and ``sigma_noise`` when they are tensors that
-        require grad.
+        r"""Laplace evidence :math:`\log p(\mathcal D)`, shape ``()``, differentiable in both.
 
         Args:
             prior_precision: Evaluate at this prior precision (default: the current one).
@@ -319,8 +253,7 @@ class LaplaceWrapper:
             The log marginal likelihood.
 
         Raises:
-            RuntimeError: If not fitted, or the evidence is not finite (the message names the
-                term that overflowed).
+            RuntimeError: If not fitted, or the evidence is not finite (naming the term).
             ValueError: If a hyperparameter is not positive or has the wrong shape.
         """
         fitted = self._require_fit("log_marginal_likelihood()")
@@ -333,9 +266,7 @@ class LaplaceWrapper:
         sigma_noise: float | Tensor | None = None,
         predictive_temperature: float | Tensor | None = None,
     ) -> LaplaceWrapper:
-        """Replace the prior precision, σ and/or the predictive temperature (no refit).
-
-        Everything is validated before anything changes.
+        """Replace the prior precision, σ and/or T (no refit); all validated first.
 
         Returns:
             ``self``.
@@ -343,7 +274,7 @@ class LaplaceWrapper:
         Raises:
             RuntimeError: If not fitted.
             ValueError: If a value is invalid.
-            TypeError: If ``predictive_temperature`` is not a number.
+            TypeError: If a value is not a number.
         """
         fitted = self._require_fit("set_hyperparameters()")
         hp = fitted.hyperparameters.replace(
@@ -355,65 +286,32 @@ class LaplaceWrapper:
         return self
 
     def jacobians(self, x: object) -> tuple[Tensor, Tensor]:
-        """Jacobians of the outputs at test inputs (see :meth:`FittedLaplace.jacobians`).
-
-        Args:
-            x: Model input (tensor, tuple or dict) of batch size B.
-
-        Returns:
-            ``(J, f)``: shape ``(B, C, P)`` and outputs ``(B, C)`` (``(B, T, C, P)`` and
-            ``(B, T, C)`` for sequence outputs).
+        """``(J, f)`` at inputs ``x``: shapes ``(B, C, P)`` and ``(B, C)`` (with T for sequences).
 
         Raises:
-            RuntimeError: If not fitted, or the Jacobians are not finite (numerical overflow).
-            ValueError: If the input differs from the training inputs in dtype, structure or
-                number of dimensions, holds the target key, or holds NaN/Inf.
+            RuntimeError: If not fitted, or the Jacobians are not finite.
+            ValueError: If the input differs from the training inputs or is not finite.
         """
         return self._require_fit("jacobians()").jacobians(x)
 
     def functional_covariance(self, x: object) -> Tensor:
-        r"""Covariance of the linearised outputs, :math:`J(x) \Sigma J(x)^\top`.
-
-        Never forms Σ for diag/kfac/lowrank structures; Jacobians are computed in chunks, or
-        not at all when the subset is one Linear layer whose output is the model output
-        (``posterior.linear_head_covariance`` from the features entering it).
-
-        Args:
-            x: Model input of batch size B.
-
-        Returns:
-            Shape ``(B, C, C)`` (``(B, T, C, C)`` for sequence outputs), without observation
-            noise.
+        r""":math:`J(x)\Sigma J(x)^\top`, shape ``(B, C, C)``, never forming Σ (diag/kfac/lowrank).
 
         Raises:
-            RuntimeError: If not fitted, or the result is not finite (numerical overflow).
-            ValueError: If the input differs from the training inputs in dtype, structure or
-                number of dimensions, holds the target key, or holds NaN/Inf.
+            RuntimeError: If not fitted, or the result is not finite.
+            ValueError: If the input differs from the training inputs or is not finite.
         """
         return self._require_fit("functional_covariance()").functional_covariance(x)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """Draw parameter vectors of the subset from the posterior.
-
-        Args:
-            n: Number of samples.
-            generator: Random generator (on the model's device) for reproducibility.
-
-        Returns:
-            Shape ``(n, P)``.
+        """``(n, P)`` draws of the subset's parameters from the posterior.
 
         Raises:
             RuntimeError: If not fitted, or the samples are not finite.
-            ValueError: If ``n`` is not a positive integer (Python, NumPy or 0-dim torch).
+            ValueError: If ``n`` is not a positive integer.
             TypeError: If ``generator`` is not a ``torch.Generator``.
         """
-        fitted = self._require_fit("sample()")
-        if not is_integer(n) or n < 1:
-            raise ValueError(f"n must be a positive integer; got {n!r}.")
-        check_generator(generator)
-        draws = fitted.posterior.sample(int(n), generator=generator)
-        check_computed_finite(draws, "posterior samples")
-        return draws
+        return self._require_fit("sample()").sample(n, generator=generator)
 
     def sample_projected(
         self,
@@ -425,34 +323,17 @@ class LaplaceWrapper:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Tensor:
-        r"""Draw from the projected posterior by alternating projections over the training data.
+        """``(n, P)`` draws of the projected posterior by alternating projections over the data.
 
-        See :func:`~laplace_ggn.fitted.sample_projected`: memory O(P·n) plus one batch's
-        kernel rows, one pass over the data per cycle; it converges to :meth:`sample` of an
-        exact (``rank=None``) fit with the same ``generator`` state.
-
-        Args:
-            n: Number of samples.
-            train_loader: The training batches of the fit (re-iterable; may shuffle).
-            n_iterations: Maximal number of cycles over the loader.
-            tol: Stop when a cycle changes the samples by less than ``tol`` (relative); a
-                ``RuntimeWarning`` says when ``n_iterations`` ran out first.
-            generator: Random generator (on the model's device) for reproducibility.
-            progress: Show a progress bar over the cycles.
-
-        Returns:
-            Shape ``(n, P)``.
+        See :func:`~laplace_ggn.fitted.sample_projected` (the arguments are its own).
 
         Raises:
             RuntimeError: If not fitted.
-            ValueError: If the structure is not ``"projected"``, ``n`` is not a positive
-                integer, or an option or a batch is invalid.
-            TypeError: If ``generator`` is not a ``torch.Generator`` or the loader is not
-                re-iterable.
+            ValueError: If the structure is not ``"projected"`` or an option is invalid.
+            TypeError: If ``generator`` is not a ``torch.Generator``.
         """
-        fitted = self._require_fit("sample_projected()")
         return sample_projected(
-            fitted,
+            self._require_fit("sample_projected()"),
             n,
             train_loader,
             n_iterations=n_iterations,
@@ -472,31 +353,24 @@ class LaplaceWrapper:
     ) -> Prediction:
         r"""Predictive distribution at test inputs (see :mod:`laplace_ggn.predictive`).
 
-        ``method="glm"`` linearises the network, :math:`f \sim N(f(x,\theta_*), J\Sigma J^\top)`
-        (Jacobians in chunks, Σ never formed for diag/kfac/lowrank); ``method="nn"`` samples
-        θ from the posterior and runs the network.  Regression variance includes σ².
-        Classification applies the :attr:`predictive_temperature` (1 unless tuned or set).
+        ``"glm"``: :math:`f \sim N(f(x,\theta_*), J\Sigma J^\top)`; ``"nn"``: θ sampled from
+        the posterior.  Regression variance includes σ²; classification applies T.
 
         Args:
             x: Model input of batch size B.
             method: ``"glm"`` or ``"nn"``.
-            link: Classification: ``"probit"`` (default for glm), ``"bridge"`` or ``"mc"``
-                (the only one, and default, for nn).  Regression: None or ``"probit"`` (ignored).
+            link: ``"probit"`` (glm default), ``"bridge"`` or ``"mc"`` (nn: the only one).
             n_samples: S for ``link="mc"`` and ``method="nn"``.
-            generator: Random generator (on the model's device) for reproducible draws.
+            generator: Random generator (on the model's device).
 
         Returns:
-            :class:`~laplace_ggn.predictive.Prediction` with ``mean`` and ``variance`` of shape
-            ``(B, C)`` (``(B, T, C)`` for a model with outputs ``(B, T, C)``).
+            :class:`~laplace_ggn.predictive.Prediction`, ``mean`` and ``variance`` ``(B, C)``.
 
         Raises:
-            RuntimeError: If not fitted, or the functional covariance or the predictive is not
-                finite (numerical overflow, e.g. saturated logits in float32).
-            ValueError: If the method/link combination is invalid (the message lists the valid
-                ones), ``n_samples`` is not a positive int, or the input differs from the
-                training inputs in dtype, structure or number of dimensions, holds the target
-                key, or holds NaN/Inf.
-            TypeError: If ``generator`` is not a ``torch.Generator``, or ``x`` holds no tensor.
+            RuntimeError: If not fitted, or the predictive is not finite.
+            ValueError: If the method/link pair or ``n_samples`` is invalid, or the input
+                differs from the training inputs or is not finite.
+            TypeError: If ``generator`` is not a ``torch.Generator``.
         """
         resolve_options(self.likelihood, method, link)
         fitted = self._require_fit("predict()")
@@ -520,38 +394,14 @@ class LaplaceWrapper:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> LaplaceWrapper:
-        """Tune the prior precision (and σ) by evidence and/or validation NLL; no refit.
+        """Tune the prior precision (and σ, or T) by evidence and/or validation NLL; no refit.
 
-        ``method`` is a tuning object of :mod:`laplace_ggn.marglik` —
-        :class:`~laplace_ggn.marglik.Marglik`, :class:`~laplace_ggn.marglik.GridSearch`,
-        :class:`~laplace_ggn.marglik.MarglikTemperature` — or its name with its options as
-        keywords.  ``"marglik"``: Adam on the log hyperparameters of the Laplace evidence,
-        reusing one factorisation of the curvature (curve in ``self.marglik_result_``).
-        ``"gridsearch"``: a scalar precision chosen on a log-spaced grid by the mean
-        validation NLL of the chosen predictive (curve in ``self.gridsearch_result_``).
-        ``"marglik_temperature"`` (classification and binary): the prior precision by the
-        evidence, then the :attr:`predictive_temperature` T by the mean validation NLL
-        (curves in ``self.marglik_result_`` and ``self.temperature_result_``; see
-        ``docs/calibration.md``).  ``"marglik"`` and ``"gridsearch"`` reset T to 1.  On
-        failure the hyperparameters stay as they were.
-
-        Args:
-            method: A tuning object, or ``"marglik"``, ``"gridsearch"`` or
-                ``"marglik_temperature"``.
-            val_loader: Held-out ``(input, target)`` batches (gridsearch, marglik_temperature).
-            tune_sigma_noise: Tune σ jointly (marglik, regression).
-            prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"`` (marglik methods;
-                default: the structure of the current prior precision).
-            n_steps: Adam steps (marglik methods; default 100).
-            lr: Adam learning rate on log-parameters (marglik methods; default 0.1).
-            grid: Explicit precisions to try (gridsearch).
-            log_range: ``(lo, hi)`` powers of 10 of the grid (gridsearch; default (-4, 4)).
-            n_points: Grid points (gridsearch; default 41).
-            predict_method: Predictive scored on validation data (default ``"glm"``).
-            link: Link of that predictive.
-            n_samples: S of that predictive (default 100).
-            generator: Random generator of that predictive.
-            progress: Show a progress bar.
+        ``method``: a :class:`~laplace_ggn.Marglik`, :class:`~laplace_ggn.GridSearch` or
+        :class:`~laplace_ggn.MarglikTemperature`, or its name ``"marglik"``, ``"gridsearch"``,
+        ``"marglik_temperature"`` with its options as the keywords below (each method's
+        docstring describes them).  Curves are kept in ``marglik_result_``,
+        ``gridsearch_result_`` and ``temperature_result_``; ``"marglik"`` and ``"gridsearch"``
+        reset T to 1.  On failure the hyperparameters stay as they were.
 
         Returns:
             ``self``.
@@ -559,7 +409,7 @@ class LaplaceWrapper:
         Raises:
             RuntimeError: If not fitted, or the tuning fails numerically.
             ValueError: If an option is invalid or belongs to another method.
-            TypeError: If ``generator`` is not a ``torch.Generator``, or ``val_loader`` is not
+            TypeError: If ``generator`` is not a ``torch.Generator`` or ``val_loader`` is not
                 iterable.
         """
         tuner = _marglik.tuning_method(
@@ -599,18 +449,7 @@ class LaplaceWrapper:
     ):
         r"""Kernel / non-kernel decomposition of the posterior (Roy et al., NeurIPS 2024).
 
-        See :func:`laplace_ggn.diagnostics.kernel_decomposition`:
-        :math:`\Sigma = P_{ker}\Sigma P_{ker} + P_\perp\Sigma P_\perp` with
-        :math:`P_\perp = U_r U_r^\top` from the eigenvalues of G above ``tol·λ_max``.
-
-        Args:
-            x: Inputs of batch size B (tensor, tuple or dict), or a loader of ``(x, y)``
-                batches whose inputs are concatenated and whose targets serve as ``y``.
-            y: Targets for the sample table; ``None`` measures fit against MAP predictions.
-            tol: Relative eigenvalue threshold of the kernel.
-            rank: Fix r instead of thresholding by ``tol``.
-            n_samples: Posterior samples per kind for the table (0 skips it).
-            generator: Random generator for the samples.
+        See :func:`laplace_ggn.diagnostics.kernel_decomposition` (the arguments are its own).
 
         Returns:
             :class:`~laplace_ggn.diagnostics.KernelDecomposition`; ``print`` it or ``.plot()``.
@@ -650,10 +489,7 @@ class LaplaceWrapper:
         )
 
     def state_dict(self) -> dict:
-        """Everything needed to rebuild the fitted wrapper with :meth:`from_state_dict`.
-
-        Returns:
-            The state (see :mod:`laplace_ggn.persistence`).
+        """Everything :meth:`from_state_dict` needs (see :mod:`laplace_ggn.persistence`).
 
         Raises:
             RuntimeError: If not fitted.
@@ -662,35 +498,21 @@ class LaplaceWrapper:
 
     @classmethod
     def from_state_dict(
-        cls,
-        model: nn.Module,
-        state: dict,
-        *,
-        output_fn: Callable[[object], Tensor] | None = None,
+        cls, model: nn.Module, state: dict, *, output_fn: Callable | None = None
     ) -> LaplaceWrapper:
-        """Rebuild a fitted wrapper from :meth:`state_dict` and a model of the same architecture.
+        """Rebuild a fitted wrapper from :meth:`state_dict` and a model of its architecture.
 
-        The whole state is validated first (see ``docs/errors.md``): every key present, of the
-        right type and shape, finite, consistent with its structure and with the model.  The
-        model must have the saved parameters (names and shapes); states of format 2 also
-        record every parameter of the saved model, and a model with other or extra parameters
-        is refused.  The posterior's tensors are cast to the model's dtype and device.
-
-        Args:
-            model: Network with the parameters of the saved model (values may differ; θ* of
-                the subset is taken from the state, the other parameters from ``model``).
-            state: Output of :meth:`state_dict`.
-            output_fn: The ``output_fn`` of the saved wrapper, if it had one (a callable is
-                not saved in the state).
+        Every key is validated first (``docs/errors.md``); θ* of the subset comes from the
+        state, the other parameters from ``model``; tensors take the model's dtype/device.
+        ``output_fn`` is that of the saved wrapper (a callable is not saved).
 
         Returns:
             A fitted wrapper equal to the one saved.
 
         Raises:
             TypeError: If the state or one of its entries has the wrong type.
-            ValueError: If a key is missing or invalid (the message names it, with what it
-                must be and what it holds), the state is from a newer format, or the model's
-                parameters do not match the saved ones.
+            ValueError: If a key is missing or invalid (named), the state is from a newer
+                format, or the model's parameters do not match the saved ones.
         """
         state = check_state(state, model, STRUCTURES)
         la = cls(model, **saved_options(state), output_fn=output_fn)

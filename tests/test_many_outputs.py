@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Curvature, Likelihood, Link
-from laplace_ggn.fitting import FitOptions
+from laplace_ggn.fit_options import FitOptions
 from laplace_ggn.likelihoods import OutputCurvature, get_likelihood
 from laplace_ggn.predictive import glm_from_moments
 from laplace_ggn.testing import dense_ggn, dense_jacobian

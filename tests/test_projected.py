@@ -438,7 +438,7 @@ def test_temperature_errors_leave_the_state_unchanged(monkeypatch):
         ValueError, match=r"predictive_temperature must be finite and > 0; got \[0.0\]"
     ):
         la.set_hyperparameters(predictive_temperature=0.0)
-    import laplace_ggn.marglik.options as ml
+    import laplace_ggn.marglik.methods as ml
 
     la.set_hyperparameters(prior_precision=2.0, predictive_temperature=0.5)
 

@@ -35,8 +35,9 @@ from .evidence import (
     curvature_spectrum,
     log_marginal_likelihood,
 )
+from .methods import GridSearch, Marglik, MarglikTemperature, tuning_method
 from .optimize import MarglikResult, convert_prior, optimize_marglik
-from .options import GridSearch, Marglik, MarglikTemperature, Tuned, TuneMethod, tuning_method
+from .options import Tuned, TuneMethod
 from .temperature import TemperatureResult, tune_predictive_temperature
 from .validation import (
     GridsearchResult,

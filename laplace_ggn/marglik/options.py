@@ -1,11 +1,6 @@
-"""Tuning methods as objects: each holds its validated options and tunes a fitted posterior.
+"""The pieces the tuning methods share: their names, their result and their option checks.
 
-:class:`Marglik` (Laplace evidence), :class:`GridSearch` (validation NLL over a grid of
-scalar precisions) and :class:`MarglikTemperature` (evidence, then a predictive temperature
-on validation NLL).  Each validates its own options at construction and has
-``tune(fitted, *, progress=False) -> Tuned``, the new hyperparameters and the curves, changing
-nothing itself.  :func:`tuning_method` converts the strings of
-``LaplaceWrapper.optimize_prior_precision(method, **options)`` into these objects once.
+The methods themselves are in :mod:`laplace_ggn.marglik.methods`.
 """
 
 from __future__ import annotations
@@ -13,26 +8,23 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from dataclasses import dataclass, field, fields
-
-import torch
-from torch import Tensor
+from dataclasses import dataclass
 
 from .._checks import Likelihood, Link, PredictMethod, as_enum, check_generator, is_integer
 from ..posteriors import PriorKind
-from ..predictive import predict, resolve_options
 from .evidence import check_evidence, log_marginal_likelihood
 from .optimize import MarglikResult, convert_prior, optimize_marglik
-from .temperature import TemperatureResult, tune_predictive_temperature
-from .validation import GridsearchResult, check_grid, default_grid, grid_edge_warning, gridsearch
+from .temperature import TemperatureResult
+from .validation import GridsearchResult
 
 __all__ = [
-    "GridSearch",
-    "Marglik",
-    "MarglikTemperature",
     "TuneMethod",
     "Tuned",
-    "tuning_method",
+    "check_classification",
+    "check_marglik_options",
+    "check_predictive_options",
+    "check_regression",
+    "run_marglik",
 ]
 
 
@@ -63,7 +55,7 @@ class Tuned:
     warning: str | None = None
 
 
-def _check_marglik_options(method: object) -> None:
+def check_marglik_options(method: object) -> None:
     """Validate ``prior_structure``, ``n_steps`` and ``lr`` of an evidence-based method."""
     if method.prior_structure is not None:
         kind = as_enum(PriorKind, method.prior_structure, "prior_structure")
@@ -81,7 +73,7 @@ def _check_marglik_options(method: object) -> None:
     object.__setattr__(method, "lr", float(lr))
 
 
-def _check_predictive_options(method: object, name: str) -> None:
+def check_predictive_options(method: object, name: str) -> None:
     """Validate ``val_loader``, ``predict_method``, ``link``, ``n_samples``, ``generator``."""
     if method.val_loader is None:
         raise ValueError(
@@ -98,7 +90,7 @@ def _check_predictive_options(method: object, name: str) -> None:
     check_generator(method.generator)
 
 
-def _check_regression(likelihood: Likelihood) -> None:
+def check_regression(likelihood: Likelihood) -> None:
     """Refuse tuning σ outside regression."""
     if likelihood is not Likelihood.REGRESSION:
         raise ValueError(
@@ -107,7 +99,7 @@ def _check_regression(likelihood: Likelihood) -> None:
         )
 
 
-def _check_classification(likelihood: Likelihood) -> None:
+def check_classification(likelihood: Likelihood) -> None:
     """Refuse a predictive temperature for regression."""
     if likelihood is Likelihood.REGRESSION:
         raise ValueError(
@@ -117,7 +109,7 @@ def _check_classification(likelihood: Likelihood) -> None:
         )
 
 
-def _run_marglik(method, fitted, *, tune_sigma_noise: bool, progress: bool) -> MarglikResult:
+def run_marglik(method, fitted, *, tune_sigma_noise: bool, progress: bool) -> MarglikResult:
     """Adam on the evidence from the fitted hyperparameters (see :func:`optimize_marglik`).
 
     Raises:
@@ -152,287 +144,3 @@ def _run_marglik(method, fitted, *, tune_sigma_noise: bool, progress: bool) -> M
         if value is not None:
             check_evidence(value, start, stats, lik, sigma, err)
         raise
-
-
-@dataclass(frozen=True)
-class Marglik:
-    """Maximise the Laplace evidence over the log prior precision (and log σ) with Adam.
-
-    Args:
-        prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"`` (``None``: the
-            structure of the current prior precision).
-        n_steps: Adam steps.
-        lr: Adam learning rate on the log hyperparameters.
-        tune_sigma_noise: Tune σ jointly (regression).
-
-    Raises:
-        ValueError: If an option is out of range.
-    """
-
-    prior_structure: str | PriorKind | None = None
-    n_steps: int = 100
-    lr: float = 0.1
-    tune_sigma_noise: bool = False
-
-    name = TuneMethod.MARGLIK
-
-    def __post_init__(self):
-        _check_marglik_options(self)
-
-    def check(self, likelihood: Likelihood) -> None:
-        """Refuse options that do not apply to ``likelihood``.
-
-        Raises:
-            ValueError: If ``tune_sigma_noise`` is asked for outside regression.
-        """
-        if self.tune_sigma_noise:
-            _check_regression(likelihood)
-
-    def tune(self, fitted, *, progress: bool = False) -> Tuned:
-        """Tune ``fitted`` (a :class:`~laplace_ggn.FittedLaplace`); T is reset to 1.
-
-        Returns:
-            The :class:`Tuned` hyperparameters and the evidence curve.
-        """
-        self.check(fitted.kind)
-        result = _run_marglik(
-            self, fitted, tune_sigma_noise=self.tune_sigma_noise, progress=progress
-        )
-        hp = fitted.hyperparameters.replace(
-            prior_precision=result.prior_precision,
-            sigma_noise=result.sigma_noise if self.tune_sigma_noise else None,
-            predictive_temperature=1.0,
-        )
-        return Tuned(hp, marglik=result)
-
-
-@dataclass(frozen=True)
-class GridSearch:
-    """Choose a scalar prior precision on a log grid by the mean validation NLL.
-
-    Args:
-        val_loader: Held-out ``(input, target)`` batches.
-        grid: Explicit precisions (not with ``log_range`` / ``n_points``).
-        log_range: ``(lo, hi)`` powers of 10 of the grid (default ``(-4, 4)``).
-        n_points: Grid points (default 41).
-        predict_method: Predictive scored on the validation data.
-        link: Link of that predictive.
-        n_samples: S of that predictive.
-        generator: Random generator of that predictive.
-
-    Raises:
-        ValueError: If an option is invalid, or ``grid`` comes with ``log_range`` /
-            ``n_points``.
-        TypeError: If ``generator`` is not a ``torch.Generator``.
-    """
-
-    val_loader: object
-    grid: object = None
-    log_range: tuple[float, float] | None = None
-    n_points: int | None = None
-    predict_method: str | PredictMethod = "glm"
-    link: str | Link | None = None
-    n_samples: int = 100
-    generator: torch.Generator | None = None
-    points: Tensor = field(init=False, repr=False)
-
-    name = TuneMethod.GRIDSEARCH
-
-    def __post_init__(self):
-        _check_predictive_options(self, self.name.value)
-        if self.grid is not None:
-            if self.log_range is not None or self.n_points is not None:
-                raise ValueError(
-                    "grid must not be combined with log_range / n_points; got both. Pass either "
-                    "an explicit grid or a log-range and a number of points."
-                )
-            points = check_grid(self.grid)
-        else:
-            lo_hi = (-4.0, 4.0) if self.log_range is None else self.log_range
-            points = default_grid(lo_hi, 41 if self.n_points is None else self.n_points)
-        object.__setattr__(self, "points", points)
-
-    def check(self, likelihood: Likelihood) -> None:
-        """Refuse a predictive that does not apply to ``likelihood``.
-
-        Raises:
-            ValueError: If the method / link pair is invalid for it.
-        """
-        resolve_options(likelihood, self.predict_method, self.link)
-
-    def tune(self, fitted, *, progress: bool = False) -> Tuned:
-        """Score every grid point on the validation data; T is reset to 1.
-
-        Returns:
-            The :class:`Tuned` precision, the validation curve and an edge warning.
-        """
-        self.check(fitted.kind)
-        method, link = resolve_options(fitted.kind, self.predict_method, self.link)
-        batches = fitted.reader.validation_batches(self.val_loader, fitted.input_spec)
-        result = gridsearch(
-            fitted.fmodel,
-            posterior_at=lambda a: fitted.posterior_at(a, None),
-            batches=batches,
-            likelihood=fitted.kind,
-            lik=fitted.likelihood,
-            grid=self.points.to(fitted.fmodel.dtype),
-            method=method,
-            link=link,
-            sigma_noise=fitted.hyperparameters.sigma_noise,
-            n_samples=self.n_samples,
-            generator=self.generator,
-            n_outputs=fitted.statistics.n_outputs,
-            progress=progress,
-            ignore_index=fitted.reader.ignore_index,
-        )
-        hp = fitted.hyperparameters.replace(prior_precision=result.best, predictive_temperature=1.0)
-        edge = grid_edge_warning(result, explicit_grid=self.grid is not None)
-        return Tuned(hp, gridsearch=result, warning=edge)
-
-
-@dataclass(frozen=True)
-class MarglikTemperature:
-    """The prior precision by the evidence, then a predictive temperature by validation NLL.
-
-    Classification and binary only (see ``docs/calibration.md``).
-
-    Args:
-        val_loader: Held-out ``(input, target)`` batches.
-        prior_structure: As for :class:`Marglik`.
-        n_steps: As for :class:`Marglik`.
-        lr: As for :class:`Marglik`.
-        predict_method: Predictive scored on the validation data.
-        link: Link of that predictive.
-        n_samples: S of that predictive.
-        generator: Random generator of that predictive.
-
-    Raises:
-        ValueError: If an option is invalid.
-        TypeError: If ``generator`` is not a ``torch.Generator``.
-    """
-
-    val_loader: object
-    prior_structure: str | PriorKind | None = None
-    n_steps: int = 100
-    lr: float = 0.1
-    predict_method: str | PredictMethod = "glm"
-    link: str | Link | None = None
-    n_samples: int = 100
-    generator: torch.Generator | None = None
-
-    name = TuneMethod.MARGLIK_TEMPERATURE
-
-    def __post_init__(self):
-        _check_marglik_options(self)
-        _check_predictive_options(self, self.name.value)
-
-    def check(self, likelihood: Likelihood) -> None:
-        """Refuse regression and a predictive that does not apply to ``likelihood``.
-
-        Raises:
-            ValueError: If ``likelihood`` is regression or the method / link pair invalid.
-        """
-        _check_classification(likelihood)
-        resolve_options(likelihood, self.predict_method, self.link)
-
-    def tune(self, fitted, *, progress: bool = False) -> Tuned:
-        """Tune α by the evidence, then T on the validation data at that α.
-
-        Returns:
-            The :class:`Tuned` hyperparameters, the evidence curve and the temperature search.
-
-        Raises:
-            ValueError: If the validation loader yields no batch.
-        """
-        self.check(fitted.kind)
-        batches = fitted.reader.validation_batches(self.val_loader, fitted.input_spec)
-        if not batches:
-            raise ValueError("val_loader must yield at least one batch; got an empty loader.")
-        result = _run_marglik(self, fitted, tune_sigma_noise=False, progress=progress)
-        method, link = resolve_options(fitted.kind, self.predict_method, self.link)
-        post = fitted.posterior_at(result.prior_precision, None)
-        probs, labels = [], []
-        for x, y in batches:
-            pred = predict(
-                fitted.fmodel,
-                post,
-                x,
-                likelihood=fitted.kind,
-                method=method,
-                link=link,
-                n_samples=self.n_samples,
-                generator=self.generator,
-                n_outputs=fitted.statistics.n_outputs,
-            )
-            probs.append(pred.mean)
-            y = y.to(fitted.fmodel.device)
-            labels.append(fitted.likelihood.check_targets(pred.mean, y, "val_loader"))
-        temp = tune_predictive_temperature(
-            torch.cat(probs), torch.cat(labels), binary=fitted.kind is Likelihood.BINARY
-        )
-        hp = fitted.hyperparameters.replace(
-            prior_precision=result.prior_precision, predictive_temperature=temp.temperature
-        )
-        return Tuned(hp, marglik=result, temperature=temp)
-
-
-_METHODS = {m.name: m for m in (Marglik, GridSearch, MarglikTemperature)}
-
-
-def _keywords(cls: type) -> list[str]:
-    return [f.name for f in fields(cls) if f.init]
-
-
-def tuning_method(method: object, likelihood: Likelihood, **given: object):
-    """The tuning object of ``optimize_prior_precision(method, **options)``, checked.
-
-    Options left at ``None`` / ``False`` are not set.  An option of another method is
-    refused, naming the methods it applies to and the options of this one.
-
-    Args:
-        method: ``"marglik"``, ``"gridsearch"``, ``"marglik_temperature"`` or a tuning object
-            (then no option may be set).
-        likelihood: The wrapper's likelihood.
-        **given: The keyword options as passed.
-
-    Returns:
-        A :class:`Marglik`, :class:`GridSearch` or :class:`MarglikTemperature`.
-
-    Raises:
-        ValueError: If an option is invalid, belongs to another method, or does not apply to
-            ``likelihood``.
-        TypeError: If ``generator`` is not a ``torch.Generator``.
-    """
-    given = {k: v for k, v in given.items() if v is not None and v is not False}
-    if isinstance(method, tuple(_METHODS.values())):
-        if given:
-            raise ValueError(
-                f"{', '.join(given)} must be left unset with a tuning object; got "
-                f"{', '.join(f'{k}={v!r}' for k, v in given.items())}. Set them on the "
-                f"{type(method).__name__}(...) instead."
-            )
-        method.check(likelihood)
-        return method
-    cls = _METHODS[as_enum(TuneMethod, method, "method")]
-    accepts = _keywords(cls)
-    wrong = [k for k in given if k not in accepts]
-    if wrong:
-        others = [
-            m.value for m, c in _METHODS.items() if c is not cls and set(wrong) <= set(_keywords(c))
-        ]
-        where = " or ".join(repr(o) for o in others) or "no single method"
-        raise ValueError(
-            f"{', '.join(wrong)} must be left unset with method={cls.name.value!r}; got "
-            f"{', '.join(f'{k}={given[k]!r}' for k in wrong)}. They apply to method={where}; "
-            f"{cls.__name__} takes {', '.join(accepts)}."
-        )
-    # the likelihood is refused before the options are
-    if cls is MarglikTemperature:
-        _check_classification(likelihood)
-    if given.get("tune_sigma_noise"):
-        _check_regression(likelihood)
-    if "val_loader" in accepts:  # required: its absence is named by the constructor
-        given = {"val_loader": None, **given}
-    obj = cls(**given)
-    obj.check(likelihood)
-    return obj

@@ -1,0 +1,211 @@
+"""The validated options of a fit: structure, subset, curvature, batches, memory budget.
+
+:class:`FitOptions` checks the options of ``LaplaceWrapper(...)`` once, against the registry
+of structures (``rank=`` and ``curvature="mc"`` apply to the structures whose spec says so),
+and gives the structure's functions their :class:`~laplace_ggn.structures.StructureOptions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ._checks import (
+    DEFAULT_MEMORY_BUDGET,
+    Curvature,
+    Likelihood,
+    as_enum,
+    check_generator,
+    is_integer,
+)
+from .likelihoods import DEFAULT_IGNORE_INDEX
+from .reader import BatchReader
+from .structures import STRUCTURES, StructureOptions, StructureSpec, resolve_structure
+
+__all__ = ["FitOptions", "gigabytes", "memory_message"]
+
+
+def gigabytes(n_bytes: float) -> str:
+    """``n_bytes`` as a short string in GB (for memory messages).
+
+    Returns:
+        E.g. ``"1.5 GB"``.
+    """
+    return f"{n_bytes / 2**30:.3g} GB"
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The validated options of a fit (see :class:`~laplace_ggn.LaplaceWrapper`).
+
+    Attributes:
+        model: The user's network (never modified).
+        likelihood: The likelihood kind.
+        structure: The structure's name in :data:`~laplace_ggn.structures.STRUCTURES`.
+        subset: ``"all"``, ``"trainable"``, ``"last_layer"`` or a list of names.
+        rank: ``rank=`` of a structure that takes one, else ``None``.
+        curvature: Exact GGN or Monte-Carlo Fisher.
+        n_mc_samples: S of ``curvature="mc"`` (``None``: 1).
+        memory_budget: Bytes for chunked intermediates and the largest dense structure.
+        output_fn: Map from the model's output to the ``(B, C)`` tensor, or ``None``.
+        reader: How batches are read.
+    """
+
+    model: nn.Module
+    likelihood: Likelihood
+    structure: str
+    subset: object
+    rank: int | None
+    curvature: Curvature
+    n_mc_samples: int | None
+    memory_budget: int
+    output_fn: Callable[[object], Tensor] | None
+    reader: BatchReader
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        likelihood: object = "classification",
+        *,
+        structure: object = "kfac",
+        subset: object = "all",
+        rank: object = None,
+        curvature: object = "ggn",
+        n_mc_samples: object = None,
+        ignore_index: object = DEFAULT_IGNORE_INDEX,
+        input_key: object = None,
+        target_key: object = None,
+        memory_budget: object = DEFAULT_MEMORY_BUDGET,
+        output_fn: object = None,
+    ) -> FitOptions:
+        """Validate the options of ``LaplaceWrapper(...)`` (arguments as there).
+
+        Returns:
+            The options.
+
+        Raises:
+            TypeError: If ``model`` is not an ``nn.Module`` or an option has the wrong type.
+            ValueError: If an option has an invalid value; the message lists the valid ones.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        kind = as_enum(Likelihood, likelihood, "likelihood")
+        structure = resolve_structure(structure)
+        param = next(iter(model.parameters()), None)
+        if param is None:
+            raise ValueError("model must have parameters; got a module with none.")
+        if rank is not None:
+            if not STRUCTURES[structure].takes_rank:
+                ranked = " or ".join(repr(n) for n, s in STRUCTURES.items() if s.takes_rank)
+                raise ValueError(
+                    f"rank applies to structure={ranked} only; got rank={rank} "
+                    f"with structure={structure!r}."
+                )
+            if not is_integer(rank) or rank < 1:
+                raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
+            rank = int(rank)
+        curvature = as_enum(Curvature, curvature, "curvature")
+        if curvature is Curvature.MC and not STRUCTURES[structure].samples_curvature:
+            sampled = [repr(n) for n, s in STRUCTURES.items() if s.samples_curvature]
+            raise ValueError(
+                f"curvature='mc' applies to structures {', '.join(sampled[:-1])} and "
+                f"{sampled[-1]}; got structure={structure!r}, whose curvature is not "
+                "built from output Hessians (none to sample)."
+            )
+        n_mc = n_mc_samples
+        if n_mc is not None:
+            if curvature is not Curvature.MC:
+                raise ValueError(
+                    f"n_mc_samples applies to curvature='mc' only; got n_mc_samples="
+                    f"{n_mc!r} with curvature={curvature.value!r}."
+                )
+            if not is_integer(n_mc) or n_mc < 1:
+                raise ValueError(f"n_mc_samples must be a positive integer; got {n_mc!r}.")
+            n_mc = int(n_mc)
+        if not is_integer(ignore_index):
+            raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}.")
+        for key_name, key in (("input_key", input_key), ("target_key", target_key)):
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"{key_name} must be a str or None; got {type(key).__name__}.")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable or None; got {type(output_fn).__name__}.")
+        if not is_integer(memory_budget) or memory_budget <= 0:
+            raise ValueError(
+                f"memory_budget must be a positive int (bytes); got {memory_budget!r}."
+            )
+        reader = BatchReader(
+            model,
+            param.dtype,
+            param.device,
+            input_key,
+            target_key,
+            int(ignore_index),
+        )
+        return cls(
+            model,
+            kind,
+            structure,
+            subset,
+            rank,
+            curvature,
+            n_mc,
+            int(memory_budget),
+            output_fn,
+            reader,
+        )
+
+    @property
+    def spec(self) -> StructureSpec:
+        """The structure's spec.
+
+        Raises:
+            NotImplementedError: If the structure is no longer registered.
+        """
+        spec = STRUCTURES.get(self.structure)
+        if spec is None:
+            raise NotImplementedError(f"structure={self.structure!r} is not available.")
+        return spec
+
+    def structure_options(self, prior_precision: Tensor) -> StructureOptions:
+        """The options the structure's functions read.
+
+        Returns:
+            The :class:`~laplace_ggn.structures.StructureOptions`.
+        """
+        return StructureOptions(self.model, prior_precision, self.rank, self.memory_budget)
+
+    def check_generator(self, generator: object) -> None:
+        """Refuse a generator that is not a ``torch.Generator`` on the model's device.
+
+        Raises:
+            TypeError: If it is not a generator.
+            ValueError: If it is on another device type than the model.
+        """
+        check_generator(generator)
+        device = self.reader.device
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(
+                f"generator must be on the model's device {device}; got a generator on "
+                f"{generator.device}. Create it with torch.Generator(device=...)."
+            )
+
+
+def memory_message(options: FitOptions, need: int, P: int, prior_precision: Tensor) -> str:
+    """The error for a structure over the memory budget, naming the structures that fit.
+
+    Returns:
+        The message.
+    """
+    dtype, budget = options.reader.dtype, options.memory_budget
+    opts = options.structure_options(prior_precision)
+    sizes = {name: spec.memory_bytes(P, dtype, opts) for name, spec in STRUCTURES.items()}
+    fits = [f"{name!r} ({gigabytes(n)})" for name, n in sizes.items() if n <= budget]
+    return (
+        f"structure={options.structure!r} needs {gigabytes(need)} for P={P} parameters in "
+        f"{dtype}, over the memory budget of {gigabytes(budget)}. Structures that "
+        f"fit: {', '.join(fits) or 'none'}; or pass memory_budget= (bytes) to allow more, "
+        "or subset='last_layer'."
+    )
