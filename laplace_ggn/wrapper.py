@@ -377,57 +377,34 @@ class LaplaceWrapper:
         return fitted.predict(x, method, link=link, n_samples=n_samples, generator=generator)
 
     def optimize_prior_precision(
-        self,
-        method: object = "marglik",
-        *,
-        val_loader: Iterable | None = None,
-        tune_sigma_noise: bool = False,
-        prior_structure: str | None = None,
-        n_steps: int | None = None,
-        lr: float | None = None,
-        grid: object = None,
-        log_range: tuple[float, float] | None = None,
-        n_points: int | None = None,
-        predict_method: str | PredictMethod | None = None,
-        link: str | Link | None = None,
-        n_samples: int | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
+        self, method: object = "marglik", *, progress: bool = False, **options: object
     ) -> LaplaceWrapper:
         """Tune the prior precision (and σ, or T) by evidence and/or validation NLL; no refit.
 
         ``method``: a :class:`~laplace_ggn.Marglik`, :class:`~laplace_ggn.GridSearch` or
         :class:`~laplace_ggn.MarglikTemperature`, or its name ``"marglik"``, ``"gridsearch"``,
-        ``"marglik_temperature"`` with its options as the keywords below (each method's
-        docstring describes them).  Curves are kept in ``marglik_result_``,
-        ``gridsearch_result_`` and ``temperature_result_``; ``"marglik"`` and ``"gridsearch"``
-        reset T to 1.  On failure the hyperparameters stay as they were.
+        ``"marglik_temperature"`` with the options of that object as keywords (e.g.
+        ``val_loader=``, ``grid=``, ``n_steps=``, ``tune_sigma_noise=``; see ``docs/api.md``).
+        Curves are kept in ``marglik_result_``, ``gridsearch_result_`` and
+        ``temperature_result_``; ``"marglik"`` and ``"gridsearch"`` reset T to 1.  On failure
+        the hyperparameters stay as they were.
+
+        Args:
+            method: The tuning object or its name.
+            progress: Show a progress bar.
+            **options: The options of a method given by name.
 
         Returns:
             ``self``.
 
         Raises:
             RuntimeError: If not fitted, or the tuning fails numerically.
-            ValueError: If an option is invalid or belongs to another method.
+            ValueError: If an option is invalid or belongs to another method (the message
+                names the options of this one).
             TypeError: If ``generator`` is not a ``torch.Generator`` or ``val_loader`` is not
                 iterable.
         """
-        tuner = _marglik.tuning_method(
-            method,
-            self.likelihood,
-            val_loader=val_loader,
-            tune_sigma_noise=tune_sigma_noise,
-            prior_structure=prior_structure,
-            n_steps=n_steps,
-            lr=lr,
-            grid=grid,
-            log_range=log_range,
-            n_points=n_points,
-            predict_method=predict_method,
-            link=link,
-            n_samples=n_samples,
-            generator=generator,
-        )
+        tuner = _marglik.tuning_method(method, self.likelihood, **options)
         tuned = tuner.tune(self._require_fit("optimize_prior_precision()"), progress=progress)
         self.fitted = self.fitted.with_hyperparameters(tuned.hyperparameters)
         for name in ("marglik", "gridsearch", "temperature"):
