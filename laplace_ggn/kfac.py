@@ -16,31 +16,49 @@ index fast), which is why ``B`` comes first in the Kronecker product.  The norma
 sum, B a mean) makes KFAC exact whenever :math:`\sum_c g_{nc} g_{nc}^\top` does not depend on n,
 e.g. for the last layer of a regression net, or every layer of a deep linear net with MSE.
 
-The factors are collected by :class:`~laplace_ggn.collectors.KFACCollector`.
+The factors are collected by :class:`~laplace_ggn.collectors.KFACCollector`; one
+:class:`KroneckerBlock` holds a layer's pair with its eigendecomposition, which the KFAC
+posterior, :func:`~laplace_ggn.linalg.inverse_matvec` and
+:class:`~laplace_ggn.optim.NaturalGradient` use.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
 from .functional import ParamLayout
 
-__all__ = ["KFACCurvature", "KronFactors", "kfac_factor_bytes", "kron_index"]
+__all__ = ["KFACCurvature", "KroneckerBlock", "kfac_factor_bytes", "kron_index"]
 
 
 @dataclass(frozen=True)
-class KronFactors:
-    r"""One Kronecker block :math:`B \otimes A` of the GGN.
+class KroneckerBlock:
+    r"""One Kronecker block :math:`B \otimes A` of the GGN, with its eigendecomposition.
+
+    The eigendecompositions :math:`A = Q_A \mathrm{diag}(\lambda_A) Q_A^\top` and
+    :math:`B = Q_B \mathrm{diag}(\lambda_B) Q_B^\top` (eigenvalues clamped at 0: the factors
+    are PSD, negative values are rounding) are computed on first use and kept, so every
+    posterior that shares the block shares them.  With :math:`Q = Q_B \otimes Q_A` the block is
+    :math:`Q\,\mathrm{diag}(\lambda_B \otimes \lambda_A)\,Q^\top`; vectors of the block are
+    handled as ``(..., O, D)`` matrices ``V`` (row-major ``vec``), on which
+    :math:`Q^\top \mathrm{vec}(V) = \mathrm{vec}(Q_B^\top V Q_A)`.
 
     Attributes:
         weight: Name of the weight in the subset, or ``None`` (bias-only block).
         bias: Name of the bias in the subset, or ``None``.
         A: Input factor, shape ``(D, D)`` with D = I (+1 with a bias; D = 1 bias-only).
         B: Output factor, shape ``(O, O)``.
+
+    Example:
+        >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> blk = KroneckerBlock("w", None, A, 3 * torch.eye(1, dtype=torch.float64))
+        >>> blk.inverse_matvec(torch.ones(1, 2, dtype=torch.float64), damping=1.0)
+        tensor([[0.1429, 0.2500]], dtype=torch.float64)
     """
 
     weight: str | None
@@ -65,6 +83,80 @@ class KronFactors:
         ``b[o]`` for ``j = I``; the result maps it to its place in the flat parameter vector.
         """
         return kron_index(layout, self.weight, self.bias, self.n_out, self.n_in).reshape(-1)
+
+    def to(self, dtype: torch.dtype) -> KroneckerBlock:
+        """The block with factors of ``dtype`` (itself if they already are)."""
+        if self.A.dtype == dtype and self.B.dtype == dtype:
+            return self
+        return KroneckerBlock(self.weight, self.bias, self.A.to(dtype), self.B.to(dtype))
+
+    # -- eigendecomposition ------------------------------------------------------------------
+
+    @cached_property
+    def _eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lam_A, Q_A = torch.linalg.eigh(self.A)
+        lam_B, Q_B = torch.linalg.eigh(self.B)
+        return lam_A.clamp_min(0), Q_A, lam_B.clamp_min(0), Q_B
+
+    @property
+    def lam_A(self) -> Tensor:
+        """Eigenvalues of A, shape ``(D,)``, ascending, >= 0."""
+        return self._eigh[0]
+
+    @property
+    def Q_A(self) -> Tensor:
+        """Eigenvectors of A (columns), shape ``(D, D)``."""
+        return self._eigh[1]
+
+    @property
+    def lam_B(self) -> Tensor:
+        """Eigenvalues of B, shape ``(O,)``, ascending, >= 0."""
+        return self._eigh[2]
+
+    @property
+    def Q_B(self) -> Tensor:
+        """Eigenvectors of B (columns), shape ``(O, O)``."""
+        return self._eigh[3]
+
+    def eigenvalues(self) -> Tensor:
+        r""":math:`\lambda_B \otimes \lambda_A` as a matrix, shape ``(O, D)``."""
+        return torch.outer(self.lam_B, self.lam_A)
+
+    def rotate(self, V: Tensor) -> Tensor:
+        r""":math:`Q_B^\top V Q_A` for ``V`` of shape ``(..., O, D)``: coordinates in the eigenbasis."""
+        return self.Q_B.T @ V @ self.Q_A
+
+    def unrotate(self, Z: Tensor) -> Tensor:
+        r""":math:`Q_B Z Q_A^\top` for ``Z`` of shape ``(..., O, D)``: back from the eigenbasis."""
+        return self.Q_B @ Z @ self.Q_A.T
+
+    # -- damped algebra ----------------------------------------------------------------------
+
+    def inverse_matvec(
+        self, V: Tensor, damping: float | Tensor = 0.0, scale: float | Tensor = 1.0
+    ) -> Tensor:
+        r"""Solve :math:`(s\,B \otimes A + \delta I)\,\mathrm{vec}(X) = \mathrm{vec}(V)`.
+
+        .. math::
+            X = Q_B \big[(Q_B^\top V Q_A) \oslash (s\,\lambda_B \lambda_A^\top + \delta)\big] Q_A^\top.
+
+        Args:
+            V: Block vectors, shape ``(..., O, D)``.
+            damping: δ >= 0 (use δ > 0 when a factor is singular).
+            scale: s, the curvature scale.
+
+        Returns:
+            X, shape ``(..., O, D)``.
+        """
+        return self.unrotate(self.rotate(V) / (scale * self.eigenvalues() + damping))
+
+    def log_det(self, damping: float | Tensor = 0.0, scale: float | Tensor = 1.0) -> Tensor:
+        r""":math:`\log|s\,B \otimes A + \delta I| = \sum \log(s\,\lambda_B \lambda_A^\top + \delta)`, ``()``."""
+        return torch.log(scale * self.eigenvalues() + damping).sum()
+
+    def to_dense(self) -> Tensor:
+        r""":math:`B \otimes A`, shape ``(O·D, O·D)`` (for tests and small layers)."""
+        return torch.kron(self.B, self.A)
 
 
 def kron_index(
@@ -98,7 +190,7 @@ class KFACCurvature:
     """
 
     layout: ParamLayout
-    blocks: tuple[KronFactors, ...]
+    blocks: tuple[KroneckerBlock, ...]
     diag_names: tuple[str, ...]
     diag: Tensor
 
@@ -117,7 +209,7 @@ class KFACCurvature:
         G = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
         for blk in self.blocks:
             idx = blk.index(self.layout).to(G.device)
-            G[idx.unsqueeze(1), idx.unsqueeze(0)] = torch.kron(blk.B, blk.A)
+            G[idx.unsqueeze(1), idx.unsqueeze(0)] = blk.to_dense()
         di = self.diag_index().to(G.device)
         G[di, di] = self.diag
         return G

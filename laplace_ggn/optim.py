@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ._checks import Likelihood, as_enum, is_integer, shape_str
 from .functional import ParamLayout
-from .kfac import KFACCurvature, KronFactors
+from .kfac import KFACCurvature, KroneckerBlock
 from .likelihoods import get_likelihood
 from .linalg import CGResult, SolveMethod, cg, inverse_matvec
 from .operators import CallableOperator
@@ -390,7 +390,7 @@ class NaturalGradient(torch.optim.Optimizer):
             a2 = a.reshape(-1, a.shape[-1])
             cols = ([a2] if w else []) + ([torch.ones_like(a2[:, :1])] if b else [])
             a_t = torch.cat(cols, dim=1)
-            blocks.append(KronFactors(w, b, a_t.T @ a_t, gsum[i] / a2.shape[0]))
+            blocks.append(KroneckerBlock(w, b, a_t.T @ a_t, gsum[i] / a2.shape[0]))
         layout = ParamLayout(tuple(self._names), tuple(p.shape for p in params))
         empty = torch.zeros(0, dtype=fd.dtype, device=fd.device)
         return KFACCurvature(layout, tuple(blocks), (), empty)

@@ -506,3 +506,23 @@ def test_layer_running_differently_on_a_later_batch_is_refused():
         col.update(case.X[4:], "batch 1")
     with pytest.raises(RuntimeError, match="needs at least one update"):
         KFACCollector(fm, get_likelihood(Likelihood.REGRESSION)).finalize()
+
+
+def test_kronecker_block_algebra_matches_the_dense_kronecker_product():
+    from laplace_ggn.kfac import KroneckerBlock
+
+    gen = torch.Generator().manual_seed(3)
+    MA = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    MB = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    blk = KroneckerBlock("w", "b", MA @ MA.T, MB @ MB.T)
+    dense = torch.kron(blk.B, blk.A)
+    torch.testing.assert_close(blk.to_dense(), dense, **TOL)
+    s, delta = 0.7, 0.3
+    Lam = s * dense + delta * torch.eye(12, dtype=torch.float64)
+    V = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    X = blk.inverse_matvec(V, delta, s)
+    ref = torch.linalg.solve(Lam, V.reshape(5, 12).T).T.reshape(5, 3, 4)
+    torch.testing.assert_close(X, ref, **TOL)
+    torch.testing.assert_close(blk.log_det(delta, s), torch.linalg.slogdet(Lam)[1], **TOL)
+    torch.testing.assert_close(blk.unrotate(blk.rotate(V)), V, **TOL)
+    assert blk.to(torch.float64) is blk and blk.to(torch.float32).A.dtype == torch.float32

@@ -245,7 +245,7 @@ def test_inverse_matvec_kfac_objects() -> None:
 
 def test_inverse_matvec_kfac_curvature_matches_dense() -> None:
     from laplace_ggn.functional import ParamLayout
-    from laplace_ggn.kfac import KFACCurvature, KronFactors
+    from laplace_ggn.kfac import KFACCurvature, KroneckerBlock
 
     layout = ParamLayout(
         ("0.weight", "0.bias", "1.weight", "2.scale"),
@@ -260,8 +260,8 @@ def test_inverse_matvec_kfac_curvature_matches_dense() -> None:
     curv = KFACCurvature(
         layout=layout,
         blocks=(
-            KronFactors("0.weight", "0.bias", rand_spd(3), rand_spd(3)),  # D = 2 + 1 bias
-            KronFactors("1.weight", None, rand_spd(3), rand_spd(2)),
+            KroneckerBlock("0.weight", "0.bias", rand_spd(3), rand_spd(3)),  # D = 2 + 1 bias
+            KroneckerBlock("1.weight", None, rand_spd(3), rand_spd(2)),
         ),
         diag_names=("2.scale",),
         diag=torch.tensor([0.5, 2.0], dtype=DT),

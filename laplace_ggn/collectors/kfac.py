@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .._checks import check_finite
 from ..functional import FunctionalModel, batched_output_grads, capture_layers, is_model_output
-from ..kfac import KFACCurvature, KronFactors
+from ..kfac import KFACCurvature, KroneckerBlock
 from ..likelihoods import as_output_curvature
 from ..posteriors._common import make_prior
 from ..posteriors.kfac import check_kfac_prior
@@ -298,7 +298,7 @@ class KFACCollector(Collector):
         blocks = []
         for m, lay in self.layers.items():
             A, B, count = self._factors(m)
-            blocks.append(KronFactors(lay.weight, lay.bias, A, B / count.clamp_min(1)))
+            blocks.append(KroneckerBlock(lay.weight, lay.bias, A, B / count.clamp_min(1)))
         return KFACCurvature(self.fmodel.layout, tuple(blocks), tuple(self.rest.names), self.diag)
 
     def _after_load(self) -> None:

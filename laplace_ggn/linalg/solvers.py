@@ -351,24 +351,25 @@ def inverse_matvec(
     return sol.squeeze(1) if v.ndim == 1 else sol
 
 
-def _kfac_inverse_matvec(curv: object, v: Tensor, damping: float) -> Tensor:
-    """Apply (KFAC + δI)⁻¹ for a KFACCurvature-like object (blocks B ⊗ A, exact diagonal rest).
+def _kfac_inverse_matvec(curv: KFACCurvature, v: Tensor, damping: float) -> Tensor:
+    """Apply (KFAC + δI)⁻¹: each Kronecker block by its own inverse, the diagonal rest by entry.
+
+    Every :class:`~laplace_ggn.kfac.KroneckerBlock` is solved through its eigendecomposition
+    (:meth:`~laplace_ggn.kfac.KroneckerBlock.inverse_matvec`).
 
     Returns:
         The solution, shape of ``v`` (``(P,)`` or ``(P, K)``).
     """
     cols = v.unsqueeze(1) if v.ndim == 1 else v
     out = torch.zeros_like(cols)
-    for blk in curv.blocks:  # type: ignore[attr-defined]
-        idx = blk.index(curv.layout).to(v.device)  # type: ignore[attr-defined]
-        lam_a, Q_a = torch.linalg.eigh(blk.A.to(v.dtype))
-        lam_b, Q_b = torch.linalg.eigh(blk.B.to(v.dtype))
+    for blk in curv.blocks:
+        blk = blk.to(v.dtype)
+        idx = blk.index(curv.layout).to(v.device)
         V = cols[idx].T.reshape(-1, blk.n_out, blk.n_in)  # (K, O, D)
-        W = Q_b.T @ V @ Q_a / (lam_b[:, None] * lam_a[None, :] + damping)
-        out[idx] = (Q_b @ W @ Q_a.T).reshape(cols.shape[1], -1).T
-    di = curv.diag_index().to(v.device)  # type: ignore[attr-defined]
+        out[idx] = blk.inverse_matvec(V, damping).reshape(cols.shape[1], -1).T
+    di = curv.diag_index().to(v.device)
     if di.numel():
-        out[di] = cols[di] / (curv.diag.to(v.dtype)[:, None] + damping)  # type: ignore[attr-defined]
+        out[di] = cols[di] / (curv.diag.to(v.dtype)[:, None] + damping)
     return out.squeeze(1) if v.ndim == 1 else out
 
 

@@ -36,7 +36,6 @@ not diagonal in the Kronecker eigenbasis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -44,7 +43,7 @@ from torch import Tensor
 
 from .._checks import shape_str
 from ..functional import ParamLayout
-from ..kfac import KFACCurvature, KronFactors
+from ..kfac import KFACCurvature, KroneckerBlock
 from ._common import Prior, PriorKind, check_J, check_V, standard_normal
 from ._output import EigenOutputCovariance, check_head_features
 
@@ -68,25 +67,6 @@ def check_kfac_prior(prior: Prior) -> None:
         )
 
 
-@dataclass(frozen=True)
-class _Eig:
-    lam_A: Tensor
-    Q_A: Tensor
-    lam_B: Tensor
-    Q_B: Tensor
-    index: Tensor
-
-
-def _eig_blocks(curv: KFACCurvature) -> tuple[_Eig, ...]:
-    out = []
-    for blk in curv.blocks:
-        la, qa = torch.linalg.eigh(blk.A)
-        lb, qb = torch.linalg.eigh(blk.B)
-        idx = blk.index(curv.layout).to(blk.A.device)
-        out.append(_Eig(la.clamp_min(0), qa, lb.clamp_min(0), qb, idx))
-    return tuple(out)
-
-
 class KFACPosterior:
     r"""Gaussian posterior with block-diagonal KFAC precision :math:`\Lambda = sG_{KFAC} + \Lambda_0`.
 
@@ -107,27 +87,20 @@ class KFACPosterior:
         curvature: KFACCurvature,
         prior: Prior,
         scale: Tensor | float = 1.0,
-        *,
-        _eig: tuple[_Eig, ...] | None = None,
-        _shared: dict | None = None,
     ):
         check_kfac_prior(prior)
         self.mean = mean
         self.curvature = curvature
         self.prior = prior
         self.scale = torch.as_tensor(scale, dtype=mean.dtype, device=mean.device)
-        # factor eigendecompositions: computed on first use, shared with every with_prior
-        self._shared = {} if _shared is None else _shared
-        if _eig is not None:
-            self._shared["eig"] = _eig
+        # the factors' eigendecompositions live on the KroneckerBlocks, shared by with_prior
         self._diag_index = curvature.diag_index().to(mean.device)
 
-    @property
-    def _eig(self) -> tuple[_Eig, ...]:
-        """Eigendecompositions of each block's factors (computed once, on first use)."""
-        if "eig" not in self._shared:
-            self._shared["eig"] = _eig_blocks(self.curvature)
-        return self._shared["eig"]
+    @cached_property
+    def _index(self) -> tuple[Tensor, ...]:
+        """Flat positions of each block's entries in Kronecker order, shapes ``(O·D,)``."""
+        layout, device = self.curvature.layout, self.mean.device
+        return tuple(blk.index(layout).to(device) for blk in self.curvature.blocks)
 
     @property
     def n_params(self) -> int:
@@ -145,14 +118,14 @@ class KFACPosterior:
     def _blocks(self) -> list[dict[str, Tensor]]:
         """Per block: d ``(O, D)``, r ``(D,)`` or None, w, κ, c, γ ``(O,)``, δ."""
         out = []
-        for blk, e in zip(self.curvature.blocks, self._eig):
+        for blk in self.curvature.blocks:
             alpha = self._alpha(blk.weight or blk.bias)
-            g = self.scale * torch.outer(e.lam_B, e.lam_A)
+            g = self.scale * blk.eigenvalues()
             d = g + alpha
             item = {"d": d, "r": None}
             if blk.weight is not None and blk.bias is not None:
                 alpha_b = self._alpha(blk.bias)
-                r = e.Q_A[-1]
+                r = blk.Q_A[-1]
                 r2 = r**2
                 w = (r2 / d).sum(-1)
                 kappa = (r2 * (g + alpha_b) / d).sum(-1)  # 1 + δw without cancellation
@@ -172,14 +145,6 @@ class KFACPosterior:
         return self.scale * self.curvature.diag + self.prior.diag()[self._diag_index]
 
     # -- per-block algebra in rotated coordinates --------------------------------------------
-
-    @staticmethod
-    def _rotate(e: _Eig, Z: Tensor) -> Tensor:
-        return e.Q_B.T @ Z @ e.Q_A
-
-    @staticmethod
-    def _unrotate(e: _Eig, Z: Tensor) -> Tensor:
-        return e.Q_B @ Z @ e.Q_A.T
 
     @staticmethod
     def _sqrt_rot(b: dict, Z: Tensor) -> Tensor:
@@ -206,9 +171,9 @@ class KFACPosterior:
     def _apply(self, W: Tensor, fn_block, fn_diag) -> Tensor:
         """Apply a block-diagonal map to rows ``W`` of shape ``(M, P)``."""
         out = torch.empty_like(W)
-        for blk, e, b in zip(self.curvature.blocks, self._eig, self._blocks):
-            Z = W[:, e.index].reshape(W.shape[0], blk.n_out, blk.n_in)
-            out[:, e.index] = fn_block(e, b, Z).reshape(W.shape[0], -1)
+        for blk, idx, b in zip(self.curvature.blocks, self._index, self._blocks):
+            Z = W[:, idx].reshape(W.shape[0], blk.n_out, blk.n_in)
+            out[:, idx] = fn_block(blk, b, Z).reshape(W.shape[0], -1)
         if self._diag_index.numel():
             out[:, self._diag_index] = fn_diag(W[:, self._diag_index])
         return out
@@ -230,7 +195,7 @@ class KFACPosterior:
         W = V.unsqueeze(1) if V.ndim == 1 else V
         out = self._apply(
             W.T,
-            lambda e, b, Z: self._unrotate(e, self._sigma_rot(b, self._rotate(e, Z))),
+            lambda blk, b, Z: blk.unrotate(self._sigma_rot(b, blk.rotate(Z))),
             lambda D: D / self._diag_precision,
         ).T
         return out.squeeze(1) if V.ndim == 1 else out
@@ -242,9 +207,9 @@ class KFACPosterior:
         (I - \gamma_o v_o v_o^\top)\|^2`; memory O(O·D²) per block.
         """
         out = torch.empty_like(self.mean)
-        for blk, e, b in zip(self.curvature.blocks, self._eig, self._blocks):
-            rows = self._sqrt_rot(b, e.Q_A.unsqueeze(1).expand(-1, blk.n_out, -1))  # (D, O, D)
-            out[e.index] = ((e.Q_B**2) @ (rows**2).sum(-1).T).reshape(-1)
+        for blk, idx, b in zip(self.curvature.blocks, self._index, self._blocks):
+            rows = self._sqrt_rot(b, blk.Q_A.unsqueeze(1).expand(-1, blk.n_out, -1))  # (D, O, D)
+            out[idx] = ((blk.Q_B**2) @ (rows**2).sum(-1).T).reshape(-1)
         if self._diag_index.numel():
             out[self._diag_index] = 1.0 / self._diag_precision
         return out
@@ -262,8 +227,8 @@ class KFACPosterior:
         Bsz, C, P = J.shape
         Jf = J.reshape(Bsz * C, P)
         out = torch.zeros(Bsz, C, C, dtype=J.dtype, device=J.device)
-        for blk, e, b in zip(self.curvature.blocks, self._eig, self._blocks):
-            Z = self._rotate(e, Jf[:, e.index].reshape(Bsz * C, blk.n_out, blk.n_in))
+        for blk, idx, b in zip(self.curvature.blocks, self._index, self._blocks):
+            Z = blk.rotate(Jf[:, idx].reshape(Bsz * C, blk.n_out, blk.n_in))
             Zs = self._sqrt_rot(b, Z).reshape(Bsz, C, -1)  # rows of J Q S̃, S̃ S̃ᵀ = Σ̃
             out = out + Zs @ Zs.transpose(1, 2)
         if self._diag_index.numel():
@@ -302,18 +267,18 @@ class KFACPosterior:
             var = torch.empty_like(self.mean)
             var[self._diag_index] = 1.0 / self._diag_precision
             return EigenOutputCovariance(None, phi.pow(2) @ var[index].T)
-        e, b = self._eig[0], self._blocks[0]
-        if len(blocks) != 1 or not torch.equal(e.index.reshape(index.shape), index):
+        blk, b = blocks[0], self._blocks[0]
+        if len(blocks) != 1 or not torch.equal(self._index[0].reshape(index.shape), index):
             raise ValueError(
                 "index must be the Kronecker index of the posterior's only block; the "
                 f"posterior has {len(blocks)} blocks over P={self.n_params} parameters."
             )
-        psi = phi @ e.Q_A  # (N, D)
+        psi = phi @ blk.Q_A  # (N, D)
         dinv = 1.0 / b["d"]  # (O, D)
         e_n = psi.pow(2) @ dinv.T  # (N, O)
         if b["r"] is not None:
             e_n = e_n - b["c"] * ((psi * b["r"]) @ dinv.T).pow(2)
-        return EigenOutputCovariance(e.Q_B, e_n)
+        return EigenOutputCovariance(blk.Q_B, e_n)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         r"""Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``.
@@ -329,11 +294,11 @@ class KFACPosterior:
             n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
         )
 
-        def block(e: _Eig, b: dict, Z: Tensor) -> Tensor:
+        def block(blk: KroneckerBlock, b: dict, Z: Tensor) -> Tensor:
             if b["r"] is not None:
                 v = b["r"] / b["d"].sqrt()  # (O, D)
                 Z = Z - (b["gamma"] * (Z * v).sum(-1)).unsqueeze(-1) * v
-            return self._unrotate(e, Z / b["d"].sqrt())
+            return blk.unrotate(Z / b["d"].sqrt())
 
         return self.mean + self._apply(z, block, lambda D: D / self._diag_precision.sqrt())
 
@@ -344,7 +309,7 @@ class KFACPosterior:
             ValueError: If ``prior`` is per parameter.
         """
         scale = self.scale if scale is None else scale
-        return KFACPosterior(self.mean, self.curvature, prior, scale, _shared=self._shared)
+        return KFACPosterior(self.mean, self.curvature, prior, scale)
 
     # -- serialisation ---------------------------------------------------------------------------
 
@@ -360,7 +325,7 @@ class KFACPosterior:
         """
         if kind is not PriorKind.SCALAR:
             return None
-        parts = [torch.outer(e.lam_B, e.lam_A).reshape(-1) for e in self._eig]
+        parts = [blk.eigenvalues().reshape(-1) for blk in self.curvature.blocks]
         parts.append(self.curvature.diag.reshape(-1))
         return torch.cat(parts)
 
@@ -385,7 +350,7 @@ class KFACPosterior:
         """Rebuild from :meth:`state_dict`."""
         layout: ParamLayout = prior.layout
         blocks = tuple(
-            KronFactors(
+            KroneckerBlock(
                 state[f"block.{i}.weight"],
                 state[f"block.{i}.bias"],
                 state[f"block.{i}.A"].to(mean.device, mean.dtype),
