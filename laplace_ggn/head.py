@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import threading
 
-import torch
 from torch import Tensor, nn
 
 from .functional import FunctionalModel, is_model_output
-from .kfac import kron_index
+from .layers import AffineLayer, affine_layers, tied_parameters, with_bias_column
 
 __all__ = ["LinearHead"]
 
@@ -54,13 +53,10 @@ class LinearHead:
     ):
         self.fmodel = fmodel
         self.module_name = module_name
-        module = fmodel.module.get_submodule(module_name)
+        layer = AffineLayer(module_name, fmodel.module.get_submodule(module_name), weight, bias)
         self.weight, self.bias = weight, bias
-        self.n_out = module.out_features
-        self.n_in = (module.in_features if weight else 0) + (1 if bias else 0)
-        self.index = kron_index(fmodel.layout, weight, bias, self.n_out, self.n_in).to(
-            fmodel.device
-        )
+        self.n_out, self.n_in = layer.n_out, layer.n_in
+        self.index = layer.kron_index(fmodel.layout).to(fmodel.device)
         self._local = threading.local()
         # on every thread's private copy, never on the user's module
         fmodel.register_forward_hook(module_name, self._hook)
@@ -69,21 +65,13 @@ class LinearHead:
     def find(cls, fmodel: FunctionalModel) -> LinearHead | None:
         """The head if every parameter of the subset belongs to one untied ``nn.Linear``."""
         names = set(fmodel.layout.names)
-        owners: dict[int, int] = {}
-        for m in fmodel.module.modules():
-            for p in m.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        for mname, module in fmodel.module.named_modules():
-            if not isinstance(module, nn.Linear):
+        for mname, layer in affine_layers(fmodel.module, names).items():
+            if not names <= {layer.weight, layer.bias}:
                 continue
-            prefix = f"{mname}." if mname else ""
-            own = {prefix + n for n, _ in module.named_parameters(recurse=False)}
-            if not names <= own:
-                continue
-            if any(owners[id(p)] > 1 for p in module.parameters(recurse=False)):
+            tied = tied_parameters(fmodel.module)
+            if any(id(p) in tied for p in layer.module.parameters(recurse=False)):
                 return None
-            w, b = prefix + "weight", prefix + "bias"
-            return cls(fmodel, mname, w if w in names else None, b if b in names else None)
+            return cls(fmodel, mname, layer.weight, layer.bias)
         return None
 
     def _hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -114,7 +102,4 @@ class LinearHead:
         if not is_model_output(o, f):
             return None
         a = a.detach().reshape(-1, a.shape[-1])
-        cols = ([a] if self.weight else []) + (
-            [torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)] if self.bias else []
-        )
-        return torch.cat(cols, dim=1), f
+        return with_bias_column(a, bool(self.weight), bool(self.bias)), f

@@ -123,7 +123,7 @@ class KroneckerBlock:
         return torch.outer(self.lam_B, self.lam_A)
 
     def rotate(self, V: Tensor) -> Tensor:
-        r""":math:`Q_B^\top V Q_A` for ``V`` of shape ``(..., O, D)``: coordinates in the eigenbasis."""
+        r""":math:`Q_B^\top V Q_A` for ``V`` ``(..., O, D)``: coordinates in the eigenbasis."""
         return self.Q_B.T @ V @ self.Q_A
 
     def unrotate(self, Z: Tensor) -> Tensor:
@@ -138,7 +138,8 @@ class KroneckerBlock:
         r"""Solve :math:`(s\,B \otimes A + \delta I)\,\mathrm{vec}(X) = \mathrm{vec}(V)`.
 
         .. math::
-            X = Q_B \big[(Q_B^\top V Q_A) \oslash (s\,\lambda_B \lambda_A^\top + \delta)\big] Q_A^\top.
+            X = Q_B \big[(Q_B^\top V Q_A) \oslash (s\,\lambda_B \lambda_A^\top + \delta)\big]
+                Q_A^\top.
 
         Args:
             V: Block vectors, shape ``(..., O, D)``.
@@ -151,7 +152,14 @@ class KroneckerBlock:
         return self.unrotate(self.rotate(V) / (scale * self.eigenvalues() + damping))
 
     def log_det(self, damping: float | Tensor = 0.0, scale: float | Tensor = 1.0) -> Tensor:
-        r""":math:`\log|s\,B \otimes A + \delta I| = \sum \log(s\,\lambda_B \lambda_A^\top + \delta)`, ``()``."""
+        r"""Log-determinant of the damped block, shape ``()``.
+
+        .. math::
+            \log|s\,B \otimes A + \delta I| = \textstyle\sum \log(s\,\lambda_B \lambda_A^\top + \delta).
+
+        Returns:
+            The log-determinant, shape ``()``.
+        """
         return torch.log(scale * self.eigenvalues() + damping).sum()
 
     def to_dense(self) -> Tensor:

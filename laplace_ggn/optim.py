@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from ._checks import Likelihood, as_enum, is_integer, shape_str
 from .functional import ParamLayout
 from .kfac import KFACCurvature, KroneckerBlock
+from .layers import affine_layers, with_bias_column
 from .likelihoods import get_likelihood
 from .linalg import CGResult, SolveMethod, cg, inverse_matvec
 from .operators import CallableOperator
@@ -163,8 +165,7 @@ class NaturalGradient(torch.optim.Optimizer):
         self.cg_tol = float(cg_tol)
         self.cg_max_iter = cg_max_iter
         self.last_solve: CGResult | None = None
-        self._kfac_layers: dict[str, tuple[nn.Linear, str | None, str | None]] = {}
-        self._names: list[str] = []
+        self._kfac: _BatchKFAC | None = None
         if self.curvature is Curvature.KFAC:
             self._setup_kfac(model)
 
@@ -181,33 +182,7 @@ class NaturalGradient(torch.optim.Optimizer):
                     f"{key} must be the same in every parameter group for curvature='kfac'; "
                     f"got {sorted(values)}. The Kronecker inverse takes one scalar shift."
                 )
-        names = {id(p): n for n, p in model.named_parameters()}
-        owner: dict[int, tuple[str, str]] = {}
-        for mname, m in model.named_modules():
-            if isinstance(m, nn.Linear):
-                owner[id(m.weight)] = (mname, "weight")
-                if m.bias is not None:
-                    owner[id(m.bias)] = (mname, "bias")
-        params = [p for _, p in self._params()]
-        bad = [
-            names.get(id(p), f"<tensor {shape_str(p.shape)} not in model>")
-            for p in params
-            if id(p) not in owner
-        ]
-        if bad:
-            raise ValueError(
-                f"every optimised parameter must belong to an nn.Linear layer of model for "
-                f"curvature='kfac'; got {bad} outside. Use curvature='ggn' for other layers."
-            )
-        self._names = [names[id(p)] for p in params]
-        chosen = set(self._names)
-        for mname, m in model.named_modules():
-            if isinstance(m, nn.Linear):
-                prefix = f"{mname}." if mname else ""
-                w = prefix + "weight" if prefix + "weight" in chosen else None
-                b = prefix + "bias" if m.bias is not None and prefix + "bias" in chosen else None
-                if w or b:
-                    self._kfac_layers[mname] = (m, w, b)
+        self._kfac = _BatchKFAC(model, [p for _, p in self._params()])
 
     def _params(self) -> list[tuple[dict, Tensor]]:
         return [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -233,19 +208,9 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"closure must be a callable returning (outputs, targets); got {closure!r}. "
                 "Example: opt.step(lambda: (model(x), y))."
             )
-        records: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in self._kfac_layers}
-        hooks = [
-            module.register_forward_hook(
-                lambda _m, inp, out, name=mname: records[name].append((inp[0], out))
-            )
-            for mname, (module, _, _) in self._kfac_layers.items()
-        ]
-        try:
-            with torch.enable_grad():
-                out = closure()
-        finally:
-            for h in hooks:
-                h.remove()
+        records: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        with torch.enable_grad(), _BatchKFAC.recording(self._kfac, records):
+            out = closure()
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor)):
             raise TypeError(
                 "closure must return a pair (outputs, targets) of tensors; got "
@@ -291,7 +256,7 @@ class NaturalGradient(torch.optim.Optimizer):
         g = torch.cat([t.reshape(-1) for t in grads[1:]]).detach() + prior * theta
 
         if self.curvature is Curvature.KFAC:
-            curv_k = self._kfac_curvature(f, records, params, sigma2)
+            curv_k = self._kfac.curvature(f, records, self._lik, sigma2)
             shift = float(prior[0] + damping[0]) if len(prior) else 0.0
             sol = inverse_matvec(curv_k, g, method=SolveMethod.KFAC, damping=shift)
             self.last_solve = None
@@ -352,11 +317,63 @@ class NaturalGradient(torch.optim.Optimizer):
                 p.sub_(dp.view_as(p))
         return nll.detach() + 0.5 * (prior * theta**2).sum()
 
-    def _kfac_curvature(
+
+class _BatchKFAC:
+    """The ``nn.Linear`` layers of the optimised parameters and the KFAC curvature of a batch.
+
+    Args:
+        model: The module the closure runs.
+        params: The optimised parameters, in order.
+
+    Raises:
+        ValueError: If a parameter lies outside the ``nn.Linear`` layers of ``model``.
+    """
+
+    def __init__(self, model: nn.Module, params: list[Tensor]):
+        names = {id(p): n for n, p in model.named_parameters()}
+        owned = {
+            id(p)
+            for layer in affine_layers(model).values()
+            for p in (layer.module.weight, layer.module.bias)
+            if p is not None
+        }
+        bad = [
+            names.get(id(p), f"<tensor {shape_str(p.shape)} not in model>")
+            for p in params
+            if id(p) not in owned
+        ]
+        if bad:
+            raise ValueError(
+                f"every optimised parameter must belong to an nn.Linear layer of model for "
+                f"curvature='kfac'; got {bad} outside. Use curvature='ggn' for other layers."
+            )
+        self.names = [names[id(p)] for p in params]
+        self.layout = ParamLayout(tuple(self.names), tuple(p.shape for p in params))
+        self.layers = affine_layers(model, self.names)
+
+    @staticmethod
+    @contextmanager
+    def recording(kfac: _BatchKFAC | None, records: dict[str, list[tuple[Tensor, Tensor]]]):
+        """Record ``(input, output)`` of every factored layer while the closure runs."""
+        layers = {} if kfac is None else kfac.layers
+        records.update({m: [] for m in layers})
+        hooks = [
+            lay.module.register_forward_hook(
+                lambda _m, inp, out, name=mname: records[name].append((inp[0], out))
+            )
+            for mname, lay in layers.items()
+        ]
+        try:
+            yield records
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def curvature(
         self,
         f: Tensor,
         records: dict[str, list[tuple[Tensor, Tensor]]],
-        params: list[Tensor],
+        lik: object,
         sigma2: float,
     ) -> KFACCurvature:
         """Kronecker factors of the batch GGN from the recorded layer inputs and outputs.
@@ -374,8 +391,8 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"got {[len(records[m]) for m in again]} calls. Use curvature='ggn'."
             )
         fd = f.detach()
-        L = self._lik.sqrt_hessian(fd) / sigma2**0.5  # (B, C, K)
-        outs = [records[m][0][1] for m in self._kfac_layers]
+        L = lik.sqrt_hessian(fd) / sigma2**0.5  # (B, C, K)
+        outs = [records[m][0][1] for m in self.layers]
         gsum = [None] * len(outs)
         for k in range(L.shape[2]):
             gk = torch.autograd.grad(
@@ -385,12 +402,10 @@ class NaturalGradient(torch.optim.Optimizer):
                 g2 = g.detach().reshape(-1, g.shape[-1])
                 gsum[i] = g2.T @ g2 if gsum[i] is None else gsum[i] + g2.T @ g2
         blocks = []
-        for i, (mname, (_, w, b)) in enumerate(self._kfac_layers.items()):
+        for i, (mname, lay) in enumerate(self.layers.items()):
             a = records[mname][0][0].detach()
             a2 = a.reshape(-1, a.shape[-1])
-            cols = ([a2] if w else []) + ([torch.ones_like(a2[:, :1])] if b else [])
-            a_t = torch.cat(cols, dim=1)
-            blocks.append(KroneckerBlock(w, b, a_t.T @ a_t, gsum[i] / a2.shape[0]))
-        layout = ParamLayout(tuple(self._names), tuple(p.shape for p in params))
+            a_t = with_bias_column(a2, bool(lay.weight), bool(lay.bias))
+            blocks.append(KroneckerBlock(lay.weight, lay.bias, a_t.T @ a_t, gsum[i] / a2.shape[0]))
         empty = torch.zeros(0, dtype=fd.dtype, device=fd.device)
-        return KFACCurvature(layout, tuple(blocks), (), empty)
+        return KFACCurvature(self.layout, tuple(blocks), (), empty)

@@ -526,3 +526,29 @@ def test_kronecker_block_algebra_matches_the_dense_kronecker_product():
     torch.testing.assert_close(blk.log_det(delta, s), torch.linalg.slogdet(Lam)[1], **TOL)
     torch.testing.assert_close(blk.unrotate(blk.rotate(V)), V, **TOL)
     assert blk.to(torch.float64) is blk and blk.to(torch.float32).A.dtype == torch.float32
+
+
+def test_affine_layer_discovery_of_a_subset():
+    from laplace_ggn.layers import affine_layers, with_bias_column
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.grouped = nn.Conv2d(2, 2, 3, groups=2)
+            self.fc = nn.Linear(4, 5)
+            self.out = nn.Linear(5, 4, bias=False)
+            self.tied = nn.Linear(5, 4, bias=False)
+            self.tied.weight = self.out.weight
+
+    net = Net()
+    every = affine_layers(net, conv=True)
+    assert list(every) == ["conv", "fc", "out", "tied"]  # the grouped convolution is left out
+    assert (every["conv"].n_features, every["conv"].n_out, every["conv"].n_in) == (18, 3, 19)
+    assert list(affine_layers(net)) == ["fc", "out", "tied"]
+    assert list(affine_layers(net, untied=True)) == ["fc"]
+    only_bias = affine_layers(net, ["fc.bias"])["fc"]
+    assert (only_bias.weight, only_bias.bias, only_bias.n_in) == (None, "fc.bias", 1)
+    a = torch.arange(6.0).reshape(3, 2)
+    torch.testing.assert_close(with_bias_column(a, True, True)[:, 2], torch.ones(3))
+    assert with_bias_column(a, False, True).shape == (3, 1)

@@ -27,48 +27,23 @@ ignored targets (``y`` passed to ``update``) have zero rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import shape_str
 from ..functional import (
-    UNBATCHED_HINT,
     FunctionalModel,
-    LayerRecord,
     batch_size_of,
     batched_output_grads,
     capture_layers,
     is_model_output,
 )
+from ..layers import affine_layers, check_layer_inputs
 from ..likelihoods import OutputCurvature, as_output_curvature
 from ._jacobian import ROW_COPIES, jacobian_sqrt_diag, jacobian_sqrt_rows, sub_batches
 
-__all__ = ["SqrtGGNRows", "check_layer_inputs", "is_transposed_linear"]
-
-
-def check_layer_inputs(records: Mapping[str, LayerRecord], where: str = "") -> None:
-    """Refuse a hooked layer that received an input without a batch dimension.
-
-    An ``nn.Linear`` needs ``(B, ..., I)`` (at least 2-D), an ``nn.Conv2d`` ``(B, C, H, W)``.
-    Both accept an unbatched sample too, which a loader of single samples produces.
-
-    Raises:
-        ValueError: Naming the layer, the shape it needs and the shape it got.
-    """
-    loc = f" in {where}" if where else ""
-    for name, rec in records.items():
-        conv = isinstance(rec.module, nn.Conv2d)
-        need = 4 if conv else 2
-        for a in rec.inputs:
-            if a.ndim < need:
-                kind = "nn.Conv2d" if conv else "nn.Linear"
-                expect = "(B, C, H, W)" if conv else f"(B, ..., {a.shape[-1] if a.ndim else 'I'})"
-                raise ValueError(
-                    f"input of layer {name!r} ({kind}){loc} must have a batch dimension, shape "
-                    f"{expect}; got {shape_str(a.shape)}. {UNBATCHED_HINT}"
-                )
+__all__ = ["SqrtGGNRows"]
 
 
 class SqrtGGNRows:
@@ -95,13 +70,8 @@ class SqrtGGNRows:
         self.likelihood: OutputCurvature = as_output_curvature(likelihood)
         layout = fmodel.layout
         in_subset = set(layout.names)
-        self.modules: dict[str, nn.Module] = {}
-        for mname, module in fmodel.module.named_modules():
-            if not (isinstance(module, nn.Linear) or is_transposed_linear(module)):
-                continue
-            pnames = [f"{mname}.{n}" if mname else n for n, _ in module.named_parameters()]
-            if any(p in in_subset for p in pnames):
-                self.modules[mname] = module
+        self.layers = affine_layers(fmodel.module, in_subset, transposed=True)
+        self.modules: dict[str, nn.Module] = {m: lay.module for m, lay in self.layers.items()}
         self._set_rest()
         self.hooks_ok = bool(self.modules)
         self.n_outputs: int | None = None  # M, found on the first batch
@@ -141,9 +111,7 @@ class SqrtGGNRows:
     def _set_rest(self) -> None:
         """The parameters outside the hooked layers (taken from per-sample Jacobians)."""
         covered = {
-            f"{m}.{n}" if m else n
-            for m, module in self.modules.items()
-            for n, _ in module.named_parameters()
+            n for m in self.modules for n in (self.layers[m].weight, self.layers[m].bias) if n
         }
         layout = self.fmodel.layout
         self.rest = layout.sub_layout([n for n in layout.names if n not in covered])
@@ -179,7 +147,7 @@ class SqrtGGNRows:
         silent = [m for m, r in records.items() if not r.outputs]
         if silent:  # e.g. nn.MultiheadAttention's out_proj: its weights are used, not its forward
             for m in silent:
-                del self.modules[m], records[m]
+                del self.modules[m], self.layers[m], records[m]
             self._set_rest()
             if not self.modules:
                 return None, fd, None, mask
@@ -225,13 +193,13 @@ class SqrtGGNRows:
         B, K = L.shape[0], L.shape[2]
         R = torch.zeros(B, K, layout.n_params, dtype=f.dtype, device=f.device)
         for mname, (a, g) in grads.items():
+            lay = self.layers[mname]
             gw, gb = _linear_rows(a, g)
-            if is_transposed_linear(self.modules[mname]):
+            if lay.transposed:
                 gw = gw.transpose(-1, -2)
-            prefix = f"{mname}." if mname else ""
-            for pname, val in (("weight", gw), ("bias", gb)):
-                if val is not None and prefix + pname in layout.names:
-                    R[:, :, layout.slice_of(prefix + pname)] = val.reshape(B, K, -1)
+            for pname, val in ((lay.weight, gw), (lay.bias, gb)):
+                if val is not None and pname is not None:
+                    R[:, :, layout.slice_of(pname)] = val.reshape(B, K, -1)
         if self.rest.n_params:
             Rr, _ = self._rest_rows(x, f, L, y, where)
             for name, part in self.rest.unflatten_batched(Rr).items():
@@ -255,17 +223,17 @@ class SqrtGGNRows:
             if grads is None:
                 self._disable_hooks()
         for mname, (a, g) in (grads or {}).items():
-            has_bias = self.modules[mname].bias is not None
+            lay = self.layers[mname]
+            has_bias = lay.bias is not None
             if g is None:
                 dw, db = _head_diag(a, self.likelihood.hessian_diagonal(f, mask), has_bias)
             else:
                 dw, db = _linear_diag(a, g, has_bias)
-            if is_transposed_linear(self.modules[mname]):
+            if lay.transposed:
                 dw = dw.T
-            prefix = f"{mname}." if mname else ""
-            for pname, val in (("weight", dw), ("bias", db)):
-                if val is not None and prefix + pname in layout.names:
-                    d[layout.slice_of(prefix + pname)] += val.reshape(-1)
+            for pname, val in ((lay.weight, dw), (lay.bias, db)):
+                if val is not None and pname is not None:
+                    d[layout.slice_of(pname)] += val.reshape(-1)
         if self.rest.n_params:
             dr, f = jacobian_sqrt_diag(
                 self.fmodel, x, self.rest, self.likelihood, f, L=L, y=y, where=where
@@ -273,22 +241,6 @@ class SqrtGGNRows:
             for name, part in self.rest.unflatten(dr).items():
                 d[layout.slice_of(name)] += part.reshape(-1)
         return d, f
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is Hugging Face's ``Conv1D``: ``y = x W + b`` with ``W`` ``(I, O)``.
-
-    GPT-2-style models use it for every affine layer; it is an ``nn.Linear`` with the weight
-    stored transposed.
-    """
-    cls = type(module)
-    return (
-        cls.__name__ == "Conv1D"
-        and cls.__module__.startswith("transformers")
-        and isinstance(getattr(module, "weight", None), Tensor)
-        and module.weight.ndim == 2
-        and getattr(module, "nf", None) == module.weight.shape[1]
-    )
 
 
 def _linear_rows(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,8 @@
-r"""Exact GGN diagonal, ``(P,)``: :math:`\mathrm{diag}(G) = \sum_n \sum_c (J_n^\top L_n)_{\cdot c}^2`.
+r"""Exact GGN diagonal, shape ``(P,)``.
+
+.. math::
+    \mathrm{diag}(G) = \sum_n \sum_c (J_n^\top L_n)_{\cdot c}^2 .
+
 
 For ``nn.Linear`` layers it comes from layer hooks without per-sample Jacobians (see
 :meth:`~laplace_ggn.collectors._rows.SqrtGGNRows.diag`).

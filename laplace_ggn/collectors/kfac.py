@@ -1,4 +1,4 @@
-r"""KFAC collector: Kronecker factors :math:`A_l, B_l` of ``nn.Linear`` / ``nn.Conv2d`` layers in one pass.
+r"""KFAC collector: Kronecker factors :math:`A_l, B_l` of Linear and Conv2d layers in one pass.
 
 The factors and their conventions are those of :mod:`laplace_ggn.kfac`.  Weight sharing follows
 the "expand" convention: a Linear layer applied to inputs ``(B, T, I)`` and a Conv2d layer
@@ -25,9 +25,7 @@ diagonal of their GGN block instead; the collector warns once, naming them.
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +34,11 @@ from torch import Tensor, nn
 from .._checks import check_finite
 from ..functional import FunctionalModel, batched_output_grads, capture_layers, is_model_output
 from ..kfac import KFACCurvature, KroneckerBlock
+from ..layers import AffineLayer, affine_layers, check_layer_inputs, with_bias_column
 from ..likelihoods import as_output_curvature
 from ..posteriors._common import make_prior
 from ..posteriors.kfac import check_kfac_prior
 from ._jacobian import jacobian_sqrt_diag
-from ._rows import check_layer_inputs
 from .base import Collector, Reduction
 
 __all__ = ["KFACCollector", "make_kfac_collector"]
@@ -62,17 +60,6 @@ def make_kfac_collector(
         make_prior(prior_precision, fmodel.layout, dtype=fmodel.dtype, device=fmodel.device)
     )
     return KFACCollector(fmodel, likelihood, mc=mc)
-
-
-def _conv_supported(m: nn.Conv2d) -> bool:
-    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-
-
-@dataclass
-class _Layer:
-    module: nn.Module
-    weight: str | None
-    bias: str | None
 
 
 class KFACCollector(Collector):
@@ -109,33 +96,13 @@ class KFACCollector(Collector):
         self.likelihood = as_output_curvature(likelihood, mc=mc, generator=generator)
         self.mc = self.likelihood.mc
         layout = fmodel.layout
-        in_subset = set(layout.names)
-        owners: dict[int, int] = {}
-        for m in fmodel.module.modules():
-            for p in m.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        self.layers: dict[str, _Layer] = {}
-        for mname, module in fmodel.module.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Conv2d)):
-                continue
-            if isinstance(module, nn.Conv2d) and not _conv_supported(module):
-                continue
-            if any(owners[id(p)] > 1 for p in module.parameters(recurse=False)):
-                continue  # tied weights: the block of one module would miss the other's use
-            prefix = f"{mname}." if mname else ""
-            w = prefix + "weight" if prefix + "weight" in in_subset else None
-            b = (
-                prefix + "bias"
-                if module.bias is not None and prefix + "bias" in in_subset
-                else None
-            )
-            if w or b:
-                self.layers[mname] = _Layer(module, w, b)
+        # tied weights are left out: the block of one module would miss the other's use
+        self.layers = affine_layers(fmodel.module, layout.names, conv=True, untied=True)
         self._set_rest()
         dt, dev = fmodel.dtype, fmodel.device
         self.add_state("diag", torch.zeros(self.rest.n_params, dtype=dt, device=dev), reduce=SUM)
         for mname, lay in self.layers.items():
-            D, O = self._dims(lay)
+            D, O = lay.n_in, lay.n_out
             self.add_state(f"A.{mname}", torch.zeros(D, D, dtype=dt, device=dev), reduce=SUM)
             self.add_state(f"B.{mname}", torch.zeros(O, O, dtype=dt, device=dev), reduce=SUM)
             self.add_state(f"count.{mname}", torch.zeros((), dtype=dt, device=dev), reduce=SUM)
@@ -149,16 +116,6 @@ class KFACCollector(Collector):
         covered = {n for lay in self.layers.values() for n in (lay.weight, lay.bias) if n}
         layout = self.fmodel.layout
         self.rest = layout.sub_layout([n for n in layout.names if n not in covered])
-
-    @staticmethod
-    def _dims(lay: _Layer) -> tuple[int, int]:
-        m = lay.module
-        if isinstance(m, nn.Linear):
-            I, O = m.in_features, m.out_features
-        else:
-            I, O = m.in_channels * math.prod(m.kernel_size), m.out_channels
-        D = (I if lay.weight else 0) + (1 if lay.bias else 0)
-        return D, O
 
     # -- data pass -----------------------------------------------------------------------------
 
@@ -247,19 +204,16 @@ class KFACCollector(Collector):
             )
 
     @staticmethod
-    def _input_factor(lay: _Layer, a: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+    def _input_factor(lay: AffineLayer, a: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
         """A increment of a head from its inputs ``(B, ..., I)`` at the kept positions."""
         a2 = a.reshape(-1, a.shape[-1])
         if mask is not None:
             a2 = a2[mask.reshape(-1)]
-        cols = ([a2] if lay.weight else []) + (
-            [torch.ones(a2.shape[0], 1, dtype=a2.dtype, device=a2.device)] if lay.bias else []
-        )
-        a_t = torch.cat(cols, dim=1)
+        a_t = with_bias_column(a2, bool(lay.weight), bool(lay.bias))
         return a_t.T @ a_t, a2.shape[0]
 
     def _factor_increments(
-        self, lay: _Layer, a: Tensor, g: Tensor, mask: Tensor | None = None
+        self, lay: AffineLayer, a: Tensor, g: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor, int]:
         m = lay.module
         K = g.shape[0]
@@ -277,12 +231,7 @@ class KFACCollector(Collector):
             a2 = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·T, Cin·kh·kw)
             g2 = g.flatten(3).transpose(2, 3).reshape(K, -1, g.shape[2])  # (K, B·T, O)
         rows = a2.shape[0]
-        cols = []
-        if lay.weight:
-            cols.append(a2)
-        if lay.bias:
-            cols.append(torch.ones(rows, 1, dtype=a2.dtype, device=a2.device))
-        a_t = torch.cat(cols, dim=1)
+        a_t = with_bias_column(a2, bool(lay.weight), bool(lay.bias))
         return a_t.T @ a_t, torch.einsum("kro,krp->op", g2, g2), rows
 
     # -- results -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ not diagonal in the Kronecker eigenbasis.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -65,6 +66,67 @@ def check_kfac_prior(prior: Prior) -> None:
             f"with structure='kfac'; got shape {shape_str(prior.precision.shape)} (one per "
             f"parameter, P={P}). A per-parameter prior is accepted by structure={_ACCEPT_DIAGONAL}."
         )
+
+
+@dataclass(frozen=True)
+class _BlockPrecision:
+    r"""The precision of one block in its Kronecker eigenbasis (see the module docstring).
+
+    Attributes:
+        d: :math:`s\lambda_B \otimes \lambda_A + \alpha`, shape ``(O, D)``.
+        r: Bias row of :math:`Q_A`, shape ``(D,)``; ``None`` without a weight-and-bias pair.
+        w: :math:`\sum_j r_j^2/d_{oj}`, shape ``(O,)``.
+        kappa: :math:`1 + \delta w_o`, computed as a sum of positive terms, shape ``(O,)``.
+        c: :math:`\delta/\kappa_o`, shape ``(O,)``.
+        gamma: :math:`(1 - \kappa_o^{-1/2})/w_o`, shape ``(O,)``.
+    """
+
+    d: Tensor
+    r: Tensor | None = None
+    w: Tensor | None = None
+    kappa: Tensor | None = None
+    c: Tensor | None = None
+    gamma: Tensor | None = None
+
+    @classmethod
+    def of(
+        cls, blk: KroneckerBlock, scale: Tensor, alpha: Tensor, alpha_b: Tensor | None
+    ) -> _BlockPrecision:
+        """Precision of ``blk`` with weight prior α and bias prior α_b (``None``: no pair)."""
+        g = scale * blk.eigenvalues()
+        d = g + alpha
+        if alpha_b is None:
+            return cls(d)
+        r = blk.Q_A[-1]
+        r2 = r**2
+        w = (r2 / d).sum(-1)
+        kappa = (r2 * (g + alpha_b) / d).sum(-1)  # 1 + δw without cancellation
+        return cls(d, r, w, kappa, (alpha_b - alpha) / kappa, (1 - kappa.rsqrt()) / w)
+
+    def log_det(self) -> Tensor:
+        """log|Λ_l| of the block, shape ``()``."""
+        out = torch.log(self.d).sum()
+        return out if self.r is None else out + torch.log(self.kappa).sum()
+
+    def sqrt_rot(self, Z: Tensor) -> Tensor:
+        r"""Rows :math:`Z\tilde S` for rotated ``Z`` ``(..., O, D)``, :math:`\tilde S\tilde S^\top = \tilde\Sigma`.
+
+        Per output row o, :math:`\tilde S_o = D_o^{-1/2}(I - \gamma_o v_o v_o^\top)`, symmetric
+        up to the diagonal scaling, so :math:`Z\tilde S` is :math:`(Z/\sqrt d)(I - \gamma v v^\top)`.
+        """
+        Zs = Z / self.d.sqrt()
+        if self.r is None:
+            return Zs
+        v = self.r / self.d.sqrt()  # (O, D)
+        return Zs - (self.gamma * (Zs * v).sum(-1)).unsqueeze(-1) * v
+
+    def sigma_rot(self, Z: Tensor) -> Tensor:
+        """Σ̃ Z for rotated ``Z`` of shape ``(..., O, D)``."""
+        Zd = Z / self.d
+        if self.r is None:
+            return Zd
+        y = (Zd @ self.r) * self.c  # (..., O)
+        return Zd - y.unsqueeze(-1) * self.r / self.d
 
 
 class KFACPosterior:
@@ -115,58 +177,21 @@ class KFACPosterior:
         return self.prior.precision[self.prior.layout.names.index(name)]
 
     @cached_property
-    def _blocks(self) -> list[dict[str, Tensor]]:
-        """Per block: d ``(O, D)``, r ``(D,)`` or None, w, κ, c, γ ``(O,)``, δ."""
-        out = []
-        for blk in self.curvature.blocks:
-            alpha = self._alpha(blk.weight or blk.bias)
-            g = self.scale * blk.eigenvalues()
-            d = g + alpha
-            item = {"d": d, "r": None}
-            if blk.weight is not None and blk.bias is not None:
-                alpha_b = self._alpha(blk.bias)
-                r = blk.Q_A[-1]
-                r2 = r**2
-                w = (r2 / d).sum(-1)
-                kappa = (r2 * (g + alpha_b) / d).sum(-1)  # 1 + δw without cancellation
-                item.update(
-                    r=r,
-                    w=w,
-                    kappa=kappa,
-                    delta=alpha_b - alpha,
-                    c=(alpha_b - alpha) / kappa,
-                    gamma=(1 - kappa.rsqrt()) / w,
-                )
-            out.append(item)
-        return out
+    def _blocks(self) -> list[_BlockPrecision]:
+        """Precision of every block in its eigenbasis (prior of its weight and bias)."""
+        return [
+            _BlockPrecision.of(
+                blk,
+                self.scale,
+                self._alpha(blk.weight or blk.bias),
+                self._alpha(blk.bias) if blk.weight is not None and blk.bias is not None else None,
+            )
+            for blk in self.curvature.blocks
+        ]
 
     @cached_property
     def _diag_precision(self) -> Tensor:
         return self.scale * self.curvature.diag + self.prior.diag()[self._diag_index]
-
-    # -- per-block algebra in rotated coordinates --------------------------------------------
-
-    @staticmethod
-    def _sqrt_rot(b: dict, Z: Tensor) -> Tensor:
-        r"""Rows :math:`Z\tilde S` for rotated ``Z`` ``(..., O, D)``, :math:`\tilde S\tilde S^\top = \tilde\Sigma`.
-
-        Per output row o, :math:`\tilde S_o = D_o^{-1/2}(I - \gamma_o v_o v_o^\top)`, symmetric
-        up to the diagonal scaling, so :math:`Z\tilde S` is :math:`(Z/\sqrt d)(I - \gamma v v^\top)`.
-        """
-        Zs = Z / b["d"].sqrt()
-        if b["r"] is None:
-            return Zs
-        v = b["r"] / b["d"].sqrt()  # (O, D)
-        return Zs - (b["gamma"] * (Zs * v).sum(-1)).unsqueeze(-1) * v
-
-    @staticmethod
-    def _sigma_rot(b: dict, Z: Tensor) -> Tensor:
-        """Σ̃ Z for rotated ``Z`` of shape ``(..., O, D)``."""
-        Zd = Z / b["d"]
-        if b["r"] is None:
-            return Zd
-        y = (Zd @ b["r"]) * b["c"]  # (..., O)
-        return Zd - y.unsqueeze(-1) * b["r"] / b["d"]
 
     def _apply(self, W: Tensor, fn_block, fn_diag) -> Tensor:
         """Apply a block-diagonal map to rows ``W`` of shape ``(M, P)``."""
@@ -184,9 +209,7 @@ class KFACPosterior:
         r"""log|Λ| of the precision Λ = s G_KFAC + Λ₀ (not of Σ), shape ``()``."""
         total = torch.log(self._diag_precision).sum()
         for b in self._blocks:
-            total = total + torch.log(b["d"]).sum()
-            if b["r"] is not None:
-                total = total + torch.log(b["kappa"]).sum()
+            total = total + b.log_det()
         return total
 
     def covariance_matvec(self, V: Tensor) -> Tensor:
@@ -195,7 +218,7 @@ class KFACPosterior:
         W = V.unsqueeze(1) if V.ndim == 1 else V
         out = self._apply(
             W.T,
-            lambda blk, b, Z: blk.unrotate(self._sigma_rot(b, blk.rotate(Z))),
+            lambda blk, b, Z: blk.unrotate(b.sigma_rot(blk.rotate(Z))),
             lambda D: D / self._diag_precision,
         ).T
         return out.squeeze(1) if V.ndim == 1 else out
@@ -208,7 +231,7 @@ class KFACPosterior:
         """
         out = torch.empty_like(self.mean)
         for blk, idx, b in zip(self.curvature.blocks, self._index, self._blocks):
-            rows = self._sqrt_rot(b, blk.Q_A.unsqueeze(1).expand(-1, blk.n_out, -1))  # (D, O, D)
+            rows = b.sqrt_rot(blk.Q_A.unsqueeze(1).expand(-1, blk.n_out, -1))  # (D, O, D)
             out[idx] = ((blk.Q_B**2) @ (rows**2).sum(-1).T).reshape(-1)
         if self._diag_index.numel():
             out[self._diag_index] = 1.0 / self._diag_precision
@@ -229,7 +252,7 @@ class KFACPosterior:
         out = torch.zeros(Bsz, C, C, dtype=J.dtype, device=J.device)
         for blk, idx, b in zip(self.curvature.blocks, self._index, self._blocks):
             Z = blk.rotate(Jf[:, idx].reshape(Bsz * C, blk.n_out, blk.n_in))
-            Zs = self._sqrt_rot(b, Z).reshape(Bsz, C, -1)  # rows of J Q S̃, S̃ S̃ᵀ = Σ̃
+            Zs = b.sqrt_rot(Z).reshape(Bsz, C, -1)  # rows of J Q S̃, S̃ S̃ᵀ = Σ̃
             out = out + Zs @ Zs.transpose(1, 2)
         if self._diag_index.numel():
             Jd = J[:, :, self._diag_index]
@@ -274,10 +297,10 @@ class KFACPosterior:
                 f"posterior has {len(blocks)} blocks over P={self.n_params} parameters."
             )
         psi = phi @ blk.Q_A  # (N, D)
-        dinv = 1.0 / b["d"]  # (O, D)
+        dinv = 1.0 / b.d  # (O, D)
         e_n = psi.pow(2) @ dinv.T  # (N, O)
-        if b["r"] is not None:
-            e_n = e_n - b["c"] * ((psi * b["r"]) @ dinv.T).pow(2)
+        if b.r is not None:
+            e_n = e_n - b.c * ((psi * b.r) @ dinv.T).pow(2)
         return EigenOutputCovariance(blk.Q_B, e_n)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -294,11 +317,11 @@ class KFACPosterior:
             n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
         )
 
-        def block(blk: KroneckerBlock, b: dict, Z: Tensor) -> Tensor:
-            if b["r"] is not None:
-                v = b["r"] / b["d"].sqrt()  # (O, D)
-                Z = Z - (b["gamma"] * (Z * v).sum(-1)).unsqueeze(-1) * v
-            return blk.unrotate(Z / b["d"].sqrt())
+        def block(blk: KroneckerBlock, b: _BlockPrecision, Z: Tensor) -> Tensor:
+            if b.r is not None:  # S̃ Z: the correction before the scaling (rows use Z S̃)
+                v = b.r / b.d.sqrt()  # (O, D)
+                Z = Z - (b.gamma * (Z * v).sum(-1)).unsqueeze(-1) * v
+            return blk.unrotate(Z / b.d.sqrt())
 
         return self.mean + self._apply(z, block, lambda D: D / self._diag_precision.sqrt())
 

@@ -3,7 +3,8 @@ r"""Low-rank (Woodbury) posterior :math:`\Lambda = s\,U \mathrm{diag}(\lambda) U
 Two collectors produce the eigenpairs :math:`(\lambda, U)`, ``(R,)`` and ``(P, R)``, of the
 unit-noise GGN; both see the data once.
 
-- ``rank=None`` (:class:`~laplace_ggn.collectors.ExactLowRankCollector`): exact.  It stores every row of
+- ``rank=None`` (:class:`~laplace_ggn.collectors.ExactLowRankCollector`): exact.  It stores
+  every row of
   :math:`V^\top = (J_n^\top L_n)^\top` (N·C rows of length P, so O(P·N·C) memory, refused
   beyond the memory budget with the figure) and takes the thin SVD
   :math:`V = U S W^\top`, so that :math:`G = V V^\top = U \mathrm{diag}(S^2) U^\top` is
@@ -11,7 +12,8 @@ unit-noise GGN; both see the data once.
   ``max(S)·max(P, NC)·eps`` are dropped).  This is the Woodbury form
   :math:`\Sigma = \alpha^{-1}(I - V(\alpha I/s + V^\top V)^{-1} V^\top)` written in the
   eigenbasis.
-- ``rank=k`` (:class:`~laplace_ggn.collectors.NystromCollector`): the top-k eigenpairs by a **randomized Nyström
+- ``rank=k`` (:class:`~laplace_ggn.collectors.NystromCollector`): the top-k eigenpairs by a
+  **randomized Nyström
   approximation** from the sketch :math:`Y = G\Omega`, with a fixed orthonormal test matrix Ω
   of k + p columns (p oversampling columns, default 10).  Y is a sum over batches of
   :math:`J_n^\top \Lambda_n J_n \Omega`, computed with forward-mode JVPs and a batched VJP, so

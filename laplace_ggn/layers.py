@@ -1,0 +1,192 @@
+r"""Affine-layer discovery: the ``nn.Linear`` / ``nn.Conv2d`` layers holding a parameter subset.
+
+Layer hooks (square-root GGN rows, the exact diagonal, KFAC factors, Linear heads and the KFAC
+natural gradient) all start from the same question: which modules compute
+:math:`z = W\tilde a` with :math:`\tilde a = [a; 1]`, and which of their weight and bias are in
+the subset.  :func:`affine_layers` answers it once; :class:`AffineLayer` carries the answer
+with the sizes and the Kronecker index of ``[W b]``.
+
+Kinds: ``nn.Linear`` (and subclasses), Hugging Face's ``Conv1D`` (a Linear layer with its
+weight stored transposed, :func:`is_transposed_linear`), and ``nn.Conv2d`` with one group and
+zero padding given as numbers (:func:`conv_supported`), whose inputs are unfolded into patches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import shape_str
+from .functional import UNBATCHED_HINT, LayerRecord, ParamLayout
+from .kfac import kron_index
+
+__all__ = [
+    "AffineLayer",
+    "affine_layers",
+    "check_layer_inputs",
+    "conv_supported",
+    "is_transposed_linear",
+    "tied_parameters",
+    "with_bias_column",
+]
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D``: ``y = x W + b`` with ``W`` ``(I, O)``.
+
+    GPT-2-style models use it for every affine layer; it is an ``nn.Linear`` with the weight
+    stored transposed.
+    """
+    cls = type(module)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.ndim == 2
+        and getattr(module, "nf", None) == module.weight.shape[1]
+    )
+
+
+def conv_supported(module: nn.Conv2d) -> bool:
+    """Whether a convolution unfolds into patches as KFAC assumes (one group, zero padding)."""
+    return (
+        module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def tied_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter that more than one module of ``model`` holds (tied weights)."""
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            (tied if id(p) in seen else seen).add(id(p))
+    return tied
+
+
+@dataclass(frozen=True)
+class AffineLayer:
+    r"""One affine layer :math:`z = W\tilde a` and the names of its parameters in a subset.
+
+    Attributes:
+        name: Module name in the model (``""`` for the model itself).
+        module: The ``nn.Linear``, ``Conv1D`` or ``nn.Conv2d``.
+        weight: Name of the weight if in the subset, else ``None``.
+        bias: Name of the bias if in the subset, else ``None``.
+    """
+
+    name: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored ``(I, O)`` (Hugging Face ``Conv1D``)."""
+        return is_transposed_linear(self.module)
+
+    @property
+    def n_out(self) -> int:
+        """O, the outputs (channels for a convolution)."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            return m.out_channels
+        return m.weight.shape[1] if self.transposed else m.weight.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        """I, the input features (``C_in·kh·kw`` patch entries for a convolution)."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels * math.prod(m.kernel_size)
+        return m.weight.shape[0] if self.transposed else m.weight.shape[1]
+
+    @property
+    def n_in(self) -> int:
+        """D, the columns of ``[W b]`` in the subset: I with the weight, +1 with the bias."""
+        return (self.n_features if self.weight else 0) + (1 if self.bias else 0)
+
+    def kron_index(self, layout: ParamLayout) -> Tensor:
+        """Flat positions of ``[W b]`` in Kronecker order, shape ``(O, D)``."""
+        return kron_index(layout, self.weight, self.bias, self.n_out, self.n_in)
+
+
+def affine_layers(
+    model: nn.Module,
+    names: Iterable[str] | None = None,
+    *,
+    conv: bool = False,
+    transposed: bool = False,
+    untied: bool = False,
+) -> dict[str, AffineLayer]:
+    """The affine layers of ``model`` with a weight or bias in ``names``, by module name.
+
+    Args:
+        model: The network.
+        names: Parameter names of the subset (``None``: every parameter).
+        conv: Include ``nn.Conv2d`` layers that :func:`conv_supported` accepts.
+        transposed: Include Hugging Face ``Conv1D`` layers.
+        untied: Leave out layers holding a parameter another module also holds.
+
+    Returns:
+        ``{module name: AffineLayer}`` in ``named_modules()`` order.
+    """
+    subset = None if names is None else set(names)
+    tied = tied_parameters(model) if untied else set()
+    out: dict[str, AffineLayer] = {}
+    for mname, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if not (conv and conv_supported(module)):
+                continue
+        elif not (isinstance(module, nn.Linear) or (transposed and is_transposed_linear(module))):
+            continue
+        if any(id(p) in tied for p in module.parameters(recurse=False)):
+            continue
+        prefix = f"{mname}." if mname else ""
+        w, b = prefix + "weight", prefix + "bias"
+        w = w if subset is None or w in subset else None
+        b = b if module.bias is not None and (subset is None or b in subset) else None
+        if w or b:
+            out[mname] = AffineLayer(mname, module, w, b)
+    return out
+
+
+def with_bias_column(a: Tensor, weight: bool, bias: bool) -> Tensor:
+    r"""Features :math:`\tilde a` of rows ``a`` ``(N, I)``: ``[a]``, ``[a, 1]`` or ``[1]``.
+
+    Returns:
+        The features, shape ``(N, D)``.
+    """
+    cols = ([a] if weight else []) + (
+        [torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)] if bias else []
+    )
+    return torch.cat(cols, dim=1)
+
+
+def check_layer_inputs(records: Mapping[str, LayerRecord], where: str = "") -> None:
+    """Refuse a hooked layer that received an input without a batch dimension.
+
+    An ``nn.Linear`` needs ``(B, ..., I)`` (at least 2-D), an ``nn.Conv2d`` ``(B, C, H, W)``.
+    Both accept an unbatched sample too, which a loader of single samples produces.
+
+    Raises:
+        ValueError: Naming the layer, the shape it needs and the shape it got.
+    """
+    loc = f" in {where}" if where else ""
+    for name, rec in records.items():
+        conv = isinstance(rec.module, nn.Conv2d)
+        need = 4 if conv else 2
+        for a in rec.inputs:
+            if a.ndim < need:
+                kind = "nn.Conv2d" if conv else "nn.Linear"
+                expect = "(B, C, H, W)" if conv else f"(B, ..., {a.shape[-1] if a.ndim else 'I'})"
+                raise ValueError(
+                    f"input of layer {name!r} ({kind}){loc} must have a batch dimension, shape "
+                    f"{expect}; got {shape_str(a.shape)}. {UNBATCHED_HINT}"
+                )
