@@ -442,3 +442,35 @@ def test_model_output_shape_error():
         match=r"model output must have shape \(B, C\), \(B,\) or \(B, T, C\) .*; got \(4, 2, 2, 1\)",
     ):
         LaplaceWrapper(Bad(), "regression", structure="diag").fit([(X, torch.randn(4, 4))])
+
+
+def test_fitted_is_one_frozen_object_that_hyperparameters_replace():
+    import dataclasses
+
+    from laplace_ggn import FittedLaplace, Hyperparameters, Likelihood
+
+    case = make_case("mlp_regression")
+    la = LaplaceWrapper(case.model, "regression", structure="full", prior_precision=0.5)
+    assert la.fitted is None and isinstance(la.hyperparameters, Hyperparameters)
+    la.fit(case.loader())
+    fitted = la.fitted
+    assert isinstance(fitted, FittedLaplace) and fitted.n_params == la.n_params
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fitted.posterior = None
+    la.set_hyperparameters(prior_precision=2.0, sigma_noise=0.5)
+    assert la.fitted is not fitted and float(fitted.hyperparameters.prior_precision) == 0.5
+    again = fitted.posterior_at(torch.tensor(2.0, dtype=torch.float64), 0.5)
+    torch.testing.assert_close(again.to_dense(), la.posterior_covariance(), rtol=1e-12, atol=0)
+    assert float(la.fitted.hyperparameters.scale()) == pytest.approx(1 / 0.25)
+    torch.testing.assert_close(
+        la.fitted.log_marginal_likelihood(), la.log_marginal_likelihood(), rtol=0, atol=0
+    )
+    hp = la.hyperparameters.replace(prior_precision=3.0)
+    assert float(la.fitted.with_hyperparameters(hp).hyperparameters.prior_precision) == 3.0
+    with pytest.raises(ValueError, match="sigma_noise applies to likelihood='regression' only"):
+        Hyperparameters.create(
+            Likelihood.CLASSIFICATION,
+            sigma_noise=2.0,
+            dtype=torch.float64,
+            device=torch.device("cpu"),
+        )
