@@ -696,3 +696,37 @@ def test_supported_structures_follow_the_registry(monkeypatch):
             lik=get_likelihood(Likelihood.REGRESSION),
             structure="toy_diag",
         )
+
+
+def test_a_registered_structure_with_an_eigenbasis_is_decomposed(monkeypatch):
+    """One registry line: a posterior with eigenbasis() and spectrum() needs nothing else."""
+    from laplace_ggn.collectors import FullGGNCollector
+    from laplace_ggn.marglik import curvature_spectrum
+    from laplace_ggn.posteriors import LowRankPosterior, PriorKind
+    from laplace_ggn.structures import STRUCTURES, StructureSpec
+
+    def build(G, mean, prior, scale, opts):
+        lam, U = torch.linalg.eigh(G)
+        return LowRankPosterior(mean, lam.flip(0).clamp_min(0), U.flip(1), prior, scale)
+
+    spec = StructureSpec(
+        name="eigh",
+        make_collector=lambda fm, curv, opts: FullGGNCollector(fm, curv),
+        build=build,
+        posterior_cls=LowRankPosterior,
+        memory_bytes=lambda P, dtype, opts: 2 * P * P * torch.finfo(dtype).bits // 8,
+    )
+    monkeypatch.setitem(STRUCTURES, "eigh", spec)
+    case = make_case("mlp_regression", 0, n=6)
+    kw = {"prior_precision": 0.7, "sigma_noise": 0.6}
+    toy = LaplaceWrapper(case.model, "regression", structure="eigh", **kw).fit(case.loader(4))
+    full = _fit(case)
+    assert curvature_spectrum(toy.posterior, PriorKind.SCALAR) is not None
+    torch.testing.assert_close(
+        toy.log_marginal_likelihood(), full.log_marginal_likelihood(), rtol=1e-9, atol=1e-9
+    )
+    a = toy.kernel_decomposition(case.X, n_samples=0)
+    b = full.kernel_decomposition(case.X, n_samples=0)
+    assert a.rank == b.rank and a.kernel_dim == b.kernel_dim
+    _close(a.kernel_variance_fraction, b.kernel_variance_fraction)
+    _close(a.predictive_variance_nonkernel, b.predictive_variance_nonkernel)
