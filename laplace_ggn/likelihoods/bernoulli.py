@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,6 +19,9 @@ from ._base import (
     sample_moments,
 )
 from .categorical import Categorical
+
+if TYPE_CHECKING:  # the posteriors package imports this one
+    from ..posteriors._output import OutputCovariance
 
 
 class Bernoulli:
@@ -153,7 +158,7 @@ class Bernoulli:
     def glm_predictive(
         self,
         mean: Tensor,
-        cov,
+        cov: OutputCovariance,
         *,
         link: Link,
         sigma: Tensor | float = 1.0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,6 +18,9 @@ from ._base import (
     ignored_positions,
     sample_moments,
 )
+
+if TYPE_CHECKING:  # the posteriors package imports this one
+    from ..posteriors._output import OutputCovariance
 
 
 class Categorical:
@@ -182,7 +187,7 @@ class Categorical:
     def glm_predictive(
         self,
         mean: Tensor,
-        cov,
+        cov: OutputCovariance,
         *,
         link: Link,
         sigma: Tensor | float = 1.0,

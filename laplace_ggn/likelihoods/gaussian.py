@@ -3,6 +3,7 @@ r"""Gaussian likelihood :math:`y \sim N(f, \sigma^2 I)`: regression."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,6 +17,9 @@ from ._base import (
     check_position_shapes,
     sample_moments,
 )
+
+if TYPE_CHECKING:  # the posteriors package imports this one
+    from ..posteriors._output import OutputCovariance
 
 
 class Gaussian:
@@ -168,7 +172,7 @@ class Gaussian:
     def glm_predictive(
         self,
         mean: Tensor,
-        cov,
+        cov: OutputCovariance,
         *,
         link: Link | None = None,
         sigma: Tensor | float = 1.0,
