@@ -284,7 +284,7 @@ class FittedLaplace:
             self.fmodel,
             self.posterior,
             x,
-            likelihood=self.kind,
+            likelihood=self.likelihood,
             method=method,
             link=link,
             sigma_noise=hp.sigma_noise,
@@ -294,9 +294,9 @@ class FittedLaplace:
             head=self.head,
         )
         T = hp.predictive_temperature
-        if self.kind is Likelihood.REGRESSION or bool(T == 1):
+        if bool(T == 1):
             return pred
-        return _predictive.temper(pred, T, binary=self.kind is Likelihood.BINARY)
+        return self.likelihood.temper(pred, T)
 
 
 def sample_projected(

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._checks import Likelihood, check_positive
 from .layout import ParamLayout
+from .likelihoods import get_likelihood
 from .posteriors import Prior, make_prior
 
 __all__ = [
@@ -86,10 +87,11 @@ def check_sigma_noise(
     if s.ndim != 0:
         raise ValueError(f"sigma_noise must be a scalar; got shape {tuple(s.shape)}.")
     check_positive(s.detach(), "sigma_noise")
-    if not applies_to_any and likelihood is not Likelihood.REGRESSION and float(s) != 1.0:
+    lik = get_likelihood(likelihood)
+    if not applies_to_any and not lik.has_noise and float(s) != 1.0:
         raise ValueError(
             f"sigma_noise applies to likelihood='regression' only; got sigma_noise="
-            f"{float(s)} with likelihood={likelihood.value!r}."
+            f"{float(s)} with likelihood={lik.kind.value!r}."
         )
     return s
 
@@ -129,7 +131,7 @@ def check_predictive_temperature(
     if t.ndim != 0:
         raise ValueError(f"predictive_temperature must be a scalar; got shape {tuple(t.shape)}.")
     check_positive(t, "predictive_temperature")
-    if likelihood is Likelihood.REGRESSION and float(t) != 1.0:
+    if not get_likelihood(likelihood).predicts_probabilities and float(t) != 1.0:
         raise ValueError(
             f"predictive_temperature applies to likelihood 'classification' or 'binary'; got "
             f"predictive_temperature={float(t)} with likelihood='regression' (whose "
@@ -232,9 +234,7 @@ class Hyperparameters:
             :math:`1/(\tau\sigma^2)` for regression, :math:`1/\tau` otherwise.
         """
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
-        if self.likelihood is Likelihood.REGRESSION:
-            return 1.0 / (self.temperature * sigma**2)
-        return torch.as_tensor(1.0 / self.temperature, dtype=sigma.dtype, device=sigma.device)
+        return get_likelihood(self.likelihood).curvature_scale(sigma, self.temperature)
 
     def prior(self, layout: ParamLayout, precision: Tensor | None = None) -> Prior:
         """The prior of the subset, shape-checked against it.

@@ -247,7 +247,7 @@ class MarglikTemperature:
             y = y.to(fitted.fmodel.device)
             labels.append(fitted.likelihood.check_targets(pred.mean, y, "val_loader"))
         temp = tune_predictive_temperature(
-            torch.cat(probs), torch.cat(labels), binary=fitted.kind is Likelihood.BINARY
+            torch.cat(probs), torch.cat(labels), likelihood=fitted.likelihood
         )
         hp = fitted.hyperparameters.replace(
             prior_precision=result.prior_precision, predictive_temperature=temp.temperature

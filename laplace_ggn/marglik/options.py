@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .._checks import Likelihood, Link, PredictMethod, as_enum, check_generator, is_integer
+from ..likelihoods import LikelihoodModel, get_likelihood
 from ..posteriors import PriorKind
 from .evidence import check_evidence, log_marginal_likelihood
 from .optimize import MarglikResult, convert_prior, optimize_marglik
@@ -90,18 +91,19 @@ def check_predictive_options(method: object, name: str) -> None:
     check_generator(method.generator)
 
 
-def check_regression(likelihood: Likelihood) -> None:
-    """Refuse tuning σ outside regression."""
-    if likelihood is not Likelihood.REGRESSION:
+def check_regression(likelihood: Likelihood | LikelihoodModel) -> None:
+    """Refuse tuning σ for a likelihood without observation noise (outside regression)."""
+    lik = get_likelihood(likelihood)
+    if not lik.has_noise:
         raise ValueError(
             f"tune_sigma_noise=True needs likelihood='regression'; got likelihood="
-            f"{likelihood.value!r}, which has no observation noise."
+            f"{lik.kind.value!r}, which has no observation noise."
         )
 
 
-def check_classification(likelihood: Likelihood) -> None:
-    """Refuse a predictive temperature for regression."""
-    if likelihood is Likelihood.REGRESSION:
+def check_classification(likelihood: Likelihood | LikelihoodModel) -> None:
+    """Refuse a predictive temperature for a predictive of no probabilities (regression)."""
+    if not get_likelihood(likelihood).predicts_probabilities:
         raise ValueError(
             "method='marglik_temperature' needs likelihood 'classification' or 'binary'; "
             "got likelihood='regression'. A Gaussian predictive is calibrated through σ: "

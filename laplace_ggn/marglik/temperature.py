@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..predictive import Prediction, temper
+from ..likelihoods import Bernoulli, Categorical, Prediction
 
 __all__ = ["TemperatureResult", "tune_predictive_temperature"]
 
@@ -43,16 +43,9 @@ class TemperatureResult:
     nll_untempered: float
 
 
-def _mean_nll(probs: Tensor, y: Tensor, T: float, binary: bool) -> float:
-    pred = temper(Prediction(probs, torch.zeros_like(probs)), T, binary=binary)
-    tiny = torch.finfo(probs.dtype).tiny
-    if binary:
-        p = pred.mean[:, 0]
-        t = y.reshape(-1).to(p.dtype)
-        nll = -(t * torch.log(p.clamp_min(tiny)) + (1 - t) * torch.log((1 - p).clamp_min(tiny)))
-    else:
-        nll = -torch.log(pred.mean.gather(1, y.long().reshape(-1, 1))[:, 0].clamp_min(tiny))
-    return float(nll.mean(dtype=torch.float64))
+def _mean_nll(probs: Tensor, y: Tensor, T: float, lik: Categorical | Bernoulli) -> float:
+    pred = lik.temper(Prediction(probs, torch.zeros_like(probs)), T)
+    return float(lik.predictive_nll(pred, y).mean(dtype=torch.float64))
 
 
 def tune_predictive_temperature(
@@ -60,6 +53,7 @@ def tune_predictive_temperature(
     y: Tensor,
     *,
     binary: bool = False,
+    likelihood: Categorical | Bernoulli | None = None,
     log_range: tuple[float, float] = (-2.0, 2.0),
     n_points: int = 81,
     refine_steps: int = 40,
@@ -73,6 +67,8 @@ def tune_predictive_temperature(
         probs: Validation predictive probabilities, shape ``(N, C)`` (binary: ``(N, 1)``).
         y: Labels: class indices ``(N,)``, or 0/1 of shape ``(N,)`` / ``(N, 1)`` (binary).
         binary: One probability of class 1 per input.
+        likelihood: The likelihood whose tempering and predictive NLL score ``probs``
+            (default: ``Bernoulli()`` if ``binary``, else ``Categorical()``).
         log_range: Powers of 10 bounding the search.
         n_points: Grid points of the coarse search.
         refine_steps: Golden-section steps.
@@ -90,10 +86,11 @@ def tune_predictive_temperature(
         >>> float(res.temperature) < 1 and res.nll < res.nll_untempered
         True
     """
+    lik = likelihood if likelihood is not None else Bernoulli() if binary else Categorical()
     if probs.shape[0] == 0:
         raise ValueError("val_loader must hold at least one data point; got none.")
     grid = torch.logspace(log_range[0], log_range[1], n_points, dtype=torch.float64)
-    scores = torch.tensor([_mean_nll(probs, y, float(T), binary) for T in grid])
+    scores = torch.tensor([_mean_nll(probs, y, float(T), lik) for T in grid])
     finite = torch.isfinite(scores)
     if not bool(finite.any()):
         raise RuntimeError(
@@ -107,16 +104,16 @@ def tune_predictive_temperature(
     best_t, best = float(grid[i]), float(scores[i])
     a, b = lo, hi
     c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-    fc, fd = _mean_nll(probs, y, math.exp(c), binary), _mean_nll(probs, y, math.exp(d), binary)
+    fc, fd = _mean_nll(probs, y, math.exp(c), lik), _mean_nll(probs, y, math.exp(d), lik)
     for _ in range(refine_steps):
         if fc < fd:
             b, d, fd = d, c, fc
             c = b - _GOLDEN * (b - a)
-            fc = _mean_nll(probs, y, math.exp(c), binary)
+            fc = _mean_nll(probs, y, math.exp(c), lik)
         else:
             a, c, fc = c, d, fd
             d = a + _GOLDEN * (b - a)
-            fd = _mean_nll(probs, y, math.exp(d), binary)
+            fd = _mean_nll(probs, y, math.exp(d), lik)
     for t, f in ((math.exp(c), fc), (math.exp(d), fd)):
         if math.isfinite(f) and f < best:
             best_t, best = t, f
@@ -125,5 +122,5 @@ def tune_predictive_temperature(
         grid,
         scores,
         best,
-        _mean_nll(probs, y, 1.0, binary),
+        _mean_nll(probs, y, 1.0, lik),
     )
