@@ -126,15 +126,13 @@ class LaplaceWrapper:
         )
         if self._layout is not None:
             o.spec.check_prior(self._initial.prior(self._layout))
+        # the options as public attributes (la.structure, la.rank, la.input_key, ...)
         for name in ("model", "likelihood", "structure", "subset", "rank", "curvature"):
+            setattr(self, name, getattr(o, name))
+        for name in ("n_mc_samples", "memory_budget", "output_fn"):
             setattr(self, name, getattr(o, name))
         for name in ("ignore_index", "input_key", "target_key"):
             setattr(self, name, getattr(o.reader, name))
-        self.n_mc_samples, self.memory_budget, self.output_fn = (
-            o.n_mc_samples,
-            o.memory_budget,
-            o.output_fn,
-        )
         self.temperature = self._initial.temperature
         #: The :class:`~laplace_ggn.FittedLaplace` of the last fit (``None`` before).
         self.fitted: FittedLaplace | None = None
