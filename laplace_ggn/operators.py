@@ -101,8 +101,9 @@ class GGNOperator(_DataCurvatureOperator):
     every product. The operator holds a private copy of the model, so θ* cannot change under
     the cache, but the loader can: the cache assumes the loader yields the same batches at every
     pass; call :meth:`clear_cache` if it does not. Models whose operations lack a double
-    backward fall back to the uncached product. Every product that recomputes batches
-    without the cache warns once, with the reason.
+    backward (or whose double backward drops terms: the first cached product is checked
+    against the uncached one) fall back to the uncached product. Every product that
+    recomputes batches without the cache warns once, with the reason.
 
     Args:
         model: The network (copied; never modified).
@@ -130,6 +131,7 @@ class GGNOperator(_DataCurvatureOperator):
         super().__init__(model, loader, **kwargs)
         self.cache = bool(cache)
         self._disabled: str | None = None  # why the cache cannot be used for this model
+        self._verified = False  # a cached product was checked against the uncached one
         self.clear_cache()
 
     def _output_matvec(self, f: Tensor, u: Tensor, y: Tensor, index: int) -> Tensor:
@@ -191,7 +193,7 @@ class GGNOperator(_DataCurvatureOperator):
                 self._budget_hit = self._cached_bytes + nbytes > self.fmodel.memory_budget
                 if not self._budget_hit:
                     try:
-                        out += self._cached_product(entry, V)
+                        part = self._cached_product(entry, V)
                     except RuntimeError as err:  # an operation without double backward
                         self.clear_cache()
                         self._disabled = (
@@ -199,9 +201,17 @@ class GGNOperator(_DataCurvatureOperator):
                             f"({type(err).__name__}: {str(err)[:120]})"
                         )
                     else:
-                        self._entries[i] = entry
-                        self._cached_bytes += nbytes
-                        continue
+                        if self._verified or self._agrees(part, x, y, i, V):
+                            out += part
+                            self._entries[i] = entry
+                            self._cached_bytes += nbytes
+                            continue
+                        self.clear_cache()
+                        self._disabled = (
+                            "the double backward of an operation of the model gives other "
+                            "products than the uncached pass (a backward that is not itself "
+                            "differentiable, e.g. marked @once_differentiable)"
+                        )
                 entry = None
             if entry is not None:
                 out += self._cached_product(entry, V)
@@ -217,6 +227,19 @@ class GGNOperator(_DataCurvatureOperator):
             )
             self._warn_uncached(f"{n_uncached} of {n_batches} batches", reason)
         return out
+
+    def _agrees(self, part: Tensor, x: object, y: Tensor, index: int, V: Tensor) -> bool:
+        """Check a first cached product against the uncached one (once per operator).
+
+        Operations whose backward is not itself differentiable can drop terms of the double
+        backward without an error; the cache is used only if the products agree.
+        """
+        matvec = lambda f, u: self._output_matvec(f, u, y, index)  # noqa: E731
+        ref = self.fmodel.jvp_vjp(x, V, matvec)[0]
+        tol = torch.finfo(ref.dtype).eps ** 0.5
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        self._verified = bool(torch.allclose(part, ref, rtol=tol, atol=tol * scale))
+        return self._verified
 
     @staticmethod
     def _warn_uncached(which: str, reason: str) -> None:

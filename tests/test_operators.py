@@ -159,3 +159,51 @@ def test_cached_ggn_products_match_dense(name, budget):
     assert not G._entries
     v = torch.randn(ref.shape[0], dtype=torch.float64, generator=g)
     torch.testing.assert_close(G @ v, ref @ v, **TOL)
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _NoDoubleBackward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.lin1 = torch.nn.Linear(3, 4).double()
+        self.lin2 = torch.nn.Linear(4, 2).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, dtype=p.dtype, generator=g))
+
+    def forward(self, x):
+        return self.lin2(_OnceDifferentiableTanh.apply(self.lin1(x)))
+
+
+def test_cached_ggn_falls_back_with_a_warning_without_double_backward():
+    model = _NoDoubleBackward()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 2, (6,), generator=g)
+    data = [(X[:3], y[:3]), (X[3:], y[3:])]
+    ref = GGNOperator(model, data, likelihood="classification").to_dense()
+    G = GGNOperator(model, data, likelihood="classification", cache=True)
+    v = torch.randn(ref.shape[0], dtype=torch.float64, generator=g)
+    for _ in range(2):  # every product without the cache says why, once
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.testing.assert_close(G @ v, ref @ v, **TOL)
+        said = [str(w.message) for w in caught if "GGNOperator(cache=True)" in str(w.message)]
+        assert len(said) == 1 and "double backward" in said[0]
+    assert not G._entries
