@@ -57,7 +57,7 @@ class FittedLaplace:
         hyperparameters: The :class:`~laplace_ggn.hyperparameters.Hyperparameters` the
             posterior holds.
         structure: The :class:`~laplace_ggn.structures.StructureSpec` of the posterior.
-        reader: The :class:`~laplace_ggn.batches.BatchReader` of the fit's batches.
+        reader: The :class:`~laplace_ggn.reader.BatchReader` of the fit's batches.
         input_spec: The structure of the training inputs (``None``: not known).
         head: The subset's Linear head (features instead of Jacobians), or ``None``.
     """
@@ -218,7 +218,7 @@ class FittedLaplace:
         return draws
 
     def model_input(self, x: object, name: str = "x") -> object:
-        """A checked model input on the model's device (see :class:`BatchReader`).
+        """A checked model input on the model's device (see :class:`~laplace_ggn.reader.BatchReader`).
 
         Returns:
             The input.
