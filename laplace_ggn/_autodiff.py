@@ -212,6 +212,9 @@ def differentiating() -> bool:
 
     Only such passes need :data:`MATH_ATTENTION`; a plain forward without autograd keeps the
     fused kernels and fast paths.
+
+    Returns:
+        ``True`` when gradients are recorded or a transform is active.
     """
     if torch.is_grad_enabled():
         return True

@@ -177,6 +177,19 @@ class FitOptions:
         """
         return StructureOptions(self.model, prior_precision, self.rank, self.memory_budget)
 
+    def attributes(self) -> dict[str, object]:
+        """The options as ``LaplaceWrapper`` exposes them (``la.structure``, ``la.input_key``, ...).
+
+        Returns:
+            Option name to value, the reader's keys and ``ignore_index`` included.
+        """
+        names = ("model", "likelihood", "structure", "subset", "rank", "curvature")
+        attrs = {name: getattr(self, name) for name in names}
+        attrs.update(n_mc_samples=self.n_mc_samples, memory_budget=self.memory_budget)
+        attrs.update(output_fn=self.output_fn, ignore_index=self.reader.ignore_index)
+        attrs.update(input_key=self.reader.input_key, target_key=self.reader.target_key)
+        return attrs
+
     def check_generator(self, generator: object) -> None:
         """Refuse a generator that is not a ``torch.Generator`` on the model's device.
 

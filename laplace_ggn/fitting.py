@@ -65,6 +65,9 @@ def _check_exact_memory(options: FitOptions, fmodel: FunctionalModel, x0: object
 def _loss_statistic(lik, f: Tensor, y: Tensor, where: str) -> float:
     """The batch's loss statistic, accumulated in float64 (no float32 overflow of Σ(y−f)²).
 
+    Returns:
+        The statistic summed over the batch, a Python float.
+
     Raises:
         ValueError: If it is not finite even in float64.
     """

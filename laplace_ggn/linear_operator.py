@@ -40,6 +40,9 @@ class LinearOperator:
     def __matmul__(self, V: Tensor) -> Tensor:
         """Product with a vector ``(Q,)`` or matrix ``(Q, K)``.
 
+        Returns:
+            The product, shape ``(P,)`` or ``(P, K)``.
+
         Raises:
             ValueError: If the leading dimension of ``V`` is not ``Q``.
         """

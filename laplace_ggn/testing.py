@@ -63,6 +63,12 @@ def nll_per_sample(likelihood: str, f: Tensor, y: Tensor, sigma: float = 1.0) ->
 
     ``likelihood`` is ``"regression"`` (Gaussian, σ), ``"classification"`` (softmax) or
     ``"binary"`` (one logit).
+
+    Returns:
+        The NLL of each sample, shape ``(B,)``.
+
+    Raises:
+        ValueError: If ``likelihood`` is not one of the three names.
     """
     if likelihood == "regression":
         r = (y.reshape(f.shape) - f) ** 2
@@ -107,6 +113,9 @@ def dense_ggn(
     Outputs ``(B, T, C)`` count every position as an observation,
     :math:`G = \sum_{b,t} J_{bt}^\top \Lambda_{bt} J_{bt}`, with targets ``(B, T)`` (or
     ``(B, T, C)`` for regression); targets equal to ``ignore_index`` are left out.
+
+    Returns:
+        G, shape ``(P, P)``.
     """
     J = dense_jacobian(model, x, names)
     with torch.no_grad():

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 
 from . import marglik as _marglik
 from ._checks import DEFAULT_MEMORY_BUDGET, Curvature, Likelihood, Link, PredictMethod, Structure
+from .diagnostics import KernelDecomposition, decompose_fitted
 from .fit_options import FitOptions
 from .fitted import FittedLaplace, sample_projected
 from .fitting import fit_laplace, restore_fitted
 from .hyperparameters import Hyperparameters
-from .layout import ParamLayout, resolve_subset
+from .layout import resolve_subset
 from .likelihoods import DEFAULT_IGNORE_INDEX
 from .persistence import check_state, save_state, saved_options
 from .predictive import Prediction, resolve_options
@@ -38,36 +39,33 @@ class LaplaceWrapper:
     r"""Laplace posterior of a trained network from its generalised Gauss-Newton matrix.
 
     .. math::
-        p(\theta \mid \mathcal D) \approx N(\theta_*, \Sigma), \qquad
         \Sigma^{-1} = \Lambda = G / \tau + \Lambda_0 .
 
-    Every option is described in ``docs/api.md``.
+    Long descriptions: ``docs/api.md`` (every option), ``docs/structures.md``,
+    ``docs/predictive.md``, ``docs/your-model.md``.
 
     Args:
-        model: Trained network with outputs ``(B, C)`` or ``(B, T, C)`` (or a mapping /
-            object with ``logits``, or a tuple whose first element is the output); never
-            modified.
+        model: Trained network with outputs ``(B, C)``, ``(B,)`` or ``(B, T, C)``; never modified.
         likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
-        structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"``, ``"projected"`` (see
-            ``docs/structures.md``) or another name of :data:`~laplace_ggn.structures.STRUCTURES`.
-        subset: ``"all"`` / ``"trainable"`` (parameters with ``requires_grad``),
-            ``"last_layer"`` or a list of parameter names.
-        prior_precision: Float, or tensor of shape ``(T,)`` (per parameter tensor) or ``(P,)``.
+        structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"``, ``"projected"`` or
+            another name of :data:`~laplace_ggn.structures.STRUCTURES`.
+        subset: ``"all"``, ``"trainable"``, ``"last_layer"`` or a list of parameter names.
+        prior_precision: Float, or tensor of shape ``(T,)`` or ``(P,)``.
         sigma_noise: Observation noise σ (regression only).
-        temperature: τ; the curvature is divided by it.
-        rank: ``lowrank`` / ``projected``: ``None`` for the exact structure, k for top-k.
-        curvature: ``"ggn"`` (exact) or ``"mc"`` (Monte-Carlo Fisher, cost independent of C).
-        n_mc_samples: S, the label draws per sample of ``curvature="mc"`` (default 1).
+        temperature: τ, the curvature is divided by it.
+        rank: ``lowrank`` / ``projected``: ``None`` (exact) or k (top-k).
+        curvature: ``"ggn"`` (exact) or ``"mc"`` (Monte-Carlo Fisher).
+        n_mc_samples: S, label draws per sample of ``curvature="mc"`` (default 1).
         ignore_index: Classification / binary targets equal to it are skipped.
         input_key: Key of the inputs in mapping batches (``None``: every other key).
         target_key: Key of the targets in mapping batches (``None``: ``"target"``,
             ``"labels"`` or ``"label"``).
-        memory_budget: Bytes for chunked intermediates and for the largest dense structure.
+        memory_budget: Bytes for chunked intermediates and the largest dense structure.
         output_fn: Map from the model's output to the ``(B, C)`` tensor (not saved).
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module`` or an option has the wrong type.
-        ValueError: If an option has an invalid value; the message lists the valid ones.
+        ValueError: If an option is invalid; the message lists the valid ones.
 
     Example:
         >>> import torch
@@ -99,41 +97,21 @@ class LaplaceWrapper:
         output_fn: Callable[[object], Tensor] | None = None,
     ):
         o = self._options = FitOptions.create(
-            model,
-            likelihood,
-            structure=structure,
-            subset=subset,
-            rank=rank,
-            curvature=curvature,
-            n_mc_samples=n_mc_samples,
-            ignore_index=ignore_index,
-            input_key=input_key,
-            target_key=target_key,
-            memory_budget=memory_budget,
+            model, likelihood, structure=structure, subset=subset, rank=rank,
+            curvature=curvature, n_mc_samples=n_mc_samples, ignore_index=ignore_index,
+            input_key=input_key, target_key=target_key, memory_budget=memory_budget,
             output_fn=output_fn,
-        )
-        # resolve the subset now where no data is needed, to fail early on bad names
-        self._layout: ParamLayout | None = (
-            None if subset == "last_layer" else resolve_subset(model, subset)
-        )
+        )  # fmt: skip
+        # resolved now where no data is needed, to fail early on bad names
+        self._layout = None if subset == "last_layer" else resolve_subset(model, subset)
         self._initial = Hyperparameters.create(
-            o.likelihood,
-            prior_precision=prior_precision,
-            sigma_noise=sigma_noise,
-            temperature=temperature,
-            dtype=o.reader.dtype,
-            device=o.reader.device,
-        )
+            o.likelihood, prior_precision=prior_precision, sigma_noise=sigma_noise,
+            temperature=temperature, dtype=o.reader.dtype, device=o.reader.device,
+        )  # fmt: skip
         if self._layout is not None:
             o.spec.check_prior(self._initial.prior(self._layout))
         # the options as public attributes (la.structure, la.rank, la.input_key, ...)
-        for name in ("model", "likelihood", "structure", "subset", "rank", "curvature"):
-            setattr(self, name, getattr(o, name))
-        for name in ("n_mc_samples", "memory_budget", "output_fn"):
-            setattr(self, name, getattr(o, name))
-        for name in ("ignore_index", "input_key", "target_key"):
-            setattr(self, name, getattr(o.reader, name))
-        self.temperature = self._initial.temperature
+        vars(self).update(o.attributes(), temperature=self._initial.temperature)
         #: The :class:`~laplace_ggn.FittedLaplace` of the last fit (``None`` before).
         self.fitted: FittedLaplace | None = None
 
@@ -154,7 +132,7 @@ class LaplaceWrapper:
 
     @property
     def posterior(self):
-        """The fitted posterior (see :mod:`laplace_ggn.posteriors`); RuntimeError if unfitted."""
+        """The fitted posterior; RuntimeError if unfitted."""
         return self._require_fit("posterior").posterior
 
     @property
@@ -176,7 +154,7 @@ class LaplaceWrapper:
 
     @property
     def predictive_temperature(self) -> Tensor:
-        r"""Predictive temperature T of classification predictions, :math:`p_T \propto \bar p^{1/T}`."""
+        """Current predictive temperature T of classification, shape ``()``."""
         return self.hyperparameters.predictive_temperature.detach()
 
     def fit(
@@ -190,45 +168,34 @@ class LaplaceWrapper:
     ) -> LaplaceWrapper:
         """Collect the curvature in one pass over the data and build the posterior.
 
-        Under ``torch.distributed`` every rank passes its shard and ends with the posterior
-        of all shards together (``docs/distributed.md``).  On error the wrapper keeps its
-        previous state; distributed, an error on one rank is raised on every rank.
-
         Args:
-            train_loader: Iterable of ``(x, y)`` batches or mappings (``x``: tensor, tuple or
-                dict of tensors of the model's dtype).
-            progress: Show a tqdm bar (``None``: for loaders of 20 batches or more).
-            distributed: ``None``: reduce over ranks when ``torch.distributed`` is
-                initialised; ``True``: require it; ``False``: this process's data only.
+            train_loader: Iterable of ``(x, y)`` batches or mappings.
+            progress: Show a tqdm bar (``None``: for 20 batches or more).
+            distributed: Reduce over ``torch.distributed`` ranks (``None``: if initialised).
             process_group: Group to reduce over (default: the default group).
             generator: Random generator of the label draws of ``curvature="mc"``.
 
         Returns:
-            ``self``, fitted.
+            ``self``, fitted; on error the previous state is kept.
 
         Raises:
-            ValueError: If the loader yields no data, a batch is malformed or not finite,
-                targets do not fit the likelihood, the structure exceeds the memory budget,
-                the models differ across ranks, or ``generator`` is on another device.
-            TypeError: If ``train_loader`` is not iterable, targets are not tensors, or
-                ``generator`` is not a ``torch.Generator``.
-            RuntimeError: If the curvature cannot be factorised (torch.linalg failed).
+            ValueError: If the data is empty, malformed, not finite or does not fit the
+                likelihood, or the structure exceeds the memory budget.
+            TypeError: If the loader, targets or ``generator`` have the wrong type.
         """
         self.fitted = fit_laplace(
-            self._options,
-            self.hyperparameters,
-            self._layout,
-            train_loader,
-            progress=progress,
-            distributed=distributed,
-            process_group=process_group,
+            self._options, self.hyperparameters, self._layout, train_loader,
+            progress=progress, distributed=distributed, process_group=process_group,
             generator=generator,
-        )
+        )  # fmt: skip
         self._layout = self.fitted.layout
         return self
 
     def posterior_covariance(self) -> Tensor:
-        """Dense posterior covariance Σ, shape ``(P, P)`` (see :class:`FittedLaplace`).
+        """Dense posterior covariance Σ.
+
+        Returns:
+            Σ, shape ``(P, P)``.
 
         Raises:
             RuntimeError: If not fitted, or Σ is not finite.
@@ -241,17 +208,17 @@ class LaplaceWrapper:
         prior_precision: float | Tensor | None = None,
         sigma_noise: float | Tensor | None = None,
     ) -> Tensor:
-        r"""Laplace evidence :math:`\log p(\mathcal D)`, shape ``()``, differentiable in both.
+        r"""Laplace evidence :math:`\log p(\mathcal D)`, differentiable in both arguments.
 
         Args:
-            prior_precision: Evaluate at this prior precision (default: the current one).
-            sigma_noise: Evaluate at this σ (regression; default: the current one).
+            prior_precision: Shape ``()``, ``(T,)`` or ``(P,)`` (default: the current one).
+            sigma_noise: σ, shape ``()`` (default: the current one).
 
         Returns:
-            The log marginal likelihood.
+            The log marginal likelihood, shape ``()``.
 
         Raises:
-            RuntimeError: If not fitted, or the evidence is not finite (naming the term).
+            RuntimeError: If not fitted, or the evidence is not finite.
             ValueError: If a hyperparameter is not positive or has the wrong shape.
         """
         fitted = self._require_fit("log_marginal_likelihood()")
@@ -264,27 +231,29 @@ class LaplaceWrapper:
         sigma_noise: float | Tensor | None = None,
         predictive_temperature: float | Tensor | None = None,
     ) -> LaplaceWrapper:
-        """Replace the prior precision, σ and/or T (no refit); all validated first.
+        """Replace the prior precision, σ and/or T without a refit (``None``: keep).
 
         Returns:
             ``self``.
 
         Raises:
             RuntimeError: If not fitted.
-            ValueError: If a value is invalid.
+            ValueError: If a value is invalid (nothing changes).
             TypeError: If a value is not a number.
         """
         fitted = self._require_fit("set_hyperparameters()")
         hp = fitted.hyperparameters.replace(
-            prior_precision=prior_precision,
-            sigma_noise=sigma_noise,
+            prior_precision=prior_precision, sigma_noise=sigma_noise,
             predictive_temperature=predictive_temperature,
-        )
+        )  # fmt: skip
         self.fitted = fitted.with_hyperparameters(hp)
         return self
 
     def jacobians(self, x: object) -> tuple[Tensor, Tensor]:
-        """``(J, f)`` at inputs ``x``: shapes ``(B, C, P)`` and ``(B, C)`` (with T for sequences).
+        """Jacobians and outputs of the network at θ*.
+
+        Returns:
+            ``(J, f)``, shapes ``(B, C, P)`` and ``(B, C)`` (with T for sequence outputs).
 
         Raises:
             RuntimeError: If not fitted, or the Jacobians are not finite.
@@ -293,7 +262,10 @@ class LaplaceWrapper:
         return self._require_fit("jacobians()").jacobians(x)
 
     def functional_covariance(self, x: object) -> Tensor:
-        r""":math:`J(x)\Sigma J(x)^\top`, shape ``(B, C, C)``, never forming Σ (diag/kfac/lowrank).
+        r""":math:`J(x)\Sigma J(x)^\top` without forming Σ (diag/kfac/lowrank).
+
+        Returns:
+            Shape ``(B, C, C)``.
 
         Raises:
             RuntimeError: If not fitted, or the result is not finite.
@@ -302,12 +274,14 @@ class LaplaceWrapper:
         return self._require_fit("functional_covariance()").functional_covariance(x)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """``(n, P)`` draws of the subset's parameters from the posterior.
+        """Draws of the subset's parameters from the posterior.
+
+        Returns:
+            Shape ``(n, P)``.
 
         Raises:
             RuntimeError: If not fitted, or the samples are not finite.
             ValueError: If ``n`` is not a positive integer.
-            TypeError: If ``generator`` is not a ``torch.Generator``.
         """
         return self._require_fit("sample()").sample(n, generator=generator)
 
@@ -321,24 +295,20 @@ class LaplaceWrapper:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """``(n, P)`` draws of the projected posterior by alternating projections over the data.
+        """Draws of the projected posterior over the data (:func:`~laplace_ggn.fitted.sample_projected`).
 
-        See :func:`~laplace_ggn.fitted.sample_projected` (the arguments are its own).
+        Returns:
+            Shape ``(n, P)``.
 
         Raises:
             RuntimeError: If not fitted.
             ValueError: If the structure is not ``"projected"`` or an option is invalid.
-            TypeError: If ``generator`` is not a ``torch.Generator``.
         """
+        fitted = self._require_fit("sample_projected()")
         return sample_projected(
-            self._require_fit("sample_projected()"),
-            n,
-            train_loader,
-            n_iterations=n_iterations,
-            tol=tol,
-            generator=generator,
-            progress=progress,
-        )
+            fitted, n, train_loader, n_iterations=n_iterations, tol=tol,
+            generator=generator, progress=progress,
+        )  # fmt: skip
 
     def predict(
         self,
@@ -349,14 +319,11 @@ class LaplaceWrapper:
         n_samples: int = 100,
         generator: torch.Generator | None = None,
     ) -> Prediction:
-        r"""Predictive distribution at test inputs (see :mod:`laplace_ggn.predictive`).
-
-        ``"glm"``: :math:`f \sim N(f(x,\theta_*), J\Sigma J^\top)`; ``"nn"``: θ sampled from
-        the posterior.  Regression variance includes σ²; classification applies T.
+        """Predictive distribution at test inputs (``docs/predictive.md``).
 
         Args:
             x: Model input of batch size B.
-            method: ``"glm"`` or ``"nn"``.
+            method: ``"glm"`` (linearised) or ``"nn"`` (sampled networks).
             link: ``"probit"`` (glm default), ``"bridge"`` or ``"mc"`` (nn: the only one).
             n_samples: S for ``link="mc"`` and ``method="nn"``.
             generator: Random generator (on the model's device).
@@ -366,9 +333,7 @@ class LaplaceWrapper:
 
         Raises:
             RuntimeError: If not fitted, or the predictive is not finite.
-            ValueError: If the method/link pair or ``n_samples`` is invalid, or the input
-                differs from the training inputs or is not finite.
-            TypeError: If ``generator`` is not a ``torch.Generator``.
+            ValueError: If the method/link pair, ``n_samples`` or the input is invalid.
         """
         resolve_options(self.likelihood, method, link)
         fitted = self._require_fit("predict()")
@@ -377,30 +342,22 @@ class LaplaceWrapper:
     def optimize_prior_precision(
         self, method: object = "marglik", *, progress: bool = False, **options: object
     ) -> LaplaceWrapper:
-        """Tune the prior precision (and σ, or T) by evidence and/or validation NLL; no refit.
-
-        ``method``: a :class:`~laplace_ggn.Marglik`, :class:`~laplace_ggn.GridSearch` or
-        :class:`~laplace_ggn.MarglikTemperature`, or its name ``"marglik"``, ``"gridsearch"``,
-        ``"marglik_temperature"`` with the options of that object as keywords (e.g.
-        ``val_loader=``, ``grid=``, ``n_steps=``, ``tune_sigma_noise=``; see ``docs/api.md``).
-        Curves are kept in ``marglik_result_``, ``gridsearch_result_`` and
-        ``temperature_result_``; ``"marglik"`` and ``"gridsearch"`` reset T to 1.  On failure
-        the hyperparameters stay as they were.
+        """Tune the prior precision (and σ or T) without a refit (``docs/api.md``).
 
         Args:
-            method: The tuning object or its name.
+            method: :class:`~laplace_ggn.Marglik`, :class:`~laplace_ggn.GridSearch`,
+                :class:`~laplace_ggn.MarglikTemperature`, or ``"marglik"``, ``"gridsearch"``,
+                ``"marglik_temperature"`` with that object's options as ``**options``.
             progress: Show a progress bar.
             **options: The options of a method given by name.
 
         Returns:
-            ``self``.
+            ``self``; curves in ``marglik_result_``, ``gridsearch_result_``,
+            ``temperature_result_``.
 
         Raises:
             RuntimeError: If not fitted, or the tuning fails numerically.
-            ValueError: If an option is invalid or belongs to another method (the message
-                names the options of this one).
-            TypeError: If ``generator`` is not a ``torch.Generator`` or ``val_loader`` is not
-                iterable.
+            ValueError: If an option is invalid or belongs to another method.
         """
         tuner = _marglik.tuning_method(method, self.likelihood, **options)
         tuned = tuner.tune(self._require_fit("optimize_prior_precision()"), progress=progress)
@@ -421,50 +378,26 @@ class LaplaceWrapper:
         rank: int | None = None,
         n_samples: int = 32,
         generator: torch.Generator | None = None,
-    ):
-        r"""Kernel / non-kernel decomposition of the posterior (Roy et al., NeurIPS 2024).
-
-        See :func:`laplace_ggn.diagnostics.kernel_decomposition` (the arguments are its own).
+    ) -> KernelDecomposition:
+        """Kernel / non-kernel decomposition (:func:`~laplace_ggn.diagnostics.decompose_fitted`).
 
         Returns:
             :class:`~laplace_ggn.diagnostics.KernelDecomposition`; ``print`` it or ``.plot()``.
 
         Raises:
             RuntimeError: If not fitted.
-            ValueError: If the structure is not 'full' or 'lowrank', the model's outputs are
-                ``(B, T, C)``, or an argument is invalid.
-            TypeError: If ``x`` is neither a model input nor a loader.
+            ValueError: If the structure is not full or lowrank, or an argument is invalid.
         """
-        from . import diagnostics as _diagnostics
-
-        fitted = self._require_fit("kernel_decomposition()")
-        if fitted.statistics.output_ndim != 2:
-            raise ValueError(
-                "kernel_decomposition() needs a model with outputs (B, C); got a model fitted "
-                "on outputs (B, T, C). Decompose a model that returns one position, e.g. the "
-                "last token's outputs."
-            )
-        return _diagnostics.kernel_decomposition(
-            fitted.posterior,
-            fitted.fmodel,
-            x,
-            likelihood=self.likelihood,
-            lik=fitted.likelihood,
-            structure=self.structure,
-            y=y,
-            sigma_noise=fitted.hyperparameters.sigma_noise,
-            tol=tol,
-            rank=rank,
-            n_samples=n_samples,
-            kept_eigenpairs=self.rank,
-            generator=generator,
-            input_key=self.input_key,
-            target_key=self.target_key,
-            check_input=fitted.model_input,
-        )
+        return decompose_fitted(
+            self._require_fit("kernel_decomposition()"), x, kept_eigenpairs=self.rank, y=y,
+            tol=tol, rank=rank, n_samples=n_samples, generator=generator,
+        )  # fmt: skip
 
     def state_dict(self) -> dict:
-        """Everything :meth:`from_state_dict` needs (see :mod:`laplace_ggn.persistence`).
+        """Everything :meth:`from_state_dict` needs (:mod:`laplace_ggn.persistence`).
+
+        Returns:
+            The state, a dict of tensors and plain values.
 
         Raises:
             RuntimeError: If not fitted.
@@ -477,17 +410,12 @@ class LaplaceWrapper:
     ) -> LaplaceWrapper:
         """Rebuild a fitted wrapper from :meth:`state_dict` and a model of its architecture.
 
-        Every key is validated first (``docs/errors.md``); θ* of the subset comes from the
-        state, the other parameters from ``model``; tensors take the model's dtype/device.
-        ``output_fn`` is that of the saved wrapper (a callable is not saved).
-
         Returns:
             A fitted wrapper equal to the one saved.
 
         Raises:
             TypeError: If the state or one of its entries has the wrong type.
-            ValueError: If a key is missing or invalid (named), the state is from a newer
-                format, or the model's parameters do not match the saved ones.
+            ValueError: If a key is missing or invalid (named), or the model does not match.
         """
         state = check_state(state, model, STRUCTURES)
         la = cls(model, **saved_options(state), output_fn=output_fn)

@@ -28,13 +28,14 @@ complement is counted as kernel (the posterior there is the prior), and the repo
 """
 
 from ._samples import gather_inputs
-from .kernel import eigenbasis, kernel_decomposition, supported_structures
+from .kernel import decompose_fitted, eigenbasis, kernel_decomposition, supported_structures
 from .report import KernelDecomposition, SampleFit
 
 __all__ = [
     "SUPPORTED_STRUCTURES",
     "KernelDecomposition",
     "SampleFit",
+    "decompose_fitted",
     "eigenbasis",
     "gather_inputs",
     "kernel_decomposition",
@@ -44,6 +45,9 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     """``SUPPORTED_STRUCTURES``: :func:`supported_structures` of the registry as it is now.
+
+    Returns:
+        The tuple of structure names that hold an eigenbasis of G.
 
     Raises:
         AttributeError: For any other name.

@@ -14,7 +14,7 @@ from ..posteriors import eigenbasis_of
 from ._samples import _FitAccumulator, gather_inputs
 from .report import KernelDecomposition
 
-__all__ = ["eigenbasis", "kernel_decomposition", "supported_structures"]
+__all__ = ["decompose_fitted", "eigenbasis", "kernel_decomposition", "supported_structures"]
 MODELS = ("network", "linearised")
 
 
@@ -289,4 +289,61 @@ def kernel_decomposition(
         n_samples=n_samples,
         targets=targets,
         sample_fit=acc.rows() if n_samples else (),
+    )
+
+
+def decompose_fitted(
+    fitted: object,
+    x: object,
+    *,
+    kept_eigenpairs: int | None = None,
+    y: Tensor | None = None,
+    tol: float = 1e-9,
+    rank: int | None = None,
+    n_samples: int = 32,
+    generator: torch.Generator | None = None,
+) -> KernelDecomposition:
+    """:func:`kernel_decomposition` of a :class:`~laplace_ggn.FittedLaplace`.
+
+    Args:
+        fitted: The fitted Laplace approximation (structure ``full`` or ``lowrank``).
+        x: Inputs of batch size B, or a loader of ``(x, y)`` batches.
+        kept_eigenpairs: k for a top-k low-rank posterior, ``None`` when G is held exactly.
+        y: Targets for ``x`` (``None``: the MAP predictions).
+        tol: Eigenvalues of G at most ``tol·λ_max`` count as kernel.
+        rank: Fix r instead of thresholding (``None``: threshold by ``tol``).
+        n_samples: Samples per kind for the table; 0 skips it.
+        generator: Random generator for the samples.
+
+    Returns:
+        The report.
+
+    Raises:
+        ValueError: If the model's outputs are ``(B, T, C)``, the structure holds no
+            eigenbasis of G, or an argument is invalid.
+        TypeError: If ``x`` is neither a model input nor a loader.
+    """
+    if fitted.statistics.output_ndim != 2:
+        raise ValueError(
+            "kernel_decomposition() needs a model with outputs (B, C); got a model fitted "
+            "on outputs (B, T, C). Decompose a model that returns one position, e.g. the "
+            "last token's outputs."
+        )
+    return kernel_decomposition(
+        fitted.posterior,
+        fitted.fmodel,
+        x,
+        likelihood=fitted.kind,
+        lik=fitted.likelihood,
+        structure=fitted.structure.name,
+        y=y,
+        sigma_noise=fitted.hyperparameters.sigma_noise,
+        tol=tol,
+        rank=rank,
+        n_samples=n_samples,
+        kept_eigenpairs=kept_eigenpairs,
+        generator=generator,
+        input_key=fitted.reader.input_key,
+        target_key=fitted.reader.target_key,
+        check_input=fitted.model_input,
     )

@@ -114,6 +114,9 @@ def check_classification(likelihood: Likelihood | LikelihoodModel) -> None:
 def run_marglik(method, fitted, *, tune_sigma_noise: bool, progress: bool) -> MarglikResult:
     """Adam on the evidence from the fitted hyperparameters (see :func:`optimize_marglik`).
 
+    Returns:
+        The :class:`MarglikResult` with the optimised hyperparameters and the curve.
+
     Raises:
         RuntimeError: If the evidence is not finite (naming the overflowing term when it is
             not finite at the start already).

@@ -51,6 +51,9 @@ def default_grid(
 ) -> Tensor:
     """Log-spaced grid ``10**lo .. 10**hi`` of ``n_points``, shape ``(n_points,)``.
 
+    Returns:
+        The grid, shape ``(n_points,)``, of ``dtype``.
+
     Raises:
         ValueError: If the range is not two finite numbers ``lo <= hi`` or ``n_points < 1``.
     """

@@ -151,6 +151,9 @@ def standard_normal(
 ) -> Tensor:
     """Draw ``(n, P)`` standard normal noise.
 
+    Returns:
+        Standard normal noise, shape ``(n, P)``.
+
     Raises:
         ValueError: If ``n`` is not a positive integer.
     """

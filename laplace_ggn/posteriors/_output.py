@@ -170,6 +170,9 @@ class KronDenseOutputCovariance:
 def as_output_covariance(cov: Tensor | OutputCovariance) -> OutputCovariance:
     """Wrap matrices ``(N, C, C)`` or diagonals ``(N, C)``; factored forms pass through.
 
+    Returns:
+        The :class:`OutputCovariance` of the matrices.
+
     Raises:
         ValueError: If a tensor is neither 2-D nor 3-D.
     """

@@ -193,6 +193,9 @@ class LowRankPosterior:
         the projector's diagonal :math:`1 - \|Q_{p\cdot}\|^2` (in [0, 1] in exact arithmetic)
         clamped at 0 against rounding; its absolute error is about :math:`\epsilon d_p^2`.
         :meth:`to_dense` has the more accurate diagonal (squared row norms, O(P²·R)).
+
+        Returns:
+            The variances, shape ``(P,)``.
         """
         r, Q, e = self._whitened
         Q2 = Q**2
@@ -204,6 +207,9 @@ class LowRankPosterior:
         The diagonal of the projector :math:`I - QQ^\top` is taken as its squared row norms
         (equal in exact arithmetic, as the projector is idempotent), so that every variance
         :math:`\Sigma_{pp}` is >= 0 and accurate even when :math:`1/\alpha` is huge.
+
+        Returns:
+            Σ, shape ``(P, P)``.
         """
         r, Q, e = self._whitened
         Ker = -(Q @ Q.T)
@@ -222,6 +228,9 @@ class LowRankPosterior:
         Computed as :math:`RR^\top + (\tilde JQe^{1/2})(\cdot)^\top` with the residual
         :math:`R = \tilde J - \tilde JQQ^\top` (see the module docstring): positive
         semi-definite by construction, with no cancellation for small prior precisions.
+
+        Returns:
+            J Σ Jᵀ, shape ``(B, C, C)``.
         """
         check_J(J, self.n_params)
         r, Q, e = self._whitened
@@ -268,6 +277,9 @@ class LowRankPosterior:
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``.
+
+        Returns:
+            The samples, shape ``(n, P)``.
 
         Raises:
             ValueError: If ``n`` is not a positive integer.

@@ -145,6 +145,9 @@ class ProjectedPosterior:
 
         Scalar prior: :math:`S = P_{ker}/\sqrt\alpha`; otherwise :math:`S = \Sigma D^{1/2}`
         (:math:`\Sigma D\Sigma = \Sigma`).
+
+        Returns:
+            The rows, shape ``(M, P)``.
         """
         if self.prior.is_scalar:
             return self._sigma_rows(X) * self.prior.precision.sqrt()
@@ -158,6 +161,9 @@ class ProjectedPosterior:
         ``(P - R) log α`` for a scalar prior, :math:`\log|D| + \log|U^\top D^{-1}U|` otherwise:
         log|Λ| of the Laplace precision without its prior-independent divergent part (see the
         module docstring).
+
+        Returns:
+            The log pseudo-determinant, shape ``()``.
         """
         if self.prior.is_scalar:
             return (self.n_params - self.rank) * torch.log(self.prior.precision)
@@ -181,6 +187,9 @@ class ProjectedPosterior:
 
         Scalar prior: :math:`J_{ker}J_{ker}^\top/\alpha` with :math:`J_{ker} = J - (JU)U^\top`,
         O(B·C·P·R); a Gram matrix, so PSD in floating point too.
+
+        Returns:
+            J Σ Jᵀ, shape ``(B, C, C)``.
         """
         check_J(J, self.n_params)
         Bsz, C, P = J.shape
@@ -192,6 +201,9 @@ class ProjectedPosterior:
 
         Scalar prior: :math:`\theta_* + P_{ker} z/\sqrt\alpha`; otherwise
         :math:`\theta_* + \Sigma D^{1/2} z`, whose covariance is :math:`\Sigma D \Sigma = \Sigma`.
+
+        Returns:
+            The samples, shape ``(n, P)``.
         """
         z = standard_normal(
             n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
