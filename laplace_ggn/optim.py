@@ -31,15 +31,12 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import Likelihood, as_enum, is_integer, shape_str
-from .functional import ParamLayout
-from .kfac import KFACCurvature, KroneckerBlock
-from .layers import affine_layers, with_bias_column
+from .collectors.kfac import BatchKFAC
 from .likelihoods import get_likelihood
 from .linalg import CGResult, SolveMethod, cg, inverse_matvec
 from .operators import CallableOperator
@@ -165,7 +162,7 @@ class NaturalGradient(torch.optim.Optimizer):
         self.cg_tol = float(cg_tol)
         self.cg_max_iter = cg_max_iter
         self.last_solve: CGResult | None = None
-        self._kfac: _BatchKFAC | None = None
+        self._kfac: BatchKFAC | None = None
         if self.curvature is Curvature.KFAC:
             self._setup_kfac(model)
 
@@ -182,7 +179,7 @@ class NaturalGradient(torch.optim.Optimizer):
                     f"{key} must be the same in every parameter group for curvature='kfac'; "
                     f"got {sorted(values)}. The Kronecker inverse takes one scalar shift."
                 )
-        self._kfac = _BatchKFAC(model, [p for _, p in self._params()])
+        self._kfac = BatchKFAC(model, [p for _, p in self._params()])
 
     def _params(self) -> list[tuple[dict, Tensor]]:
         return [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -209,7 +206,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 "Example: opt.step(lambda: (model(x), y))."
             )
         records: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        with torch.enable_grad(), _BatchKFAC.recording(self._kfac, records):
+        with torch.enable_grad(), BatchKFAC.recording(self._kfac, records):
             out = closure()
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor)):
             raise TypeError(
@@ -316,96 +313,3 @@ class NaturalGradient(torch.optim.Optimizer):
             for p, dp in zip(params, d.split(sizes)):
                 p.sub_(dp.view_as(p))
         return nll.detach() + 0.5 * (prior * theta**2).sum()
-
-
-class _BatchKFAC:
-    """The ``nn.Linear`` layers of the optimised parameters and the KFAC curvature of a batch.
-
-    Args:
-        model: The module the closure runs.
-        params: The optimised parameters, in order.
-
-    Raises:
-        ValueError: If a parameter lies outside the ``nn.Linear`` layers of ``model``.
-    """
-
-    def __init__(self, model: nn.Module, params: list[Tensor]):
-        names = {id(p): n for n, p in model.named_parameters()}
-        owned = {
-            id(p)
-            for layer in affine_layers(model).values()
-            for p in (layer.module.weight, layer.module.bias)
-            if p is not None
-        }
-        bad = [
-            names.get(id(p), f"<tensor {shape_str(p.shape)} not in model>")
-            for p in params
-            if id(p) not in owned
-        ]
-        if bad:
-            raise ValueError(
-                f"every optimised parameter must belong to an nn.Linear layer of model for "
-                f"curvature='kfac'; got {bad} outside. Use curvature='ggn' for other layers."
-            )
-        self.names = [names[id(p)] for p in params]
-        self.layout = ParamLayout(tuple(self.names), tuple(p.shape for p in params))
-        self.layers = affine_layers(model, self.names)
-
-    @staticmethod
-    @contextmanager
-    def recording(kfac: _BatchKFAC | None, records: dict[str, list[tuple[Tensor, Tensor]]]):
-        """Record ``(input, output)`` of every factored layer while the closure runs."""
-        layers = {} if kfac is None else kfac.layers
-        records.update({m: [] for m in layers})
-        hooks = [
-            lay.module.register_forward_hook(
-                lambda _m, inp, out, name=mname: records[name].append((inp[0], out))
-            )
-            for mname, lay in layers.items()
-        ]
-        try:
-            yield records
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def curvature(
-        self,
-        f: Tensor,
-        records: dict[str, list[tuple[Tensor, Tensor]]],
-        lik: object,
-        sigma2: float,
-    ) -> KFACCurvature:
-        """Kronecker factors of the batch GGN from the recorded layer inputs and outputs.
-
-        Returns:
-            The KFAC curvature of the optimised parameters (no diagonal part).
-
-        Raises:
-            ValueError: If a factored layer did not run exactly once.
-        """
-        again = [m for m, r in records.items() if len(r) != 1]
-        if again:
-            raise ValueError(
-                f"layers {again} must run exactly once per forward pass for curvature='kfac'; "
-                f"got {[len(records[m]) for m in again]} calls. Use curvature='ggn'."
-            )
-        fd = f.detach()
-        L = lik.sqrt_hessian(fd) / sigma2**0.5  # (B, C, K)
-        outs = [records[m][0][1] for m in self.layers]
-        gsum = [None] * len(outs)
-        for k in range(L.shape[2]):
-            gk = torch.autograd.grad(
-                f, outs, grad_outputs=L[:, :, k], retain_graph=True, materialize_grads=True
-            )
-            for i, g in enumerate(gk):
-                g2 = g.detach().reshape(-1, g.shape[-1])
-                gsum[i] = g2.T @ g2 if gsum[i] is None else gsum[i] + g2.T @ g2
-        blocks = []
-        for i, (mname, lay) in enumerate(self.layers.items()):
-            a = records[mname][0][0].detach()
-            a2 = a.reshape(-1, a.shape[-1])
-            a_t = with_bias_column(a2, bool(lay.weight), bool(lay.bias))
-            blocks.append(KroneckerBlock(lay.weight, lay.bias, a_t.T @ a_t, gsum[i] / a2.shape[0]))
-        empty = torch.zeros(0, dtype=fd.dtype, device=fd.device)
-        return KFACCurvature(self.layout, tuple(blocks), (), empty)
