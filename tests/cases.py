@@ -1,12 +1,16 @@
-"""Tiny seeded float64 models and data shared by the tests (<= 60 parameters each)."""
+"""Tiny seeded float64 models and data shared by the tests (<= 60 parameters each), and the
+helpers several test files use to fit them and compare saved states."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from laplace_ggn import LaplaceWrapper
 
 
 @dataclass
@@ -59,3 +63,64 @@ CASE_NAMES = [
     "mlp_binary",
     "mlp_nobias_classification",
 ]
+
+
+def assert_same_state(a, b) -> None:
+    """Recursive exact equality of state dicts (tensors bit for bit)."""
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_same_state(u, v)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def same_state(a, b) -> bool:
+    """Recursive exact equality of state dicts (tensors bit for bit)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(u, v) for u, v in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def fit_case(case, structure="full", batch_size=5, **kwargs) -> LaplaceWrapper:
+    return LaplaceWrapper(case.model, case.likelihood, structure=structure, **kwargs).fit(
+        case.loader(batch_size)
+    )
+
+
+def quiet_fit(la: LaplaceWrapper, loader) -> LaplaceWrapper:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return la.fit(loader)
+
+
+def saturated_model(
+    likelihood: str, scale: float = 1e20
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    C = {"classification": 3, "binary": 1, "regression": 2}[likelihood]
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, C))
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+        model[2].bias.mul_(scale)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 3, generator=g)
+    y = torch.randint(0, C, (12,), generator=g)
+    if likelihood == "binary":
+        y = torch.randint(0, 2, (12,), generator=g).float()
+    elif likelihood == "regression":
+        y = torch.randn(12, C, generator=g)
+    return model, X, y

@@ -5,7 +5,7 @@ import torch
 from cases import make_case
 from torch import nn
 
-from laplace_ggn.functional import FunctionalModel, resolve_subset, split_batch
+from laplace_ggn.functional import FunctionalModel, batch_size_of, resolve_subset, split_batch
 from laplace_ggn.testing import dense_jacobian
 
 
@@ -107,3 +107,33 @@ def test_split_batch_forms():
         ValueError, match="must be \\(input, target\\) pairs or mappings; got Tensor"
     ):
         split_batch(x)
+
+
+# -- model inputs and outputs that are not tensors -------------------------------------------------
+
+
+def test_model_input_without_tensor():
+    with pytest.raises(
+        ValueError, match="model input must be a tensor, a tuple or a dict of tensors; got str"
+    ):
+        batch_size_of("abc")
+
+
+def test_model_output_not_a_tensor():
+    class SetOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"scores": self.l(x)}
+
+    model = SetOut()
+    fm = FunctionalModel(model, resolve_subset(model, "all"))
+    with pytest.raises(
+        TypeError,
+        match=r"model output must be a tensor, a mapping or object with 'logits', or a tuple "
+        r"whose first element is the output tensor; got dict with keys \['scores'\]\. Pass "
+        r"output_fn=",
+    ):
+        fm.forward(torch.zeros(2, 3))

@@ -1,9 +1,16 @@
+import numpy as np
 import pytest
 import torch
+from cases import make_case, quiet_fit, same_state
+from torch.utils.data import DataLoader, TensorDataset
 
+from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Likelihood
 from laplace_ggn.likelihoods import Bernoulli, Categorical, Gaussian, get_likelihood
+from laplace_ggn.structures import STRUCTURES
 from laplace_ggn.testing import dense_output_hessians, nll_per_sample
+
+STRUCTS = list(STRUCTURES)
 
 KINDS = {"regression": 3, "classification": 4, "binary": 1}
 
@@ -116,3 +123,94 @@ def test_predictive_mapping_fit_metric_and_targets(kind):
     assert mapped.shape == yc.shape
     assert lik.has_noise == (kind == "regression")
     assert lik.predicts_probabilities == (kind != "regression")
+
+
+# -- labels and targets of every dtype -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+def test_class_labels_of_every_integer_dtype_equal_the_int64_fit(structure):
+    case = make_case("mlp_classification")
+    ref = quiet_fit(LaplaceWrapper(case.model, case.likelihood, structure=structure), case.loader())
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        loader = DataLoader(TensorDataset(case.X, case.y.to(dtype)), batch_size=5)
+        la = quiet_fit(LaplaceWrapper(case.model, case.likelihood, structure=structure), loader)
+        assert same_state(la.state_dict(), ref.state_dict()), dtype
+    # bool labels are classes 0 and 1
+    yb = case.y % 2
+    ref_b = quiet_fit(
+        LaplaceWrapper(case.model, case.likelihood, structure=structure),
+        DataLoader(TensorDataset(case.X, yb), batch_size=5),
+    )
+    la = quiet_fit(
+        LaplaceWrapper(case.model, case.likelihood, structure=structure),
+        DataLoader(TensorDataset(case.X, yb.bool()), batch_size=5),
+    )
+    assert same_state(la.state_dict(), ref_b.state_dict())
+
+
+def test_binary_targets_of_integer_and_bool_dtype_accepted():
+    case = make_case("mlp_binary")
+    ref = LaplaceWrapper(case.model, "binary", structure="full").fit(case.loader())
+    for y in (case.y.long(), case.y.int(), case.y.bool(), case.y.to(torch.uint8)):
+        la = LaplaceWrapper(case.model, "binary", structure="full").fit(
+            DataLoader(TensorDataset(case.X, y), batch_size=5)
+        )
+        assert same_state(la.state_dict(), ref.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("targets", "name"),
+    [
+        (np.zeros(4, dtype=np.int64), "ndarray"),
+        ([0, 1, 2, 0], "list"),
+        (None, "NoneType"),
+        (3, "int"),
+    ],
+)
+def test_targets_that_are_not_tensors_raise_type_error_naming_the_type(targets, name):
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="diag")
+    msg = rf"targets in batch 0 must be a torch\.Tensor; got {name}\. Convert them with torch\.as_tensor"
+    with pytest.raises(TypeError, match=msg):
+        la.fit([(case.X[:4], targets)])
+    assert not la.is_fitted
+    la.fit(case.loader())
+    before = la.state_dict()
+    with pytest.raises(TypeError, match=msg):
+        la.fit([(case.X[:4], targets)])
+    assert same_state(la.state_dict(), before)
+    # the validation loader of the grid search is checked the same way
+    with pytest.raises(TypeError, match=r"targets in val_loader batch 0 must be a torch\.Tensor"):
+        la.optimize_prior_precision("gridsearch", val_loader=[(case.X[:4], targets)])
+    assert same_state(la.state_dict(), before)
+    with pytest.raises(TypeError, match=r"targets in batch 0 must be real-valued; got dtype"):
+        la.fit([(case.X[:4], torch.zeros(4, dtype=torch.complex64))])
+
+
+def test_nonfinite_float_labels_reported_as_such():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="diag")
+    y = case.y.double()
+    y[2] = float("inf")
+    y[3] = -float("inf")
+    with pytest.raises(
+        ValueError,
+        match=r"classification targets \(batch 0\) must be finite class indices; got 0 NaN and "
+        r"2 Inf values\.",
+    ):
+        la.fit([(case.X, y)])
+    y[2] = float("nan")
+    with pytest.raises(ValueError, match=r"got 1 NaN and 1 Inf values"):
+        la.fit([(case.X, y)])
+    assert not la.is_fitted
+
+
+# -- reference NLL ---------------------------------------------------------------------------------
+
+
+def test_reference_nll_unknown_likelihood():
+    with pytest.raises(
+        ValueError, match="likelihood must be regression/classification/binary; got 'poisson'"
+    ):
+        nll_per_sample("poisson", torch.zeros(2, 1), torch.zeros(2))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from cases import make_case
 from torch import nn
 from torch.func import functional_call, jacrev
 
@@ -514,3 +516,52 @@ def test_power_iteration_warns_when_it_stops_unconverged() -> None:
     with pytest.warns(RuntimeWarning, match=r"did not reach the relative tolerance tol=1e-12 in"):
         lam, _ = power_iteration(A, n_iter=3, tol=1e-12, generator=gen(0))
     assert 0.5 <= float(lam) <= 1.0
+
+
+# ----------------------------------------------------------------------------- errors and integer scalars
+
+
+def test_inverse_matvec_reports_no_convergence():
+    A = torch.diag(torch.logspace(0, 6, 20, dtype=torch.float64))
+    b = torch.ones(20, dtype=torch.float64)
+    with pytest.raises(
+        RuntimeError,
+        match="inverse_matvec did not reach the relative residual tol=1e-12 in 2 CG iterations",
+    ):
+        inverse_matvec(A, b, method="cg", tol=1e-12, max_iter=2)
+
+
+def test_integer_scalars_accepted_by_linalg_calibration_operators_and_optim():
+    from laplace_ggn.calibration import expected_calibration_error
+    from laplace_ggn.linalg import cg, hutchinson_trace, lanczos, spectral_density
+    from laplace_ggn.operators import MCFisherOperator
+    from laplace_ggn.optim import NaturalGradient
+
+    A = torch.diag(torch.arange(1.0, 7.0, dtype=DT))
+    b = torch.ones(6, dtype=DT)
+    torch.testing.assert_close(
+        cg(A, b, max_iter=np.int64(6)).solution, cg(A, b, max_iter=6).solution
+    )
+    torch.testing.assert_close(lanczos(A, np.int64(2), n_iter=torch.tensor(6))[0], lanczos(A, 2)[0])
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(
+        hutchinson_trace(A, np.int32(4), generator=g()), hutchinson_trace(A, 4, generator=g())
+    )
+    assert spectral_density(A, n_probes=np.int64(2), n_lanczos=np.int64(3)).density.ndim == 1
+    p = torch.softmax(torch.randn(8, 3, dtype=DT), -1)
+    labels = torch.arange(8) % 3
+    torch.testing.assert_close(
+        expected_calibration_error(p, labels, n_bins=np.int64(5)),
+        expected_calibration_error(p, labels, n_bins=5),
+    )
+    case = make_case("mlp_classification")
+    F = MCFisherOperator(
+        case.model, case.loader(), likelihood=case.likelihood, mc_samples=np.int64(2)
+    )
+    assert F.mc_samples == 2 and type(F.mc_samples) is int
+    opt = NaturalGradient(
+        case.model.parameters(), likelihood="classification", cg_max_iter=np.int64(5)
+    )
+    assert opt.cg_max_iter == 5
+    with pytest.raises(ValueError, match=r"max_iter must be an integer >= 0; got True\."):
+        cg(A, b, max_iter=True)

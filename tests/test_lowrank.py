@@ -1,10 +1,14 @@
-"""Low-rank (Woodbury) posterior: exact and top-k (Nyström) eigenpairs, priors, memory refusal."""
+"""Low-rank (Woodbury) posterior: exact and top-k (Nyström) eigenpairs, priors, memory refusal,
+failed factorisations."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASE_NAMES, make_case
+from cases import (
+    CASE_NAMES,
+    make_case,
+)
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Likelihood
@@ -266,3 +270,23 @@ def test_float32_small_prior_gives_psd_covariances_without_cancellation(prec, ac
         torch.testing.assert_close(
             post.to_dense().diagonal().double(), ref.to_dense().diagonal(), rtol=1e-4, atol=0
         )
+
+
+# -- factorisation failures ------------------------------------------------------------------------
+
+
+def test_failed_factorisation_of_the_curvature_is_a_named_runtime_error(monkeypatch):
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="lowrank", rank=3)
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    with pytest.raises(
+        RuntimeError,
+        match=r"curvature of structure='lowrank' must be factorisable; torch\.linalg failed "
+        r"\(linalg\.eigh: The algorithm failed to converge\)\.",
+    ) as info:
+        la.fit(case.loader())
+    assert type(info.value) is RuntimeError and not la.is_fitted

@@ -1,10 +1,12 @@
 """Evidence and tuning: closed-form Bayesian linear regression, the shared-spectrum evidence
 against the posterior's own, gridsearch on a U-shaped validation curve built on purpose,
-failures that leave the hyperparameters in place, and every error."""
+failures that leave the hyperparameters in place, every error, and the warning of a grid search
+that chose the edge of its grid."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn import marglik as ml
+from laplace_ggn.marglik import GridsearchResult, grid_edge_warning
 from laplace_ggn.posteriors import PriorKind
 from laplace_ggn.structures import STRUCTURES
 
@@ -572,3 +575,55 @@ def test_gridsearch_warns_for_each_numerical_failure_and_raises_other_errors(mon
     object.__setattr__(fitted, "posterior_at", wrong)
     with pytest.raises(ValueError, match="a bug, not a numerical failure"):
         ml.GridSearch(case.loader(), grid=[0.1, 10.0]).tune(fitted)
+
+
+# -- grid search: empty validation batches, the edge of the grid -----------------------------------
+
+
+def test_gridsearch_skips_empty_validation_batches():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="diag").fit(case.loader())
+    grid = [0.5, 1.0, 2.0]
+    zero = (case.X[:0], case.y[:0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la.optimize_prior_precision("gridsearch", val_loader=[(case.X, case.y)], grid=grid)
+        ref = la.gridsearch_result_.scores
+        la.optimize_prior_precision(
+            "gridsearch", val_loader=[zero, (case.X, case.y), zero], grid=grid
+        )
+    torch.testing.assert_close(la.gridsearch_result_.scores, ref, rtol=0, atol=0)
+
+
+def test_gridsearch_at_the_edge_of_its_grid_warns_how_to_widen_it():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="full").fit(case.loader())
+    with torch.no_grad():
+        logits = case.model(case.X)
+    # labels = the MAP's own predictions: less posterior spread scores better, top edge wins
+    right = DataLoader(TensorDataset(case.X, logits.argmax(-1)), batch_size=6)
+    with pytest.warns(
+        UserWarning,
+        match=r"gridsearch chose prior_precision=0\.01, the largest value of its grid "
+        r"0\.0001\.\.0\.01; the best precision may lie beyond it\. To search further, widen the "
+        r"grid with log_range=\(-4, 0\) \(powers of 10\)\.",
+    ):
+        la.optimize_prior_precision("gridsearch", val_loader=right, log_range=(-4, -2))
+    assert la.gridsearch_result_.best_index == 40
+    # labels = the MAP's least likely classes: more spread scores better, the bottom edge wins
+    wrong = DataLoader(TensorDataset(case.X, logits.argmin(-1)), batch_size=6)
+    with pytest.warns(
+        UserWarning,
+        match=r"the smallest value of its grid 100\.\.1e\+04; .* pass grid= reaching further, "
+        r"e\.g\. grid=torch\.logspace\(0, 4, 17\)\.",
+    ):
+        la.optimize_prior_precision("gridsearch", val_loader=wrong, grid=[1e2, 1e3, 1e4])
+    assert la.gridsearch_result_.best_index == 0
+    # a grid of one point, or a choice inside the grid: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        la.optimize_prior_precision("gridsearch", val_loader=right, grid=[0.1])
+    grid = torch.tensor([0.1, 1.0, 10.0], dtype=DT)
+    scores = torch.tensor([2.0, 1.0, 3.0], dtype=DT)
+    assert grid_edge_warning(GridsearchResult(grid, scores, 1), explicit_grid=True) is None
+    assert "largest" in grid_edge_warning(GridsearchResult(grid, scores, 2), explicit_grid=False)

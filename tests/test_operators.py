@@ -207,3 +207,15 @@ def test_cached_ggn_falls_back_with_a_warning_without_double_backward():
         said = [str(w.message) for w in caught if "GGNOperator(cache=True)" in str(w.message)]
         assert len(said) == 1 and "double backward" in said[0]
     assert not G._entries
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_operator_product_shape_mismatch():
+    a = DenseOperator(torch.zeros(3, 4))
+    b = DenseOperator(torch.zeros(5, 2))
+    with pytest.raises(
+        ValueError, match=r"cannot multiply operators of shapes \(3, 4\) and \(5, 2\)"
+    ):
+        a @ b

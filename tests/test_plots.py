@@ -258,3 +258,16 @@ def test_plots_module_imports_matplotlib_lazily():
     code = "import sys, laplace_ggn.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_uncertainty_band_needs_both_train_arrays():
+    from laplace_ggn.plots import UncertaintyBandDisplay
+
+    x = torch.linspace(0, 1, 5)
+    with pytest.raises(
+        ValueError, match="x_train and y_train must be given together; got only one of them"
+    ):
+        UncertaintyBandDisplay.from_predictions(x, x, torch.ones(5), x_train=x)

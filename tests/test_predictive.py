@@ -1,5 +1,6 @@
 """Predictives: GLM against a hand-built linearised model, links against their formulas and
-quadrature, the sampled-network predictive against the MAP network, randomness, errors."""
+quadrature, the sampled-network predictive against the MAP network, randomness, errors,
+inputs of 0 rows, and overflow reported instead of returned."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from cases import make_case
+from cases import make_case, quiet_fit, same_state, saturated_model
 from torch import nn
 
 from laplace_ggn import LaplaceWrapper, Prediction
@@ -417,3 +418,138 @@ def test_mc_link_chunks_inputs_to_the_memory_budget():
         z = torch.randn((S, *mu.shape), generator=g, dtype=DT)
         means.append(torch.softmax(mu + torch.einsum("bcd,sbd->sbc", L, z), -1).mean(0))
     torch.testing.assert_close(pred.mean, torch.cat(means), rtol=1e-12, atol=1e-14)
+
+
+# -- inputs of 0 rows and 0-dim inputs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", STRUCT_NAMES)
+@pytest.mark.parametrize("name", ["mlp_regression", "mlp_classification", "mlp_binary"])
+def test_zero_rows_give_empty_results_of_the_right_shape(structure, name):
+    case = make_case(name)
+    la = quiet_fit(LaplaceWrapper(case.model, case.likelihood, structure=structure), case.loader())
+    C, P = la.predict(case.X[:1]).mean.shape[1], la.n_params
+    x0 = case.X[:0]
+    links = [None] if case.likelihood == "regression" else ["probit", "bridge", "mc"]
+    g = torch.Generator().manual_seed(0)
+    for link in links:
+        pred = la.predict(x0, "glm", link=link, generator=g)
+        assert pred.mean.shape == pred.variance.shape == (0, C)
+        assert pred.mean.dtype == DT
+    pred = la.predict(x0, "nn", n_samples=3, generator=g)
+    assert pred.mean.shape == pred.variance.shape == (0, C)
+    assert la.functional_covariance(x0).shape == (0, C, C)
+    J, f = la.jacobians(x0)
+    assert J.shape == (0, C, P) and f.shape == (0, C)
+    # the same calls with rows still work afterwards
+    assert la.predict(case.X[:2]).mean.shape == (2, C)
+
+
+def test_zero_dim_input_is_a_value_error():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="kfac").fit(case.loader())
+    x = torch.tensor(1.0, dtype=DT)
+    msg = r"model input must have a leading batch dimension; got a 0-dim tensor\. Add one with"
+    for call in (
+        lambda: la.predict(x),
+        lambda: la.predict(x, "nn"),
+        lambda: la.functional_covariance(x),
+        lambda: la.jacobians(x),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            call()
+    before = la.state_dict()
+    with pytest.raises(ValueError, match=r"model input in batch 1 must have a leading batch"):
+        la.fit([(case.X[:4], case.y[:4]), (x, case.y[0])])
+    assert same_state(la.state_dict(), before)
+
+
+# -- overflow is reported, not returned ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", STRUCT_NAMES)
+@pytest.mark.parametrize("likelihood", ["classification", "binary"])
+def test_saturated_logits_reported_not_returned(structure, likelihood):
+    model, X, y = saturated_model(likelihood)
+    la = LaplaceWrapper(model, likelihood, structure=structure)
+    quiet_fit(la, [(X[:6], y[:6]), (X[6:], y[6:])])
+    before = la.state_dict()
+    with pytest.raises(
+        RuntimeError,
+        match=r"log marginal likelihood must be finite; got -inf in torch\.float32: the prior term "
+        r"½\(θ\*−θ₀\)ᵀΛ₀\(θ\*−θ₀\) = inf\.",
+    ):
+        la.log_marginal_likelihood()
+    with pytest.raises(RuntimeError, match=r"log marginal likelihood must be finite"):
+        la.optimize_prior_precision("marglik", n_steps=3)
+    assert same_state(la.state_dict(), before)
+    with pytest.raises(RuntimeError, match=r"functional covariance J Σ Jᵀ must be finite; got"):
+        la.functional_covariance(X[:3])
+    for link in ("probit", "bridge", "mc"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"functional covariance J Σ Jᵀ \(GLM predictive\) must be finite; got \d+ NaN "
+            r"and \d+ Inf values out of \d+ \(shape \(3, \d, \d\), torch\.float32\)\. The "
+            r"computation overflowed",
+        ):
+            la.predict(X[:3], link=link, generator=torch.Generator().manual_seed(0))
+    # the sampled-network predictive is stable here (softmax / sigmoid of huge logits)
+    pred = la.predict(X[:3], "nn", n_samples=8, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(pred.mean).all()) and bool(torch.isfinite(pred.variance).all())
+    if likelihood == "classification":
+        torch.testing.assert_close(pred.mean.sum(-1), torch.ones(3), rtol=0, atol=1e-6)
+    assert same_state(la.state_dict(), before)
+
+
+def test_overflowing_curvature_and_sampled_outputs_reported():
+    model, X, y = saturated_model("regression", scale=1e20)
+    with pytest.raises(ValueError, match=r"curvature eigenvalues must be finite; got 0 NaN and"):
+        LaplaceWrapper(model, "regression", structure="lowrank").fit([(X, y)])
+    # σ = 1e20 is a float32 number, σ² is not: both predictives report the overflow
+    model, X, y = saturated_model("regression", scale=1.0)
+    la = LaplaceWrapper(model, "regression", structure="diag", sigma_noise=1e20).fit([(X, y)])
+    for method in ("glm", "nn"):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"predictive variance \(method='{method}'\) must be finite; got 0 NaN and 6 "
+            r"Inf values out of 6 \(shape \(3, 2\), torch\.float32\)\. The computation overflowed",
+        ):
+            la.predict(X[:3], method, n_samples=4, generator=torch.Generator().manual_seed(0))
+
+
+class _Steep(nn.Module):
+    """f = 1e20·tanh(1e20·w·x) + b: finite outputs, Jacobians that overflow float32 at |x| ~ 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.b = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return 1e20 * torch.tanh(1e20 * self.w * x) + self.b
+
+
+def test_overflowing_jacobians_outputs_and_covariance_reported():
+    la = LaplaceWrapper(_Steep(), "regression", structure="full")
+    la.fit([(torch.full((4, 1), 1e-25), torch.zeros(4, 1))])
+    assert bool(torch.isfinite(la.jacobians(torch.full((2, 1), 1e-25))[0]).all())
+    with pytest.raises(
+        RuntimeError,
+        match=r"Jacobians J\(x\) must be finite; got 0 NaN and 2 Inf values out of 4 "
+        r"\(shape \(2, 1, 2\), torch\.float32\)",
+    ):
+        la.jacobians(torch.ones(2, 1))
+    # outputs that overflow at the test inputs
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(1e20)
+    X = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    la = quiet_fit(LaplaceWrapper(model, "classification", structure="diag"), [(X, X[:, 0] > 0)])
+    with pytest.raises(RuntimeError, match=r"model output at the inputs must be finite; got 0 NaN"):
+        la.jacobians(X * 1e19)
+    # a prior precision of 1e-45 in float32: Σ = α⁻¹ in the kernel of G is not representable
+    la = LaplaceWrapper(nn.Linear(3, 2), "regression", structure="lowrank", prior_precision=1e-45)
+    la.fit([(torch.randn(1, 3), torch.randn(1, 2))])
+    with pytest.raises(RuntimeError, match=r"posterior covariance Σ must be finite; got 0 NaN and"):
+        la.posterior_covariance()

@@ -134,3 +134,16 @@ def test_a_toy_structure_saves_and_loads_through_the_registry(isotropic):
     STRUCTURES.pop("isotropic")
     with pytest.raises(ValueError, match=r"state\['structure'\] must be one of \['full'"):
         LaplaceWrapper.from_state_dict(case.model, la.state_dict())
+
+
+# -- a structure missing from the registry ---------------------------------------------------------
+
+
+def test_structure_missing_from_the_registry(monkeypatch):
+    from laplace_ggn import structures
+
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="diag")
+    monkeypatch.delitem(structures.STRUCTURES, "diag")
+    with pytest.raises(NotImplementedError, match="structure='diag' is not available"):
+        la.fit(case.loader())

@@ -1,21 +1,29 @@
-"""LaplaceWrapper with the full and diagonal structures against dense references."""
+"""LaplaceWrapper with the full and diagonal structures against dense references; its options and
+their types, checked arguments, and the user's model left untouched by every entry point."""
 
 import copy
 import math
+import re
+import warnings
 
+import numpy as np
 import pytest
 import torch
-from cases import make_case
+from cases import fit_case, make_case, same_state
 from torch import nn
+from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
+from laplace_ggn.structures import STRUCTURES
 from laplace_ggn.testing import (
     dense_ggn,
     dense_jacobian,
     dense_posterior_covariance,
     nll_per_sample,
 )
+
+STRUCTS = list(STRUCTURES)
 
 RTOL = 1e-6
 
@@ -474,3 +482,238 @@ def test_fitted_is_one_frozen_object_that_hyperparameters_replace():
             dtype=torch.float64,
             device=torch.device("cpu"),
         )
+
+
+# -- unknown options and option types --------------------------------------------------------------
+
+
+def test_unknown_likelihood_structure_subset_list_the_valid_ones():
+    case = make_case("mlp_classification")
+    with pytest.raises(
+        ValueError,
+        match=r"likelihood must be one of \['regression', "
+        r"'classification', 'binary'\]; got 'classifcation'\. Did you mean "
+        r"'classification'\?",
+    ):
+        LaplaceWrapper(case.model, "classifcation")
+    with pytest.raises(
+        ValueError,
+        match=r"structure must be one of \['full', 'diag', 'kfac', "
+        r"'lowrank', 'projected'\]; got 'ful'",
+    ):
+        LaplaceWrapper(case.model, "classification", structure="ful")
+    with pytest.raises(
+        ValueError,
+        match=r"subset must be 'all', 'last_layer' or a list of "
+        r"parameter names; got 'lastlayer'\. Did you mean 'last_layer'\?",
+    ):
+        LaplaceWrapper(case.model, "classification", subset="lastlayer")
+    with pytest.raises(ValueError, match=r"unknown: '0\.weigth' \(did you mean '0\.weight'"):
+        LaplaceWrapper(case.model, "classification", subset=["0.weigth"])
+    with pytest.raises(TypeError, match="subset must be 'all', 'last_layer' or a list"):
+        LaplaceWrapper(case.model, "classification", subset=3)
+
+
+def test_unknown_link_and_method_list_the_valid_ones():
+    case = make_case("mlp_classification")
+    la = fit_case(case, "diag")
+    x = case.X[:4]
+    with pytest.raises(ValueError, match=r"method must be one of \['glm', 'nn'\]; got 'glmm'"):
+        la.predict(x, method="glmm")
+    with pytest.raises(
+        ValueError,
+        match=r"link must be one of \['probit', 'bridge', 'mc'\]; "
+        r"got 'probitt'",
+    ):
+        la.predict(x, link="probitt")
+    with pytest.raises(
+        ValueError,
+        match=r"link must be 'mc' \(or None\) with method='nn'.*"
+        r"valid combinations",
+    ):
+        la.predict(x, method="nn", link="probit")
+    with pytest.raises(
+        ValueError,
+        match=r"method must be one of \['marglik', 'gridsearch', 'marglik_temperature'\]",
+    ):
+        la.optimize_prior_precision(method="grid")
+
+
+def test_wrapper_option_types():
+    model = make_case("mlp_classification").model
+    with pytest.raises(TypeError, match="temperature must be a float; got str"):
+        LaplaceWrapper(model, "classification", temperature="1")
+    with pytest.raises(ValueError, match="rank must be None or a positive integer; got 0"):
+        LaplaceWrapper(model, "classification", structure="lowrank", rank=0)
+
+
+def test_sigma_noise_and_memory_budget_types():
+    case = make_case("mlp_regression")
+    with pytest.raises(
+        TypeError, match=r"sigma_noise must be a float or a 0-dim tensor; got str\."
+    ):
+        LaplaceWrapper(case.model, "regression", sigma_noise="a")
+    la = LaplaceWrapper(case.model, "regression", structure="diag").fit(case.loader())
+    with pytest.raises(TypeError, match=r"sigma_noise must be a float or a 0-dim tensor; got list"):
+        la.set_hyperparameters(sigma_noise=[0.5])
+    with pytest.raises(TypeError, match=r"sigma_noise must be a float or a 0-dim tensor; got bool"):
+        la.log_marginal_likelihood(sigma_noise=True)
+    assert (
+        float(LaplaceWrapper(case.model, "regression", sigma_noise=np.float32(0.5)).sigma_noise)
+        == 0.5
+    )
+    for bad in (True, False, 0, -3, 1.5, "1GB"):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(f"memory_budget must be a positive int (bytes); got {bad!r}."),
+        ):
+            LaplaceWrapper(case.model, "regression", memory_budget=bad)
+    for good in (np.int64(2**30), np.int32(2**20), torch.tensor(2**30)):
+        la = LaplaceWrapper(case.model, "regression", memory_budget=good)
+        assert la.memory_budget == int(good) and type(la.memory_budget) is int
+
+
+def test_numpy_and_torch_integer_scalars_accepted_as_counts():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="full").fit(case.loader())
+    ref = la.sample(3, generator=torch.Generator().manual_seed(1))
+    for n in (np.int64(3), np.int32(3), torch.tensor(3)):
+        torch.testing.assert_close(
+            la.sample(n, generator=torch.Generator().manual_seed(1)), ref, rtol=0, atol=0
+        )
+    for bad in (True, np.bool_(True), torch.tensor(3.0), 3.0, torch.tensor([3])):
+        with pytest.raises(ValueError, match=r"n must be a positive integer; got"):
+            la.sample(bad)
+    x = case.X[:4]
+    g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    ref = la.predict(x, link="mc", n_samples=5, generator=g())
+    got = la.predict(x, link="mc", n_samples=np.int64(5), generator=g())
+    torch.testing.assert_close(got.mean, ref.mean, rtol=0, atol=0)
+    assert la.predict(x, "nn", n_samples=torch.tensor(2)).mean.shape == (4, 3)
+    low = LaplaceWrapper(case.model, case.likelihood, structure="lowrank", rank=np.int64(3))
+    assert low.rank == 3 and type(low.rank) is int
+    la.optimize_prior_precision(n_steps=np.int64(3))
+    assert la.marglik_result_.evidence.shape == (4,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la.optimize_prior_precision(
+            "gridsearch", val_loader=case.loader(), n_points=np.int64(3), n_samples=np.int64(2)
+        )
+    assert la.gridsearch_result_.grid.shape == (3,)
+    rep = la.kernel_decomposition(case.X, n_samples=np.int64(2), rank=np.int64(2))
+    assert rep.rank == 2
+
+
+def test_generator_val_loader_and_kernel_inputs_checked():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure="full").fit(case.loader())
+    before = la.state_dict()
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None; got int\."):
+        la.sample(2, generator=5)
+    with pytest.raises(
+        TypeError,
+        match=r"val_loader must be an iterable of batches \(e\.g\. a DataLoader\); got int\.",
+    ):
+        la.optimize_prior_precision("gridsearch", val_loader=3)
+    with pytest.raises(ValueError, match=r"x must hold at least one input; got 0 rows\."):
+        la.kernel_decomposition(case.X[:0])
+    assert same_state(la.state_dict(), before)
+
+
+# -- the user's model is never touched by any entry point ------------------------------------------
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.3))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _full_snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "ptrs": {k: v.data_ptr() for k, v in model.state_dict(keep_vars=True).items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {
+            n: (
+                list(m._forward_hooks.items()),
+                list(m._forward_pre_hooks.items()),
+                list(m._backward_hooks.items()),
+            )
+            for n, m in model.named_modules()
+        },
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+    }
+
+
+def _assert_untouched(model: nn.Module, snap: dict, what: str) -> None:
+    now = _full_snapshot(model)
+    for k, v in snap["state"].items():
+        assert torch.equal(v, now["state"][k]), f"{what} changed {k}"
+    for key in ("ptrs", "training", "grad", "hooks", "grads"):
+        assert now[key] == snap[key], f"{what} changed the model's {key}"
+
+
+@pytest.mark.filterwarnings("ignore:kfac. parameters")
+@pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_user_model_untouched_by_every_entry_point(structure, subset):
+    torch.manual_seed(0)
+    model = _BatchNormNet().double()
+    model.train()
+    model.head.register_forward_hook(lambda m, i, o: None)
+    model.body[0].register_forward_pre_hook(lambda m, i: None)
+    X = torch.randn(16, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    model(X).sum().backward()  # the user's grads exist and must stay as they are
+    snap = _full_snapshot(model)
+    loader = [(X[:6], y[:6]), (X[6:], y[6:])]  # a DataLoader itself draws from the global RNG
+    rng = torch.get_rng_state()
+    la = LaplaceWrapper(model, "classification", structure=structure, subset=subset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la.fit(loader)
+    assert torch.equal(rng, torch.get_rng_state()), "fit consumed the global random state"
+    _assert_untouched(model, snap, "fit")
+    g = torch.Generator().manual_seed(1)
+    steps = {
+        "predict glm": lambda: la.predict(X[:4], "glm"),
+        "predict nn": lambda: la.predict(X[:4], "nn", n_samples=5, generator=g),
+        "sample": lambda: la.sample(3, generator=g),
+        "functional_covariance": lambda: la.functional_covariance(X[:4]),
+        "evidence": lambda: la.log_marginal_likelihood(),
+        "marglik tuning": lambda: la.optimize_prior_precision("marglik", n_steps=3),
+        "gridsearch tuning": lambda: la.optimize_prior_precision(
+            "gridsearch", val_loader=loader, n_points=3
+        ),
+        "state_dict": lambda: LaplaceWrapper.from_state_dict(model, la.state_dict()).sample(2),
+    }
+    for what, step in steps.items():
+        step()
+        _assert_untouched(model, snap, what)
+    bad_x = X.clone()
+    bad_x[3] = float("nan")
+    errors = {
+        "fit NaN": lambda: la.fit(DataLoader(TensorDataset(bad_x, y), batch_size=6)),
+        "fit labels": lambda: la.fit([(X, y + 5)]),
+        "predict NaN": lambda: la.predict(bad_x),
+        "predict method": lambda: la.predict(X, "bad"),
+        "sample n": lambda: la.sample(0),
+        "evidence prior": lambda: la.log_marginal_likelihood(prior_precision=-1.0),
+    }
+    for what, step in errors.items():
+        with pytest.raises(ValueError, match="must"):
+            step()
+        _assert_untouched(model, snap, what)
+    assert all(m.training for m in model.modules())
+    # still usable with torch.func afterwards
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    model.eval()
+    J = jacrev(lambda p: functional_call(model, p, (X[:2],)))(params)
+    assert J["head.weight"].shape == (2, 3, 3, 5)
+    model.train()
