@@ -42,7 +42,8 @@ class LaplaceWrapper:
         \Sigma^{-1} = \Lambda = G / \tau + \Lambda_0 .
 
     Long descriptions: ``docs/api.md`` (every option), ``docs/structures.md``,
-    ``docs/predictive.md``, ``docs/your-model.md``.
+    ``docs/predictive.md``, ``docs/your-model.md``.  Every method but :meth:`fit` raises
+    ``RuntimeError`` before a fit; the work is done by :class:`~laplace_ggn.FittedLaplace`.
 
     Args:
         model: Trained network with outputs ``(B, C)``, ``(B,)`` or ``(B, T, C)``; never modified.
@@ -58,8 +59,7 @@ class LaplaceWrapper:
         n_mc_samples: S, label draws per sample of ``curvature="mc"`` (default 1).
         ignore_index: Classification / binary targets equal to it are skipped.
         input_key: Key of the inputs in mapping batches (``None``: every other key).
-        target_key: Key of the targets in mapping batches (``None``: ``"target"``,
-            ``"labels"`` or ``"label"``).
+        target_key: Key of the targets (``None``: ``"target"``, ``"labels"`` or ``"label"``).
         memory_budget: Bytes for chunked intermediates and the largest dense structure.
         output_fn: Map from the model's output to the ``(B, C)`` tensor (not saved).
 
@@ -192,15 +192,7 @@ class LaplaceWrapper:
         return self
 
     def posterior_covariance(self) -> Tensor:
-        """Dense posterior covariance Σ.
-
-        Returns:
-            Σ, shape ``(P, P)``.
-
-        Raises:
-            RuntimeError: If not fitted, or Σ is not finite.
-            ValueError: If P×P exceeds the memory budget (the message gives the GB needed).
-        """
+        """Dense Σ, shape ``(P, P)``; ``ValueError`` with the GB needed if over the budget."""
         return self._require_fit("posterior_covariance()").posterior_covariance(self.memory_budget)
 
     def log_marginal_likelihood(
@@ -216,10 +208,6 @@ class LaplaceWrapper:
 
         Returns:
             The log marginal likelihood, shape ``()``.
-
-        Raises:
-            RuntimeError: If not fitted, or the evidence is not finite.
-            ValueError: If a hyperparameter is not positive or has the wrong shape.
         """
         fitted = self._require_fit("log_marginal_likelihood()")
         return fitted.log_marginal_likelihood(prior_precision, sigma_noise)
@@ -234,12 +222,7 @@ class LaplaceWrapper:
         """Replace the prior precision, σ and/or T without a refit (``None``: keep).
 
         Returns:
-            ``self``.
-
-        Raises:
-            RuntimeError: If not fitted.
-            ValueError: If a value is invalid (nothing changes).
-            TypeError: If a value is not a number.
+            ``self``; an invalid value raises ``ValueError`` / ``TypeError`` and changes nothing.
         """
         fitted = self._require_fit("set_hyperparameters()")
         hp = fitted.hyperparameters.replace(
@@ -250,39 +233,15 @@ class LaplaceWrapper:
         return self
 
     def jacobians(self, x: object) -> tuple[Tensor, Tensor]:
-        """Jacobians and outputs of the network at θ*.
-
-        Returns:
-            ``(J, f)``, shapes ``(B, C, P)`` and ``(B, C)`` (with T for sequence outputs).
-
-        Raises:
-            RuntimeError: If not fitted, or the Jacobians are not finite.
-            ValueError: If the input differs from the training inputs or is not finite.
-        """
+        """``(J, f)`` at θ*, shapes ``(B, C, P)`` and ``(B, C)`` (with T for sequence outputs)."""
         return self._require_fit("jacobians()").jacobians(x)
 
     def functional_covariance(self, x: object) -> Tensor:
-        r""":math:`J(x)\Sigma J(x)^\top` without forming Σ (diag/kfac/lowrank).
-
-        Returns:
-            Shape ``(B, C, C)``.
-
-        Raises:
-            RuntimeError: If not fitted, or the result is not finite.
-            ValueError: If the input differs from the training inputs or is not finite.
-        """
+        r""":math:`J(x)\Sigma J(x)^\top`, shape ``(B, C, C)``, without forming Σ."""
         return self._require_fit("functional_covariance()").functional_covariance(x)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """Draws of the subset's parameters from the posterior.
-
-        Returns:
-            Shape ``(n, P)``.
-
-        Raises:
-            RuntimeError: If not fitted, or the samples are not finite.
-            ValueError: If ``n`` is not a positive integer.
-        """
+        """``(n, P)`` draws of the subset's parameters from the posterior."""
         return self._require_fit("sample()").sample(n, generator=generator)
 
     def sample_projected(
@@ -295,15 +254,7 @@ class LaplaceWrapper:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """Draws of the projected posterior over the data (:func:`~laplace_ggn.fitted.sample_projected`).
-
-        Returns:
-            Shape ``(n, P)``.
-
-        Raises:
-            RuntimeError: If not fitted.
-            ValueError: If the structure is not ``"projected"`` or an option is invalid.
-        """
+        """``(n, P)`` draws of a projected posterior over the data (:func:`.fitted.sample_projected`)."""
         fitted = self._require_fit("sample_projected()")
         return sample_projected(
             fitted, n, train_loader, n_iterations=n_iterations, tol=tol,
@@ -332,7 +283,6 @@ class LaplaceWrapper:
             :class:`~laplace_ggn.predictive.Prediction`, ``mean`` and ``variance`` ``(B, C)``.
 
         Raises:
-            RuntimeError: If not fitted, or the predictive is not finite.
             ValueError: If the method/link pair, ``n_samples`` or the input is invalid.
         """
         resolve_options(self.likelihood, method, link)
@@ -356,7 +306,6 @@ class LaplaceWrapper:
             ``temperature_result_``.
 
         Raises:
-            RuntimeError: If not fitted, or the tuning fails numerically.
             ValueError: If an option is invalid or belongs to another method.
         """
         tuner = _marglik.tuning_method(method, self.likelihood, **options)
@@ -379,29 +328,14 @@ class LaplaceWrapper:
         n_samples: int = 32,
         generator: torch.Generator | None = None,
     ) -> KernelDecomposition:
-        """Kernel / non-kernel decomposition (:func:`~laplace_ggn.diagnostics.decompose_fitted`).
-
-        Returns:
-            :class:`~laplace_ggn.diagnostics.KernelDecomposition`; ``print`` it or ``.plot()``.
-
-        Raises:
-            RuntimeError: If not fitted.
-            ValueError: If the structure is not full or lowrank, or an argument is invalid.
-        """
+        """Kernel / non-kernel report (:func:`~laplace_ggn.diagnostics.decompose_fitted`)."""
         return decompose_fitted(
             self._require_fit("kernel_decomposition()"), x, kept_eigenpairs=self.rank, y=y,
             tol=tol, rank=rank, n_samples=n_samples, generator=generator,
         )  # fmt: skip
 
     def state_dict(self) -> dict:
-        """Everything :meth:`from_state_dict` needs (:mod:`laplace_ggn.persistence`).
-
-        Returns:
-            The state, a dict of tensors and plain values.
-
-        Raises:
-            RuntimeError: If not fitted.
-        """
+        """Everything :meth:`from_state_dict` needs (:mod:`laplace_ggn.persistence`)."""
         return save_state(self._require_fit("state_dict()"), self._options)
 
     @classmethod
@@ -414,8 +348,8 @@ class LaplaceWrapper:
             A fitted wrapper equal to the one saved.
 
         Raises:
-            TypeError: If the state or one of its entries has the wrong type.
             ValueError: If a key is missing or invalid (named), or the model does not match.
+            TypeError: If the state or one of its entries has the wrong type.
         """
         state = check_state(state, model, STRUCTURES)
         la = cls(model, **saved_options(state), output_fn=output_fn)
