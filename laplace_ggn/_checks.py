@@ -174,6 +174,9 @@ def is_integer(value: object) -> bool:
 
     Counts (``n``, ``n_samples``, ``rank``, ``n_steps``, ...) accept all three; ``bool`` (and
     NumPy / torch booleans) are refused, so that ``True`` is never read as 1.
+
+    Returns:
+        ``True`` for an integer scalar, ``False`` otherwise (booleans included).
     """
     if isinstance(value, bool):
         return False

@@ -200,6 +200,9 @@ def call_model(model: nn.Module | Callable, x: object) -> Tensor:
 def as_2d_output(out: object) -> Tensor:
     """The model output as ``(B, C)`` (``(B,)`` becomes ``(B, 1)``) or ``(B, T, C)``.
 
+    Returns:
+        The output, shape ``(B, C)`` or ``(B, T, C)``.
+
     Raises:
         TypeError: If it is not a tensor.
         ValueError: If it has another number of dimensions.

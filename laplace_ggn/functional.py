@@ -236,6 +236,10 @@ class FunctionalModel:
 
         Autograd is switched on inside (callers may hold ``torch.no_grad()``); the way of
         differentiating is chosen afresh on every call (see the class docstring).
+
+        Returns:
+            ``(J, f)``: J of shape ``(B, C, P')`` (``(B, T·C, P')`` for outputs ``(B, T, C)``)
+            and the outputs f.
         """
         return per_sample_jacobians(self, x, layout, n_outputs=n_outputs)
 
@@ -266,6 +270,10 @@ class FunctionalModel:
 
         Returns:
             ``(J^T M J V, f)`` of shapes ``(P, K)`` and ``(B, C)``.
+
+        Raises:
+            RuntimeError: If the forward-mode pass fails for another reason than a missing
+                forward-mode derivative (re-raised).
         """
         try:
             with self.forward_mode():

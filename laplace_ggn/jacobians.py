@@ -117,6 +117,10 @@ def _reverse_jacobian(
     """Jacobian rows of one forward pass of a chunk, ``(B, C, P')``, and ``f``.
 
     Outputs ``(B, T, C)`` give ``(B, T·C, P')`` (row ``t·C + c``), as the vmap path does.
+
+    Returns:
+        ``(J, f)``: J of shape ``(B, C, P')`` (``(B, T·C, P')`` for outputs ``(B, T, C)``)
+        and the outputs f.
     """
     params = {n: t.detach().requires_grad_(True) for n, t in layout.unflatten(theta).items()}
     leaves = list(params.values())
@@ -258,6 +262,9 @@ def is_model_output(out: object, f: Tensor) -> bool:
 
     True for the same tensor, or a view of it with the same shape (e.g. squeezed and
     unsqueezed again); the gradient of ``f`` at such a layer output is the identity.
+
+    Returns:
+        ``True`` if ``out`` holds the model output ``f`` itself.
     """
     return (
         isinstance(out, Tensor)

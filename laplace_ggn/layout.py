@@ -109,6 +109,9 @@ def _last_layer_names(
     on, so that each layer's output can be followed to the model output through the graph;
     the user's BatchNorm statistics, mode and the global random state are left alone.
 
+    Returns:
+        The parameter names, in ``model.named_parameters()`` order.
+
     Raises:
         ValueError: If no such layer ran (the message names what was found).
     """

@@ -100,6 +100,9 @@ def _probit(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
     r"""Probit from the diagonal and one product per input.
 
     :math:`\mathrm{diag}(A\Sigma A^\top)_c = s_c^2(\Sigma_{cc} - 2(\Sigma s)_c + s^\top\Sigma s)`.
+
+    Returns:
+        The :class:`~laplace_ggn.predictive.Prediction`, ``mean`` and ``variance`` ``(B, C)``.
     """
     v = cov.diagonal()
     kappa = torch.rsqrt(1.0 + math.pi / 8.0 * v)

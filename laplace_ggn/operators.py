@@ -233,6 +233,9 @@ class GGNOperator(_DataCurvatureOperator):
 
         Operations whose backward is not itself differentiable can drop terms of the double
         backward without an error; the cache is used only if the products agree.
+
+        Returns:
+            Whether the cached product agrees with the uncached one (kept in ``_verified``).
         """
         matvec = lambda f, u: self._output_matvec(f, u, y, index)  # noqa: E731
         ref = self.fmodel.jvp_vjp(x, V, matvec)[0]

@@ -59,6 +59,9 @@ class Bernoulli:
     def position_targets(self, f: Tensor, y: Tensor, where: str = "") -> Tensor:
         """Targets ``(B, T)`` (or ``(B, T, 1)``) of outputs ``(B, T, 1)`` as ``(B·T,)``.
 
+        Returns:
+            The targets, shape ``(B·T,)``.
+
         Raises:
             ValueError: If ``y`` has neither shape.
         """
@@ -203,6 +206,9 @@ class Bernoulli:
 
     def predictive_nll(self, pred: Prediction, y: Tensor) -> Tensor:
         r"""Per-point :math:`-y\log\bar p - (1-y)\log(1-\bar p)`, shape ``(B,)``.
+
+        Returns:
+            The NLL of each point, shape ``(B,)``.
 
         Raises:
             ValueError: If ``y`` does not match the prediction's batch size.

@@ -78,6 +78,9 @@ class Categorical:
     def position_targets(self, f: Tensor, y: Tensor, where: str = "") -> Tensor:
         """Targets ``(B, T)`` (or ``(B, T, 1)``) of outputs ``(B, T, C)`` as ``(B·T,)``.
 
+        Returns:
+            The targets, shape ``(B·T,)``.
+
         Raises:
             ValueError: If ``y`` has neither shape.
         """
@@ -232,6 +235,9 @@ class Categorical:
 
     def predictive_nll(self, pred: Prediction, y: Tensor) -> Tensor:
         r"""Per-point :math:`-\log \bar p_{y}` for class indices ``y`` ``(B,)``, shape ``(B,)``.
+
+        Returns:
+            The NLL of each point, shape ``(B,)``.
 
         Raises:
             ValueError: If ``y`` does not match the prediction's batch size.

@@ -138,6 +138,9 @@ class OutputCurvature:
     def mask(self, f: Tensor, y: Tensor | None, where: str = "") -> Tensor | None:
         """Kept positions ``f.shape[:-1]`` for targets ``y`` (``None``: all kept).
 
+        Returns:
+            A boolean mask of shape ``f.shape[:-1]``, or ``None``.
+
         Raises:
             ValueError: If the targets do not fit the outputs (see :func:`observations`).
         """
@@ -190,6 +193,9 @@ class OutputCurvature:
         Exact: :math:`\mathrm{diag}(\Lambda_{nt})` in closed form, O(C) per position (no factor
         is formed); MC: the squared draws summed over the S columns.  Ignored positions give
         zero rows.
+
+        Returns:
+            The diagonals, shape ``(B·T, C)``.
         """
         f = f.detach()
         C = f.shape[-1]
@@ -207,6 +213,9 @@ class OutputCurvature:
         Exact: :math:`\sum \Lambda_{nt}` in closed form, O(C²) per position instead of the
         O(C³) of the factor's product; MC: from the draws ``L`` ``(B, T·C, S)`` (drawn here
         if ``None``).
+
+        Returns:
+            The summed output Hessian, shape ``(C, C)``.
         """
         f = f.detach()
         C = f.shape[-1]

@@ -58,6 +58,9 @@ class Gaussian:
     def position_targets(self, f: Tensor, y: Tensor, where: str = "") -> Tensor:
         """Targets of outputs ``(B, T, C)`` as one row per position, ``(B·T, C)`` or ``(B·T,)``.
 
+        Returns:
+            The targets, shape ``(B·T, C)`` or ``(B·T,)``.
+
         Raises:
             ValueError: If ``y`` is neither ``(B, T, C)`` nor (for C = 1) ``(B, T)``.
         """
@@ -209,6 +212,9 @@ class Gaussian:
 
     def predictive_nll(self, pred: Prediction, y: Tensor) -> Tensor:
         r"""Per-point :math:`\sum_c \tfrac12\log(2\pi v_c) + (y_c - m_c)^2 / (2 v_c)`, shape ``(B,)``.
+
+        Returns:
+            The NLL of each point, shape ``(B,)``.
 
         Raises:
             ValueError: If ``y`` does not match the prediction's batch size.
