@@ -1,5 +1,6 @@
-"""Fitting: the data pass checks every batch (finite values, shapes, dtypes, the batch
-dimension, empty batches), keeps a previous fit when it fails, and keeps to the memory budget."""
+"""Fitting: the data pass reads tuple, dict and mapping batches, checks every batch (finite
+values, shapes, dtypes, the batch dimension, empty batches), keeps a previous fit when it fails,
+and keeps to the memory budget."""
 
 from __future__ import annotations
 
@@ -347,3 +348,80 @@ def test_memory_refusal_names_gb_and_structures_that_fit():
         r"P=9003000.*Structures that fit: .*'diag'",
     ):
         la.fit(data)
+
+
+def test_small_memory_budget_chunks_jacobians_identically():
+    case = make_case("mlp_classification")
+    big = LaplaceWrapper(case.model, "classification", structure="full").fit(case.loader())
+    small = LaplaceWrapper(
+        case.model, "classification", structure="full", memory_budget=30_000
+    ).fit(case.loader())
+    torch.testing.assert_close(
+        small.posterior_covariance(), big.posterior_covariance(), rtol=1e-12, atol=1e-14
+    )
+
+
+# -- batches as tuples, dicts and mappings; the model output's shape; a failed refit ---------------
+
+
+class TwoInputNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(2, 2)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z)
+
+
+def test_tuple_dict_and_mapping_inputs_agree():
+    torch.manual_seed(0)
+    model = TwoInputNet().double()
+    X = torch.randn(9, 3, dtype=torch.float64)
+    Z = torch.randn(9, 2, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,))
+    tuple_batches = [((X[i : i + 4], Z[i : i + 4]), y[i : i + 4]) for i in range(0, 9, 4)]
+    dict_batches = [({"x": X[i : i + 4], "z": Z[i : i + 4]}, y[i : i + 4]) for i in range(0, 9, 4)]
+    map_batches = [
+        {"inp": (X[i : i + 4], Z[i : i + 4]), "lab": y[i : i + 4]} for i in range(0, 9, 4)
+    ]
+    covs = []
+    for batches, kw in [
+        (tuple_batches, {}),
+        (dict_batches, {}),
+        (map_batches, dict(input_key="inp", target_key="lab")),
+    ]:
+        la = LaplaceWrapper(model, "classification", structure="full", **kw).fit(batches)
+        covs.append(la.posterior_covariance())
+    torch.testing.assert_close(covs[0], covs[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(covs[0], covs[2], rtol=1e-12, atol=1e-14)
+    fc = la.functional_covariance((X[:2], Z[:2]))
+    assert fc.shape == (2, 2, 2)
+
+
+def test_model_output_shape_error():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.l(x).reshape(-1, 2, 2, 1)
+
+    X = torch.randn(4, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"model output must have shape \(B, C\), \(B,\) or \(B, T, C\) .*; got \(4, 2, 2, 1\)",
+    ):
+        LaplaceWrapper(Bad(), "regression", structure="diag").fit([(X, torch.randn(4, 4))])
+
+
+def test_failed_refit_keeps_previous_fit():
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="full").fit(case.loader())
+    before = la.posterior_covariance().clone()
+    y = case.y.clone()
+    y[-1] = 9
+    with pytest.raises(ValueError, match="batch 2"):
+        la.fit(DataLoader(TensorDataset(case.X, y), 5))
+    torch.testing.assert_close(la.posterior_covariance(), before, rtol=0, atol=0)
