@@ -126,6 +126,9 @@ def model_digests(model: nn.Module) -> dict[str, str]:
 def _reduction(op: object, name: str) -> Reduction:
     """The :class:`Reduction` of a collector state, converted once from its value.
 
+    Returns:
+        The reduction.
+
     Raises:
         ValueError: If ``op`` names no reduction.
     """

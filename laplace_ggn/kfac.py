@@ -81,6 +81,9 @@ class KroneckerBlock:
 
         Entry ``o·D + j`` of the Kronecker-ordered block is ``W[o, j]`` for ``j < I`` and
         ``b[o]`` for ``j = I``; the result maps it to its place in the flat parameter vector.
+
+        Returns:
+            The positions, shape ``(O·D,)``.
         """
         return kron_index(layout, self.weight, self.bias, self.n_out, self.n_in).reshape(-1)
 
@@ -174,6 +177,9 @@ def kron_index(
 
     Entry ``(o, j)`` is ``W[o, j]`` for ``j < I`` and ``b[o]`` for ``j = I`` (D = I + 1 with a
     bias in ``layout``, D = I without, D = 1 for a bias alone).
+
+    Returns:
+        The positions, shape ``(O, D)``.
     """
     O, D = n_out, n_in
     idx = torch.empty(O, D, dtype=torch.long)

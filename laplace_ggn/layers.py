@@ -40,6 +40,9 @@ def is_transposed_linear(module: nn.Module) -> bool:
 
     GPT-2-style models use it for every affine layer; it is an ``nn.Linear`` with the weight
     stored transposed.
+
+    Returns:
+        ``True`` for a ``Conv1D``.
     """
     cls = type(module)
     return (

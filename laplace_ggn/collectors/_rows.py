@@ -81,6 +81,9 @@ class SqrtGGNRows:
 
         M = C, or T·C for outputs ``(B, T, C)``, is the row count of the Jacobians.  The pass
         runs without autograd and checks the inputs of the hooked layers.
+
+        Returns:
+            M, an int.
         """
         if self.n_outputs is None:
             with torch.no_grad(), capture_layers(self.modules) as records:
@@ -131,6 +134,10 @@ class SqrtGGNRows:
         ``skip_heads`` and the exact factor, a layer whose output is the model output gets
         ``g = None`` (its gradients are the columns of L; see :meth:`diag`), and L is only
         formed when another layer needs it.
+
+        Returns:
+            ``(grads, f, L, mask)``: ``{module: (a, g)}`` (or ``None``), the outputs, the factor L
+            (or ``None``) and the mask of kept positions (or ``None``).
         """
         fm = self.fmodel
         params = {
@@ -181,6 +188,9 @@ class SqrtGGNRows:
         The whole batch at once; :meth:`row_chunks` splits it to the memory budget.  Targets
         ``y`` (optional) mark ignored positions; one factor serves every parameter (the same
         draws for ``mc``).
+
+        Returns:
+            ``(R, f)``: R of shape ``(B, K, P)`` and the outputs ``(B, C)`` or ``(B, T, C)``.
         """
         layout = self.fmodel.layout
         grads, f, L = None, None, None
@@ -214,6 +224,9 @@ class SqrtGGNRows:
         whose output is the model output, the exact factor's column norms are the diagonal of
         :math:`\Lambda`, so its diagonal is :math:`\sum_n \mathrm{diag}(\Lambda_n) \otimes
         a_n^2` in O(B·C·I), without the C columns.
+
+        Returns:
+            ``(d, f)``: the diagonal, shape ``(P,)``, and the outputs ``(B, C)`` or ``(B, T, C)``.
         """
         layout = self.fmodel.layout
         d = torch.zeros(layout.n_params, dtype=self.fmodel.dtype, device=self.fmodel.device)

@@ -102,6 +102,9 @@ class Collector(ABC):
 
         The row blocks of a ``GATHER`` state are moved one by one into a single tensor, which
         then replaces them (peak memory: the rows plus one block, not twice the rows).
+
+        Returns:
+            The state's value (a GATHER state: its rows concatenated along the first dimension).
         """
         spec = self._specs[name]
         value = getattr(self, name)

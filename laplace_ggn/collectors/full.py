@@ -54,6 +54,9 @@ class FullGGNCollector(Collector):
 
         Targets ``y`` (optional) mark ignored positions.
 
+        Returns:
+            The outputs f of the batch, shape ``(B, C)`` or ``(B, T, C)``.
+
         Raises:
             ValueError: If the rows hold NaN/Inf.
         """

@@ -59,6 +59,9 @@ def make_kfac_collector(
 ) -> KFACCollector:
     """Validate the prior for KFAC, then create a :class:`KFACCollector`.
 
+    Returns:
+        The :class:`KFACCollector`.
+
     Raises:
         ValueError: If ``prior_precision`` is per parameter (see
             :func:`~laplace_ggn.posteriors.kfac.check_kfac_prior`).
@@ -128,6 +131,9 @@ class KFACCollector(Collector):
 
     def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
         """Add one batch to the factors (targets ``y`` mark ignored positions); returns f.
+
+        Returns:
+            The outputs f of the batch, shape ``(B, C)`` or ``(B, T, C)``.
 
         Raises:
             RuntimeError: If a factored layer runs a different number of times than on the
@@ -245,6 +251,9 @@ class KFACCollector(Collector):
 
     def finalize(self) -> KFACCurvature:
         """The factors with B divided by the number of rows; see :class:`KFACCurvature`.
+
+        Returns:
+            The :class:`KFACCurvature`.
 
         Raises:
             RuntimeError: If no batch was seen.

@@ -36,6 +36,9 @@ def lowrank_memory_bytes(P: int, dtype: torch.dtype, rank: int | None) -> int:
 
     For ``rank=None`` this is one row (N·C is not known yet; the collector checks the budget
     again as the rows arrive); for ``rank=k`` the test matrix and the sketch, 2·P·(k+p).
+
+    Returns:
+        The bytes, an int.
     """
     size = torch.empty((), dtype=dtype).element_size()
     if rank is None:
@@ -82,6 +85,9 @@ class ExactLowRankCollector(Collector):
         the exact count as each sub-batch's rows arrive; the rows are computed in sub-batches
         whose intermediates fit in the budget (see :meth:`SqrtGGNRows.row_chunks`).
 
+        Returns:
+            The outputs f of the batch, shape ``(B, C)`` or ``(B, T, C)``.
+
         Raises:
             ValueError: If the rows exceed the memory budget (the message gives the bytes and
                 suggests ``rank=k``), or hold NaN/Inf.
@@ -114,6 +120,9 @@ class ExactLowRankCollector(Collector):
 
     def finalize(self) -> LowRankCurvature:
         """Eigenpairs of G restricted to its range, from the thin SVD of the rows.
+
+        Returns:
+            The :class:`LowRankCurvature` (eigenvalues ``(R,)``, eigenvectors ``(P, R)``).
 
         Raises:
             RuntimeError: If no batch was seen.

@@ -144,6 +144,9 @@ class NystromCollector(Collector):
     def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
         """Add one batch's GGN product to the sketch (``y`` marks ignored positions); returns f.
 
+        Returns:
+            The outputs f of the batch, shape ``(B, C)`` or ``(B, T, C)``.
+
         Raises:
             ValueError: If the sketch holds NaN/Inf.
         """
@@ -161,6 +164,9 @@ class NystromCollector(Collector):
         :math:`F = R_Y M^{-1/2}`; an SVD :math:`F = W S Z^\top` gives the eigenpairs
         :math:`(S^2 - \nu, Q_Y W)`.  The sketch is consumed in place (memory: one extra
         ``(P, k+p)`` block beyond the sketch); later calls return the same result.
+
+        Returns:
+            The :class:`LowRankCurvature` (eigenvalues ``(k,)``, eigenvectors ``(P, k)``).
 
         Raises:
             RuntimeError: If no batch was seen.

@@ -69,6 +69,9 @@ def projected_memory_bytes(P: int, dtype: torch.dtype, rank: int | None) -> int:
 
     ``rank=None``: one row (the collector checks the budget as rows arrive, P·min(P, N·C')
     in the end); ``rank=k``: the Nyström test matrix and sketch, 2·P·(k+p).
+
+    Returns:
+        The bytes, an int.
     """
     size = torch.empty((), dtype=dtype).element_size()
     if rank is None:
@@ -84,6 +87,9 @@ def make_projected_collector(
     ``likelihood`` (or the targets' likelihood of an
     :class:`~laplace_ggn.likelihoods.OutputCurvature`) checks the targets passed to
     ``update`` and marks ignored positions, whose Jacobian rows are left out.
+
+    Returns:
+        The collector.
     """
     curv = as_output_curvature(likelihood)
     metric = OutputCurvature(KernelMetric(), ignore_index=curv.ignore_index, targets=curv.targets)
@@ -153,6 +159,9 @@ class ProjectedExactCollector(Collector):
 
         Targets ``y`` (optional) mark ignored positions, whose rows are zero.
 
+        Returns:
+            The outputs f of the batch, shape ``(B, C)`` or ``(B, T, C)``.
+
         Raises:
             ValueError: If the rows or the Gram matrix exceed the memory budget, or the rows
                 hold NaN/Inf.
@@ -185,6 +194,9 @@ class ProjectedExactCollector(Collector):
 
     def finalize(self) -> ProjectedCurvature:
         r"""Eigenpairs of :math:`J^\top J` above the numerical rank threshold.
+
+        Returns:
+            The :class:`ProjectedCurvature`.
 
         Raises:
             RuntimeError: If no batch was seen.

@@ -32,7 +32,7 @@ from .kernel import decompose_fitted, eigenbasis, kernel_decomposition, supporte
 from .report import KernelDecomposition, SampleFit
 
 __all__ = [
-    "SUPPORTED_STRUCTURES",
+    "SUPPORTED_STRUCTURES",  # noqa: F822 (provided by the module __getattr__ below)
     "KernelDecomposition",
     "SampleFit",
     "decompose_fitted",

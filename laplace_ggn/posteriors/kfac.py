@@ -113,6 +113,9 @@ class _BlockPrecision:
 
         Per output row o, :math:`\tilde S_o = D_o^{-1/2}(I - \gamma_o v_o v_o^\top)`, symmetric
         up to the diagonal scaling, so :math:`Z\tilde S` is :math:`(Z/\sqrt d)(I - \gamma v v^\top)`.
+
+        Returns:
+            The rows, shape ``(..., O, D)``.
         """
         Zs = Z / self.d.sqrt()
         if self.r is None:
@@ -228,6 +231,9 @@ class KFACPosterior:
 
         Entry (i, j) of a block is :math:`\sum_o Q_{B,io}^2 \|(Q_{A,j\cdot}/\sqrt{d_o})
         (I - \gamma_o v_o v_o^\top)\|^2`; memory O(O·D²) per block.
+
+        Returns:
+            The variances, shape ``(P,)``.
         """
         out = torch.empty_like(self.mean)
         for blk, idx, b in zip(self.curvature.blocks, self._index, self._blocks):
@@ -310,6 +316,9 @@ class KFACPosterior:
         D_o^{-1/2}` with :math:`v = r/\sqrt{d_o}`, :math:`\|v\|^2 = w_o`; its square root is
         :math:`D_o^{-1/2}(I - \gamma_o v v^\top)`, :math:`\gamma_o = (1 - \kappa_o^{-1/2})/w_o`.
 
+        Returns:
+            The samples, shape ``(n, P)``.
+
         Raises:
             ValueError: If ``n`` is not a positive integer.
         """
@@ -327,6 +336,9 @@ class KFACPosterior:
 
     def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> KFACPosterior:
         """A new posterior with another prior (and curvature scale); reuses the eigenbases.
+
+        Returns:
+            The :class:`KFACPosterior`.
 
         Raises:
             ValueError: If ``prior`` is per parameter.
