@@ -38,7 +38,7 @@ from .likelihoods import (
 )
 from .model_io import input_spec
 
-__all__ = ["fit_laplace", "restore_fitted"]
+__all__ = ["fit_laplace", "initial_state", "restore_fitted"]
 
 _PROGRESS_MIN_BATCHES = 20
 
@@ -126,6 +126,45 @@ class _Accumulator:
         self.n_out, self.out_ndim = f.shape[-1], f.ndim
         self.loss_sum += _loss_statistic(self.lik, f_obs, y_obs, where)
         self.n_data += f_obs.shape[0]
+
+
+def initial_state(
+    options: FitOptions,
+    *,
+    prior_precision: float | Tensor,
+    sigma_noise: float | Tensor,
+    temperature: float,
+) -> tuple[ParamLayout | None, Hyperparameters]:
+    """The layout (where known before the data) and hyperparameters of a fit, checked.
+
+    Args:
+        options: The validated options.
+        prior_precision: Float, or tensor of shape ``(T,)`` or ``(P,)``.
+        sigma_noise: σ (regression only).
+        temperature: τ.
+
+    Returns:
+        ``(layout, hyperparameters)``; the layout is ``None`` for ``subset="last_layer"``
+        (traced on the first batch).
+
+    Raises:
+        ValueError: If a parameter name or hyperparameter is invalid, or the prior does not
+            fit the subset or the structure.
+        TypeError: If a hyperparameter is not a number.
+    """
+    o = options
+    layout = None if o.subset == "last_layer" else resolve_subset(o.model, o.subset)
+    hp = Hyperparameters.create(
+        o.likelihood,
+        prior_precision=prior_precision,
+        sigma_noise=sigma_noise,
+        temperature=temperature,
+        dtype=o.reader.dtype,
+        device=o.reader.device,
+    )
+    if layout is not None:
+        o.spec.check_prior(hp.prior(layout))
+    return layout, hp
 
 
 def fit_laplace(

@@ -24,9 +24,8 @@ from ._checks import DEFAULT_MEMORY_BUDGET, Curvature, Likelihood, Link, Predict
 from .diagnostics import KernelDecomposition, decompose_fitted
 from .fit_options import FitOptions
 from .fitted import FittedLaplace, sample_projected
-from .fitting import fit_laplace, restore_fitted
+from .fitting import fit_laplace, initial_state, restore_fitted
 from .hyperparameters import Hyperparameters
-from .layout import resolve_subset
 from .likelihoods import DEFAULT_IGNORE_INDEX
 from .persistence import check_state, save_state, saved_options
 from .predictive import Prediction, resolve_options
@@ -102,14 +101,9 @@ class LaplaceWrapper:
             input_key=input_key, target_key=target_key, memory_budget=memory_budget,
             output_fn=output_fn,
         )  # fmt: skip
-        # resolved now where no data is needed, to fail early on bad names
-        self._layout = None if subset == "last_layer" else resolve_subset(model, subset)
-        self._initial = Hyperparameters.create(
-            o.likelihood, prior_precision=prior_precision, sigma_noise=sigma_noise,
-            temperature=temperature, dtype=o.reader.dtype, device=o.reader.device,
-        )  # fmt: skip
-        if self._layout is not None:
-            o.spec.check_prior(self._initial.prior(self._layout))
+        self._layout, self._initial = initial_state(
+            o, prior_precision=prior_precision, sigma_noise=sigma_noise, temperature=temperature
+        )
         # the options as public attributes (la.structure, la.rank, la.input_key, ...)
         vars(self).update(o.attributes(), temperature=self._initial.temperature)
         #: The :class:`~laplace_ggn.FittedLaplace` of the last fit (``None`` before).
@@ -311,9 +305,7 @@ class LaplaceWrapper:
         tuner = _marglik.tuning_method(method, self.likelihood, **options)
         tuned = tuner.tune(self._require_fit("optimize_prior_precision()"), progress=progress)
         self.fitted = self.fitted.with_hyperparameters(tuned.hyperparameters)
-        for name in ("marglik", "gridsearch", "temperature"):
-            if getattr(tuned, name) is not None:
-                setattr(self, f"{name}_result_", getattr(tuned, name))
+        vars(self).update(tuned.results())
         if tuned.warning:
             warnings.warn(tuned.warning, UserWarning, stacklevel=2)
         return self

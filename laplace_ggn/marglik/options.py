@@ -55,6 +55,17 @@ class Tuned:
     temperature: TemperatureResult | None = None
     warning: str | None = None
 
+    def results(self) -> dict[str, object]:
+        """The curves found, under the names ``LaplaceWrapper`` keeps them.
+
+        Returns:
+            ``{"marglik_result_": ..., "gridsearch_result_": ..., "temperature_result_": ...}``,
+            the curves that are not ``None``.
+        """
+        curves = {"marglik": self.marglik, "gridsearch": self.gridsearch}
+        curves["temperature"] = self.temperature
+        return {f"{name}_result_": c for name, c in curves.items() if c is not None}
+
 
 def check_marglik_options(method: object) -> None:
     """Validate ``prior_structure``, ``n_steps`` and ``lr`` of an evidence-based method."""
