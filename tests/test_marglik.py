@@ -6,6 +6,7 @@ that chose the edge of its grid."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -435,8 +436,14 @@ def test_failed_gridsearch_leaves_hyperparameters_unchanged():
     val = DataLoader(
         TensorDataset(case.X[:4], torch.full((4, 2), float("nan"), dtype=DT)), batch_size=2
     )
-    with pytest.raises(RuntimeError, match="gridsearch must find a grid point with a finite"):
-        la.optimize_prior_precision("gridsearch", val_loader=val)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the error alone reports the failures
+        with pytest.raises(
+            RuntimeError,
+            match=r"gridsearch must find a grid point with a finite.*First failure: gridsearch "
+            r"scored prior_precision=0\.0001 as inf: its validation NLL is nan\. 40 more",
+        ):
+            la.optimize_prior_precision("gridsearch", val_loader=val)
     assert float(la.prior_precision) == 2.0 and not hasattr(la, "gridsearch_result_")
 
 
@@ -552,7 +559,7 @@ def test_tuning_objects_validate_their_options_at_construction():
         la.optimize_prior_precision(ml.Marglik(), lr=0.5)
 
 
-def test_gridsearch_warns_for_each_numerical_failure_and_raises_other_errors(monkeypatch):
+def test_gridsearch_warns_once_naming_numerical_failures_and_raises_other_errors(monkeypatch):
     case = make_case("mlp_classification")
     la = LaplaceWrapper(case.model, "classification", structure="diag").fit(case.loader())
     fitted = la.fitted
@@ -568,6 +575,18 @@ def test_gridsearch_warns_for_each_numerical_failure_and_raises_other_errors(mon
     ):
         tuned = ml.GridSearch(case.loader(), grid=[0.1, 10.0]).tune(fitted)
     assert tuned.gridsearch.scores[1] == math.inf and float(tuned.gridsearch.best) == 0.1
+    # several failing points: one warning naming the first failure and the other points
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuned = ml.GridSearch(case.loader(), grid=[0.1, 10.0, 100.0, 1000.0]).tune(fitted)
+    failed = [w for w in caught if "scored" in str(w.message)]
+    assert len(failed) == 1, [str(w.message) for w in caught]
+    assert re.search(
+        r"prior_precision=10 as inf: .*Cholesky failed.*2 more grid points scored inf "
+        r"likewise: 100, 1e\+03",
+        str(failed[0].message),
+    )
+    assert tuned.gridsearch.scores[1:].isinf().all() and float(tuned.gridsearch.best) == 0.1
 
     def wrong(prior_precision=None, sigma_noise=None):
         raise ValueError("a bug, not a numerical failure")

@@ -173,7 +173,7 @@ def gridsearch(
         raise ValueError(
             f"val_loader must hold a target that is not ignore_index={ignore_index}; got none."
         )
-    scores = []
+    scores, failures = [], []
     for alpha in tqdm(grid.tolist(), disable=not progress, desc="gridsearch"):
         total, failure = 0.0, None
         try:
@@ -218,20 +218,23 @@ def gridsearch(
         if failure is None and not math.isfinite(score):
             failure = f"its validation NLL is {score}"
         if failure is not None:
-            warnings.warn(
-                f"gridsearch scored prior_precision={alpha:.3g} as inf: {failure}.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            failures.append((alpha, failure))
             score = math.inf
         scores.append(score)
     s = torch.tensor(scores, dtype=torch.float64)
-    if not bool(torch.isfinite(s).any()):
-        raise RuntimeError(
-            "gridsearch must find a grid point with a finite validation NLL; every point "
-            f"failed over the grid {grid.min().item():.3g}..{grid.max().item():.3g}. The "
-            "hyperparameters were left unchanged."
-        )
+    if failures:
+        alpha, failure = failures[0]
+        message = f"gridsearch scored prior_precision={alpha:.3g} as inf: {failure}."
+        if len(failures) > 1:
+            rest = ", ".join(f"{a:.3g}" for a, _ in failures[1:])
+            message += f" {len(failures) - 1} more grid points scored inf likewise: {rest}."
+        if not bool(torch.isfinite(s).any()):
+            raise RuntimeError(
+                "gridsearch must find a grid point with a finite validation NLL; every point "
+                f"failed over the grid {grid.min().item():.3g}..{grid.max().item():.3g}. The "
+                f"hyperparameters were left unchanged. First failure: {message}"
+            )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     best = s.min()
     tol = 1e-12 * max(1.0, abs(float(best)))
     idx = int((s <= best + tol).nonzero().max())
