@@ -23,7 +23,8 @@ from ..likelihoods import OutputCurvature, as_output_curvature
 from ._rows import SqrtGGNRows
 from .base import Collector, Reduction
 from .full import symmetric_update
-from .nystrom import DEFAULT_OVERSAMPLING, NystromCollector
+from .lowrank import lowrank_memory_bytes
+from .nystrom import NystromCollector
 
 __all__ = [
     "KernelMetric",
@@ -71,12 +72,9 @@ def projected_memory_bytes(P: int, dtype: torch.dtype, rank: int | None) -> int:
     in the end); ``rank=k``: the Nyström test matrix and sketch, 2·P·(k+p).
 
     Returns:
-        The bytes, an int.
+        The bytes, an int: the same as the low-rank collector's.
     """
-    size = torch.empty((), dtype=dtype).element_size()
-    if rank is None:
-        return P * size
-    return 2 * P * min(P, rank + DEFAULT_OVERSAMPLING) * size
+    return lowrank_memory_bytes(P, dtype, rank)
 
 
 def make_projected_collector(
