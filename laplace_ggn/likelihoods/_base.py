@@ -137,3 +137,47 @@ def ignored_positions(y: Tensor, n: int, ignore_index: int | None) -> Tensor | N
         return None
     ignored = (y == ignore_index).reshape(n)
     return ignored if bool(ignored.any()) else None
+
+
+class ClassLikelihood:
+    """What the categorical and Bernoulli likelihoods share.
+
+    No noise scale, probabilities predicted through a link, accuracy as the fit metric, and
+    targets equal to ``ignore_index`` skipped.
+    """
+
+    has_noise = False
+    predicts_probabilities = True
+    metric_name = "accuracy"
+
+    def ignored(self, y: Tensor, n: int, ignore_index: int | None) -> Tensor | None:
+        """Rows of ``y`` equal to ``ignore_index``, a boolean mask ``(n,)`` (``None``: none)."""
+        return ignored_positions(y, n, ignore_index)
+
+    @staticmethod
+    def nll_from_statistics(stats: FitStatistics, sigma: Tensor) -> Tensor:
+        """Summed NLL (σ plays no role)."""
+        return torch.as_tensor(stats.loss_sum, dtype=sigma.dtype, device=sigma.device)
+
+    def sigma2(self, sigma: Tensor | float) -> float:
+        """1: the output Hessian has no noise scale."""
+        return 1.0
+
+    def curvature_scale(self, sigma: Tensor, temperature: Tensor | float) -> Tensor:
+        r"""Factor :math:`1/\tau` of the GGN in the posterior precision."""
+        return torch.as_tensor(1.0 / temperature, dtype=sigma.dtype, device=sigma.device)
+
+    def check_link(self, method: PredictMethod, link: Link | None) -> tuple[PredictMethod, Link]:
+        """Probit for ``glm`` and ``mc`` for ``nn`` unless given.
+
+        Returns:
+            ``(method, link)``.
+
+        Raises:
+            ValueError: If ``method='nn'`` comes with a link other than ``mc``.
+        """
+        return classifier_link(method, link)
+
+    def fit_metric(self, total: Tensor, n_data: int, n_outputs: int) -> Tensor:
+        """Accuracy from the number of correct predictions over N points."""
+        return total / n_data

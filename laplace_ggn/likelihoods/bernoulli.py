@@ -8,29 +8,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, PredictMethod, shape_str
+from .._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, shape_str
 from ._base import (
-    FitStatistics,
+    ClassLikelihood,
     Prediction,
     check_batch_size,
     class_positions,
-    classifier_link,
-    ignored_positions,
     sample_moments,
 )
-from .categorical import Categorical
 
 if TYPE_CHECKING:  # the posteriors package imports this one
     from ..posteriors._output import OutputCovariance
 
 
-class Bernoulli:
+class Bernoulli(ClassLikelihood):
     """Bernoulli likelihood on a single logit ``(B, 1)``; targets 0/1 of shape ``(B,)``."""
 
     kind = Likelihood.BINARY
-    has_noise = False
-    predicts_probabilities = True
-    metric_name = "accuracy"
 
     # -- targets ---------------------------------------------------------------------------
 
@@ -67,10 +61,6 @@ class Bernoulli:
         """
         return class_positions(self.kind.value, f, y, where)
 
-    def ignored(self, y: Tensor, n: int, ignore_index: int | None) -> Tensor | None:
-        """Rows of ``y`` equal to ``ignore_index``, a boolean mask ``(n,)`` (``None``: none)."""
-        return ignored_positions(y, n, ignore_index)
-
     def targets_from_outputs(self, f: Tensor) -> Tensor:
         """Targets made from logits ``(B, 1)``: 1 where the logit is positive, shape ``(B, 1)``."""
         return (f > 0).to(f.dtype)
@@ -81,22 +71,9 @@ class Bernoulli:
         """Summed binary cross-entropy, shape ``()``."""
         return F.binary_cross_entropy_with_logits(f, y, reduction="sum")
 
-    @staticmethod
-    def nll_from_statistics(stats: FitStatistics, sigma: Tensor) -> Tensor:
-        """Summed NLL (σ plays no role)."""
-        return Categorical.nll_from_statistics(stats, sigma)
-
     def nll(self, f: Tensor, y: Tensor, sigma: Tensor | float = 1.0) -> Tensor:
         """Summed binary cross-entropy, shape ``()``."""
         return F.binary_cross_entropy_with_logits(f, y, reduction="sum")
-
-    def sigma2(self, sigma: Tensor | float) -> float:
-        """1: the output Hessian has no noise scale."""
-        return 1.0
-
-    def curvature_scale(self, sigma: Tensor, temperature: Tensor | float) -> Tensor:
-        r"""Factor :math:`1/\tau` of the GGN in the posterior precision."""
-        return torch.as_tensor(1.0 / temperature, dtype=sigma.dtype, device=sigma.device)
 
     def grad_f(self, f: Tensor, y: Tensor) -> Tensor:
         """∂ℓ/∂f = σ(f) - y, shape ``(B, 1)``."""
@@ -142,17 +119,6 @@ class Bernoulli:
         return torch.bernoulli(torch.sigmoid(f), generator=generator)
 
     # -- predictive ------------------------------------------------------------------------
-
-    def check_link(self, method: PredictMethod, link: Link | None) -> tuple[PredictMethod, Link]:
-        """Probit for ``glm`` and ``mc`` for ``nn`` unless given.
-
-        Returns:
-            ``(method, link)``.
-
-        Raises:
-            ValueError: If ``method='nn'`` comes with a link other than ``mc``.
-        """
-        return classifier_link(method, link)
 
     def response(self, f: Tensor) -> Tensor:
         """Probability of class 1, sigmoid(f), shape of ``f``."""
@@ -233,7 +199,3 @@ class Bernoulli:
     def fit_metric_sum(self, F: Tensor, y: Tensor) -> Tensor:
         """Correct sign predictions of logits ``(S, B, 1)`` for 0/1 targets ``(B, 1)``, ``(S,)``."""
         return ((F > 0).to(F.dtype) == y).sum((-2, -1)).to(F.dtype)
-
-    def fit_metric(self, total: Tensor, n_data: int, n_outputs: int) -> Tensor:
-        """Accuracy from the number of correct predictions over N points."""
-        return total / n_data

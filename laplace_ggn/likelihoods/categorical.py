@@ -8,14 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, PredictMethod, shape_str
+from .._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, shape_str
 from ._base import (
-    FitStatistics,
+    ClassLikelihood,
     Prediction,
     check_batch_size,
     class_positions,
-    classifier_link,
-    ignored_positions,
     sample_moments,
 )
 
@@ -23,13 +21,10 @@ if TYPE_CHECKING:  # the posteriors package imports this one
     from ..posteriors._output import OutputCovariance
 
 
-class Categorical:
+class Categorical(ClassLikelihood):
     """Softmax categorical likelihood; targets are class indices ``(B,)`` in ``[0, C)``."""
 
     kind = Likelihood.CLASSIFICATION
-    has_noise = False
-    predicts_probabilities = True
-    metric_name = "accuracy"
 
     # -- targets ---------------------------------------------------------------------------
 
@@ -86,10 +81,6 @@ class Categorical:
         """
         return class_positions(self.kind.value, f, y, where)
 
-    def ignored(self, y: Tensor, n: int, ignore_index: int | None) -> Tensor | None:
-        """Rows of ``y`` equal to ``ignore_index``, a boolean mask ``(n,)`` (``None``: none)."""
-        return ignored_positions(y, n, ignore_index)
-
     def targets_from_outputs(self, f: Tensor) -> Tensor:
         """Targets made from outputs ``(B, C)``: the arg-max class, shape ``(B,)``."""
         return f.argmax(-1)
@@ -100,22 +91,9 @@ class Categorical:
         """Summed cross-entropy, shape ``()``."""
         return F.cross_entropy(f, y, reduction="sum")
 
-    @staticmethod
-    def nll_from_statistics(stats: FitStatistics, sigma: Tensor) -> Tensor:
-        """Summed NLL (σ plays no role)."""
-        return torch.as_tensor(stats.loss_sum, dtype=sigma.dtype, device=sigma.device)
-
     def nll(self, f: Tensor, y: Tensor, sigma: Tensor | float = 1.0) -> Tensor:
         """Summed cross-entropy, shape ``()``."""
         return F.cross_entropy(f, y, reduction="sum")
-
-    def sigma2(self, sigma: Tensor | float) -> float:
-        """1: the output Hessian has no noise scale."""
-        return 1.0
-
-    def curvature_scale(self, sigma: Tensor, temperature: Tensor | float) -> Tensor:
-        r"""Factor :math:`1/\tau` of the GGN in the posterior precision."""
-        return torch.as_tensor(1.0 / temperature, dtype=sigma.dtype, device=sigma.device)
 
     def grad_f(self, f: Tensor, y: Tensor) -> Tensor:
         """∂ℓ/∂f = softmax(f) - onehot(y), shape ``(B, C)``."""
@@ -171,17 +149,6 @@ class Categorical:
         return torch.multinomial(p, 1, generator=generator)[:, 0]
 
     # -- predictive ------------------------------------------------------------------------
-
-    def check_link(self, method: PredictMethod, link: Link | None) -> tuple[PredictMethod, Link]:
-        """Probit for ``glm`` and ``mc`` for ``nn`` unless given.
-
-        Returns:
-            ``(method, link)``.
-
-        Raises:
-            ValueError: If ``method='nn'`` comes with a link other than ``mc``.
-        """
-        return classifier_link(method, link)
 
     def response(self, f: Tensor) -> Tensor:
         """Class probabilities softmax(f), shape of ``f``."""
@@ -260,7 +227,3 @@ class Categorical:
     def fit_metric_sum(self, F: Tensor, y: Tensor) -> Tensor:
         """Correct arg-max predictions of outputs ``(S, B, C)`` for labels ``(B,)``, shape ``(S,)``."""
         return (F.argmax(-1) == y).sum(-1).to(F.dtype)
-
-    def fit_metric(self, total: Tensor, n_data: int, n_outputs: int) -> Tensor:
-        """Accuracy from the number of correct predictions over N points."""
-        return total / n_data
