@@ -13,17 +13,9 @@ unit-noise GGN; both see the data once.
   :math:`\Sigma = \alpha^{-1}(I - V(\alpha I/s + V^\top V)^{-1} V^\top)` written in the
   eigenbasis.
 - ``rank=k`` (:class:`~laplace_ggn.collectors.NystromCollector`): the top-k eigenpairs by a
-  **randomized Nyström
-  approximation** from the sketch :math:`Y = G\Omega`, with a fixed orthonormal test matrix Ω
-  of k + p columns (p oversampling columns, default 10).  Y is a sum over batches of
-  :math:`J_n^\top \Lambda_n J_n \Omega`, computed with forward-mode JVPs and a batched VJP, so
-  the whole estimate needs one pass over the data and O(P·(k+p)) memory.  This was chosen
-  over Lanczos because Lanczos needs a GGN product per iteration, i.e. k or more passes over
-  the loader, which a one-pass ``fit`` cannot give.  The reconstruction
-  :math:`G\Omega(\Omega^\top G \Omega)^+\Omega^\top G` is exact when rank(G) ≤ k + p; otherwise
-  its error is that of the tail of the spectrum (Tropp et al., 2017, "Fixed-rank approximation
-  of a positive-semidefinite matrix from streaming data"), best for fast-decaying spectra.
-  The stable variant with a shift ν = √P·eps·‖Y‖ is used.
+  randomized Nyström approximation from a one-pass sketch :math:`Y = G\Omega` (k + p
+  columns, p = 10 by default; O(P·(k+p)) memory); the method, its error and why it was
+  chosen over Lanczos are described in :mod:`laplace_ggn.collectors.nystrom`.
 
 The log determinant of the precision uses, for a scalar prior α,
 :math:`\log|\Lambda| = (P - R)\log\alpha + \sum\log(s\lambda + \alpha)`, and for a
