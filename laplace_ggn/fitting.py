@@ -305,6 +305,13 @@ def fit_laplace(
             loss_sum=acc.loss_sum,
             error=local_error,
         )
+    if acc.n_data == 0:  # every target equals ignore_index (the same total on every rank)
+        ranks = "" if dctx is None else f" on any of the {dctx.world_size} ranks"
+        raise ValueError(
+            f"train_loader must hold a target that is not ignore_index={reader.ignore_index}"
+            f"{ranks}; got none (N = 0). Check the labels, or set ignore_index= to the value "
+            "that marks the positions to skip."
+        )
     try:
         curvature = collector.finalize()
         for name, t in _curvature_tensors(curvature, "curvature"):

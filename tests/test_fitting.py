@@ -324,6 +324,30 @@ def test_loader_of_only_empty_batches_refused_and_previous_fit_kept(structure):
     assert same_state(la.state_dict(), before)
 
 
+@pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("name", ["mlp_classification", "mlp_binary"])
+def test_every_label_ignored_refused_and_previous_fit_kept(structure, name):
+    # every structure used to fit with N = 0, and tuning then ran on nothing
+    case = make_case(name)
+    ignored = torch.full_like(case.y, 7 if name == "mlp_binary" else -100)
+    kw = {"ignore_index": 7} if name == "mlp_binary" else {}
+    la = LaplaceWrapper(case.model, case.likelihood, structure=structure, **kw)
+    msg = r"train_loader must hold a target that is not ignore_index=(-100|7); got none \(N = 0\)"
+    with pytest.raises(ValueError, match=msg):
+        la.fit(DataLoader(TensorDataset(case.X, ignored), batch_size=5))
+    assert not la.is_fitted
+    quiet_fit(la, case.loader())
+    before = la.state_dict()
+    with pytest.raises(ValueError, match=msg):
+        la.fit([(case.X[:4], ignored[:4]), (case.X[:0], ignored[:0]), (case.X[4:], ignored[4:])])
+    assert same_state(la.state_dict(), before)
+    # one batch with a label left is a fit on that label (N = 1)
+    partly = ignored.clone()
+    partly[3] = case.y[3]
+    la.fit(DataLoader(TensorDataset(case.X, partly), batch_size=5))
+    assert la.fitted.statistics.n_data == 1
+
+
 # -- memory budget ---------------------------------------------------------------------------------
 
 
