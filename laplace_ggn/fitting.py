@@ -10,7 +10,6 @@ a saved state.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable
 from dataclasses import fields, is_dataclass
@@ -37,6 +36,7 @@ from .likelihoods import (
     observations,
 )
 from .model_io import input_spec
+from .private_model import check_finite_parameters, private_copy, with_nonfinite_hint
 
 __all__ = ["fit_laplace", "initial_state", "restore_fitted"]
 
@@ -227,7 +227,7 @@ def fit_laplace(
                 )
         elif layout is None:
             # 'last_layer' is traced on a private eval-mode copy, never on the user's model
-            private = copy.deepcopy(options.model).eval()
+            private = private_copy(options.model).eval()
             layout = resolve_subset(
                 private, options.subset, reader.to_device(x0), options.output_fn
             )
@@ -241,6 +241,7 @@ def fit_laplace(
         )
     prior = hyperparameters.prior(layout)
     spec.check_prior(prior)
+    check_finite_parameters(options.model, layout.names)  # models agree across ranks
     sopts = options.structure_options(hyperparameters.prior_precision)
     need = spec.memory_bytes(layout.n_params, reader.dtype, sopts)
     if need > options.memory_budget:
@@ -294,8 +295,9 @@ def fit_laplace(
                 x, y = reader.to_device(x), y.to(reader.device)
                 acc.add(collector.update(x, where, y=y), y, where)
     except Exception as exc:
+        exc = with_nonfinite_hint(exc, options.model, layout.names)
         if dctx is None:
-            raise
+            raise exc
         local_error = exc
     if dctx is not None:
         acc.n_data, acc.n_out, acc.loss_sum = dctx.finish(

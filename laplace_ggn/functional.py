@@ -15,7 +15,6 @@ names are available here too.
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -57,6 +56,7 @@ from .jacobians import (
 )
 from .layout import ParamLayout, resolve_subset
 from .model_io import output_tensor
+from .private_model import private_copy
 
 __all__ = [
     "UNBATCHED_HINT",
@@ -117,7 +117,7 @@ class FunctionalModel:
         output_fn: Callable[[object], Tensor] | None = None,
     ):
         if copy_model:
-            model = copy.deepcopy(model)
+            model = private_copy(model)
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)

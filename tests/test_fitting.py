@@ -106,6 +106,76 @@ def test_model_output_nonfinite_named(structure):
     assert not la.is_fitted
 
 
+class _MaskedSoftmax(nn.Module):
+    """A frozen ``-inf`` parameter masks one class before a softmax: every output is finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.mask = nn.Parameter(torch.tensor([0.0, 0.0, -math.inf]), requires_grad=False)
+
+    def forward(self, x):
+        return torch.softmax(self.lin(x) + self.mask, -1)
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+def test_nonfinite_parameters_of_the_subset_refused_naming_them(structure):
+    # a model with an inf / NaN parameter used to fit; sample, the evidence and the saved
+    # state failed later
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure=structure)
+    quiet_fit(la, case.loader())
+    before = la.state_dict()
+    bad = make_case("mlp_classification").model
+    with torch.no_grad():
+        bad[2].weight[1, 2] = math.inf
+        bad[0].bias[0] = math.nan
+    msg = (
+        r"parameter '0.bias' of the subset must be finite \(its trained value is the posterior "
+        r"mean θ\*\); got 1 NaN and 0 Inf values out of 4 \(shape \(4,\)\) \(also non-finite: "
+        r"\['2.weight'\]\)\. The training diverged"
+    )
+    la_bad = LaplaceWrapper(bad, case.likelihood, structure=structure)
+    with pytest.raises(ValueError, match=msg):
+        la_bad.fit(case.loader())
+    assert not la_bad.is_fitted
+    for subset in ("last_layer", ["2.weight"]):
+        la_bad = LaplaceWrapper(bad, case.likelihood, structure=structure, subset=subset)
+        with pytest.raises(ValueError, match=r"parameter '2.weight' of the subset must be finite"):
+            la_bad.fit(case.loader())
+    assert same_state(la.state_dict(), before)
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+def test_nonfinite_parameters_outside_the_subset_named_when_the_pass_fails(structure):
+    case = make_case("mlp_classification")
+    bad = case.model
+    with torch.no_grad():
+        bad[0].weight[0, 0] = math.nan
+    la = LaplaceWrapper(bad, case.likelihood, structure=structure, subset=["2.weight", "2.bias"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(
+            ValueError,
+            match=r"must be finite; .* The model's parameters \['0.weight'\] \(outside the "
+            r"subset\) hold NaN or Inf",
+        ):
+            la.fit(case.loader())
+    assert not la.is_fitted
+    # a frozen -inf mask outside the subset keeps every output finite: it fits
+    torch.manual_seed(0)
+    masked = _MaskedSoftmax().double()
+    y = torch.softmax(torch.randn(12, 3, dtype=DT), -1)
+    la = quiet_fit(
+        LaplaceWrapper(masked, "regression", structure=structure),
+        DataLoader(TensorDataset(case.X, y), batch_size=5),
+    )
+    assert la.fitted.layout.names == ("lin.weight", "lin.bias")
+    pred = la.predict(case.X)
+    assert bool(torch.isfinite(pred.mean).all() and torch.isfinite(pred.variance).all())
+    assert bool(torch.isfinite(la.log_marginal_likelihood()))
+
+
 def test_training_loss_that_overflows_float64_refused():
     model = nn.Linear(3, 1).double()
     with torch.no_grad():

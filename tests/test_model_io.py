@@ -14,6 +14,7 @@ from zoo import TinyEncoder, make_arch
 
 from laplace_ggn import LaplaceWrapper, jacobians
 from laplace_ggn.functional import resolve_subset, split_batch
+from laplace_ggn.testing import dense_ggn
 
 
 def _mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
@@ -103,6 +104,53 @@ def test_last_layer_single_layer_model_and_tied_weights():
 
     layout = resolve_subset(Tied(), "last_layer", torch.randint(0, 5, (2, 3)))
     assert layout.names == ("emb.weight", "out.bias")
+
+
+class _WeightNormHead(nn.Module):
+    def __init__(self, deprecated: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(3, 6)
+        norm = nn.utils.weight_norm if deprecated else nn.utils.parametrizations.weight_norm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation warning of nn.utils.weight_norm
+            self.head = norm(nn.Linear(6, 4))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # weight_norm under vmap
+@pytest.mark.parametrize("deprecated", [False, True], ids=["parametrizations", "deprecated"])
+def test_last_layer_of_a_weight_norm_head_holds_its_parametrised_weight(deprecated):
+    # 'last_layer' kept only the head's bias (4 of 32 parameters), silently: the originals of
+    # the parametrised weight live in a submodule of the head; the deprecated weight_norm
+    # could not be copied at all (its computed weight is not a graph leaf)
+    model = _WeightNormHead(deprecated).double()
+    X = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 4, (10,), generator=torch.Generator().manual_seed(1))
+    model(X).sum().backward()  # a forward with autograd, as after training
+    model.zero_grad(set_to_none=True)
+    names = (
+        ("head.bias", "head.weight_g", "head.weight_v")
+        if deprecated
+        else (
+            "head.bias",
+            "head.parametrizations.weight.original0",
+            "head.parametrizations.weight.original1",
+        )
+    )
+    assert resolve_subset(model, "last_layer", X).names == names
+    la = LaplaceWrapper(model, structure="full", subset="last_layer").fit([(X, y)])
+    assert la.n_params == 32
+    G = dense_ggn(model, X, y, "classification", names=list(names))
+    torch.testing.assert_close(la.posterior.ggn, G, rtol=1e-10, atol=1e-12)
+    for structure in ("diag", "kfac", "lowrank"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # kfac names the blocks it keeps diagonal
+            other = LaplaceWrapper(model, structure=structure, subset="last_layer").fit([(X, y)])
+        assert other.fitted.layout.names == names
+        assert bool(torch.isfinite(other.predict(X).variance).all())
 
 
 def test_last_layer_refused_when_no_layer_reaches_the_output():
