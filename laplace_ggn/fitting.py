@@ -251,11 +251,13 @@ def fit_laplace(
     if private is not None:
         for p in private.parameters():
             p.requires_grad_(False)
+    in_spec = input_spec(x0) if first is not None else None
     fmodel = FunctionalModel(
         options.model if private is None else private,
         layout,
         memory_budget=options.memory_budget,
         output_fn=options.output_fn,
+        input_spec=in_spec,
         **({} if private is None else {"copy_model": False}),
     )
     if options.curvature is Curvature.GGN and spec.exact_rows and first is not None:
@@ -275,7 +277,6 @@ def fit_laplace(
     )
     collector = spec.make_collector(fmodel, out_curv, sopts)
     acc = _Accumulator(lik, reader.ignore_index)
-    in_spec = input_spec(x0) if first is not None else None
     try:
         total = len(train_loader)  # type: ignore[arg-type]
     except TypeError:

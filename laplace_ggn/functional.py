@@ -55,7 +55,7 @@ from .jacobians import (
     per_sample_jacobians,
 )
 from .layout import ParamLayout, resolve_subset
-from .model_io import output_tensor
+from .model_io import InputSpec, output_tensor, raise_for_input_shape
 from .private_model import private_copy
 
 __all__ = [
@@ -105,6 +105,8 @@ class FunctionalModel:
         copy_model: Deep-copy ``model`` (default). ``False`` uses it as is (it must already be
             a private copy in eval mode).
         output_fn: Maps the model output to the prediction tensor (see :func:`output_tensor`).
+        input_spec: The training inputs' structure; an error of the model on an input of
+            another shape then names both shapes (:func:`~laplace_ggn.model_io.raise_for_input_shape`).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class FunctionalModel:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         copy_model: bool = True,
         output_fn: Callable[[object], Tensor] | None = None,
+        input_spec: InputSpec | None = None,
     ):
         if copy_model:
             model = private_copy(model)
@@ -127,6 +130,7 @@ class FunctionalModel:
         self.layout = layout
         self.memory_budget = int(memory_budget)
         self.output_fn = output_fn
+        self.input_spec = input_spec
         # recurrent layers step by step (vmap, batched backward and forward mode all work);
         # True only if fused recurrent kernels remain (subclasses, packed sequences)
         self.has_rnn = unroll_recurrent_layers(model)
@@ -183,13 +187,17 @@ class FunctionalModel:
     def call_dict(self, params: Mapping[str, Tensor], x: object) -> Tensor:
         """Outputs ``(B, C)`` with the named tensors replacing the model's own."""
         module = self.module
-        with plain_attention() if differentiating() else contextlib.nullcontext():
-            if isinstance(x, Mapping):
-                out = functional_call(module, dict(params), args=(), kwargs=dict(x))
-            elif isinstance(x, (tuple, list)):
-                out = functional_call(module, dict(params), tuple(x))
-            else:
-                out = functional_call(module, dict(params), (x,))
+        try:
+            with plain_attention() if differentiating() else contextlib.nullcontext():
+                if isinstance(x, Mapping):
+                    out = functional_call(module, dict(params), args=(), kwargs=dict(x))
+                elif isinstance(x, (tuple, list)):
+                    out = functional_call(module, dict(params), tuple(x))
+                else:
+                    out = functional_call(module, dict(params), (x,))
+        except RuntimeError as err:  # torch's shape errors: name the shapes if the input's differ
+            raise_for_input_shape(err, x, self.input_spec)
+            raise
         return as_2d_output(output_tensor(out, self.output_fn))
 
     def forward(self, x: object) -> Tensor:

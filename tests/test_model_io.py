@@ -433,6 +433,55 @@ def test_predict_inputs_validated_and_fast_path_kept(monkeypatch):
     assert not calls
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "lowrank"])
+def test_wrong_feature_width_names_the_expected_and_received_shapes(structure):
+    # raw "mat1 and mat2 shapes cannot be multiplied (1x4 and 3x5)" before
+    X, y = _data()
+    la = LaplaceWrapper(_mlp(), structure=structure).fit([(X, y)])
+    wide = torch.randn(2, 4, dtype=torch.float64)
+    msg = (
+        r"model input must have shape \(B, 3\) like the training inputs \(any batch size B\); "
+        r"got \(B, 4\), on which the model raised RuntimeError: "
+    )
+    steps = {
+        "predict": lambda: la.predict(wide),
+        "predict bridge": lambda: la.predict(wide, link="bridge"),
+        "predict nn": lambda: la.predict(wide, "nn", n_samples=2),
+        "functional_covariance": lambda: la.functional_covariance(wide),
+        "jacobians": lambda: la.jacobians(wide),
+        "gridsearch": lambda: la.optimize_prior_precision(
+            "gridsearch", val_loader=[(wide, y[:2])], n_points=2
+        ),
+    }
+    for step in steps.values():
+        with pytest.raises(ValueError, match=msg):
+            step()
+    with pytest.raises(ValueError, match=msg + r"mat1 and mat2 shapes"):
+        la.fit([(X, y), (wide, y[:2])])  # a later batch against the first one
+    assert torch.equal(
+        la.predict(X).mean,
+        LaplaceWrapper(_mlp(), structure=structure).fit([(X, y)]).predict(X).mean,
+    )
+    # several inputs: the one that differs is named by its path
+    two = LaplaceWrapper(_TwoInputs().double(), structure=structure).fit(
+        [((X, torch.randn(12, 4, dtype=torch.float64)), y % 2)]
+    )
+    with pytest.raises(
+        ValueError, match=r"model input\[1\] must have shape \(B, 4\) .*; got \(B, 5\)"
+    ):
+        two.predict((X[:2], torch.randn(2, 5, dtype=torch.float64)))
+
+
 def test_integer_and_float_inputs_are_checked_against_training():
     arch = make_arch("transformer")
     la = LaplaceWrapper(arch.model, structure="diag").fit(arch.batches)
