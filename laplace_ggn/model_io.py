@@ -112,6 +112,15 @@ def _paths(x: object, path: str = "") -> list[tuple[str, Tensor]]:
     return []
 
 
+_EMBEDDING_BAG_HINT = (
+    " The model has an nn.EmbeddingBag: inputs (text, offsets) pack B bags into one 1-D "
+    "tensor without a batch dimension. Pass the bags as one (B, L) tensor instead "
+    "(offsets=None), padded with the layer's padding_idx (left out of each bag's sum, mean or "
+    "max), or, with mode='sum', padded with any index and per_sample_weights of shape (B, L) "
+    "that are 0 on the padding."
+)
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """Structure of the training inputs: ``(path, ndim, floating)`` per tensor leaf.
@@ -178,6 +187,7 @@ def check_model_input(
     spec: InputSpec | None = None,
     name: str = "x",
     where: str = "",
+    model: nn.Module | None = None,
 ) -> None:
     """Check a model input before any computation, as :meth:`LaplaceWrapper.fit` does.
 
@@ -191,6 +201,7 @@ def check_model_input(
         spec: Structure of the training inputs, if known.
         name: Name of the argument in messages.
         where: Location for messages, e.g. ``"batch 3"``.
+        model: The network, if known (its ``nn.EmbeddingBag`` layers add a hint).
 
     Raises:
         TypeError: If ``x`` holds no tensor.
@@ -217,8 +228,10 @@ def check_model_input(
             )
     sizes = {path: int(t.shape[0]) for path, t in leaves}
     if len(set(sizes.values())) > 1:
+        bag = model is not None and any(isinstance(m, nn.EmbeddingBag) for m in model.modules())
         raise ValueError(
             f"{label} tensors must share the batch size (first dimension); got {sizes}."
+            + (_EMBEDDING_BAG_HINT if bag else "")
         )
     if spec is None:
         return

@@ -68,7 +68,7 @@ class BatchReader:
             TypeError: If the targets are not a tensor.
         """
         x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
-        check_model_input(x, dtype=self.dtype, name="input", where=where)
+        check_model_input(x, dtype=self.dtype, name="input", where=where, model=self.model)
         check_keyword_inputs(self.model, x, where)
         for t in input_tensors(x):
             check_finite(t, "input", where)
@@ -107,7 +107,7 @@ class BatchReader:
                     f"{given[0]!r}}}."
                 )
             check_keyword_inputs(self.model, x)
-        check_model_input(x, dtype=self.dtype, spec=spec, name=name)
+        check_model_input(x, dtype=self.dtype, spec=spec, name=name, model=self.model)
         x = self.to_device(x)
         for t in input_tensors(x):
             check_finite(t, "input")

@@ -482,6 +482,59 @@ def test_wrong_feature_width_names_the_expected_and_received_shapes(structure):
         two.predict((X[:2], torch.randn(2, 5, dtype=torch.float64)))
 
 
+class _Bag(nn.Module):
+    def __init__(self, mode: str, padding_idx: int | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.EmbeddingBag(10, 3, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, text, offsets=None, per_sample_weights=None):
+        return self.head(self.emb(text, offsets, per_sample_weights=per_sample_weights))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # embedding_bag under vmap
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_embedding_bag_with_offsets_refused_naming_the_ways_that_work(mode):
+    bags = [[3, 4, 5], [6, 7], [8, 9, 1, 2], [5]]
+    flat, offsets = torch.tensor(sum(bags, [])), torch.tensor([0, 3, 5, 9])
+    y = torch.tensor([0, 1, 2, 1])
+    model = _Bag(mode, padding_idx=0).double()
+    with pytest.raises(
+        ValueError,
+        match=r"input in batch 0 tensors must share the batch size \(first dimension\); got "
+        r"\{'\[0\]': 10, '\[1\]': 4\}\. The model has an nn.EmbeddingBag: .* Pass the bags as "
+        r"one \(B, L\) tensor instead \(offsets=None\), padded with the layer's padding_idx",
+    ):
+        LaplaceWrapper(model, structure="diag").fit([((flat, offsets), y)])
+    # the ways out the message names give the offsets model's GGN, one bag per sample
+    padded = torch.tensor([b + [0] * (4 - len(b)) for b in bags])
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+
+    def f(theta, i):
+        return torch.func.functional_call(
+            model, theta, (flat[offsets[i] : offsets[i] + len(bags[i])], offsets[:1])
+        )[0]
+
+    G = 0
+    for i in range(4):
+        J = torch.func.jacrev(f)({n: p.detach() for n, p in params.items()}, i)
+        J = torch.cat([J[n].reshape(3, -1) for n in names], 1)
+        p = torch.softmax(f({n: q.detach() for n, q in params.items()}, i), -1)
+        G = G + J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    inputs = [padded]
+    if mode == "sum":  # any padding index, weights 0 on it
+        unpadded = _Bag("sum", padding_idx=None).double()
+        unpadded.load_state_dict(model.state_dict())
+        inputs.append({"text": padded, "per_sample_weights": (padded != 0).double()})
+    for x in inputs:
+        net = model if isinstance(x, torch.Tensor) else unpadded
+        la = LaplaceWrapper(net, structure="full").fit([(x, y)])
+        torch.testing.assert_close(la.posterior.ggn, G, rtol=1e-10, atol=1e-12)
+        assert la.predict(x).mean.shape == (4, 3)
+
+
 def test_integer_and_float_inputs_are_checked_against_training():
     arch = make_arch("transformer")
     la = LaplaceWrapper(arch.model, structure="diag").fit(arch.batches)
