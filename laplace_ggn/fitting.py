@@ -51,7 +51,7 @@ def _check_exact_memory(options: FitOptions, fmodel: FunctionalModel, x0: object
     """
     M = fmodel.forward(options.reader.to_device(x0))[0].numel()  # C, or T·C
     P = fmodel.n_params
-    need = M * P * torch.empty((), dtype=options.reader.dtype).element_size()
+    need = M * P * torch.empty((), dtype=options.reader.work_dtype).element_size()
     if need > options.memory_budget:
         raise ValueError(
             f"curvature='ggn' must fit one sample's exact square-root rows (M={M} outputs "
@@ -159,7 +159,7 @@ def initial_state(
         prior_precision=prior_precision,
         sigma_noise=sigma_noise,
         temperature=temperature,
-        dtype=o.reader.dtype,
+        dtype=o.reader.work_dtype,
         device=o.reader.device,
     )
     if layout is not None:
@@ -227,7 +227,7 @@ def fit_laplace(
                 )
         elif layout is None:
             # 'last_layer' is traced on a private eval-mode copy, never on the user's model
-            private = private_copy(options.model).eval()
+            private = private_copy(options.model).eval().to(reader.work_dtype)
             layout = resolve_subset(
                 private, options.subset, reader.to_device(x0), options.output_fn
             )
@@ -243,7 +243,7 @@ def fit_laplace(
     spec.check_prior(prior)
     check_finite_parameters(options.model, layout.names)  # models agree across ranks
     sopts = options.structure_options(hyperparameters.prior_precision)
-    need = spec.memory_bytes(layout.n_params, reader.dtype, sopts)
+    need = spec.memory_bytes(layout.n_params, reader.work_dtype, sopts)
     if need > options.memory_budget:
         raise ValueError(
             memory_message(options, need, layout.n_params, hyperparameters.prior_precision)
@@ -258,6 +258,8 @@ def fit_laplace(
         memory_budget=options.memory_budget,
         output_fn=options.output_fn,
         input_spec=in_spec,
+        dtype=reader.work_dtype,
+        input_dtype=reader.dtype,
         **({} if private is None else {"copy_model": False}),
     )
     if options.curvature is Curvature.GGN and spec.exact_rows and first is not None:
@@ -293,7 +295,7 @@ def fit_laplace(
                 x, y, empty = reader.split(batch, where)
                 if empty:
                     continue
-                x, y = reader.to_device(x), y.to(reader.device)
+                x, y = reader.to_device(x), reader.to_device(y)
                 acc.add(collector.update(x, where, y=y), y, where)
     except Exception as exc:
         exc = with_nonfinite_hint(exc, options.model, layout.names)
@@ -353,9 +355,14 @@ def restore_fitted(
     """
     reader, spec = options.reader, options.spec
     fmodel = FunctionalModel(
-        options.model, layout, memory_budget=options.memory_budget, output_fn=options.output_fn
+        options.model,
+        layout,
+        memory_budget=options.memory_budget,
+        output_fn=options.output_fn,
+        dtype=reader.work_dtype,
+        input_dtype=reader.dtype,
     )
-    mean = state["mean"].to(dtype=reader.dtype, device=reader.device)
+    mean = state["mean"].to(dtype=reader.work_dtype, device=reader.device)
     with torch.no_grad():
         own = dict(fmodel.module.named_parameters())
         for name, value in layout.unflatten(mean).items():

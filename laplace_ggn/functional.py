@@ -107,6 +107,9 @@ class FunctionalModel:
         output_fn: Maps the model output to the prediction tensor (see :func:`output_tensor`).
         input_spec: The training inputs' structure; an error of the model on an input of
             another shape then names both shapes (:func:`~laplace_ggn.model_io.raise_for_input_shape`).
+        dtype: Floating dtype of the private copy (``None``: the model's); inputs must have it.
+        input_dtype: The user's model dtype, when ``dtype`` differs from it (a half-precision
+            model computed in float32): :meth:`prepare` casts inputs of that dtype.
     """
 
     def __init__(
@@ -118,12 +121,16 @@ class FunctionalModel:
         copy_model: bool = True,
         output_fn: Callable[[object], Tensor] | None = None,
         input_spec: InputSpec | None = None,
+        dtype: torch.dtype | None = None,
+        input_dtype: torch.dtype | None = None,
     ):
         if copy_model:
             model = private_copy(model)
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
+        if dtype is not None:
+            model.to(dtype)  # the private copy only (float32 for a half-precision model)
         self._template = model
         self._local = threading.local()
         self._hooks: list[tuple[str, Callable]] = []  # permanent hooks of every thread's copy
@@ -139,6 +146,8 @@ class FunctionalModel:
         self.theta = layout.flatten({n: named[n].detach() for n in layout.names}).clone()
         self.device = self.theta.device
         self.dtype = self.theta.dtype
+        # inputs of the user's model dtype are cast to that of the private copy in prepare()
+        self._cast_from = input_dtype if input_dtype not in (None, self.dtype) else None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -206,8 +215,17 @@ class FunctionalModel:
             return self(self.theta, x)
 
     def prepare(self, x: object) -> object:
-        """Move a model input to the model's device."""
-        return to_device(x, self.device)
+        """Move a model input to the model's device (and a half-precision model's to float32).
+
+        Returns:
+            The input, its tensors on the device; floating tensors of the user's model dtype
+            in the private copy's dtype when the two differ.
+        """
+        x = to_device(x, self.device)
+        if self._cast_from is None:
+            return x
+        cast = lambda t: t.to(self.dtype) if t.dtype == self._cast_from else t  # noqa: E731
+        return tree_map(lambda t: cast(t) if isinstance(t, Tensor) else t, x)
 
     # -- chunking ----------------------------------------------------------------------------
 

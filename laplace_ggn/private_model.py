@@ -16,10 +16,26 @@ from ._checks import shape_str
 
 __all__ = [
     "check_finite_parameters",
+    "compute_dtype",
     "nonfinite_parameters",
     "private_copy",
     "with_nonfinite_hint",
 ]
+
+#: Model dtypes computed in float32: torch has no CPU factorisations (Cholesky, eigh, SVD, QR)
+#: in half precision, and a curvature summed with an 8-bit (bfloat16) or 11-bit (float16)
+#: mantissa is rounding noise.
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every computation of a model of ``dtype`` runs in: float32 for half precision.
+
+    Returns:
+        ``torch.float32`` for float16 / bfloat16, else ``dtype``.
+    """
+    return torch.float32 if dtype in _HALF else dtype
+
 
 #: Module attributes holding the module's structure (copied with the module itself).
 _STRUCTURE = ("_modules",)
