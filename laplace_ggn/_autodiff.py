@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "MATH_ATTENTION",
     "NO_MKLDNN",
+    "cannot_transform",
     "differentiating",
     "plain_attention",
     "prepare_attention_layers",
@@ -220,6 +221,26 @@ def differentiating() -> bool:
         return True
     level = getattr(torch._C._functorch, "maybe_current_level", None)
     return level is None or level() is not None
+
+
+def cannot_transform(err: BaseException, *, entered: bool = True) -> bool:
+    """Whether ``err`` means that the model cannot run under a ``torch.func`` transform.
+
+    Operations without batching rules or forward-mode derivatives, data-dependent control
+    flow (``.item()``, ``if tensor:``) and in-place writes into unbatched tensors raise
+    ``RuntimeError`` (``NotImplementedError`` is one); so may the checks of ``vmap``'s own
+    arguments, before the model runs (``entered=False``: any error then).  Any other
+    exception comes from the model's own code (a ``ValueError`` of the user's ``forward``)
+    and must propagate, not be retried another way.
+
+    Args:
+        err: The exception raised by the transformed call.
+        entered: Whether the transformed function had started running.
+
+    Returns:
+        ``True`` if the caller should fall back to a pass without the transform.
+    """
+    return not entered or isinstance(err, RuntimeError)
 
 
 def is_forward_ad_error(err: BaseException) -> bool:

@@ -21,6 +21,7 @@ from ._checks import (
     is_integer,
 )
 from .likelihoods import DEFAULT_IGNORE_INDEX
+from .private_model import compute_dtype
 from .reader import BatchReader
 from .structures import STRUCTURES, StructureOptions, StructureSpec, resolve_structure
 
@@ -143,6 +144,7 @@ class FitOptions:
             input_key,
             target_key,
             int(ignore_index),
+            compute_dtype(param.dtype),
         )
         return cls(
             model,
@@ -212,7 +214,7 @@ def memory_message(options: FitOptions, need: int, P: int, prior_precision: Tens
     Returns:
         The message.
     """
-    dtype, budget = options.reader.dtype, options.memory_budget
+    dtype, budget = options.reader.work_dtype, options.memory_budget
     opts = options.structure_options(prior_precision)
     sizes = {name: spec.memory_bytes(P, dtype, opts) for name, spec in STRUCTURES.items()}
     fits = [f"{name!r} ({gigabytes(n)})" for name, n in sizes.items() if n <= budget]

@@ -197,7 +197,7 @@ class FittedLaplace:
             )
         Sigma = self.posterior.to_dense()
         check_computed_finite(Sigma, "posterior covariance Σ")
-        return Sigma
+        return self.reader.result(Sigma)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``(n, P)`` parameter vectors of the subset drawn from the posterior.
@@ -215,7 +215,7 @@ class FittedLaplace:
         check_generator(generator)
         draws = self.posterior.sample(int(n), generator=generator)
         check_computed_finite(draws, "posterior samples")
-        return draws
+        return self.reader.result(draws)
 
     def model_input(self, x: object, name: str = "x") -> object:
         """A checked model input on the model's device (see :class:`~laplace_ggn.reader.BatchReader`).
@@ -241,7 +241,7 @@ class FittedLaplace:
         J, f = self.fmodel.jacobians(x, n_outputs=None if seq else self.statistics.n_outputs)
         check_computed_finite(f, "model output at the inputs")
         check_computed_finite(J, "Jacobians J(x)")
-        return J.reshape(*f.shape, J.shape[-1]), f
+        return self.reader.result((J.reshape(*f.shape, J.shape[-1]), f))
 
     def functional_covariance(self, x: object) -> Tensor:
         r""":math:`J(x)\Sigma J(x)^\top`, shape ``(B, C, C)`` (``(B, T, C, C)`` for sequences).
@@ -262,7 +262,7 @@ class FittedLaplace:
                 head=self.head,
             )
         check_computed_finite(cov, "functional covariance J Σ Jᵀ")
-        return cov
+        return self.reader.result(cov)
 
     def predict(
         self,
@@ -294,9 +294,7 @@ class FittedLaplace:
             head=self.head,
         )
         T = hp.predictive_temperature
-        if bool(T == 1):
-            return pred
-        return self.likelihood.temper(pred, T)
+        return self.reader.result(pred if bool(T == 1) else self.likelihood.temper(pred, T))
 
 
 def sample_projected(
@@ -360,4 +358,4 @@ def sample_projected(
         target_key=fitted.reader.target_key,
         progress=progress,
     )
-    return post.mean + result.projected.T * w
+    return fitted.reader.result(post.mean + result.projected.T * w)

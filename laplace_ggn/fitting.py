@@ -10,7 +10,6 @@ a saved state.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable
 from dataclasses import fields, is_dataclass
@@ -37,6 +36,7 @@ from .likelihoods import (
     observations,
 )
 from .model_io import input_spec
+from .private_model import check_finite_parameters, private_copy, with_nonfinite_hint
 
 __all__ = ["fit_laplace", "initial_state", "restore_fitted"]
 
@@ -51,7 +51,7 @@ def _check_exact_memory(options: FitOptions, fmodel: FunctionalModel, x0: object
     """
     M = fmodel.forward(options.reader.to_device(x0))[0].numel()  # C, or T·C
     P = fmodel.n_params
-    need = M * P * torch.empty((), dtype=options.reader.dtype).element_size()
+    need = M * P * torch.empty((), dtype=options.reader.work_dtype).element_size()
     if need > options.memory_budget:
         raise ValueError(
             f"curvature='ggn' must fit one sample's exact square-root rows (M={M} outputs "
@@ -159,7 +159,7 @@ def initial_state(
         prior_precision=prior_precision,
         sigma_noise=sigma_noise,
         temperature=temperature,
-        dtype=o.reader.dtype,
+        dtype=o.reader.work_dtype,
         device=o.reader.device,
     )
     if layout is not None:
@@ -227,7 +227,7 @@ def fit_laplace(
                 )
         elif layout is None:
             # 'last_layer' is traced on a private eval-mode copy, never on the user's model
-            private = copy.deepcopy(options.model).eval()
+            private = private_copy(options.model).eval().to(reader.work_dtype)
             layout = resolve_subset(
                 private, options.subset, reader.to_device(x0), options.output_fn
             )
@@ -241,8 +241,9 @@ def fit_laplace(
         )
     prior = hyperparameters.prior(layout)
     spec.check_prior(prior)
+    check_finite_parameters(options.model, layout.names)  # models agree across ranks
     sopts = options.structure_options(hyperparameters.prior_precision)
-    need = spec.memory_bytes(layout.n_params, reader.dtype, sopts)
+    need = spec.memory_bytes(layout.n_params, reader.work_dtype, sopts)
     if need > options.memory_budget:
         raise ValueError(
             memory_message(options, need, layout.n_params, hyperparameters.prior_precision)
@@ -250,11 +251,15 @@ def fit_laplace(
     if private is not None:
         for p in private.parameters():
             p.requires_grad_(False)
+    in_spec = input_spec(x0) if first is not None else None
     fmodel = FunctionalModel(
         options.model if private is None else private,
         layout,
         memory_budget=options.memory_budget,
         output_fn=options.output_fn,
+        input_spec=in_spec,
+        dtype=reader.work_dtype,
+        input_dtype=reader.dtype,
         **({} if private is None else {"copy_model": False}),
     )
     if options.curvature is Curvature.GGN and spec.exact_rows and first is not None:
@@ -274,7 +279,6 @@ def fit_laplace(
     )
     collector = spec.make_collector(fmodel, out_curv, sopts)
     acc = _Accumulator(lik, reader.ignore_index)
-    in_spec = input_spec(x0) if first is not None else None
     try:
         total = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
@@ -291,11 +295,12 @@ def fit_laplace(
                 x, y, empty = reader.split(batch, where)
                 if empty:
                     continue
-                x, y = reader.to_device(x), y.to(reader.device)
+                x, y = reader.to_device(x), reader.to_device(y)
                 acc.add(collector.update(x, where, y=y), y, where)
     except Exception as exc:
+        exc = with_nonfinite_hint(exc, options.model, layout.names)
         if dctx is None:
-            raise
+            raise exc
         local_error = exc
     if dctx is not None:
         acc.n_data, acc.n_out, acc.loss_sum = dctx.finish(
@@ -304,6 +309,13 @@ def fit_laplace(
             n_outputs=acc.n_out,
             loss_sum=acc.loss_sum,
             error=local_error,
+        )
+    if acc.n_data == 0:  # every target equals ignore_index (the same total on every rank)
+        ranks = "" if dctx is None else f" on any of the {dctx.world_size} ranks"
+        raise ValueError(
+            f"train_loader must hold a target that is not ignore_index={reader.ignore_index}"
+            f"{ranks}; got none (N = 0). Check the labels, or set ignore_index= to the value "
+            "that marks the positions to skip."
         )
     try:
         curvature = collector.finalize()
@@ -343,9 +355,14 @@ def restore_fitted(
     """
     reader, spec = options.reader, options.spec
     fmodel = FunctionalModel(
-        options.model, layout, memory_budget=options.memory_budget, output_fn=options.output_fn
+        options.model,
+        layout,
+        memory_budget=options.memory_budget,
+        output_fn=options.output_fn,
+        dtype=reader.work_dtype,
+        input_dtype=reader.dtype,
     )
-    mean = state["mean"].to(dtype=reader.dtype, device=reader.device)
+    mean = state["mean"].to(dtype=reader.work_dtype, device=reader.device)
     with torch.no_grad():
         own = dict(fmodel.module.named_parameters())
         for name, value in layout.unflatten(mean).items():

@@ -15,7 +15,6 @@ names are available here too.
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -56,7 +55,8 @@ from .jacobians import (
     per_sample_jacobians,
 )
 from .layout import ParamLayout, resolve_subset
-from .model_io import output_tensor
+from .model_io import InputSpec, output_tensor, raise_for_input_shape
+from .private_model import private_copy
 
 __all__ = [
     "UNBATCHED_HINT",
@@ -105,6 +105,11 @@ class FunctionalModel:
         copy_model: Deep-copy ``model`` (default). ``False`` uses it as is (it must already be
             a private copy in eval mode).
         output_fn: Maps the model output to the prediction tensor (see :func:`output_tensor`).
+        input_spec: The training inputs' structure; an error of the model on an input of
+            another shape then names both shapes (:func:`~laplace_ggn.model_io.raise_for_input_shape`).
+        dtype: Floating dtype of the private copy (``None``: the model's); inputs must have it.
+        input_dtype: The user's model dtype, when ``dtype`` differs from it (a half-precision
+            model computed in float32): :meth:`prepare` casts inputs of that dtype.
     """
 
     def __init__(
@@ -115,18 +120,24 @@ class FunctionalModel:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         copy_model: bool = True,
         output_fn: Callable[[object], Tensor] | None = None,
+        input_spec: InputSpec | None = None,
+        dtype: torch.dtype | None = None,
+        input_dtype: torch.dtype | None = None,
     ):
         if copy_model:
-            model = copy.deepcopy(model)
+            model = private_copy(model)
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
+        if dtype is not None:
+            model.to(dtype)  # the private copy only (float32 for a half-precision model)
         self._template = model
         self._local = threading.local()
         self._hooks: list[tuple[str, Callable]] = []  # permanent hooks of every thread's copy
         self.layout = layout
         self.memory_budget = int(memory_budget)
         self.output_fn = output_fn
+        self.input_spec = input_spec
         # recurrent layers step by step (vmap, batched backward and forward mode all work);
         # True only if fused recurrent kernels remain (subclasses, packed sequences)
         self.has_rnn = unroll_recurrent_layers(model)
@@ -135,6 +146,8 @@ class FunctionalModel:
         self.theta = layout.flatten({n: named[n].detach() for n in layout.names}).clone()
         self.device = self.theta.device
         self.dtype = self.theta.dtype
+        # inputs of the user's model dtype are cast to that of the private copy in prepare()
+        self._cast_from = input_dtype if input_dtype not in (None, self.dtype) else None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -183,13 +196,17 @@ class FunctionalModel:
     def call_dict(self, params: Mapping[str, Tensor], x: object) -> Tensor:
         """Outputs ``(B, C)`` with the named tensors replacing the model's own."""
         module = self.module
-        with plain_attention() if differentiating() else contextlib.nullcontext():
-            if isinstance(x, Mapping):
-                out = functional_call(module, dict(params), args=(), kwargs=dict(x))
-            elif isinstance(x, (tuple, list)):
-                out = functional_call(module, dict(params), tuple(x))
-            else:
-                out = functional_call(module, dict(params), (x,))
+        try:
+            with plain_attention() if differentiating() else contextlib.nullcontext():
+                if isinstance(x, Mapping):
+                    out = functional_call(module, dict(params), args=(), kwargs=dict(x))
+                elif isinstance(x, (tuple, list)):
+                    out = functional_call(module, dict(params), tuple(x))
+                else:
+                    out = functional_call(module, dict(params), (x,))
+        except RuntimeError as err:  # torch's shape errors: name the shapes if the input's differ
+            raise_for_input_shape(err, x, self.input_spec)
+            raise
         return as_2d_output(output_tensor(out, self.output_fn))
 
     def forward(self, x: object) -> Tensor:
@@ -198,8 +215,17 @@ class FunctionalModel:
             return self(self.theta, x)
 
     def prepare(self, x: object) -> object:
-        """Move a model input to the model's device."""
-        return to_device(x, self.device)
+        """Move a model input to the model's device (and a half-precision model's to float32).
+
+        Returns:
+            The input, its tensors on the device; floating tensors of the user's model dtype
+            in the private copy's dtype when the two differ.
+        """
+        x = to_device(x, self.device)
+        if self._cast_from is None:
+            return x
+        cast = lambda t: t.to(self.dtype) if t.dtype == self._cast_from else t  # noqa: E731
+        return tree_map(lambda t: cast(t) if isinstance(t, Tensor) else t, x)
 
     # -- chunking ----------------------------------------------------------------------------
 

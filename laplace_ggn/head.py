@@ -61,6 +61,15 @@ class LinearHead:
         # on every thread's private copy, never on the user's module
         fmodel.register_forward_hook(module_name, self._hook)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_local"]  # per-thread records of a call in progress: none to keep
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     @classmethod
     def find(cls, fmodel: FunctionalModel) -> LinearHead | None:
         """The head if every parameter of the subset belongs to one untied ``nn.Linear``."""

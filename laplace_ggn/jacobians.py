@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_map
 
+from ._autodiff import cannot_transform
 from .layout import ParamLayout
 
 __all__ = [
@@ -90,8 +91,10 @@ def _jacobian_chunk(
     fmodel, theta: Tensor, x: object, layout: ParamLayout, call: dict
 ) -> tuple[Tensor, Tensor]:
     if call["mode"] is _JacobianMode.VMAP:
+        entered = [False]
 
         def f_single(th: Tensor, xs: object) -> tuple[Tensor, Tensor]:
+            entered[0] = True
             xb = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, xs)
             out = fmodel.call_dict(layout.unflatten(th), xb)[0]
             return out.reshape(-1), out  # outputs (T, C) of a sequence: T·C rows
@@ -99,9 +102,10 @@ def _jacobian_chunk(
         try:
             J, f = vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(theta, x)
             return J.detach(), f.detach()
-        except Exception:
-            # the model cannot run under vmap; an error of the input itself surfaces
-            # again from the plain forward pass below
+        except Exception as err:  # noqa: BLE001 -- the model's own errors are re-raised
+            if not cannot_transform(err, entered=entered[0]):
+                raise
+            # the model cannot run under vmap: one forward pass and batched backward passes
             call["mode"] = _JacobianMode.BATCH
     Js, fs = [], []
     for xc in fmodel.chunks(x, _REVERSE_CHUNK):

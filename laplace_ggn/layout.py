@@ -8,17 +8,18 @@ flattened row-major (the order of :func:`torch.nn.utils.parameters_to_vector`).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._checks import near_matches
 from .batches import call_model, input_tensors
 from .model_io import output_tensor
+from .private_model import private_copy
 
 __all__ = ["ParamLayout", "resolve_subset"]
 
@@ -103,7 +104,8 @@ def _last_layer_names(
 ) -> list[str]:
     """Names of the parameters of the last layer whose output reaches the model output.
 
-    A layer is a module with trainable parameters of its own (not a submodule's); the root
+    A layer is a module with trainable parameters of its own (not a submodule's; the
+    originals of its parametrised tensors, e.g. under ``weight_norm``, are its own); the root
     module's own parameters (a positional embedding, a temperature) never count unless the
     model is a single layer.  The forward pass runs on a private eval-mode copy with autograd
     on, so that each layer's output can be followed to the model output through the graph;
@@ -115,11 +117,27 @@ def _last_layer_names(
     Raises:
         ValueError: If no such layer ran (the message names what was found).
     """
-    model = copy.deepcopy(model).eval()
+    model = private_copy(model).eval()
     canonical = {id(p): n for n, p in model.named_parameters()}
+    # a parametrised tensor (torch.nn.utils.parametrizations.weight_norm, ...) belongs to the
+    # layer it is a parameter of: its originals are the layer's own, not a separate layer's
+    inner = {
+        id(m)
+        for module in model.modules()
+        if parametrize.is_parametrized(module)
+        for m in module.parametrizations.modules()
+    }
     own = {
-        name: [p for p in module.parameters(recurse=False) if p.requires_grad]
+        name: [
+            p
+            for p in (
+                module.parametrizations.parameters() if parametrize.is_parametrized(module) else ()
+            )
+            if p.requires_grad
+        ]
+        + [p for p in module.parameters(recurse=False) if p.requires_grad]
         for name, module in model.named_modules()
+        if id(module) not in inner
     }
     layers = {n: ps for n, ps in own.items() if n and ps}
     if not layers and own.get(""):

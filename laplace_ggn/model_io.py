@@ -25,6 +25,7 @@ __all__ = [
     "check_model_input",
     "input_spec",
     "output_tensor",
+    "raise_for_input_shape",
     "resolve_target_key",
 ]
 
@@ -111,16 +112,72 @@ def _paths(x: object, path: str = "") -> list[tuple[str, Tensor]]:
     return []
 
 
+_EMBEDDING_BAG_HINT = (
+    " The model has an nn.EmbeddingBag: inputs (text, offsets) pack B bags into one 1-D "
+    "tensor without a batch dimension. Pass the bags as one (B, L) tensor instead "
+    "(offsets=None), padded with the layer's padding_idx (left out of each bag's sum, mean or "
+    "max), or, with mode='sum', padded with any index and per_sample_weights of shape (B, L) "
+    "that are 0 on the padding."
+)
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """Structure of the training inputs: ``(path, ndim, floating)`` per tensor leaf."""
+    """Structure of the training inputs: ``(path, ndim, floating)`` per tensor leaf.
+
+    ``shapes`` holds each leaf's shape after the batch dimension in the first training batch
+    (named when the model fails on an input of another shape).
+    """
 
     leaves: tuple[tuple[str, int, bool], ...]
+    shapes: tuple[tuple[int, ...], ...] = ()
 
 
 def input_spec(x: object) -> InputSpec:
     """The :class:`InputSpec` of a model input (batch dimension included in ``ndim``)."""
-    return InputSpec(tuple((p, t.ndim, t.is_floating_point()) for p, t in _paths(x)))
+    leaves = _paths(x)
+    return InputSpec(
+        tuple((p, t.ndim, t.is_floating_point()) for p, t in leaves),
+        tuple(tuple(int(d) for d in t.shape[1:]) for _, t in leaves),
+    )
+
+
+def raise_for_input_shape(err: Exception, x: object, spec: InputSpec | None) -> None:
+    """Name the expected and received input shapes when the model failed on another shape.
+
+    Called with an error of the model's forward pass (e.g. ``mat1 and mat2 shapes cannot be
+    multiplied`` for a wrong feature width).  Shapes after the batch dimension are compared
+    with the first training batch; where none differs, nothing is raised (the caller
+    re-raises ``err``).
+
+    Args:
+        err: The error the model raised.
+        x: The model input it was given.
+        spec: The training inputs' structure (``None``: unknown, nothing raised).
+
+    Raises:
+        ValueError: If a tensor of ``x`` differs in shape from the training inputs (caused by
+            ``err``).
+    """
+    if spec is None or not spec.shapes:
+        return
+    leaves = _paths(x)
+    if len(leaves) != len(spec.shapes):
+        return
+    for (path, t), want in zip(leaves, spec.shapes):
+        got = tuple(int(d) for d in t.shape[1:])
+        if got != want:
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            raise ValueError(
+                f"model input{path} must have shape {_batch_shape(want)} like the training "
+                f"inputs (any batch size B); got {_batch_shape(got)}, on which the model "
+                f"raised {type(err).__name__}: {first}"
+            ) from err
+
+
+def _batch_shape(dims: tuple[int, ...]) -> str:
+    """``(B, 3)`` for the dimensions ``(3,)`` after the batch dimension."""
+    return "(" + ", ".join(["B", *map(str, dims)]) + ("," if not dims else "") + ")"
 
 
 def check_model_input(
@@ -130,6 +187,7 @@ def check_model_input(
     spec: InputSpec | None = None,
     name: str = "x",
     where: str = "",
+    model: nn.Module | None = None,
 ) -> None:
     """Check a model input before any computation, as :meth:`LaplaceWrapper.fit` does.
 
@@ -143,6 +201,7 @@ def check_model_input(
         spec: Structure of the training inputs, if known.
         name: Name of the argument in messages.
         where: Location for messages, e.g. ``"batch 3"``.
+        model: The network, if known (its ``nn.EmbeddingBag`` layers add a hint).
 
     Raises:
         TypeError: If ``x`` holds no tensor.
@@ -169,8 +228,10 @@ def check_model_input(
             )
     sizes = {path: int(t.shape[0]) for path, t in leaves}
     if len(set(sizes.values())) > 1:
+        bag = model is not None and any(isinstance(m, nn.EmbeddingBag) for m in model.modules())
         raise ValueError(
             f"{label} tensors must share the batch size (first dimension); got {sizes}."
+            + (_EMBEDDING_BAG_HINT if bag else "")
         )
     if spec is None:
         return

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ._checks import Curvature, Likelihood, as_enum, near_matches, shape_str
 from .posterior_states import SavedSubset, check_keys, describe, is_int, state_tensor
+from .private_model import compute_dtype
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -259,8 +260,9 @@ def check_state(state: object, model: nn.Module, structures: Mapping[str, object
     """Validate a saved state against ``model``; return it with tensors ready for the model.
 
     The posterior's tensors are cast to the dtype and device of the model's parameters (a
-    float32 state loads into a float64 model); nothing else changes, so the round trip of a
-    state into a model of its own dtype is bit-exact.
+    float32 state loads into a float64 model; float32 for a float16 / bfloat16 model, whose
+    computations run in float32); nothing else changes, so the round trip of a state into a
+    model of its own dtype is bit-exact.
 
     Args:
         state: Output of :meth:`LaplaceWrapper.state_dict`.
@@ -296,8 +298,9 @@ def check_state(state: object, model: nn.Module, structures: Mapping[str, object
     saved = SavedSubset(structure, subset, shapes)
     _check_posterior(state["posterior"], structures[structure].check_state, saved)
     ref = next(iter(model.parameters()))
+    dtype = compute_dtype(ref.dtype)  # float32 for a half-precision model
     post = {
-        k: v.to(dtype=ref.dtype, device=ref.device) if isinstance(v, Tensor) else v
+        k: v.to(dtype=dtype, device=ref.device) if isinstance(v, Tensor) else v
         for k, v in state["posterior"].items()
     }
     return {**state, "posterior": post}

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from ._autodiff import cannot_transform
 from ._checks import (
     Likelihood,
     Link,
@@ -160,18 +161,29 @@ def sample_outputs(fmodel, thetas: Tensor, x: object, *, n_outputs: int) -> Tens
 
 def _eval_samples(fmodel, thetas: Tensor, x: object, call: dict) -> Tensor:
     if call["vmap"]:
+        entered = [False]
+
+        def f(theta: Tensor) -> Tensor:
+            entered[0] = True
+            return fmodel(theta, x)
+
         try:
-            return vmap(fmodel, in_dims=(0, None))(thetas, x)
-        except Exception as err:
+            return vmap(f)(thetas)
+        except Exception as err:  # noqa: BLE001 -- the model's own errors are re-raised
+            if not cannot_transform(err, entered=entered[0]):
+                raise
             # the model cannot run under vmap (data-dependent control flow, in-place updates
-            # of unbatched tensors); an error of the input itself surfaces again below
+            # of unbatched tensors): once per sample; warned once that loop has run, so that
+            # an error of the model itself (raised again by it) comes without the warning
             call["vmap"] = False
+            out = torch.stack([fmodel(t, x) for t in thetas])
             warnings.warn(
                 f"vmap over parameter samples failed ({type(err).__name__}: {str(err)[:120]}); "
                 "evaluating the network once per sample.",
                 RuntimeWarning,
                 stacklevel=4,
             )
+            return out
     return torch.stack([fmodel(t, x) for t in thetas])
 
 

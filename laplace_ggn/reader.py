@@ -8,12 +8,13 @@ the validation loaders of tuning and the read paths (predict, jacobians) all go 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from ._checks import check_finite, check_target_tensor
+from ._checks import check_computed_finite, check_finite, check_target_tensor
 from .batches import batch_size_of, check_batch_dims, input_tensors, split_batch, to_device
 from .model_io import (
     DEFAULT_TARGET_KEYS,
@@ -36,6 +37,8 @@ class BatchReader:
         input_key: Key of the inputs in mapping batches (``None``: every other key).
         target_key: Key of the targets in mapping batches (``None``: the default keys).
         ignore_index: Classification / binary targets equal to it are left out.
+        compute_dtype: The dtype of every computation (``None``: ``dtype``); float32 for a
+            float16 / bfloat16 model (:func:`~laplace_ggn.private_model.compute_dtype`).
     """
 
     model: nn.Module
@@ -44,14 +47,61 @@ class BatchReader:
     input_key: str | None = None
     target_key: str | None = None
     ignore_index: int = -100
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The dtype the private model, the curvature and the posterior have."""
+        return self.dtype if self.compute_dtype is None else self.compute_dtype
 
     def to_device(self, x: object) -> object:
-        """``x`` (tensor, tuple or dict) on the model's device.
+        """``x`` (tensor, tuple or dict) on the model's device, floating tensors in ``work_dtype``.
 
         Returns:
             The moved input.
         """
-        return to_device(x, self.device)
+        x = to_device(x, self.device)
+        if self.work_dtype == self.dtype:
+            return x
+        return tree_map(
+            lambda t: (
+                t.to(self.work_dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            ),
+            x,
+        )
+
+    def result(self, value: object) -> object:
+        """A result (tensor, tuple or dataclass of tensors) in the model's dtype.
+
+        Results of a half-precision model are computed in float32 and returned in its dtype.
+
+        Returns:
+            ``value`` with its floating tensors cast to ``dtype``.
+
+        Raises:
+            RuntimeError: If a value overflows the model's dtype (float16 ends at 65504).
+        """
+        if self.work_dtype == self.dtype:
+            return value
+        if isinstance(value, Tensor):
+            if not value.is_floating_point():
+                return value
+            out = value.to(self.dtype)
+            check_computed_finite(
+                out,
+                f"result in the model's dtype {self.dtype}",
+                f"A value computed in {self.work_dtype} exceeds the range of {self.dtype} "
+                f"(largest {torch.finfo(self.dtype).max:.5g}). Use the float32 model "
+                "(model.float()), or a larger prior precision.",
+            )
+            return out
+        if isinstance(value, tuple):
+            return type(value)(self.result(v) for v in value)
+        if is_dataclass(value) and not isinstance(value, type):
+            return replace(
+                value, **{f.name: self.result(getattr(value, f.name)) for f in fields(value)}
+            )
+        return value
 
     def split(self, batch: object, where: str) -> tuple[object, Tensor, bool]:
         """``(x, y, empty)`` of a checked loader batch; ``empty`` when it holds 0 rows.
@@ -68,7 +118,7 @@ class BatchReader:
             TypeError: If the targets are not a tensor.
         """
         x, y = split_batch(batch, input_key=self.input_key, target_key=self.target_key, where=where)
-        check_model_input(x, dtype=self.dtype, name="input", where=where)
+        check_model_input(x, dtype=self.dtype, name="input", where=where, model=self.model)
         check_keyword_inputs(self.model, x, where)
         for t in input_tensors(x):
             check_finite(t, "input", where)
@@ -107,7 +157,7 @@ class BatchReader:
                     f"{given[0]!r}}}."
                 )
             check_keyword_inputs(self.model, x)
-        check_model_input(x, dtype=self.dtype, spec=spec, name=name)
+        check_model_input(x, dtype=self.dtype, spec=spec, name=name, model=self.model)
         x = self.to_device(x)
         for t in input_tensors(x):
             check_finite(t, "input")

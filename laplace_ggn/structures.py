@@ -63,6 +63,7 @@ __all__ = [
     "StructureOptions",
     "StructureSpec",
     "register_structure",
+    "registered_structure",
     "resolve_structure",
 ]
 
@@ -123,6 +124,41 @@ class StructureSpec:
     samples_curvature: bool = True
     exact_rows: bool = False
     check_state: Callable[[Mapping, SavedSubset], None] = check_tensor_state
+
+    def __reduce__(self) -> tuple:
+        """Pickle a registered spec by its name (its functions may be lambdas).
+
+        Returns:
+            The registry lookup and the name; unpickled, it is the spec registered under
+            that name in the loading process.
+
+        Raises:
+            TypeError: If the spec is not the one registered under its name.
+        """
+        if STRUCTURES.get(self.name) is not self:
+            raise TypeError(
+                f"StructureSpec {self.name!r} must be registered (register_structure) to be "
+                "pickled; it is pickled by its name. Save la.state_dict() instead."
+            )
+        return (registered_structure, (self.name,))
+
+
+def registered_structure(name: str) -> StructureSpec:
+    """The spec registered under ``name`` (how a pickled spec is loaded).
+
+    Returns:
+        The :class:`StructureSpec`.
+
+    Raises:
+        ValueError: If no structure of that name is registered in this process.
+    """
+    spec = STRUCTURES.get(name)
+    if spec is None:
+        raise ValueError(
+            f"structure {name!r} must be registered to load a pickled wrapper of it; got the "
+            f"registered structures {list(STRUCTURES)}. Register it (register_structure) first."
+        )
+    return spec
 
 
 #: The structures ``LaplaceWrapper(structure=...)`` accepts, by name, in the order listed.

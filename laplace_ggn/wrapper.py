@@ -170,7 +170,8 @@ class LaplaceWrapper:
             generator: Random generator of the label draws of ``curvature="mc"``.
 
         Returns:
-            ``self``, fitted; on error the previous state is kept.
+            ``self``, fitted at the constructor's hyperparameters (a refit drops those of
+            tuning and its ``*_result_`` curves); on error the previous state is kept.
 
         Raises:
             ValueError: If the data is empty, malformed, not finite or does not fit the
@@ -178,11 +179,13 @@ class LaplaceWrapper:
             TypeError: If the loader, targets or ``generator`` have the wrong type.
         """
         self.fitted = fit_laplace(
-            self._options, self.hyperparameters, self._layout, train_loader,
+            self._options, self._initial, self._layout, train_loader,
             progress=progress, distributed=distributed, process_group=process_group,
             generator=generator,
         )  # fmt: skip
         self._layout = self.fitted.layout
+        for name in _marglik.Tuned.RESULT_NAMES:
+            vars(self).pop(name, None)
         return self
 
     def posterior_covariance(self) -> Tensor:

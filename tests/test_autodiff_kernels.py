@@ -4,6 +4,7 @@ kernel settings are as they were afterwards."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -150,3 +151,62 @@ def test_reverse_mode_fallback_warns_every_call_and_is_exact():
         warnings.simplefilter("error", RuntimeWarning)
         plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         LaplaceWrapper(plain, "classification", structure="lowrank", rank=5).fit([(X, y)])
+
+
+class _Raising(nn.Module):
+    """Raises ``error`` from its forward once ``armed``; counts its forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2)
+        self.error: Exception | None = None
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return self.lin(x)
+
+
+class _UserError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("structure", ["diag", "lowrank"])
+def test_errors_of_the_model_propagate_without_a_retry(structure):
+    # a ValueError of the model was caught in jacobians and predict(method="nn"), the model
+    # re-run another way, and the nn path warned that "vmap failed"
+    X = torch.randn(6, 3, dtype=torch.float64)
+    la = LaplaceWrapper(
+        _Raising().double(), structure=structure, rank=2 if structure != "diag" else None
+    )
+    la.fit([(X, torch.randint(0, 2, (6,)))])
+    own = la.fitted.fmodel.module  # this thread's private copy, the one every pass runs
+    steps = {
+        "jacobians": lambda: la.jacobians(X),
+        "functional_covariance": lambda: la.functional_covariance(X),
+        "predict glm": lambda: la.predict(X),
+        "predict nn": lambda: la.predict(X, "nn", n_samples=3),
+    }
+    for error in (ValueError("bad input for this model"), KeyError("k"), _UserError("mine")):
+        own.error = error
+        for what, step in steps.items():
+            own.calls = 0
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "vmap failed" warning either
+                with pytest.raises(type(error), match=re.escape(str(error).strip("'"))):
+                    step()
+            assert own.calls == 1, f"{what}: the model ran {own.calls} times for {error!r}"
+    # a RuntimeError may mean "cannot be vectorised": retried once without vmap, then raised,
+    # and without the warning of a successful fallback
+    own.error = RuntimeError("a runtime error of the model")
+    for step in steps.values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(RuntimeError, match="a runtime error of the model"):
+                step()
+    own.error = None
+    la.jacobians(X)
+    la.predict(X, "nn", n_samples=3)

@@ -68,6 +68,29 @@ def test_run_demo_rejects_unknown_structure(tmp_path):
         cli.run_demo(structure="kron", out=tmp_path)
 
 
+def test_out_that_is_a_file_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # the whole demo used to run, then fail with a raw FileExistsError
+    target = tmp_path / "metrics.txt"
+    target.write_text("keep me")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo started before checking --out")
+
+    monkeypatch.setattr(cli.demo, "load_digits_splits", no_work)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--small", "--out", str(target)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out must be a directory for the figures and metrics.json; got" in err
+    assert "an existing file. Pass a new or existing directory." in err
+    with pytest.raises(
+        ValueError, match=r"--out must be a directory .* \(its parent .* is a file\)"
+    ):
+        cli.run_demo(out=target / "sub", small=True)
+    assert target.read_text() == "keep me"
+    assert cli.demo.check_out_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+
+
 # ------------------------------------------------------------------------------------ data
 
 

@@ -211,6 +211,14 @@ def _battery(rank: int) -> dict:
                 else [(case.X[:5], case.y[:5]), zero, (case.X[5:], case.y[5:])]
             )
             out[f"zerorows/{structure}/{setting}"] = _try_summary(setting, structure, loader)
+        # every label ignore_index on every rank: N = 0 in all, refused on every rank; on one
+        # rank only: the fit of the other rank's data
+        X, y = _shard("clf", rank)
+        out[f"ignored/{structure}"] = _try_summary("clf", structure, _loader(X, y.fill_(-100)))
+        X, y = _shard("clf", rank)
+        out[f"ignored1/{structure}"] = _try_summary(
+            "clf", structure, _loader(X, y.fill_(-100) if rank == 1 else y)
+        )
         # an explicit process group gives the same result as the default one
         group = dist.new_group(list(range(WORLD)))
         X, y = _shard("clf", rank)
@@ -362,6 +370,19 @@ def test_process_group_and_opt_out(ranks, structure):
     for r, res in enumerate(ranks):
         X, y = _shard("clf", r)
         _check_equal(res[f"local/{structure}"], _single("clf", structure, X, y))
+
+
+@pytest.mark.parametrize("structure", _structures())
+def test_every_label_ignored_refused_on_every_rank(ranks, structure):
+    for res in ranks:
+        assert res[f"ignored/{structure}"].startswith(
+            "ValueError: train_loader must hold a target that is not ignore_index=-100 on any "
+            "of the 2 ranks; got none (N = 0)"
+        )
+    X, y = _shard("clf", 0)
+    ref = _single("clf", structure, X, y)
+    for res in ranks:
+        _check_equal(res[f"ignored1/{structure}"], ref)
 
 
 def test_group_of_one_rank_and_non_member_refused(ranks):

@@ -106,6 +106,76 @@ def test_model_output_nonfinite_named(structure):
     assert not la.is_fitted
 
 
+class _MaskedSoftmax(nn.Module):
+    """A frozen ``-inf`` parameter masks one class before a softmax: every output is finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.mask = nn.Parameter(torch.tensor([0.0, 0.0, -math.inf]), requires_grad=False)
+
+    def forward(self, x):
+        return torch.softmax(self.lin(x) + self.mask, -1)
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+def test_nonfinite_parameters_of_the_subset_refused_naming_them(structure):
+    # a model with an inf / NaN parameter used to fit; sample, the evidence and the saved
+    # state failed later
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, case.likelihood, structure=structure)
+    quiet_fit(la, case.loader())
+    before = la.state_dict()
+    bad = make_case("mlp_classification").model
+    with torch.no_grad():
+        bad[2].weight[1, 2] = math.inf
+        bad[0].bias[0] = math.nan
+    msg = (
+        r"parameter '0.bias' of the subset must be finite \(its trained value is the posterior "
+        r"mean θ\*\); got 1 NaN and 0 Inf values out of 4 \(shape \(4,\)\) \(also non-finite: "
+        r"\['2.weight'\]\)\. The training diverged"
+    )
+    la_bad = LaplaceWrapper(bad, case.likelihood, structure=structure)
+    with pytest.raises(ValueError, match=msg):
+        la_bad.fit(case.loader())
+    assert not la_bad.is_fitted
+    for subset in ("last_layer", ["2.weight"]):
+        la_bad = LaplaceWrapper(bad, case.likelihood, structure=structure, subset=subset)
+        with pytest.raises(ValueError, match=r"parameter '2.weight' of the subset must be finite"):
+            la_bad.fit(case.loader())
+    assert same_state(la.state_dict(), before)
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+def test_nonfinite_parameters_outside_the_subset_named_when_the_pass_fails(structure):
+    case = make_case("mlp_classification")
+    bad = case.model
+    with torch.no_grad():
+        bad[0].weight[0, 0] = math.nan
+    la = LaplaceWrapper(bad, case.likelihood, structure=structure, subset=["2.weight", "2.bias"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(
+            ValueError,
+            match=r"must be finite; .* The model's parameters \['0.weight'\] \(outside the "
+            r"subset\) hold NaN or Inf",
+        ):
+            la.fit(case.loader())
+    assert not la.is_fitted
+    # a frozen -inf mask outside the subset keeps every output finite: it fits
+    torch.manual_seed(0)
+    masked = _MaskedSoftmax().double()
+    y = torch.softmax(torch.randn(12, 3, dtype=DT), -1)
+    la = quiet_fit(
+        LaplaceWrapper(masked, "regression", structure=structure),
+        DataLoader(TensorDataset(case.X, y), batch_size=5),
+    )
+    assert la.fitted.layout.names == ("lin.weight", "lin.bias")
+    pred = la.predict(case.X)
+    assert bool(torch.isfinite(pred.mean).all() and torch.isfinite(pred.variance).all())
+    assert bool(torch.isfinite(la.log_marginal_likelihood()))
+
+
 def test_training_loss_that_overflows_float64_refused():
     model = nn.Linear(3, 1).double()
     with torch.no_grad():
@@ -324,6 +394,30 @@ def test_loader_of_only_empty_batches_refused_and_previous_fit_kept(structure):
     assert same_state(la.state_dict(), before)
 
 
+@pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("name", ["mlp_classification", "mlp_binary"])
+def test_every_label_ignored_refused_and_previous_fit_kept(structure, name):
+    # every structure used to fit with N = 0, and tuning then ran on nothing
+    case = make_case(name)
+    ignored = torch.full_like(case.y, 7 if name == "mlp_binary" else -100)
+    kw = {"ignore_index": 7} if name == "mlp_binary" else {}
+    la = LaplaceWrapper(case.model, case.likelihood, structure=structure, **kw)
+    msg = r"train_loader must hold a target that is not ignore_index=(-100|7); got none \(N = 0\)"
+    with pytest.raises(ValueError, match=msg):
+        la.fit(DataLoader(TensorDataset(case.X, ignored), batch_size=5))
+    assert not la.is_fitted
+    quiet_fit(la, case.loader())
+    before = la.state_dict()
+    with pytest.raises(ValueError, match=msg):
+        la.fit([(case.X[:4], ignored[:4]), (case.X[:0], ignored[:0]), (case.X[4:], ignored[4:])])
+    assert same_state(la.state_dict(), before)
+    # one batch with a label left is a fit on that label (N = 1)
+    partly = ignored.clone()
+    partly[3] = case.y[3]
+    la.fit(DataLoader(TensorDataset(case.X, partly), batch_size=5))
+    assert la.fitted.statistics.n_data == 1
+
+
 # -- memory budget ---------------------------------------------------------------------------------
 
 
@@ -425,3 +519,50 @@ def test_failed_refit_keeps_previous_fit():
     with pytest.raises(ValueError, match="batch 2"):
         la.fit(DataLoader(TensorDataset(case.X, y), 5))
     torch.testing.assert_close(la.posterior_covariance(), before, rtol=0, atol=0)
+
+
+# -- a refit starts from the constructor's hyperparameters ----------------------------------------
+
+
+def _tune(la: LaplaceWrapper, case) -> None:
+    if case.likelihood == "regression":
+        la.optimize_prior_precision("marglik", n_steps=20, lr=0.5, tune_sigma_noise=True)
+    else:  # evidence for the prior precision, then a predictive temperature on validation data
+        val = [(case.X[:6], case.y[:6])]
+        la.optimize_prior_precision("marglik_temperature", val_loader=val, n_steps=20, lr=0.5)
+    la.optimize_prior_precision("gridsearch", val_loader=[(case.X, case.y)], n_points=3)
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("name", ["mlp_classification", "mlp_regression"])
+def test_refit_equals_a_fresh_fit(structure, name):
+    # a refit kept the tuned prior precision, σ, the predictive temperature (T = 7.3 in one
+    # run) and the tuning curves of the first data: predictions differed by up to 0.25
+    a, b = make_case(name, seed=0), make_case(name, seed=1)
+    kw = {"structure": structure, "prior_precision": 2.0}
+    if name == "mlp_regression":
+        kw["sigma_noise"] = 0.7
+    la = LaplaceWrapper(a.model, a.likelihood, **kw)
+    quiet_fit(la, a.loader())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _tune(la, a)
+    tuned = la.hyperparameters
+    assert float(tuned.prior_precision) != 2.0
+    assert hasattr(la, "gridsearch_result_") and hasattr(la, "marglik_result_")
+    quiet_fit(la, b.loader())
+    fresh = quiet_fit(LaplaceWrapper(a.model, a.likelihood, **kw), b.loader())
+    for attr in ("prior_precision", "sigma_noise", "predictive_temperature"):
+        assert torch.equal(getattr(la, attr), getattr(fresh, attr)), attr
+    for attr in ("marglik_result_", "gridsearch_result_", "temperature_result_"):
+        assert not hasattr(la, attr), attr
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), fresh.log_marginal_likelihood(), rtol=0, atol=0
+    )
+    for link in ("probit", "bridge") if a.likelihood == "classification" else (None,):
+        p, q = la.predict(b.X, link=link), fresh.predict(b.X, link=link)
+        torch.testing.assert_close(p.mean, q.mean, rtol=0, atol=0)
+        torch.testing.assert_close(p.variance, q.variance, rtol=0, atol=0)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    torch.testing.assert_close(la.sample(3, generator=g1), fresh.sample(3, generator=g2))
+    assert_same_state(la.state_dict(), fresh.state_dict())

@@ -14,6 +14,7 @@ from zoo import TinyEncoder, make_arch
 
 from laplace_ggn import LaplaceWrapper, jacobians
 from laplace_ggn.functional import resolve_subset, split_batch
+from laplace_ggn.testing import dense_ggn
 
 
 def _mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
@@ -103,6 +104,53 @@ def test_last_layer_single_layer_model_and_tied_weights():
 
     layout = resolve_subset(Tied(), "last_layer", torch.randint(0, 5, (2, 3)))
     assert layout.names == ("emb.weight", "out.bias")
+
+
+class _WeightNormHead(nn.Module):
+    def __init__(self, deprecated: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(3, 6)
+        norm = nn.utils.weight_norm if deprecated else nn.utils.parametrizations.weight_norm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation warning of nn.utils.weight_norm
+            self.head = norm(nn.Linear(6, 4))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # weight_norm under vmap
+@pytest.mark.parametrize("deprecated", [False, True], ids=["parametrizations", "deprecated"])
+def test_last_layer_of_a_weight_norm_head_holds_its_parametrised_weight(deprecated):
+    # 'last_layer' kept only the head's bias (4 of 32 parameters), silently: the originals of
+    # the parametrised weight live in a submodule of the head; the deprecated weight_norm
+    # could not be copied at all (its computed weight is not a graph leaf)
+    model = _WeightNormHead(deprecated).double()
+    X = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 4, (10,), generator=torch.Generator().manual_seed(1))
+    model(X).sum().backward()  # a forward with autograd, as after training
+    model.zero_grad(set_to_none=True)
+    names = (
+        ("head.bias", "head.weight_g", "head.weight_v")
+        if deprecated
+        else (
+            "head.bias",
+            "head.parametrizations.weight.original0",
+            "head.parametrizations.weight.original1",
+        )
+    )
+    assert resolve_subset(model, "last_layer", X).names == names
+    la = LaplaceWrapper(model, structure="full", subset="last_layer").fit([(X, y)])
+    assert la.n_params == 32
+    G = dense_ggn(model, X, y, "classification", names=list(names))
+    torch.testing.assert_close(la.posterior.ggn, G, rtol=1e-10, atol=1e-12)
+    for structure in ("diag", "kfac", "lowrank"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # kfac names the blocks it keeps diagonal
+            other = LaplaceWrapper(model, structure=structure, subset="last_layer").fit([(X, y)])
+        assert other.fitted.layout.names == names
+        assert bool(torch.isfinite(other.predict(X).variance).all())
 
 
 def test_last_layer_refused_when_no_layer_reaches_the_output():
@@ -383,6 +431,108 @@ def test_predict_inputs_validated_and_fast_path_kept(monkeypatch):
     monkeypatch.setattr(jacobians, "_reverse_jacobian", lambda *a: calls.append(1) or real(*a))
     torch.testing.assert_close(la.predict(X).mean, before, rtol=0, atol=0)
     assert not calls
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "lowrank"])
+def test_wrong_feature_width_names_the_expected_and_received_shapes(structure):
+    # raw "mat1 and mat2 shapes cannot be multiplied (1x4 and 3x5)" before
+    X, y = _data()
+    la = LaplaceWrapper(_mlp(), structure=structure).fit([(X, y)])
+    wide = torch.randn(2, 4, dtype=torch.float64)
+    msg = (
+        r"model input must have shape \(B, 3\) like the training inputs \(any batch size B\); "
+        r"got \(B, 4\), on which the model raised RuntimeError: "
+    )
+    steps = {
+        "predict": lambda: la.predict(wide),
+        "predict bridge": lambda: la.predict(wide, link="bridge"),
+        "predict nn": lambda: la.predict(wide, "nn", n_samples=2),
+        "functional_covariance": lambda: la.functional_covariance(wide),
+        "jacobians": lambda: la.jacobians(wide),
+        "gridsearch": lambda: la.optimize_prior_precision(
+            "gridsearch", val_loader=[(wide, y[:2])], n_points=2
+        ),
+    }
+    for step in steps.values():
+        with pytest.raises(ValueError, match=msg):
+            step()
+    with pytest.raises(ValueError, match=msg + r"mat1 and mat2 shapes"):
+        la.fit([(X, y), (wide, y[:2])])  # a later batch against the first one
+    assert torch.equal(
+        la.predict(X).mean,
+        LaplaceWrapper(_mlp(), structure=structure).fit([(X, y)]).predict(X).mean,
+    )
+    # several inputs: the one that differs is named by its path
+    two = LaplaceWrapper(_TwoInputs().double(), structure=structure).fit(
+        [((X, torch.randn(12, 4, dtype=torch.float64)), y % 2)]
+    )
+    with pytest.raises(
+        ValueError, match=r"model input\[1\] must have shape \(B, 4\) .*; got \(B, 5\)"
+    ):
+        two.predict((X[:2], torch.randn(2, 5, dtype=torch.float64)))
+
+
+class _Bag(nn.Module):
+    def __init__(self, mode: str, padding_idx: int | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.EmbeddingBag(10, 3, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, text, offsets=None, per_sample_weights=None):
+        return self.head(self.emb(text, offsets, per_sample_weights=per_sample_weights))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # embedding_bag under vmap
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_embedding_bag_with_offsets_refused_naming_the_ways_that_work(mode):
+    bags = [[3, 4, 5], [6, 7], [8, 9, 1, 2], [5]]
+    flat, offsets = torch.tensor(sum(bags, [])), torch.tensor([0, 3, 5, 9])
+    y = torch.tensor([0, 1, 2, 1])
+    model = _Bag(mode, padding_idx=0).double()
+    with pytest.raises(
+        ValueError,
+        match=r"input in batch 0 tensors must share the batch size \(first dimension\); got "
+        r"\{'\[0\]': 10, '\[1\]': 4\}\. The model has an nn.EmbeddingBag: .* Pass the bags as "
+        r"one \(B, L\) tensor instead \(offsets=None\), padded with the layer's padding_idx",
+    ):
+        LaplaceWrapper(model, structure="diag").fit([((flat, offsets), y)])
+    # the ways out the message names give the offsets model's GGN, one bag per sample
+    padded = torch.tensor([b + [0] * (4 - len(b)) for b in bags])
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+
+    def f(theta, i):
+        return torch.func.functional_call(
+            model, theta, (flat[offsets[i] : offsets[i] + len(bags[i])], offsets[:1])
+        )[0]
+
+    G = 0
+    for i in range(4):
+        J = torch.func.jacrev(f)({n: p.detach() for n, p in params.items()}, i)
+        J = torch.cat([J[n].reshape(3, -1) for n in names], 1)
+        p = torch.softmax(f({n: q.detach() for n, q in params.items()}, i), -1)
+        G = G + J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    inputs = [padded]
+    if mode == "sum":  # any padding index, weights 0 on it
+        unpadded = _Bag("sum", padding_idx=None).double()
+        unpadded.load_state_dict(model.state_dict())
+        inputs.append({"text": padded, "per_sample_weights": (padded != 0).double()})
+    for x in inputs:
+        net = model if isinstance(x, torch.Tensor) else unpadded
+        la = LaplaceWrapper(net, structure="full").fit([(x, y)])
+        torch.testing.assert_close(la.posterior.ggn, G, rtol=1e-10, atol=1e-12)
+        assert la.predict(x).mean.shape == (4, 3)
 
 
 def test_integer_and_float_inputs_are_checked_against_training():

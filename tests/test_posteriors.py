@@ -2,6 +2,7 @@
 non-positive-definite factors, float32 numerics, results independent of the call history."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -57,6 +58,22 @@ def test_full_posterior_battery(prior_kind, scale, seed, eigenbasis):
         _ = post.eig  # computed for another caller: must change nothing below
     Sigma = dense_posterior_covariance(G, prior.diag(), scale)
     check_posterior(post, Sigma, rtol=1e-6, atol=1e-9, seed=seed)
+
+
+@pytest.mark.parametrize("prior_kind", ["scalar", "layerwise", "diagonal"])
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_full_posterior_battery_in_the_eigenbasis(prior_kind, scale, monkeypatch):
+    # the root used when Λ is not numerically positive definite (Cholesky fails): the same
+    # posterior, from the eigendecomposition of the whitened curvature
+    g = torch.Generator().manual_seed(3)
+    G = _ggn(g, rank=4)
+    prior = _prior(prior_kind, g)
+    mean = torch.randn(P, dtype=torch.float64, generator=g)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: (A, torch.tensor(1)))
+    post = FullPosterior(mean, G, prior, scale)
+    Sigma = dense_posterior_covariance(G, prior.diag(), scale)
+    check_posterior(post, Sigma, rtol=1e-6, atol=1e-9, seed=3)
+    assert type(post._root).__name__ == "_EigenRoot"
 
 
 @pytest.mark.parametrize("prior_kind", ["scalar", "layerwise", "diagonal"])
@@ -363,6 +380,41 @@ def test_float32_variances_nonnegative_and_evidence_finite_across_priors(name, s
             rep = la.kernel_decomposition(X, tol=1e-4, n_samples=0)
             for part in (rep.predictive_variance_kernel, rep.predictive_variance_nonkernel):
                 assert bool((part >= 0).all()), f"{what}: decomposition {float(part.min())}"
+
+
+@pytest.mark.parametrize(
+    "structure,kwargs",
+    [pytest.param(s, k, id=s + str(k.get("rank", ""))) for s, k in VARIANTS32]
+    + [
+        pytest.param("projected", {}, id="projected"),
+        pytest.param("projected", {"rank": 5}, id="projected5"),
+    ],
+)
+def test_float32_promise_holds_when_parameters_far_outnumber_outputs(structure, kwargs):
+    # full, float32, P = 423 >> N·C = 18, prior 1e-8: the fit succeeded, then every predict
+    # raised "Cholesky failed even with jitter" (and at 1e-6, where the jitter sufficed, it
+    # replaced the prior by a larger one)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 60), torch.nn.Tanh(), torch.nn.Linear(60, 3))
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+    la = LaplaceWrapper(model, structure=structure, **kwargs).fit([(X, y)])
+    X_test = torch.cat([X, 3 * torch.randn(4, 4, generator=g)])
+    priors = [10.0**e for e in range(-12, 13, 2)]
+    priors += [torch.tensor([lo, hi, lo, hi]) for lo, hi in [(1e-12, 1e12), (1e12, 1e-12)]]
+    for prec in priors:
+        la.set_hyperparameters(prior_precision=prec)
+        what = f"{structure} {kwargs} prior {prec}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no jitter replacing the prior
+            fvar = torch.diagonal(la.functional_covariance(X_test), dim1=1, dim2=2)
+            pvar = la.predict(X_test).variance
+            svar = la.posterior_covariance().diagonal()
+            samples = la.sample(2, generator=torch.Generator().manual_seed(0))
+            evidence = la.log_marginal_likelihood()
+        for t, name in [(fvar, "J Σ Jᵀ"), (pvar, "predictive"), (svar, "parameter")]:
+            assert bool(torch.isfinite(t).all() and (t >= 0).all()), f"{what}: {name} {t.min()}"
+        assert bool(torch.isfinite(samples).all() and torch.isfinite(evidence)), what
 
 
 # -- results do not depend on the history of calls -------------------------------------------------

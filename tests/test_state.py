@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -357,3 +358,69 @@ def test_state_dict_round_trip_exact():
         LaplaceWrapper.from_state_dict(bad, state)
     with pytest.raises(ValueError, match="format_version must be <= 2; got 99"):
         LaplaceWrapper.from_state_dict(case.model, {**state, "format_version": 99})
+
+
+# -- pickle ----------------------------------------------------------------------------------------
+
+
+def _outputs_of(la, X) -> dict:
+    g = torch.Generator().manual_seed(3)
+    pred = la.predict(X)
+    return {
+        "mean": pred.mean,
+        "variance": pred.variance,
+        "nn": la.predict(X, "nn", n_samples=4, generator=torch.Generator().manual_seed(4)).mean,
+        "sample": la.sample(3, generator=g),
+        "fcov": la.functional_covariance(X),
+        "evidence": la.log_marginal_likelihood().detach(),
+        "prior": la.prior_precision,
+        "T": la.predictive_temperature,
+    }
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("structure", ALL_STRUCTS)
+def test_pickle_round_trip_of_a_fitted_and_an_unfitted_wrapper(structure, subset):
+    # pickle.dumps(la) failed on a lambda of the structure registry (and, for a Linear-head
+    # subset, on the head's thread-local records)
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure=structure, subset=subset)
+    fresh = pickle.loads(pickle.dumps(la))
+    assert not fresh.is_fitted and fresh.structure == structure and fresh.subset == subset
+    fresh.fit(case.loader())
+    la.fit(case.loader())
+    la.optimize_prior_precision(
+        "marglik_temperature", val_loader=[(case.X[:6], case.y[:6])], n_steps=5
+    )
+    before = _outputs_of(la, case.X)
+    back = pickle.loads(pickle.dumps(la))
+    assert back.fitted.structure is STRUCTURES[structure]  # by name, from the registry
+    after = _outputs_of(back, case.X)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert back.marglik_result_ is not la.marglik_result_
+    assert torch.equal(back.marglik_result_.evidence, la.marglik_result_.evidence)
+    assert_same_state(back.state_dict(), la.state_dict())
+    assert torch.equal(fresh.predict(case.X).mean, _outputs_of(fresh, case.X)["mean"])
+
+
+def test_an_unregistered_structure_does_not_pickle(monkeypatch):
+    from laplace_ggn import structures
+
+    case = make_case("mlp_classification")
+    la = LaplaceWrapper(case.model, "classification", structure="diag").fit(case.loader())
+    data = pickle.dumps(la)
+    monkeypatch.delitem(structures.STRUCTURES, "diag")
+    with pytest.raises(
+        TypeError,
+        match=r"StructureSpec 'diag' must be registered \(register_structure\) to be pickled; "
+        r"it is pickled by its name\. Save la\.state_dict\(\) instead\.",
+    ):
+        pickle.dumps(la)
+    with pytest.raises(
+        ValueError,
+        match=r"structure 'diag' must be registered to load a pickled wrapper of it; got the "
+        r"registered structures \['full', 'kfac', 'lowrank', 'projected'\]",
+    ):
+        pickle.loads(data)

@@ -4,6 +4,7 @@ their types, checked arguments, and the user's model left untouched by every ent
 import copy
 import math
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -612,3 +613,56 @@ def test_user_model_untouched_by_every_entry_point(structure, subset):
     J = jacrev(lambda p: functional_call(model, p, (X[:2],)))(params)
     assert J["head.weight"].shape == (2, 3, 3, 5)
     model.train()
+
+
+class _Locked(nn.Module):
+    """A model holding a lock: copy.deepcopy (the private copy of every pass) refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 3)
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _LockedCopyable(_Locked):
+    """The way out the message names: copies leave the lock out and make their own."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.lock = threading.Lock()
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_model_that_cannot_be_copied_refused_naming_the_attribute(subset, tmp_path):
+    # raw "TypeError: cannot pickle '_thread.lock' object" before
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model = _Locked().double()
+    la = LaplaceWrapper(model, structure="diag", subset=subset)
+    with pytest.raises(
+        TypeError,
+        match=r"model must be deep-copyable \(every pass runs on a private copy, so that yours "
+        r"is never changed\); copy.deepcopy\(model\) failed: the attribute 'lock' \(lock\) cannot "
+        r"be copied \(TypeError: cannot pickle '_thread.lock' object\)\. Keep such objects .* or "
+        r"give its class __getstate__ / __setstate__ \(or __deepcopy__\)",
+    ):
+        la.fit([(X, y)])
+    assert not la.is_fitted
+    with open(tmp_path / "log.txt", "w") as handle:
+        nested = nn.Sequential(nn.Linear(3, 3)).double()
+        nested[0].log = handle  # an open file in a submodule
+        with pytest.raises(TypeError, match=r"the attribute '0.log' \(TextIOWrapper\)"):
+            LaplaceWrapper(nested, structure="diag", subset=subset).fit([(X, y)])
+    fixed = _LockedCopyable().double()
+    la = LaplaceWrapper(fixed, structure="diag", subset=subset).fit([(X, y)])
+    ref = LaplaceWrapper(_Locked().double().lin, structure="diag").fit([(X, y)])
+    torch.testing.assert_close(la.predict(X).mean, ref.predict(X).mean, rtol=0, atol=0)
+    assert fixed.lock is not None and not fixed.lock.locked()

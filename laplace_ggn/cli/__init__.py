@@ -20,7 +20,7 @@ import argparse
 
 from .benchmark import run_benchmark
 from .data import DemoConfig, load_digits_splits, train_mlp
-from .demo import DemoResult, run_demo, structure_choices
+from .demo import DemoResult, check_out_dir, run_demo, structure_choices
 
 __all__ = [
     "DemoConfig",
@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "benchmark":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
+        try:
+            check_out_dir(args.out)
+        except ValueError as err:
+            parser.error(str(err))  # exits with status 2, as for other usage errors
         run_demo(
             structure=args.structure,
             out=args.out,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .data import DemoConfig, load_digits_splits, train_mlp
 from .report import draw_figures, print_tables
 
-__all__ = ["DemoResult", "run_demo", "structure_choices"]
+__all__ = ["DemoResult", "check_out_dir", "run_demo", "structure_choices"]
 
 
 @dataclass
@@ -127,6 +127,31 @@ def _fit_one(structure: str, model: nn.Module, loader, val_loader, config: DemoC
     return la, time.perf_counter() - start
 
 
+def check_out_dir(out: str | Path) -> Path:
+    """Check that ``out`` is, or can be made, a directory, before any work is done.
+
+    Args:
+        out: The output directory (created by the demo if missing).
+
+    Returns:
+        ``out`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: If ``out`` or one of its parents exists and is not a directory.
+    """
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "" if path == out else f" (its parent {str(path)!r} is a file)"
+                raise ValueError(
+                    f"--out must be a directory for the figures and metrics.json; got "
+                    f"{str(out)!r}, an existing file{what}. Pass a new or existing directory."
+                )
+            break
+    return out
+
+
 def run_demo(
     *,
     structure: str = "all",
@@ -155,11 +180,12 @@ def run_demo(
         The :class:`DemoResult`.
 
     Raises:
-        ValueError: If ``structure`` is not one of the choices.
+        ValueError: If ``structure`` is not one of the choices, or ``out`` is a file.
     """
     choices = structure_choices()
     if structure not in choices:
         raise ValueError(f"structure must be one of {list(choices)}; got {structure!r}.")
+    out = check_out_dir(out)  # before the minute of work, not at the end
     threads = torch.get_num_threads()
     # the demo's matrices are small: one thread is as fast on an idle machine and much
     # faster on a busy one
@@ -167,7 +193,7 @@ def run_demo(
     try:
         return _run_demo(
             structure,
-            Path(out),
+            out,
             small,
             progress,
             seed,

@@ -96,10 +96,10 @@ def ggn_matmat(
                 del g, JO
         out.add_(torch.cat(products, dim=1))
         return out, f
-    except Exception:
+    except RuntimeError:  # what a transform raises (laplace_ggn._autodiff.cannot_transform)
         # the model cannot run under vmap, or has an operation without a forward-mode
         # derivative: one forward-mode pass per column (reverse mode where even that fails);
-        # an error of the input or the targets surfaces again here
+        # the model's own errors (not RuntimeError) propagate
         f = fmodel.forward(x)
         hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where))
         GO, f = fmodel.jvp_vjp(x, Omega, lambda f_, u: hess(u))

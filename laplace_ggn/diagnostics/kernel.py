@@ -172,7 +172,7 @@ def kernel_decomposition(
             :func:`~laplace_ggn.functional.split_batch`).
         target_key: Key of the targets in mapping batches.
         check_input: Called on the (gathered) inputs before anything is computed; raises on
-            a malformed input.
+            a malformed input, or returns it ready for the model (its device and dtype).
 
     Returns:
         The report.
@@ -204,7 +204,7 @@ def kernel_decomposition(
         )
     y = loader_y if loader_y is not None else y
     if check_input is not None:
-        check_input(inputs)
+        inputs = check_input(inputs)
     inputs = to_device(inputs, fmodel.device)
     for t in input_tensors(inputs):
         check_finite(t, "input")

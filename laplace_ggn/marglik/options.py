@@ -9,6 +9,7 @@ import contextlib
 import enum
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .._checks import Likelihood, Link, PredictMethod, as_enum, check_generator, is_integer
 from ..likelihoods import LikelihoodModel, get_likelihood
@@ -48,6 +49,13 @@ class Tuned:
         temperature: The predictive-temperature search.
         warning: A message to pass on to the user (e.g. a choice at the edge of the grid).
     """
+
+    #: Every attribute name :meth:`results` may use (a refit clears them all).
+    RESULT_NAMES: ClassVar[tuple[str, ...]] = (
+        "marglik_result_",
+        "gridsearch_result_",
+        "temperature_result_",
+    )
 
     hyperparameters: object
     marglik: MarglikResult | None = None

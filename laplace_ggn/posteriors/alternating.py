@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .._checks import check_finite, shape_str
 from ..collectors._rows import SqrtGGNRows
 from ..collectors.projected import KernelMetric
-from ..functional import FunctionalModel, input_tensors, split_batch, to_device
+from ..functional import FunctionalModel, input_tensors, split_batch
 
 __all__ = ["ProjectionResult", "alternating_projection"]
 
@@ -134,7 +134,7 @@ def alternating_projection(
         for i, batch in enumerate(loader):
             where = f"batch {i}"
             x, _ = split_batch(batch, input_key=input_key, target_key=target_key, where=where)
-            x = to_device(x, fmodel.device)
+            x = fmodel.prepare(x)
             for t in input_tensors(x):
                 if t.is_floating_point() and t.dtype != fmodel.dtype:
                     raise ValueError(

@@ -9,6 +9,20 @@ products, ``functional_covariance``, ``to_dense`` and samples always use a Chole
 ``eigvalsh`` eigenvalues, whatever else has been computed before: the eigendecomposition
 :attr:`FullPosterior.eig` (for the kernel decomposition or the user) is never substituted,
 so a seeded draw, a covariance or the evidence does not depend on the history of calls.
+
+When Λ is not numerically positive definite — a tiny prior precision against the rounding of
+G, e.g. α = 1e-8 in float32 with P ≫ N·C, where G's kernel eigenvalues come out at ±1e-5 —
+the Cholesky factorisation is replaced by the eigendecomposition of the whitened curvature,
+
+.. math::
+    \Lambda = D^{1/2}\,(s D^{-1/2} G D^{-1/2} + I)\,D^{1/2}, \qquad
+    \Sigma = S S^\top, \quad S = D^{-1/2} U (\Lambda_s + I)^{-1/2},
+
+with :math:`U \Lambda_s U^\top` the eigendecomposition of :math:`sD^{-1/2}GD^{-1/2}`, its
+rounding-negative eigenvalues set to 0 (a scalar prior uses :attr:`FullPosterior.eig`
+directly).  No jitter is added, so the prior is kept exactly; the choice depends only on Λ,
+never on the history of calls.  Eigenvalues negative beyond rounding (an indefinite
+curvature) are still refused.
 """
 
 from __future__ import annotations
@@ -18,10 +32,57 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from ._common import Prior, PriorKind, check_J, check_V, robust_cholesky, standard_normal
+from ._common import Prior, PriorKind, check_J, check_V, standard_normal
 from ._output import KronDenseOutputCovariance, check_head_features
 
 __all__ = ["FullPosterior"]
+
+#: Eigenvalues of sG below ``-_ROUNDING * eps * max|λ|`` are not rounding: G is indefinite.
+_ROUNDING = 1e3
+
+
+class _CholeskyRoot:
+    """Σ = L⁻ᵀL⁻¹ from the Cholesky factor L of Λ (its square root S = L⁻ᵀ)."""
+
+    def __init__(self, L: Tensor):
+        self.L = L
+
+    def rows(self, X: Tensor) -> Tensor:
+        return torch.linalg.solve_triangular(self.L, X.T, upper=False).T
+
+    def solve(self, W: Tensor) -> Tensor:
+        return torch.cholesky_solve(W, self.L)
+
+    def inverse(self) -> Tensor:
+        return torch.cholesky_inverse(self.L)
+
+    def draw(self, z: Tensor) -> Tensor:
+        return torch.linalg.solve_triangular(self.L.T, z.T, upper=True).T
+
+    def log_det(self) -> Tensor:
+        return 2 * torch.log(torch.diagonal(self.L)).sum()
+
+
+class _EigenRoot:
+    """Σ = S Sᵀ with S = D^{-1/2} U (Λ_s + I)^{-1/2} (see the module docstring)."""
+
+    def __init__(self, S: Tensor, log_det: Tensor):
+        self.S, self._log_det = S, log_det
+
+    def rows(self, X: Tensor) -> Tensor:
+        return X @ self.S
+
+    def solve(self, W: Tensor) -> Tensor:
+        return self.S @ (self.S.T @ W)
+
+    def inverse(self) -> Tensor:
+        return self.S @ self.S.T
+
+    def draw(self, z: Tensor) -> Tensor:
+        return z @ self.S.T
+
+    def log_det(self) -> Tensor:
+        return self._log_det
 
 
 class FullPosterior:
@@ -66,6 +127,7 @@ class FullPosterior:
         """Eigenvalues ``(P,)`` (clamped at 0) and eigenvectors ``(P, P)`` of G (computed once)."""
         if "eig" not in self._cache:
             lam, U = torch.linalg.eigh(self.ggn)
+            self._cache["eig_min"] = lam.min()
             self._cache["eig"] = (lam.clamp_min(0), U)
         return self._cache["eig"]
 
@@ -90,8 +152,29 @@ class FullPosterior:
         return self.scale * self.ggn + torch.diag(self.prior.diag())
 
     @cached_property
-    def _chol(self) -> Tensor:
-        return robust_cholesky(self.precision(), "posterior precision")
+    def _root(self) -> _CholeskyRoot | _EigenRoot:
+        """A square root of Σ: Cholesky of Λ, or the whitened eigenbasis if that fails."""
+        L, info = torch.linalg.cholesky_ex(self.precision())
+        if int(info) == 0:
+            return _CholeskyRoot(L)
+        d = self.prior.diag()
+        if self.prior.is_scalar:
+            lam, U = self.eig  # shared by every prior; clamped at 0
+            raw = self._cache.get("eig_min", lam.min())  # (given eig: clamped already)
+            d_s = self.scale * lam / self.prior.precision + 1
+        else:  # whitened: s D^{-1/2} G D^{-1/2} = U diag(λ) Uᵀ
+            w = d.rsqrt()
+            lam, U = torch.linalg.eigh(self.scale * (w[:, None] * self.ggn * w[None, :]))
+            raw, lam = lam.min(), lam.clamp_min(0)
+            d_s = lam + 1
+        if float(raw) < -_ROUNDING * torch.finfo(lam.dtype).eps * float(lam.abs().max()):
+            raise RuntimeError(
+                "posterior precision must be positive definite; the curvature has an eigenvalue "
+                f"of {float(raw):.3g}, negative beyond rounding (an indefinite curvature). "
+                "Increase prior_precision or check the curvature for NaN."
+            )
+        S = d.rsqrt()[:, None] * U * d_s.rsqrt()
+        return _EigenRoot(S, torch.log(d_s).sum() + torch.log(d).sum())
 
     # -- optional protocol members ------------------------------------------------------------
 
@@ -120,24 +203,25 @@ class FullPosterior:
         r"""log|Λ| of the precision Λ = sG + Λ₀ (not of Σ), shape ``()``."""
         if self.prior.is_scalar:
             return torch.log(self._eig_precision).sum()  # O(P) once the eigenvalues are known
-        return 2 * torch.log(torch.diagonal(self._chol)).sum()
+        return self._root.log_det()
 
     def to_dense(self) -> Tensor:
         r"""Σ = Λ⁻¹, shape ``(P, P)``."""
-        return torch.cholesky_inverse(self._chol)
+        return self._root.inverse()
 
     def covariance_matvec(self, V: Tensor) -> Tensor:
         """Σ V for ``V`` of shape ``(P,)`` or ``(P, K)``; same shape back."""
         check_V(V, self.n_params)
         W = V.unsqueeze(1) if V.ndim == 1 else V
-        out = torch.cholesky_solve(W, self._chol)
+        out = self._root.solve(W)
         return out.squeeze(1) if V.ndim == 1 else out
 
     def covariance_sqrt_rows(self, X: Tensor) -> Tensor:
-        r"""Rows of :math:`XL^{-\top}` for the Cholesky factor :math:`\Lambda = LL^\top`.
+        r"""Rows of :math:`XS` for a square root S of Σ (:math:`SS^\top = \Sigma`).
 
-        :math:`S = L^{-\top}` is a square root of Σ (:math:`SS^\top = \Sigma`), so quadratic
-        forms :math:`x\Sigma x^\top = \|xS\|^2` computed from it are >= 0 by construction.
+        :math:`S = L^{-\top}` for the Cholesky factor :math:`\Lambda = LL^\top` (or the
+        eigenbasis root of the module docstring), so quadratic forms
+        :math:`x\Sigma x^\top = \|xS\|^2` computed from it are >= 0 by construction.
 
         Args:
             X: Rows, shape ``(M, P)``.
@@ -145,7 +229,7 @@ class FullPosterior:
         Returns:
             Shape ``(M, P)``.
         """
-        return torch.linalg.solve_triangular(self._chol, X.T, upper=False).T
+        return self._root.rows(X)
 
     def functional_covariance(self, J: Tensor) -> Tensor:
         """J Σ Jᵀ for Jacobians ``(B, C, P)``; returns ``(B, C, C)``."""
@@ -185,9 +269,8 @@ class FullPosterior:
         z = standard_normal(
             n, self.n_params, dtype=self.mean.dtype, device=self.mean.device, generator=generator
         )
-        # Λ = L Lᵀ  =>  θ = θ* + L⁻ᵀ z has covariance Λ⁻¹
-        X = torch.linalg.solve_triangular(self._chol.T, z.T, upper=True)
-        return self.mean + X.T
+        # θ = θ* + S z with S Sᵀ = Σ (S = L⁻ᵀ for Λ = L Lᵀ) has covariance Σ
+        return self.mean + self._root.draw(z)
 
     def with_prior(self, prior: Prior, scale: Tensor | float | None = None) -> FullPosterior:
         """A new posterior with another prior (and curvature scale); no new pass over data."""
