@@ -196,16 +196,23 @@ class FunctionalModel:
     def call_dict(self, params: Mapping[str, Tensor], x: object) -> Tensor:
         """Outputs ``(B, C)`` with the named tensors replacing the model's own."""
         module = self.module
+
+        def call() -> object:
+            if isinstance(x, Mapping):
+                return functional_call(module, dict(params), args=(), kwargs=dict(x))
+            if isinstance(x, (tuple, list)):
+                return functional_call(module, dict(params), tuple(x))
+            return functional_call(module, dict(params), (x,))
+
         try:
             with plain_attention() if differentiating() else contextlib.nullcontext():
-                if isinstance(x, Mapping):
-                    out = functional_call(module, dict(params), args=(), kwargs=dict(x))
-                elif isinstance(x, (tuple, list)):
-                    out = functional_call(module, dict(params), tuple(x))
-                else:
-                    out = functional_call(module, dict(params), (x,))
+                out = call()
         except RuntimeError as err:  # torch's shape errors: name the shapes if the input's differ
             raise_for_input_shape(err, x, self.input_spec)
+            if not differentiating():  # a sample without batch dimension accepted by a Conv2d
+                from .layers import raise_for_unbatched_layers
+
+                raise_for_unbatched_layers(module, call)
             raise
         return as_2d_output(output_tensor(out, self.output_fn))
 

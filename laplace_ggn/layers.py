@@ -14,20 +14,21 @@ zero padding given as numbers (:func:`conv_supported`), whose inputs are unfolde
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import shape_str
-from .functional import UNBATCHED_HINT, LayerRecord, ParamLayout
+from .functional import UNBATCHED_HINT, LayerRecord, ParamLayout, capture_layers
 from .kfac import kron_index
 
 __all__ = [
     "AffineLayer",
     "affine_layers",
     "check_layer_inputs",
+    "raise_for_unbatched_layers",
     "conv_supported",
     "is_transposed_linear",
     "tied_parameters",
@@ -193,3 +194,29 @@ def check_layer_inputs(records: Mapping[str, LayerRecord], where: str = "") -> N
                     f"input of layer {name!r} ({kind}){loc} must have a batch dimension, shape "
                     f"{expect}; got {shape_str(a.shape)}. {UNBATCHED_HINT}"
                 )
+
+
+def raise_for_unbatched_layers(module: nn.Module, run: Callable[[], object]) -> None:
+    """After the model failed: refuse an affine layer that received a sample without a batch dim.
+
+    ``nn.Conv2d`` accepts an unbatched ``(C, H, W)`` sample, so a loader of single images
+    fails only later, at a shape error of another layer.  ``run`` repeats the failed forward
+    pass (outside any ``torch.func`` transform) with every Linear / Conv2d layer hooked; if one
+    of them received an input without a batch dimension, that is the error the user needs.
+
+    Args:
+        module: The module that ran.
+        run: Repeats its forward pass.
+
+    Raises:
+        ValueError: From :func:`check_layer_inputs`, naming the layer and the shape it got.
+    """
+    layers = {
+        name: m for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
+    with torch.no_grad(), capture_layers(layers) as records:
+        try:
+            run()
+        except Exception:  # noqa: BLE001 -- the failure is known; only the records are read
+            pass
+    check_layer_inputs(records)

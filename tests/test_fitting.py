@@ -321,6 +321,23 @@ def test_loader_of_single_samples_refused_for_every_structure(structure):
     assert_same_state(before, la.state_dict())
 
 
+@pytest.mark.parametrize("structure", STRUCTS)
+def test_single_images_refused_at_the_convolution_that_accepted_them(structure):
+    # nn.Conv2d runs on an unbatched (C, H, W) sample, the shape error comes later (a Linear)
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 1)).double()
+    X, y = torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    la = LaplaceWrapper(cnn, "regression", structure=structure).fit([(X, y)])
+    before = la.state_dict()
+    with pytest.raises(
+        ValueError,
+        match=r"input of layer '0' \(nn\.Conv2d\) must have a batch dimension, shape "
+        r"\(B, C, H, W\); got \(1, 4, 4\)\..*DataLoader\(dataset",
+    ):
+        la.fit([(X[0], y[0])])  # one image (1, 4, 4) and its target (1,)
+    assert_same_state(before, la.state_dict())
+
+
 class _ScalarFeature(nn.Module):
     """1-D inputs ``(B,)``, 1-D outputs ``(B,)``."""
 
