@@ -194,23 +194,23 @@ def _bridge(mean: Tensor, cov: OutputCovariance, *, binary: bool, normalize: boo
     mu = mean - mean.mean(-1, keepdim=True)
     cs, ds, scale = _unit_scaled(cov, cov.diagonal())
     s1 = cs.row_sums()
-    # diag(P Σ P) with P = I - 11ᵀ/C: Σ_kk - 2(Σ1)_k/C + 1ᵀΣ1/C²
-    v = ds - 2 * s1 / C + s1.sum(-1, keepdim=True) / C**2
-    v = v.clamp_min(torch.finfo(v.dtype).tiny)
-    log_v = torch.log(v) + torch.log(scale)[:, None]  # log Σ'_kk
+    # diag(P Σ P) with P = I - 11ᵀ/C: Σ_kk - 2(Σ1)_k/C + 1ᵀΣ1/C² (few passes over (N, C))
+    v = torch.add(ds, s1, alpha=-2.0 / C).add_(s1.sum(-1, keepdim=True) / C**2)
+    log_v = v.clamp_min_(torch.finfo(v.dtype).tiny).log_().add_(torch.log(scale)[:, None])
     if normalize and C:
         # Σ'' = Σ'/c and μ'' = μ'/√c with c = mean_k Σ'_kk / √(C/2), in log space
         log_c = torch.logsumexp(log_v, -1, keepdim=True) - math.log(C) - 0.5 * math.log(C / 2)
         big = torch.finfo(mu.dtype).max / 8  # a collapsed Σ' gives the one-hot arg-max
-        mu, log_v = (mu * torch.exp(-log_c / 2)).clamp(-big, big), log_v - log_c
-    const = torch.full_like(mu, math.log(1.0 - 2.0 / C) if C > 2 else -math.inf)
-    log_num = torch.logaddexp(
-        const, mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(C)
-    )
-    log_alpha = log_num - log_v
-    m = torch.softmax(log_alpha, dim=-1)
-    alpha0 = torch.exp(torch.logsumexp(log_alpha, dim=-1, keepdim=True))
-    variance = m * (1 - m) / (alpha0 + 1)
+        mu = (mu * torch.exp(-log_c / 2)).clamp_(-big, big)
+        log_v.sub_(log_c)
+    # log(1 - 2/C + e^{μ_k}/C² Σ_l e^{-μ_l}) - log Σ'_kk
+    log_alpha = mu + (torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(C))
+    if C > 2:
+        log_alpha = torch.logaddexp(log_alpha, log_alpha.new_tensor(math.log(1.0 - 2.0 / C)))
+    log_alpha.sub_(log_v)
+    log_alpha0 = torch.logsumexp(log_alpha, dim=-1, keepdim=True)
+    m = log_alpha.sub_(log_alpha0).exp_()  # α / α₀
+    variance = (1 - m).mul_(m).div_(log_alpha0.exp_().add_(1))
     if binary:
         return Prediction(m[:, 1:], variance[:, 1:])
     return Prediction(m, variance)
