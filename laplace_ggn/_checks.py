@@ -62,6 +62,7 @@ class Link(str, enum.Enum):
 
     PROBIT = "probit"
     BRIDGE = "bridge"
+    BRIDGE_NORM = "bridge_norm"
     MC = "mc"
 
 

@@ -8,12 +8,15 @@ For logits :math:`f \sim N(\mu, \Sigma_f)`:
 - ``bridge`` (Laplace bridge, Hobbhahn et al. 2022): a Dirichlet with
   :math:`\alpha_k = v_k^{-1}\big(1 - \tfrac2C + \tfrac{e^{\mu_k}}{C^2}\sum_l e^{-\mu_l}\big)`,
   computed on the Gaussian projected onto the zero-sum subspace.
+- ``bridge_norm`` (laplace-torch's normalised bridge): the same on the projected Gaussian
+  rescaled to a mean variance of :math:`\sqrt{C/2}`, :math:`\mu/\sqrt{c}`, :math:`v/c`.
 - ``mc``: S draws :math:`f_s = \mu + L z_s`, :math:`L L^\top = \Sigma_f`, independent for every
   input; mean of the softmax / sigmoid.
 
-Probit and bridge need only :math:`\mathrm{diag}(\Sigma_f)` and one product
-:math:`\Sigma_f v` per input, so they take the covariances in any factored form of
-:mod:`laplace_ggn.posteriors._output` (O(C²) per input).
+Probit needs only :math:`\mathrm{diag}(\Sigma_f)` and one product :math:`\Sigma_f v` per input,
+the bridges :math:`\mathrm{diag}(\Sigma_f)` and the row sums :math:`\Sigma_f 1`, so they take the
+covariances in any factored form of :mod:`laplace_ggn.posteriors._output` (O(C²) per input at
+most; O(D·C) for the bridges of a Kronecker or diagonal Linear head).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def link_predictive(
     """Class probabilities under logits ``N(mean, cov)`` through ``link``.
 
     Args:
-        link: ``Link.PROBIT``, ``Link.BRIDGE`` or ``Link.MC``.
+        link: ``Link.PROBIT``, ``Link.BRIDGE``, ``Link.BRIDGE_NORM`` or ``Link.MC``.
         mean: Logit means, shape ``(N, C)`` (``(N, 1)`` if ``binary``).
         cov: Their covariances in factored form over the N rows.
         binary: One logit and the sigmoid instead of the softmax.
@@ -57,8 +60,8 @@ def link_predictive(
     """
     if link is Link.PROBIT:
         return _probit(mean, cov, binary=binary)
-    if link is Link.BRIDGE:
-        return _bridge(mean, cov, binary=binary)
+    if link is Link.BRIDGE or link is Link.BRIDGE_NORM:
+        return _bridge(mean, cov, binary=binary, normalize=link is Link.BRIDGE_NORM)
     return mc_link(
         mean,
         cov.to_dense(),
@@ -105,19 +108,25 @@ def _probit(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
         The :class:`~laplace_ggn.predictive.Prediction`, ``mean`` and ``variance`` ``(B, C)``.
     """
     v = cov.diagonal()
-    kappa = torch.rsqrt(1.0 + math.pi / 8.0 * v)
+    kappa = (v * (math.pi / 8.0)).add_(1.0).rsqrt_()
     if binary:
         p_bar = torch.sigmoid(kappa * mean)
         s = torch.sigmoid(mean)
         delta = (s * (1 - s)) ** 2 * v
-    else:
-        p_bar = torch.softmax(kappa * mean, dim=-1)
+    elif isinstance(cov, DenseOutputCovariance):
+        p_bar = torch.softmax(kappa.mul_(mean), dim=-1)
         s = torch.softmax(mean, dim=-1)
-        # on Σ_f / max|Σ_f|: huge finite covariances do not overflow into NaN
+        # on Σ_f / max|Σ_f|: huge finite matrices do not overflow in the product
         cs, vs, scale = _unit_scaled(cov, v)
         Ss = cs.matvec(s)
         delta = scale[:, None] * s**2 * (vs - 2 * Ss + (s * Ss).sum(-1, keepdim=True))
-    variance = torch.minimum(delta.clamp_min(0), p_bar * (1 - p_bar))
+    else:  # factored forms form their products unscaled: no scaling, in place (B·C passes)
+        p_bar = torch.softmax(kappa.mul_(mean), dim=-1)
+        s = torch.softmax(mean, dim=-1)
+        Ss = cov.matvec(s)
+        sSs = (s * Ss).sum(-1, keepdim=True)
+        delta = Ss.mul_(-2.0).add_(v).add_(sSs).mul_(s).mul_(s)
+    variance = torch.minimum(delta.clamp_min_(0), (1 - p_bar).mul_(p_bar))
     return Prediction(p_bar, variance)
 
 
@@ -129,7 +138,9 @@ def _binary_as_two_class(mean: Tensor, cov: OutputCovariance) -> tuple[Tensor, O
     return mu, DenseOutputCovariance(v[:, None, None] * sign)
 
 
-def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Prediction:
+def laplace_bridge(
+    mean: Tensor, cov: Tensor, *, binary: bool = False, normalize: bool = False
+) -> Prediction:
     r"""Laplace bridge: the Dirichlet matched to a Gaussian over logits (Hobbhahn et al.).
 
     The softmax is invariant to adding the same constant to every logit, so
@@ -151,10 +162,19 @@ def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Predic
     :math:`\tfrac{\Sigma}{4}\left[\begin{smallmatrix}1&-1\\-1&1\end{smallmatrix}\right]`,
     already on the zero-sum subspace.
 
+    With ``normalize`` (laplace-torch's ``"bridge_norm"``) the projected Gaussian is first
+    rescaled so that its mean variance is :math:`\sqrt{C/2}`: with
+    :math:`c = \overline{\Sigma'_{kk}} / \sqrt{C/2}`, :math:`\mu'' = \mu'/\sqrt c` and
+    :math:`\Sigma''_{kk} = \Sigma'_{kk}/c` enter the formula above.  The plain bridge's mean does
+    not depend on the scale of :math:`\Sigma_f` at all; the normalised one tends to the one-hot
+    arg-max of μ as :math:`\Sigma_f \to 0` and to :math:`\propto 1/\Sigma'_{kk}` as it grows
+    (see ``docs/predictive.md``).
+
     Args:
         mean: Logit means, shape ``(B, C)`` (``(B, 1)`` if ``binary``).
         cov: Logit covariances, shape ``(B, C, C)``.
         binary: One logit and the sigmoid.
+        normalize: The normalised bridge.
 
     Returns:
         The :class:`Prediction`, shapes ``(B, C)``.
@@ -163,28 +183,34 @@ def laplace_bridge(mean: Tensor, cov: Tensor, *, binary: bool = False) -> Predic
         >>> laplace_bridge(torch.zeros(1, 2), torch.eye(2).expand(1, 2, 2)).mean
         tensor([[0.5000, 0.5000]])
     """
-    return _bridge(mean, as_output_covariance(cov), binary=binary)
+    return _bridge(mean, as_output_covariance(cov), binary=binary, normalize=normalize)
 
 
-def _bridge(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
-    """Laplace bridge from the diagonal and the product with the ones vector."""
+def _bridge(mean: Tensor, cov: OutputCovariance, *, binary: bool, normalize: bool) -> Prediction:
+    """Laplace bridge (normalised or not) from the diagonals and the row sums."""
     if binary:
         mean, cov = _binary_as_two_class(mean, cov)
     C = mean.shape[1]
     mu = mean - mean.mean(-1, keepdim=True)
     cs, ds, scale = _unit_scaled(cov, cov.diagonal())
-    s1 = cs.matvec(torch.ones_like(mean))
-    # diag(P Σ P) with P = I - 11ᵀ/C: Σ_kk - 2(Σ1)_k/C + 1ᵀΣ1/C²
-    v = ds - 2 * s1 / C + s1.sum(-1, keepdim=True) / C**2
-    v = v.clamp_min(torch.finfo(v.dtype).tiny)
-    const = torch.full_like(mu, math.log(1.0 - 2.0 / C) if C > 2 else -math.inf)
-    log_num = torch.logaddexp(
-        const, mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(C)
-    )
-    log_alpha = log_num - torch.log(v) - torch.log(scale)[:, None]
-    m = torch.softmax(log_alpha, dim=-1)
-    alpha0 = torch.exp(torch.logsumexp(log_alpha, dim=-1, keepdim=True))
-    variance = m * (1 - m) / (alpha0 + 1)
+    s1 = cs.row_sums()
+    # diag(P Σ P) with P = I - 11ᵀ/C: Σ_kk - 2(Σ1)_k/C + 1ᵀΣ1/C² (few passes over (N, C))
+    v = torch.add(ds, s1, alpha=-2.0 / C).add_(s1.sum(-1, keepdim=True) / C**2)
+    log_v = v.clamp_min_(torch.finfo(v.dtype).tiny).log_().add_(torch.log(scale)[:, None])
+    if normalize and C:
+        # Σ'' = Σ'/c and μ'' = μ'/√c with c = mean_k Σ'_kk / √(C/2), in log space
+        log_c = torch.logsumexp(log_v, -1, keepdim=True) - math.log(C) - 0.5 * math.log(C / 2)
+        big = torch.finfo(mu.dtype).max / 8  # a collapsed Σ' gives the one-hot arg-max
+        mu = (mu * torch.exp(-log_c / 2)).clamp_(-big, big)
+        log_v.sub_(log_c)
+    # log(1 - 2/C + e^{μ_k}/C² Σ_l e^{-μ_l}) - log Σ'_kk
+    log_alpha = mu + (torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(C))
+    if C > 2:
+        log_alpha = torch.logaddexp(log_alpha, log_alpha.new_tensor(math.log(1.0 - 2.0 / C)))
+    log_alpha.sub_(log_v)
+    log_alpha0 = torch.logsumexp(log_alpha, dim=-1, keepdim=True)
+    m = log_alpha.sub_(log_alpha0).exp_()  # α / α₀
+    variance = (1 - m).mul_(m).div_(log_alpha0.exp_().add_(1))
     if binary:
         return Prediction(m[:, 1:], variance[:, 1:])
     return Prediction(m, variance)
@@ -217,6 +243,9 @@ class _Scaled:
 
     def diagonal(self) -> Tensor:
         return self.cov.diagonal() / self.scale[:, None]
+
+    def row_sums(self) -> Tensor:
+        return self.cov.row_sums() / self.scale[:, None]
 
     def matvec(self, V: Tensor) -> Tensor:
         return self.cov.matvec(V) / self.scale[:, None]

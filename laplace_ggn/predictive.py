@@ -13,6 +13,8 @@ noise :math:`\sigma^2 I`; classification maps the Gaussian over logits through a
   computed on the Gaussian projected onto the zero-sum subspace (:math:`\mu - \bar\mu 1`,
   :math:`P \Sigma P` with :math:`P = I - 11^\top/C`), so that adding the same constant to every
   logit changes nothing, as for the softmax; mean :math:`\alpha / \alpha_0`.
+- ``bridge_norm`` (laplace-torch's normalised bridge): the bridge of the projected Gaussian
+  rescaled to a mean variance of :math:`\sqrt{C/2}`.
 - ``mc``: S draws :math:`f_s = \mu + L z_s`, :math:`L L^\top = J \Sigma J^\top`, independent
   for every input; mean of the softmax / sigmoid.
 
@@ -24,13 +26,14 @@ Every predictive returns a :class:`Prediction` with ``mean`` and ``variance`` of
 ``(B, C)`` (``(B, T, C)`` for a model with outputs ``(B, T, C)``: every position is its own
 Gaussian over C logits).  Regression: ``variance`` is the variance of y (functional variance + σ²).
 Classification: ``variance`` is the variance of the class probability under the posterior:
-the sample variance for ``mc`` and ``nn``, the Dirichlet variance for ``bridge``, and the
+the sample variance for ``mc`` and ``nn``, the Dirichlet variance for the bridges, and the
 delta-method value :math:`\mathrm{diag}(A \Sigma_f A^\top)`, :math:`A = \mathrm{diag}(s) - s s^\top`,
 :math:`s = \mathrm{softmax}(\mu)`, capped at :math:`\bar p(1 - \bar p)`, for ``probit``.
 
-Probit, bridge and the regression variance need only :math:`\mathrm{diag}(\Sigma_f)` and one
-product :math:`\Sigma_f v` per input, so they take the output covariances in any factored form
-of :mod:`laplace_ggn.posteriors._output` (O(C²) per input); for a Linear head
+Probit, the bridges and the regression variance need only :math:`\mathrm{diag}(\Sigma_f)`, the
+row sums :math:`\Sigma_f 1` and one product :math:`\Sigma_f v` per input, so they take the
+output covariances in any factored form of :mod:`laplace_ggn.posteriors._output` (O(C²) per
+input at most); for a Linear head
 (:class:`~laplace_ggn.head.LinearHead`) these come from the features, without Jacobians.
 
 The GLM predictive is computed in :mod:`laplace_ggn.glm`, the links are in
@@ -99,7 +102,7 @@ def resolve_options(
     Args:
         likelihood: The likelihood (option or object).
         method: ``"glm"`` or ``"nn"``.
-        link: ``"probit"``, ``"bridge"``, ``"mc"`` or ``None``.
+        link: ``"probit"``, ``"bridge"``, ``"bridge_norm"``, ``"mc"`` or ``None``.
 
     Returns:
         ``(method, link)``; the link is ``None`` for regression.
@@ -249,7 +252,8 @@ def predict(
         x: Model input of batch size B.
         likelihood: The likelihood.
         method: ``"glm"`` or ``"nn"``.
-        link: ``"probit"``, ``"bridge"``, ``"mc"`` or ``None`` (probit for glm, mc for nn).
+        link: ``"probit"``, ``"bridge"``, ``"bridge_norm"``, ``"mc"`` or ``None`` (probit for
+            glm, mc for nn).
         sigma_noise: σ (regression).
         n_samples: S for ``mc`` / ``nn``.
         generator: Random generator for ``mc`` / ``nn``.

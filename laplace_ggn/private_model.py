@@ -1,7 +1,8 @@
 """The private copy of the user's model that every computation runs on, and checks of its θ*.
 
 The library never runs its passes on the user's module: :func:`private_copy` makes the copy
-(with a clear error naming the attribute when the module cannot be copied), and
+(with a clear error naming the attribute when the module cannot be copied; eager, when the
+model or a submodule is compiled by ``torch.compile``), and
 :func:`check_finite_parameters` refuses a non-finite θ* of the subset before any pass.
 """
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import shape_str
+from ._compiled import eager_modules
 
 __all__ = [
     "check_finite_parameters",
@@ -78,18 +80,21 @@ def _uncopyable(model: nn.Module) -> str | None:
 def private_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (parameters, buffers, hooks, mode), sharing nothing with it.
 
+    ``torch.compile`` wrappers are removed from the copy (:func:`~laplace_ggn._compiled.
+    eager_modules`): nothing is compiled by the library's passes, names are kept.
+
     Args:
         model: The user's network.
 
     Returns:
-        The copy.
+        The copy (eager).
 
     Raises:
         TypeError: If the module holds an object that cannot be copied (a lock, an open file,
             a socket, ...); the message names the attribute and the ways out.
     """
     try:
-        return copy.deepcopy(model, _derived_tensor_memo(model))
+        copied = copy.deepcopy(model, _derived_tensor_memo(model))
     except Exception as err:  # noqa: BLE001 -- any failure of deepcopy is reported the same way
         culprit = _uncopyable(model)
         found = f" the attribute {culprit} cannot be copied" if culprit else ""
@@ -100,6 +105,8 @@ def private_copy(model: nn.Module) -> nn.Module:
             "the module, or give its class __getstate__ / __setstate__ (or __deepcopy__) that "
             "leave them out of copies."
         ) from err
+    # compiled parts run eagerly: no compilation of the library's passes (see _compiled)
+    return eager_modules(copied)
 
 
 def nonfinite_parameters(model: nn.Module, names: object = None) -> list[str]:

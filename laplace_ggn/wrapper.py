@@ -272,7 +272,7 @@ class LaplaceWrapper:
         Args:
             x: Model input of batch size B.
             method: ``"glm"`` (linearised) or ``"nn"`` (sampled networks).
-            link: ``"probit"`` (glm default), ``"bridge"`` or ``"mc"`` (nn: the only one).
+            link: ``"probit"`` (glm default), ``"bridge"``, ``"bridge_norm"`` or ``"mc"`` (nn: mc).
             n_samples: S for ``link="mc"`` and ``method="nn"``.
             generator: Random generator (on the model's device).
 

@@ -13,6 +13,7 @@ from laplace_ggn import LaplaceWrapper
 from laplace_ggn._checks import Curvature, Likelihood, Link
 from laplace_ggn.fit_options import FitOptions
 from laplace_ggn.likelihoods import OutputCurvature, get_likelihood
+from laplace_ggn.posteriors._output import KronHeadOutputCovariance
 from laplace_ggn.predictive import glm_from_moments
 from laplace_ggn.testing import dense_ggn, dense_jacobian
 
@@ -193,6 +194,7 @@ HEAD_CASES = [
     ("diag", None, "layerwise"),
     ("kfac", None, 0.7),
     ("kfac", None, "layerwise"),
+    ("kfac", None, "layerwise_equal"),
     ("lowrank", None, 0.7),
     ("lowrank", 4, "layerwise"),
     ("lowrank", None, "diagonal"),
@@ -203,6 +205,8 @@ def _prior(kind, n_tensors, P):
     g = torch.Generator().manual_seed(5)
     if kind == "layerwise":
         return 0.3 + torch.rand(n_tensors, generator=g, dtype=torch.float64)
+    if kind == "layerwise_equal":  # the same precision for weight and bias: no bias correction
+        return torch.full((n_tensors,), 0.7, dtype=torch.float64)
     if kind == "diagonal":
         return 0.3 + torch.rand(P, generator=g, dtype=torch.float64)
     return kind
@@ -233,8 +237,12 @@ def test_linear_head_covariance_equals_dense(structure, rank, prior, subset):
     torch.testing.assert_close(op.diagonal(), torch.diagonal(ref, dim1=1, dim2=2), **TOL)
     v = torch.randn(7, 3, dtype=torch.float64)
     torch.testing.assert_close(op.matvec(v), (ref @ v.unsqueeze(-1)).squeeze(-1), **TOL)
+    torch.testing.assert_close(op.row_sums(), ref.sum(-1), **TOL)
     torch.testing.assert_close(la.functional_covariance(Xt), ref, **TOL)
-    for link in ("probit", "bridge"):
+    # the Kronecker head's O(N·D·C) diagonal and row sums, unless a bias correction applies
+    fast = structure == "kfac" and (prior != "layerwise" or subset != "last_layer")
+    assert isinstance(op, KronHeadOutputCovariance) == fast
+    for link in ("probit", "bridge", "bridge_norm"):
         pred = la.predict(Xt, link=link)
         want = glm_from_moments(f, ref, likelihood=la.likelihood, link=Link(link))
         torch.testing.assert_close(pred.mean, want.mean, **TOL)

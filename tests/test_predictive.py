@@ -372,7 +372,9 @@ def test_predict_errors():
     x = _x_test()
     with pytest.raises(ValueError, match=r"method must be one of \['glm', 'nn'\]; got 'glmm'"):
         la.predict(x, "glmm")
-    with pytest.raises(ValueError, match=r"link must be one of \['probit', 'bridge', 'mc'\]"):
+    with pytest.raises(
+        ValueError, match=r"link must be one of \['probit', 'bridge', 'bridge_norm', 'mc'\]"
+    ):
         la.predict(x, link="logit")
     with pytest.raises(
         ValueError,
@@ -553,3 +555,26 @@ def test_overflowing_jacobians_outputs_and_covariance_reported():
     la.fit([(torch.randn(1, 3), torch.randn(1, 2))])
     with pytest.raises(RuntimeError, match=r"posterior covariance Σ must be finite; got 0 NaN and"):
         la.posterior_covariance()
+
+
+def test_links_of_a_collapsed_posterior():
+    """Prior precision 1e12: probit and mc give the MAP softmax, the normalised bridge the
+    one-hot arg-max, and the bridge a value that does not depend on the posterior's scale (not
+    the MAP softmax)."""
+    case = make_case("mlp_classification")
+    fits = [_fit(case, "kfac", prior_precision=p) for p in (1e12, 1e10)]
+    with torch.no_grad():
+        f = case.model(case.X)
+    map_softmax = torch.softmax(f, -1)
+    g = torch.Generator().manual_seed(0)
+    la = fits[0]
+    torch.testing.assert_close(la.predict(case.X).mean, map_softmax, rtol=0, atol=1e-10)
+    mc = la.predict(case.X, link="mc", n_samples=50, generator=g).mean
+    torch.testing.assert_close(mc, map_softmax, rtol=0, atol=1e-5)
+    one_hot = torch.nn.functional.one_hot(f.argmax(-1), 3).to(DT)
+    norm = la.predict(case.X, link="bridge_norm").mean
+    torch.testing.assert_close(norm, one_hot, rtol=0, atol=1e-10)
+    # Σ_f ≈ J Jᵀ/α for both precisions: the same bridge, away from the MAP softmax
+    bridges = [fit.predict(case.X, link="bridge").mean for fit in fits]
+    torch.testing.assert_close(bridges[0], bridges[1], rtol=1e-6, atol=0)
+    assert float((bridges[0] - map_softmax).abs().max()) > 0.05

@@ -235,3 +235,46 @@ def test_concurrent_reads_of_a_linear_head_subset(structure):
     assert not errors, errors
     assert not mismatches, mismatches
     assert len(calls_done) == N_THREADS * N_CALLS
+
+
+@pytest.mark.parametrize("structure", ["diag", "kfac"])
+def test_concurrent_first_predictions_of_a_linear_head(structure):
+    """The Kronecker head's (D, C) factors are computed once per posterior, on first use:
+    threads starting together on a fresh posterior get the sequential results exactly."""
+    model = _models()["mlp"]
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+
+    def fitted():
+        la = LaplaceWrapper(model, "classification", structure=structure, subset="last_layer")
+        return la.fit([(X, y)])
+
+    links = ("probit", "bridge", "bridge_norm")
+    ref = fitted()
+    expected = {k: (ref.predict(X, link=k).mean, ref.predict(X, link=k).variance) for k in links}
+    la = fitted()
+    results, errors = [], []
+    barrier = threading.Barrier(N_THREADS)
+
+    def work(offset):
+        try:
+            barrier.wait()
+            for i in range(len(links)):
+                link = links[(i + offset) % len(links)]
+                pred = la.predict(X, link=link)
+                results.append((link, pred.mean, pred.variance))
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == N_THREADS * len(links)
+    for link, mean, var in results:
+        assert torch.equal(mean, expected[link][0]) and torch.equal(var, expected[link][1]), link
+    if structure == "kfac":  # the fast path ran and kept its factors
+        assert la.posterior._head_factors is not None

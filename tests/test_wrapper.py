@@ -418,7 +418,7 @@ def test_unknown_link_and_method_list_the_valid_ones():
         la.predict(x, method="glmm")
     with pytest.raises(
         ValueError,
-        match=r"link must be one of \['probit', 'bridge', 'mc'\]; "
+        match=r"link must be one of \['probit', 'bridge', 'bridge_norm', 'mc'\]; "
         r"got 'probitt'",
     ):
         la.predict(x, link="probitt")

@@ -177,16 +177,18 @@ class KFACCollector(Collector):
             grads = dict(zip(need, batched_output_grads(f, outs, cot)))
         for mname, lay in self.layers.items():
             a = records[mname].inputs[0].detach()
-            if mname in heads:
-                A_inc, rows = self._input_factor(lay, a, mask)
-                B_inc = out.gram(fd, mask)
-            else:
-                A_inc, B_inc, rows = self._factor_increments(lay, a, grads[mname].detach(), mask)
-            check_finite(B_inc, f"KFAC output factor of layer {mname!r}", where)
             A, B, count = self._factors(mname)
-            A.add_(A_inc)
-            B.add_(B_inc)
-            count.add_(rows)
+            # rank-k updates straight into the sums (one GEMM each, no temporaries); B was
+            # finite before this batch, so a non-finite B names the batch that made it so
+            if mname in heads:
+                a_t = self._input_rows(lay, a, mask)
+                B.add_(out.gram(fd, mask))
+            else:
+                a_t, g2 = self._factor_rows(lay, a, grads[mname].detach(), mask)
+                B.addmm_(g2.T, g2)
+            A.addmm_(a_t.T, a_t)
+            count.add_(a_t.shape[0])
+            check_finite(B, f"KFAC output factor of layer {mname!r}", where)
         if self.rest.n_params:
             d, _ = jacobian_sqrt_diag(fm, x, self.rest, self.likelihood, fd, L=L, y=y, where=where)
             check_finite(d, "GGN diagonal (curvature)", where)
@@ -217,17 +219,21 @@ class KFACCollector(Collector):
             )
 
     @staticmethod
-    def _input_factor(lay: AffineLayer, a: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
-        """A increment of a head from its inputs ``(B, ..., I)`` at the kept positions."""
+    def _input_rows(lay: AffineLayer, a: Tensor, mask: Tensor | None) -> Tensor:
+        """Rows ``(R, D)`` of a head's A increment: its inputs ``(B, ..., I)`` at kept positions."""
         a2 = a.reshape(-1, a.shape[-1])
         if mask is not None:
             a2 = a2[mask.reshape(-1)]
-        a_t = with_bias_column(a2, bool(lay.weight), bool(lay.bias))
-        return a_t.T @ a_t, a2.shape[0]
+        return with_bias_column(a2, bool(lay.weight), bool(lay.bias))
 
-    def _factor_increments(
+    def _factor_rows(
         self, lay: AffineLayer, a: Tensor, g: Tensor, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, int]:
+    ) -> tuple[Tensor, Tensor]:
+        """Rows ``(R, D)`` and ``(K·R, O)`` whose Gram matrices are the A and B increments.
+
+        Returns:
+            ``(ã, g)``: input rows with the bias column and back-propagated columns.
+        """
         m = lay.module
         K = g.shape[0]
         if isinstance(m, nn.Linear):
@@ -243,9 +249,8 @@ class KFACCollector(Collector):
             )
             a2 = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·T, Cin·kh·kw)
             g2 = g.flatten(3).transpose(2, 3).reshape(K, -1, g.shape[2])  # (K, B·T, O)
-        rows = a2.shape[0]
         a_t = with_bias_column(a2, bool(lay.weight), bool(lay.bias))
-        return a_t.T @ a_t, torch.einsum("kro,krp->op", g2, g2), rows
+        return a_t, g2.reshape(-1, g2.shape[-1])
 
     # -- results -------------------------------------------------------------------------------
 

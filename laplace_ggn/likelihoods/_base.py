@@ -12,8 +12,8 @@ from .._checks import Link, PredictMethod, shape_str
 DEFAULT_IGNORE_INDEX = -100
 
 VALID_PREDICT_OPTIONS = (
-    "valid combinations: method='glm' with link 'probit', 'bridge' or 'mc'; method='nn' with "
-    "link 'mc' (the default for 'nn'); regression ignores the link"
+    "valid combinations: method='glm' with link 'probit', 'bridge', 'bridge_norm' or 'mc'; "
+    "method='nn' with link 'mc' (the default for 'nn'); regression ignores the link"
 )
 
 

@@ -140,7 +140,7 @@ class Bernoulli(ClassLikelihood):
         Args:
             mean: Logits at θ*, shape ``(N, 1)``.
             cov: Their variances, a factored output covariance over the N rows.
-            link: ``probit``, ``bridge`` or ``mc``.
+            link: ``probit``, ``bridge``, ``bridge_norm`` or ``mc``.
             sigma: Ignored.
             n_samples: S for the ``mc`` link.
             generator: Random generator for the ``mc`` link.

@@ -170,7 +170,7 @@ class Categorical(ClassLikelihood):
         Args:
             mean: Logits at θ*, shape ``(N, C)``.
             cov: Their covariances, a factored output covariance over the N rows.
-            link: ``probit``, ``bridge`` or ``mc``.
+            link: ``probit``, ``bridge``, ``bridge_norm`` or ``mc``.
             sigma: Ignored.
             n_samples: S for the ``mc`` link.
             generator: Random generator for the ``mc`` link.

@@ -1,13 +1,14 @@
 r"""Batches of output covariances :math:`M_n = J_n \Sigma J_n^\top` kept in factored form.
 
-A predictive needs only the diagonal of :math:`M_n` and one product :math:`M_n v_n` per input
-(probit, bridge, regression variance); only the ``mc`` link needs the dense ``(C, C)``
-matrices.  For a Linear head, :math:`J_n = I_C \otimes \tilde\phi_n^\top`, the posteriors
+A predictive needs only the diagonal of :math:`M_n`, its row sums :math:`M_n 1` (the bridges)
+and one product :math:`M_n v_n` per input (probit); only the ``mc`` link needs the dense
+``(C, C)`` matrices.  For a Linear head, :math:`J_n = I_C \otimes \tilde\phi_n^\top`, the posteriors
 give :math:`M_n` in a factored form whose diagonal and products cost O(C²) or less per input
 (see ``linear_head_covariance`` on each posterior), so a 1,000-class head never forms a
 ``(B, C, P)`` Jacobian.  Every form here has the same three methods:
 
 - ``diagonal()``: :math:`\mathrm{diag}(M_n)`, shape ``(N, C)`` (computed once per object);
+- ``row_sums()``: :math:`M_n 1`, shape ``(N, C)``;
 - ``matvec(V)``: :math:`M_n v_n` for ``V`` of shape ``(N, C)``;
 - ``to_dense()``: the matrices, shape ``(N, C, C)``.
 """
@@ -27,6 +28,8 @@ __all__ = [
     "DenseOutputCovariance",
     "EigenOutputCovariance",
     "KronDenseOutputCovariance",
+    "KronHeadFactors",
+    "KronHeadOutputCovariance",
     "LowRankOutputCovariance",
     "OutputCovariance",
     "as_output_covariance",
@@ -40,6 +43,9 @@ class OutputCovariance(Protocol):
 
     def diagonal(self) -> Tensor:
         """Diagonals, shape ``(N, C)``."""
+
+    def row_sums(self) -> Tensor:
+        """Row sums :math:`M_n 1`, shape ``(N, C)``."""
 
     def matvec(self, V: Tensor) -> Tensor:
         """Products with one vector per input, ``(N, C) -> (N, C)``."""
@@ -57,6 +63,10 @@ class DenseOutputCovariance:
     def diagonal(self) -> Tensor:
         """Diagonals, shape ``(N, C)``."""
         return torch.diagonal(self.M, dim1=-2, dim2=-1)
+
+    def row_sums(self) -> Tensor:
+        """``M_n 1``, shape ``(N, C)``."""
+        return self.M.sum(-1)
 
     def matvec(self, V: Tensor) -> Tensor:
         """``M_n v_n``, shape ``(N, C)``."""
@@ -86,6 +96,10 @@ class EigenOutputCovariance:
     def diagonal(self) -> Tensor:
         """Diagonals, shape ``(N, C)`` (computed once)."""
         return self._diagonal
+
+    def row_sums(self) -> Tensor:
+        """``M_n 1``, shape ``(N, C)``."""
+        return self.e if self.Q is None else (self.e * self.Q.sum(0)) @ self.Q.T
 
     def matvec(self, V: Tensor) -> Tensor:
         """``M_n v_n``, shape ``(N, C)``."""
@@ -122,6 +136,10 @@ class LowRankOutputCovariance:
         """Diagonals, shape ``(N, C)`` (computed once)."""
         return self._diagonal
 
+    def row_sums(self) -> Tensor:
+        """``M_n 1``, shape ``(N, C)``."""
+        return self.d + torch.einsum("ncr,nr->nc", self.Y, self.Y.sum(1) * self.w)
+
     def matvec(self, V: Tensor) -> Tensor:
         """``M_n v_n``, shape ``(N, C)``."""
         t = torch.einsum("ncr,nc->nr", self.Y, V) * self.w
@@ -153,6 +171,10 @@ class KronDenseOutputCovariance:
         """Diagonals, shape ``(N, C)`` (from the C diagonal ``(D, D)`` blocks of Σ, once)."""
         return self._diagonal
 
+    def row_sums(self) -> Tensor:
+        """``M_n 1``, shape ``(N, C)``."""
+        return self.matvec(self.phi.new_ones(self.phi.shape[0], self.S.shape[0]))
+
     def matvec(self, V: Tensor) -> Tensor:
         """``M_n v_n = (I ⊗ φ̃ᵀ) Σ (v_n ⊗ φ̃)``, shape ``(N, C)``; memory O(N·C·D)."""
         C, D = self.S.shape[:2]
@@ -165,6 +187,79 @@ class KronDenseOutputCovariance:
         C, D = self.S.shape[:2]
         T = torch.einsum("nj,xj->nx", self.phi, self.S.reshape(C * D * C, D))  # (N, C·D·C)
         return torch.einsum("ni,naib->nab", self.phi, T.reshape(-1, C, D, C))
+
+
+@dataclass(frozen=True)
+class KronHeadFactors:
+    r"""What the diagonals and row sums of a Kronecker head's covariances need, once per posterior.
+
+    For :math:`\Sigma = (Q_B \otimes Q_A)\,\mathrm{diag}(d)^{-1}(Q_B \otimes Q_A)^\top` and
+    :math:`J_n = I_C \otimes \tilde\phi_n^\top`, with :math:`\psi_n = Q_A^\top\tilde\phi_n`,
+    :math:`M_n = Q_B\,\mathrm{diag}(e_n)\,Q_B^\top`, :math:`e_n = (\psi_n^2)^\top E`, :math:`E = (1/d)^\top`, so
+
+    .. math::
+        \mathrm{diag}(M_n) = (\psi_n^2)^\top K, \quad K = E\,(Q_B^{\circ 2})^\top, \qquad
+        M_n 1 = (\psi_n^2)^\top K_1, \quad K_1 = (E \odot (Q_B^\top 1)^\top)\,Q_B^\top:
+
+    O(D·C) per input instead of O(C²).
+
+    Attributes:
+        Q: :math:`Q_B`, shape ``(C, O)``.
+        E: :math:`(1/d)^\top`, shape ``(D, O)``.
+        K: Shape ``(D, C)``.
+        K1: Shape ``(D, C)``.
+    """
+
+    Q: Tensor
+    E: Tensor
+    K: Tensor
+    K1: Tensor
+
+    @classmethod
+    def of(cls, Q: Tensor, d: Tensor) -> KronHeadFactors:
+        """From :math:`Q_B` ``(C, O)`` and the eigenvalues ``d`` ``(O, D)`` of the precision."""
+        E = (1.0 / d).T
+        return cls(Q, E, E @ (Q**2).T, (E * Q.sum(0)) @ Q.T)
+
+
+@dataclass(frozen=True)
+class KronHeadOutputCovariance:
+    r""":math:`M_n = Q_B\,\mathrm{diag}((\psi_n^2)^\top E)\,Q_B^\top` (see :class:`KronHeadFactors`).
+
+    Attributes:
+        factors: The posterior's :class:`KronHeadFactors`.
+        w: :math:`\psi_n^2`, shape ``(N, D)``.
+    """
+
+    factors: KronHeadFactors
+    w: Tensor
+
+    @cached_property
+    def _diagonal(self) -> Tensor:
+        return self.w @ self.factors.K
+
+    @cached_property
+    def e(self) -> Tensor:
+        """Eigenvalues :math:`e_n`, shape ``(N, O)`` (computed once, for products)."""
+        return self.w @ self.factors.E
+
+    def diagonal(self) -> Tensor:
+        """Diagonals, shape ``(N, C)``: one ``(N, D) × (D, C)`` product (computed once)."""
+        return self._diagonal
+
+    def row_sums(self) -> Tensor:
+        """``M_n 1``, shape ``(N, C)``: one ``(N, D) × (D, C)`` product."""
+        return self.w @ self.factors.K1
+
+    def matvec(self, V: Tensor) -> Tensor:
+        """``M_n v_n``, shape ``(N, C)``: two ``(N, C) × (C, C)`` products."""
+        Q = self.factors.Q
+        return ((V @ Q) * self.e) @ Q.T
+
+    def to_dense(self) -> Tensor:
+        """The matrices, shape ``(N, C, C)``."""
+        Q = self.factors.Q
+        return (Q * self.e.unsqueeze(1)) @ Q.T
 
 
 def as_output_covariance(cov: Tensor | OutputCovariance) -> OutputCovariance:

@@ -29,9 +29,9 @@ is :math:`D_o^{-1/2}(I - c_o v v^\top)D_o^{-1/2}` with :math:`v = r/\sqrt{d_o}`,
 explicit; sampling and ``functional_covariance`` use it, so :math:`J\Sigma J^\top` is a sum of
 squares (never negative, however small a prior precision), and so does :meth:`variance`, the
 diagonal of ``to_dense``.  Sampling, ``covariance_matvec``, ``log_det`` and
-``functional_covariance`` cost O(O²D + OD²) per layer and never form a P×P matrix.  Parameters outside Kronecker
-blocks carry an exact diagonal block.  A per-parameter ("diagonal") prior is refused: it is
-not diagonal in the Kronecker eigenbasis.
+``functional_covariance`` cost O(O²D + OD²) per layer and never form a P×P matrix.  Parameters
+outside Kronecker blocks carry an exact diagonal block.  A per-parameter ("diagonal") prior is
+refused: it is not diagonal in the Kronecker eigenbasis.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from torch import Tensor
 from .._checks import shape_str
 from ..functional import ParamLayout
 from ..kfac import KFACCurvature, KroneckerBlock
+from . import _output
 from ._common import Prior, PriorKind, check_J, check_V, standard_normal
 from ._output import EigenOutputCovariance, check_head_features
 
@@ -265,19 +266,13 @@ class KFACPosterior:
             out = out + (Jd / self._diag_precision) @ Jd.transpose(1, 2)
         return out
 
-    def linear_head_covariance(self, phi: Tensor, index: Tensor) -> EigenOutputCovariance:
+    def linear_head_covariance(self, phi: Tensor, index: Tensor) -> _output.OutputCovariance:
         r"""J Σ Jᵀ for a Linear head, :math:`J_n = I_C \otimes \tilde\phi_n^\top`, without Jacobians.
 
-        With the block's eigenbases, :math:`\psi_n = Q_A^\top \tilde\phi_n` and
-        :math:`M_n = Q_B \mathrm{diag}(e_n) Q_B^\top`,
-
-        .. math::
-            e_{no} = \sum_j \frac{\psi_{nj}^2}{d_{oj}}
-                     - c_o \Big(\sum_j \frac{\psi_{nj} r_j}{d_{oj}}\Big)^2
-
-        (the second term only for a layerwise prior that differs between weight and bias), so
-        diagonals and products cost O(N·(D² + D·C + C²)).  A head outside the Kronecker
-        blocks (exact diagonal part) gives diagonal matrices.
+        With :math:`\psi_n = Q_A^\top \tilde\phi_n`, :math:`M_n = Q_B \mathrm{diag}(e_n) Q_B^\top`,
+        :math:`e_{no} = \sum_j \psi_{nj}^2/d_{oj} - c_o (\sum_j \psi_{nj} r_j/d_{oj})^2`, c ≠ 0 only
+        for a layerwise prior differing between weight and bias.  With c = 0, diagonals and row
+        sums cost O(N·D·C) (:class:`~laplace_ggn.posteriors._output.KronHeadFactors`), products O(N·C²).
 
         Args:
             phi: Features entering the layer with the bias column, shape ``(N, D)``.
@@ -303,11 +298,17 @@ class KFACPosterior:
                 f"posterior has {len(blocks)} blocks over P={self.n_params} parameters."
             )
         psi = phi @ blk.Q_A  # (N, D)
-        dinv = 1.0 / b.d  # (O, D)
-        e_n = psi.pow(2) @ dinv.T  # (N, O)
-        if b.r is not None:
-            e_n = e_n - b.c * ((psi * b.r) @ dinv.T).pow(2)
-        return EigenOutputCovariance(blk.Q_B, e_n)
+        if self._head_factors is not None:
+            return _output.KronHeadOutputCovariance(self._head_factors, psi.pow(2))
+        E = 1.0 / b.d.T  # (D, O)
+        return EigenOutputCovariance(blk.Q_B, psi.pow(2) @ E - b.c * ((psi * b.r) @ E).pow(2))
+
+    @cached_property
+    def _head_factors(self) -> _output.KronHeadFactors | None:
+        """K, K₁ of the one block if it has no bias correction (c = 0), else ``None``."""
+        b = self._blocks[0]
+        fast = b.r is None or not bool(b.c.any())
+        return _output.KronHeadFactors.of(self.curvature.blocks[0].Q_B, b.d) if fast else None
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         r"""Draw ``n`` parameter vectors θ ~ N(θ*, Σ), shape ``(n, P)``.
