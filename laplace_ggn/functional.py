@@ -42,6 +42,8 @@ from .batches import (
     batch_size_of,
     call_model,
     check_batch_dims,
+    flatten_items,
+    group_items,
     input_tensors,
     split_batch,
     to_device,
@@ -127,6 +129,8 @@ class FunctionalModel:
         self.layout = layout
         self.memory_budget = int(memory_budget)
         self.output_fn = output_fn
+        #: Items scored one at a time per sample (see :meth:`with_items`).
+        self.items_per_sample = 1
         # recurrent layers step by step (vmap, batched backward and forward mode all work);
         # True only if fused recurrent kernels remain (subclasses, packed sequences)
         self.has_rnn = unroll_recurrent_layers(model)
@@ -174,6 +178,22 @@ class FunctionalModel:
         """P."""
         return self.layout.n_params
 
+    def with_items(self, k: int) -> FunctionalModel:
+        """The same model (shared copy and θ) on samples of ``k`` items, ``(B, k, ...)``.
+
+        Each input tensor leads with ``(B, k)``; the network scores the B·k items one at a
+        time and the outputs of a sample's items are its outputs, ``(B, k·C)`` (reward
+        modelling: the two rewards of a pair).  ``k = 1`` returns ``self``.
+
+        Returns:
+            The functional model of the samples.
+        """
+        if k == 1:
+            return self
+        other = copy.copy(self)
+        other.items_per_sample = int(k)
+        return other
+
     # -- evaluation ----------------------------------------------------------------------------
 
     def __call__(self, theta: Tensor, x: object) -> Tensor:
@@ -183,6 +203,8 @@ class FunctionalModel:
     def call_dict(self, params: Mapping[str, Tensor], x: object) -> Tensor:
         """Outputs ``(B, C)`` with the named tensors replacing the model's own."""
         module = self.module
+        k = self.items_per_sample
+        x = flatten_items(x, k) if k > 1 else x
         with plain_attention() if differentiating() else contextlib.nullcontext():
             if isinstance(x, Mapping):
                 out = functional_call(module, dict(params), args=(), kwargs=dict(x))
@@ -190,7 +212,8 @@ class FunctionalModel:
                 out = functional_call(module, dict(params), tuple(x))
             else:
                 out = functional_call(module, dict(params), (x,))
-        return as_2d_output(output_tensor(out, self.output_fn))
+        out = as_2d_output(output_tensor(out, self.output_fn))
+        return group_items(out, k) if k > 1 else out
 
     def forward(self, x: object) -> Tensor:
         """Outputs at θ*, shape ``(B, C)``, without autograd."""

@@ -169,7 +169,7 @@ class KFACCollector(Collector):
             and is_model_output(records[m].outputs[0], f)
         }
         need = [m for m in self.layers if m not in heads]
-        L = out.factor(fd, mask) if need else None  # (B, M, K): one draw for every layer
+        L = out.factor(fd, mask, y) if need else None  # (B, M, K): one draw for every layer
         grads = {}
         if need:
             cot = L.permute(2, 0, 1).reshape(L.shape[2], *fd.shape)  # (K, B, ..., C)
@@ -179,7 +179,7 @@ class KFACCollector(Collector):
             a = records[mname].inputs[0].detach()
             if mname in heads:
                 A_inc, rows = self._input_factor(lay, a, mask)
-                B_inc = out.gram(fd, mask)
+                B_inc = out.gram(fd, mask, y=y)
             else:
                 A_inc, B_inc, rows = self._factor_increments(lay, a, grads[mname].detach(), mask)
             check_finite(B_inc, f"KFAC output factor of layer {mname!r}", where)
