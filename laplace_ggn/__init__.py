@@ -28,6 +28,7 @@ from .operators import (
 )
 from .optim import NaturalGradient
 from .predictive import Prediction
+from .preference import predict_preference
 from .wrapper import LaplaceWrapper
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "GridSearch",
     "MarglikTemperature",
     "Prediction",
+    "predict_preference",
     "KernelDecomposition",
     "Likelihood",
     "Link",

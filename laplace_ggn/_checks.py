@@ -45,6 +45,9 @@ class Likelihood(str, enum.Enum):
     REGRESSION = "regression"
     CLASSIFICATION = "classification"
     BINARY = "binary"
+    HETEROSCEDASTIC = "heteroscedastic"
+    POISSON = "poisson"
+    REWARD_MODELING = "reward_modeling"
 
 
 class Structure(str, enum.Enum):

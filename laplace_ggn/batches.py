@@ -21,6 +21,8 @@ __all__ = [
     "batch_size_of",
     "call_model",
     "check_batch_dims",
+    "flatten_items",
+    "group_items",
     "input_tensors",
     "split_batch",
     "to_device",
@@ -221,3 +223,44 @@ def as_2d_output(out: object) -> Tensor:
             "T in a wrapper module."
         )
     return out
+
+
+def flatten_items(x: object, k: int, where: str = "") -> object:
+    """A model input of B samples of ``k`` items, each tensor ``(B, k, ...)``, as ``(B·k, ...)``.
+
+    Returns:
+        The input with every tensor reshaped (samples major, items minor).
+
+    Raises:
+        ValueError: If a tensor does not lead with ``(B, k)``.
+    """
+    B = batch_size_of(x, where)
+
+    def flat(t: object) -> object:
+        if not isinstance(t, Tensor):
+            return t
+        if t.ndim < 2 or tuple(t.shape[:2]) != (B, k):
+            loc = f" in {where}" if where else ""
+            raise ValueError(
+                f"every input tensor{loc} must lead with (B, {k}) = ({B}, {k}): {k} candidates "
+                f"per sample, scored one at a time; got {shape_str(t.shape)}."
+            )
+        return t.reshape(B * k, *t.shape[2:])
+
+    return tree_map(flat, x)
+
+
+def group_items(out: Tensor, k: int) -> Tensor:
+    """Outputs ``(B·k, C)`` of single items as ``(B, k·C)`` (item-major columns).
+
+    Returns:
+        Shape ``(B, k·C)``.
+
+    Raises:
+        ValueError: If the outputs have a position dimension.
+    """
+    if out.ndim != 2:
+        raise ValueError(
+            f"model output must have shape (B·{k}, C) per candidate; got {shape_str(out.shape)}."
+        )
+    return out.reshape(out.shape[0] // k, k * out.shape[1])

@@ -20,7 +20,7 @@ from ._checks import (
     check_generator,
     is_integer,
 )
-from .likelihoods import DEFAULT_IGNORE_INDEX
+from .likelihoods import DEFAULT_IGNORE_INDEX, LikelihoodModel, get_likelihood
 from .private_model import compute_dtype
 from .reader import BatchReader
 from .structures import STRUCTURES, StructureOptions, StructureSpec, resolve_structure
@@ -43,7 +43,8 @@ class FitOptions:
 
     Attributes:
         model: The user's network (never modified).
-        likelihood: The likelihood kind.
+        likelihood: The ``likelihood=`` option: a :class:`~laplace_ggn.Likelihood` member, or
+            the likelihood object given.
         structure: The structure's name in :data:`~laplace_ggn.structures.STRUCTURES`.
         subset: ``"all"``, ``"trainable"``, ``"last_layer"`` or a list of names.
         rank: ``rank=`` of a structure that takes one, else ``None``.
@@ -52,6 +53,7 @@ class FitOptions:
         memory_budget: Bytes for chunked intermediates and the largest dense structure.
         output_fn: Map from the model's output to the ``(B, C)`` tensor, or ``None``.
         reader: How batches are read.
+        likelihood_model: The likelihood object (``likelihood_model.name`` in messages).
     """
 
     model: nn.Module
@@ -64,6 +66,7 @@ class FitOptions:
     memory_budget: int
     output_fn: Callable[[object], Tensor] | None
     reader: BatchReader
+    likelihood_model: LikelihoodModel | None = None
 
     @classmethod
     def create(
@@ -93,7 +96,8 @@ class FitOptions:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        kind = as_enum(Likelihood, likelihood, "likelihood")
+        lik = get_likelihood(likelihood)
+        kind = lik.kind if isinstance(likelihood, (str, Likelihood)) else lik
         structure = resolve_structure(structure)
         param = next(iter(model.parameters()), None)
         if param is None:
@@ -126,6 +130,12 @@ class FitOptions:
             if not is_integer(n_mc) or n_mc < 1:
                 raise ValueError(f"n_mc_samples must be a positive integer; got {n_mc!r}.")
             n_mc = int(n_mc)
+        if curvature is Curvature.MC and not lik.samples_targets:
+            raise ValueError(
+                f"curvature='mc' needs a likelihood that samples targets; got likelihood "
+                f"{lik.name!r} without a sampler. Pass curvature='ggn', or give it one "
+                "(from_nll(..., sample=...), or samples_targets = True with sample_targets)."
+            )
         if not is_integer(ignore_index):
             raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}.")
         for key_name, key in (("input_key", input_key), ("target_key", target_key)):
@@ -157,6 +167,7 @@ class FitOptions:
             int(memory_budget),
             output_fn,
             reader,
+            lik,
         )
 
     @property

@@ -74,8 +74,8 @@ class FittedLaplace:
     head: LinearHead | None = field(default=None, repr=False)
 
     @property
-    def kind(self) -> Likelihood:
-        """The likelihood kind."""
+    def kind(self) -> Likelihood | None:
+        """The likelihood kind (``None`` for a user likelihood)."""
         return self.likelihood.kind
 
     @property
@@ -125,20 +125,21 @@ class FittedLaplace:
         """σ as given (checked, not detached) or the current one.
 
         Returns:
-            σ, shape ``()``.
+            σ, shape ``()`` (or ``(D,)`` for a fit with one σ per output).
 
         Raises:
-            ValueError: If it is not a finite positive scalar.
+            ValueError: If it is not finite and positive, or not of the fit's shape.
             TypeError: If it is not a number.
         """
         if sigma_noise is None:
             return self.hyperparameters.sigma_noise
         return check_sigma_noise(
             sigma_noise,
-            self.kind,
+            self.likelihood,
             dtype=self.fmodel.dtype,
             device=self.fmodel.device,
             applies_to_any=True,
+            like=self.hyperparameters.sigma_noise,
         )
 
     def with_hyperparameters(self, hyperparameters: Hyperparameters) -> FittedLaplace:

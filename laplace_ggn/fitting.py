@@ -23,19 +23,22 @@ from ._checks import (
     Curvature,
     check_finite,
 )
+from .batches import flatten_items
 from .fit_options import FitOptions, gigabytes, memory_message
 from .fitted import FittedLaplace
 from .functional import FunctionalModel
 from .head import LinearHead
 from .hyperparameters import Hyperparameters
 from .layout import ParamLayout, resolve_subset
-from .likelihoods import (
-    FitStatistics,
-    OutputCurvature,
-    get_likelihood,
-    observations,
-)
+from .likelihoods import FitStatistics, OutputCurvature, observations
 from .model_io import input_spec
+from .per_output import (
+    build_posterior,
+    check_per_output,
+    make_collector,
+    output_loss_sums,
+    restore_posterior,
+)
 from .private_model import check_finite_parameters, private_copy, with_nonfinite_hint
 
 __all__ = ["fit_laplace", "initial_state", "restore_fitted"]
@@ -107,6 +110,7 @@ class _Accumulator:
 
     def __init__(self, lik, ignore_index: int):
         self.lik, self.ignore_index = lik, ignore_index
+        self.k = lik.items_per_sample  # outputs per item: C // k
         self.n_data, self.loss_sum, self.n_out, self.out_ndim = 0, 0.0, None, None
 
     def add(self, f: Tensor, y: Tensor, where: str) -> None:
@@ -118,12 +122,12 @@ class _Accumulator:
             )
         f_obs, y_obs, _ = observations(self.lik, f, y, ignore_index=self.ignore_index, where=where)
         check_finite(y_obs, "targets", where)
-        if self.n_out is not None and f.shape[-1] != self.n_out:
+        if self.n_out is not None and f.shape[-1] != self.n_out * self.k:
             raise ValueError(
                 f"model output in {where} must have {self.n_out} columns like batch 0; "
-                f"got {f.shape[-1]}."
+                f"got {f.shape[-1] // self.k}."
             )
-        self.n_out, self.out_ndim = f.shape[-1], f.ndim
+        self.n_out, self.out_ndim = f.shape[-1] // self.k, f.ndim
         self.loss_sum += _loss_statistic(self.lik, f_obs, y_obs, where)
         self.n_data += f_obs.shape[0]
 
@@ -155,7 +159,7 @@ def initial_state(
     o = options
     layout = None if o.subset == "last_layer" else resolve_subset(o.model, o.subset)
     hp = Hyperparameters.create(
-        o.likelihood,
+        o.likelihood_model,
         prior_precision=prior_precision,
         sigma_noise=sigma_noise,
         temperature=temperature,
@@ -164,6 +168,7 @@ def initial_state(
     )
     if layout is not None:
         o.spec.check_prior(hp.prior(layout))
+    check_per_output(o.structure, o.curvature, hp.sigma_noise)
     return layout, hp
 
 
@@ -204,7 +209,8 @@ def fit_laplace(
             f"got {type(train_loader).__name__}."
         )
     options.check_generator(generator)
-    spec, reader, lik = options.spec, options.reader, get_likelihood(options.likelihood)
+    spec, reader, lik = options.spec, options.reader, options.likelihood_model
+    k = lik.items_per_sample
     dctx = _distributed.resolve_distributed(distributed, process_group)
     first, iterator, private, local_error = None, iter(()), None, None
     first_i, n_empty = 0, 0
@@ -215,6 +221,7 @@ def fit_laplace(
             x0, _, empty = reader.split(batch, f"batch {first_i}")
             if not empty:
                 first = batch
+                items0 = flatten_items(x0, k, f"batch {first_i}") if k > 1 else x0
                 break
             n_empty += 1
         if first is None:
@@ -229,7 +236,7 @@ def fit_laplace(
             # 'last_layer' is traced on a private eval-mode copy, never on the user's model
             private = private_copy(options.model).eval().to(reader.work_dtype)
             layout = resolve_subset(
-                private, options.subset, reader.to_device(x0), options.output_fn
+                private, options.subset, reader.to_device(items0), options.output_fn
             )
     except Exception as exc:
         if dctx is None:
@@ -251,7 +258,7 @@ def fit_laplace(
     if private is not None:
         for p in private.parameters():
             p.requires_grad_(False)
-    in_spec = input_spec(x0) if first is not None else None
+    in_spec = input_spec(items0) if first is not None else None
     fmodel = FunctionalModel(
         options.model if private is None else private,
         layout,
@@ -262,10 +269,11 @@ def fit_laplace(
         input_dtype=reader.dtype,
         **({} if private is None else {"copy_model": False}),
     )
+    fit_model = fmodel.with_items(k)  # k > 1: samples of k items (e.g. preference pairs)
     if options.curvature is Curvature.GGN and spec.exact_rows and first is not None:
         # lowrank / projected refuse their rows themselves; their top-k needs none
         try:
-            _check_exact_memory(options, fmodel, x0)
+            _check_exact_memory(options, fit_model, x0)
         except Exception as exc:
             if dctx is None:
                 raise
@@ -277,7 +285,9 @@ def fit_laplace(
         generator=generator,
         ignore_index=reader.ignore_index,
     )
-    collector = spec.make_collector(fmodel, out_curv, sopts)
+    # one σ per output: one curvature per output (laplace_ggn.per_output)
+    sigma = hyperparameters.sigma_noise
+    collector = make_collector(spec, fit_model, out_curv, sopts, lik, sigma, reader.ignore_index)
     acc = _Accumulator(lik, reader.ignore_index)
     try:
         total = len(train_loader)  # type: ignore[arg-type]
@@ -321,14 +331,21 @@ def fit_laplace(
         curvature = collector.finalize()
         for name, t in _curvature_tensors(curvature, "curvature"):
             check_finite(t, name)
-        posterior = spec.build(curvature, fmodel.theta, prior, hyperparameters.scale(), sopts)
+        scale = hyperparameters.scale()
+        posterior = build_posterior(spec, curvature, fmodel.theta, prior, scale, sopts)
     except torch.linalg.LinAlgError as err:
         raise RuntimeError(
             f"curvature of structure={spec.name!r} must be factorisable; "
             f"torch.linalg failed ({err}). Check the model for saturated or overflowing "
             "outputs, or fit a float64 copy of the model (model.double())."
         ) from err
-    stats = FitStatistics(acc.n_data, int(acc.n_out), acc.loss_sum, int(acc.out_ndim or 2))
+    stats = FitStatistics(
+        acc.n_data,
+        int(acc.n_out),
+        acc.loss_sum,
+        int(acc.out_ndim or 2),
+        output_loss_sums(curvature),
+    )
     return FittedLaplace(
         fmodel,
         layout,
@@ -370,11 +387,12 @@ def restore_fitted(
     fmodel.theta = mean.clone()
     prior = hyperparameters.prior(layout)
     spec.check_prior(prior)
-    posterior = spec.posterior_cls.from_state_dict(
-        state["posterior"], fmodel.theta, prior, hyperparameters.scale()
+    sopts = options.structure_options(hyperparameters.prior_precision)
+    posterior = restore_posterior(
+        spec, state["posterior"], fmodel.theta, prior, hyperparameters.scale(), sopts
     )
     stats = FitStatistics(**state["fit_statistics"])
-    lik = get_likelihood(options.likelihood)
+    lik = options.likelihood_model
     head = LinearHead.find(fmodel)
     return FittedLaplace(
         fmodel, layout, posterior, stats, lik, hyperparameters, spec, reader, None, head

@@ -15,6 +15,7 @@ names are available here too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -41,6 +42,8 @@ from .batches import (
     batch_size_of,
     call_model,
     check_batch_dims,
+    flatten_items,
+    group_items,
     input_tensors,
     split_batch,
     to_device,
@@ -138,6 +141,8 @@ class FunctionalModel:
         self.memory_budget = int(memory_budget)
         self.output_fn = output_fn
         self.input_spec = input_spec
+        #: Items scored one at a time per sample (see :meth:`with_items`).
+        self.items_per_sample = 1
         # recurrent layers step by step (vmap, batched backward and forward mode all work);
         # True only if fused recurrent kernels remain (subclasses, packed sequences)
         self.has_rnn = unroll_recurrent_layers(model)
@@ -187,6 +192,22 @@ class FunctionalModel:
         """P."""
         return self.layout.n_params
 
+    def with_items(self, k: int) -> FunctionalModel:
+        """The same model (shared copy and θ) on samples of ``k`` items, ``(B, k, ...)``.
+
+        Each input tensor leads with ``(B, k)``; the network scores the B·k items one at a
+        time and the outputs of a sample's items are its outputs, ``(B, k·C)`` (reward
+        modelling: the two rewards of a pair).  ``k = 1`` returns ``self``.
+
+        Returns:
+            The functional model of the samples.
+        """
+        if k == 1:
+            return self
+        other = copy.copy(self)
+        other.items_per_sample = int(k)
+        return other
+
     # -- evaluation ----------------------------------------------------------------------------
 
     def __call__(self, theta: Tensor, x: object) -> Tensor:
@@ -195,26 +216,11 @@ class FunctionalModel:
 
     def call_dict(self, params: Mapping[str, Tensor], x: object) -> Tensor:
         """Outputs ``(B, C)`` with the named tensors replacing the model's own."""
-        module = self.module
-
-        def call() -> object:
-            if isinstance(x, Mapping):
-                return functional_call(module, dict(params), args=(), kwargs=dict(x))
-            if isinstance(x, (tuple, list)):
-                return functional_call(module, dict(params), tuple(x))
-            return functional_call(module, dict(params), (x,))
-
-        try:
-            with plain_attention() if differentiating() else contextlib.nullcontext():
-                out = call()
-        except RuntimeError as err:  # torch's shape errors: name the shapes if the input's differ
-            raise_for_input_shape(err, x, self.input_spec)
-            if not differentiating():  # a sample without batch dimension accepted by a Conv2d
-                from .layers import raise_for_unbatched_layers
-
-                raise_for_unbatched_layers(module, call)
-            raise
-        return as_2d_output(output_tensor(out, self.output_fn))
+        k = self.items_per_sample
+        x = flatten_items(x, k) if k > 1 else x
+        out = _call_module(self.module, params, x, self.input_spec)
+        out = as_2d_output(output_tensor(out, self.output_fn))
+        return group_items(out, k) if k > 1 else out
 
     def forward(self, x: object) -> Tensor:
         """Outputs at θ*, shape ``(B, C)``, without autograd."""
@@ -339,3 +345,25 @@ class FunctionalModel:
             out = self(leaf, x)
             (g,) = torch.autograd.grad(out, leaf, U)
         return g
+
+
+def _call_module(module: nn.Module, params: Mapping[str, Tensor], x: object, spec) -> object:
+    """Run ``module`` with ``params`` on ``x``; a shape error names the input shapes it needs."""
+
+    def call() -> object:
+        if isinstance(x, Mapping):
+            return functional_call(module, dict(params), args=(), kwargs=dict(x))
+        if isinstance(x, (tuple, list)):
+            return functional_call(module, dict(params), tuple(x))
+        return functional_call(module, dict(params), (x,))
+
+    try:
+        with plain_attention() if differentiating() else contextlib.nullcontext():
+            return call()
+    except RuntimeError as err:  # torch's shape errors: name the shapes if the input's differ
+        raise_for_input_shape(err, x, spec)
+        if not differentiating():  # a sample without batch dimension accepted by a Conv2d
+            from .layers import raise_for_unbatched_layers
+
+            raise_for_unbatched_layers(module, call)
+        raise

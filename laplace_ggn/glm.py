@@ -63,7 +63,7 @@ def glm_from_moments(
         generator=generator,
         memory_budget=memory_budget,
     )
-    return Prediction(pred.mean.reshape(f.shape), pred.variance.reshape(f.shape))
+    return pred.reshape(*f.shape[:-1], pred.mean.shape[-1])
 
 
 def output_covariance(

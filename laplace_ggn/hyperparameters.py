@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._checks import Likelihood, check_positive
 from .layout import ParamLayout
-from .likelihoods import get_likelihood
+from .likelihoods import LikelihoodModel, get_likelihood
 from .posteriors import Prior, make_prior
 
 __all__ = [
@@ -56,42 +56,63 @@ def check_prior_precision(value: object, *, dtype: torch.dtype, device: torch.de
 
 def check_sigma_noise(
     value: object,
-    likelihood: Likelihood,
+    likelihood: Likelihood | LikelihoodModel,
     *,
     dtype: torch.dtype,
     device: torch.device,
     applies_to_any: bool = False,
+    like: Tensor | None = None,
 ) -> Tensor:
-    """The observation noise σ as a 0-dim tensor (not detached).
+    """The observation noise σ as a tensor of shape ``()`` or ``(D,)`` (not detached).
 
     Args:
-        value: Float or 0-dim tensor.
+        value: Float, 0-dim tensor, or tensor ``(D,)`` (one σ per output, regression).
         likelihood: σ other than 1 applies to regression only.
         dtype: The model's dtype.
         device: The model's device.
-        applies_to_any: Accept any σ for every likelihood (an evaluation point of the
+        applies_to_any: Accept any scalar σ for every likelihood (an evaluation point of the
             evidence, where σ does not enter outside regression).
+        like: The σ of a fit: a new value must have its shape (a scalar is expanded to
+            ``(D,)`` when the fit has one σ per output).
 
     Returns:
-        σ, shape ``()``.
+        σ, shape ``()`` or ``(D,)``.
 
     Raises:
         TypeError: If ``value`` is not a float or a tensor.
-        ValueError: If it is not a finite positive scalar, or not 1 outside regression.
+        ValueError: If it is not finite and positive, has another shape than ``()`` or
+            ``(D,)`` (or than ``like``), or is not 1 outside regression.
     """
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(
             f"sigma_noise must be a float or a 0-dim tensor; got {type(value).__name__}."
         )
     s = torch.as_tensor(value, dtype=dtype, device=device)
-    if s.ndim != 0:
-        raise ValueError(f"sigma_noise must be a scalar; got shape {tuple(s.shape)}.")
+    if s.ndim > 1 or (s.ndim == 1 and s.shape[0] < 1):
+        raise ValueError(
+            f"sigma_noise must be a scalar or have shape (D,), one σ per output; got shape "
+            f"{tuple(s.shape)}."
+        )
     check_positive(s.detach(), "sigma_noise")
     lik = get_likelihood(likelihood)
-    if not applies_to_any and not lik.has_noise and float(s) != 1.0:
+    if not lik.has_noise and (s.ndim == 1 or (not applies_to_any and float(s) != 1.0)):
+        shown = s.tolist() if s.ndim else float(s)
         raise ValueError(
             f"sigma_noise applies to likelihood='regression' only; got sigma_noise="
-            f"{float(s)} with likelihood={lik.kind.value!r}."
+            f"{shown} with likelihood={lik.name!r}."
+        )
+    if like is not None and s.shape != like.shape:
+        if like.ndim == 1 and s.ndim == 0:
+            return s.expand(like.shape).clone()
+        raise ValueError(
+            f"sigma_noise must have the shape of the fit's σ, {tuple(like.shape)}; got shape "
+            f"{tuple(s.shape)}."
+            + (
+                " One σ per output needs a fit with LaplaceWrapper(..., sigma_noise="
+                "torch.ones(D)), whose curvature is kept per output."
+                if like.ndim == 0
+                else ""
+            )
         )
     return s
 
@@ -131,11 +152,12 @@ def check_predictive_temperature(
     if t.ndim != 0:
         raise ValueError(f"predictive_temperature must be a scalar; got shape {tuple(t.shape)}.")
     check_positive(t, "predictive_temperature")
-    if not get_likelihood(likelihood).predicts_probabilities and float(t) != 1.0:
+    lik = get_likelihood(likelihood)
+    if not lik.predicts_probabilities and float(t) != 1.0:
+        hint = " (whose predictive is calibrated through sigma_noise)" if lik.has_noise else ""
         raise ValueError(
             f"predictive_temperature applies to likelihood 'classification' or 'binary'; got "
-            f"predictive_temperature={float(t)} with likelihood='regression' (whose "
-            "predictive is calibrated through sigma_noise)."
+            f"predictive_temperature={float(t)} with likelihood={lik.name!r}{hint}."
         )
     return t
 
@@ -148,14 +170,14 @@ class Hyperparameters:
     values it changes.
 
     Attributes:
-        likelihood: The likelihood kind (σ and T apply to one kind each).
+        likelihood: The likelihood (σ and T apply to one kind each).
         prior_precision: Shape ``()``, ``(T,)`` or ``(P,)``.
-        sigma_noise: σ, shape ``()``.
+        sigma_noise: σ, shape ``()``, or ``(D,)`` with one σ per output.
         temperature: τ, dividing the curvature.
         predictive_temperature: T of classification predictions, shape ``()``.
     """
 
-    likelihood: Likelihood
+    likelihood: Likelihood | LikelihoodModel
     prior_precision: Tensor
     sigma_noise: Tensor
     temperature: float
@@ -164,7 +186,7 @@ class Hyperparameters:
     @classmethod
     def create(
         cls,
-        likelihood: Likelihood,
+        likelihood: Likelihood | LikelihoodModel,
         *,
         prior_precision: object = 1.0,
         sigma_noise: object = 1.0,
@@ -213,7 +235,7 @@ class Hyperparameters:
             prec = check_prior_precision(prior_precision, **kw)
         sigma = self.sigma_noise
         if sigma_noise is not None:
-            sigma = check_sigma_noise(sigma_noise, self.likelihood, **kw)
+            sigma = check_sigma_noise(sigma_noise, self.likelihood, like=self.sigma_noise, **kw)
         T = self.predictive_temperature
         if predictive_temperature is not None:
             T = check_predictive_temperature(predictive_temperature, self.likelihood, **kw)
@@ -231,7 +253,8 @@ class Hyperparameters:
             sigma_noise: σ to use instead of the current one (regression; may require grad).
 
         Returns:
-            :math:`1/(\tau\sigma^2)` for regression, :math:`1/\tau` otherwise.
+            :math:`1/(\tau\sigma^2)` for regression (shape ``(D,)`` with one σ per output),
+            :math:`1/\tau` otherwise.
         """
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         return get_likelihood(self.likelihood).curvature_scale(sigma, self.temperature)

@@ -41,6 +41,9 @@ from .likelihoods import get_likelihood
 from .linalg import CGResult, SolveMethod, cg, inverse_matvec
 from .operators import CallableOperator
 
+#: The likelihoods the natural gradient takes (members of :class:`~laplace_ggn.Likelihood`).
+_NG_LIKELIHOODS = (Likelihood.REGRESSION, Likelihood.CLASSIFICATION, Likelihood.BINARY)
+
 __all__ = ["Curvature", "NaturalGradient"]
 
 
@@ -136,6 +139,11 @@ class NaturalGradient(torch.optim.Optimizer):
             ValueError: If an option has an invalid value (details in the class docstring).
         """
         self.likelihood_kind = as_enum(Likelihood, likelihood, "likelihood")
+        if self.likelihood_kind not in _NG_LIKELIHOODS:
+            raise ValueError(
+                f"likelihood must be one of {[m.value for m in _NG_LIKELIHOODS]} for the natural "
+                f"gradient; got {likelihood!r}."
+            )
         self.curvature = as_enum(Curvature, curvature, "curvature")
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0; got {lr!r}.")

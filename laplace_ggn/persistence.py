@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import Curvature, Likelihood, as_enum, near_matches, shape_str
+from .likelihoods import restore_likelihood
+from .per_output import split_state
 from .posterior_states import SavedSubset, check_keys, describe, is_int, state_tensor
 from .private_model import compute_dtype
 
@@ -58,7 +60,7 @@ _COMMON_KEYS = (
 )
 _KEYS = {1: _COMMON_KEYS, 2: (*_COMMON_KEYS, "model_parameters")}
 _STATS_KEYS = ("n_data", "n_outputs", "loss_sum")
-_STATS_OPTIONAL = ("output_ndim",)
+_STATS_OPTIONAL = ("output_ndim", "output_loss_sums")
 
 
 def model_parameters(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -159,7 +161,15 @@ def _check_structure(value: object, structures: Mapping[str, object]) -> str:
 
 
 def _check_options(state: Mapping, structures: Mapping[str, object]) -> str:
-    as_enum(Likelihood, state["likelihood"], "state['likelihood']")
+    if not isinstance(state["likelihood"], str) or not state["likelihood"]:
+        raise ValueError(
+            f"state['likelihood'] must be one of {[m.value for m in Likelihood]} or the name of "
+            f"a user likelihood (a str); got {describe(state['likelihood'])}."
+        )
+    if not isinstance(state.get("likelihood_state", {}), Mapping):
+        raise TypeError(
+            f"state['likelihood_state'] must be a dict; got {describe(state['likelihood_state'])}."
+        )
     structure = _check_structure(state["structure"], structures)
     for key in ("input_key", "target_key"):
         if state[key] is not None and not isinstance(state[key], str):
@@ -229,6 +239,14 @@ def _check_stats(stats: object) -> None:
             f"state['fit_statistics'] must hold exactly the keys {list(_STATS_KEYS)} (and "
             f"optionally {list(_STATS_OPTIONAL)}); got unexpected {unexpected}."
         )
+    sums = stats.get("output_loss_sums")
+    if sums is not None and not (
+        isinstance(sums, (list, tuple)) and all(math.isfinite(v) and v >= 0 for v in sums)
+    ):
+        raise ValueError(
+            "state['fit_statistics']['output_loss_sums'] must be None or a list of finite "
+            f"floats >= 0; got {describe(sums)}."
+        )
     if "output_ndim" in stats and stats["output_ndim"] not in (2, 3):
         raise ValueError(
             "state['fit_statistics']['output_ndim'] must be 2 (outputs (B, C)) or 3 (outputs "
@@ -253,7 +271,8 @@ def _check_stats(stats: object) -> None:
 def _check_posterior(post: object, check: Callable[[Mapping, SavedSubset], None], saved) -> None:
     if not isinstance(post, Mapping):
         raise TypeError(f"state['posterior'] must be a dict; got {describe(post)}.")
-    check(post, saved)
+    for part in split_state(post) if "n_outputs" in post else [post]:  # one σ per output
+        check(part, saved)
 
 
 def check_state(state: object, model: nn.Module, structures: Mapping[str, object]) -> dict:
@@ -320,7 +339,8 @@ def save_state(fitted, options) -> dict:
     return {
         "format_version": STATE_FORMAT_VERSION,
         "model_parameters": model_parameters(options.model),
-        "likelihood": options.likelihood.value,
+        "likelihood": fitted.likelihood.name,
+        "likelihood_state": dict(fitted.likelihood.state_dict()),
         "structure": options.structure,
         "subset": list(layout.names),
         "shapes": [tuple(s) for s in layout.shapes],
@@ -344,14 +364,21 @@ def save_state(fitted, options) -> dict:
     }
 
 
-def saved_options(state: Mapping) -> dict:
+def saved_options(state: Mapping, likelihood: object = None) -> dict:
     """The keyword options of ``LaplaceWrapper(...)`` recorded in a checked state.
+
+    Args:
+        state: The checked state.
+        likelihood: The likelihood object of a user likelihood (see
+            :func:`~laplace_ggn.likelihoods.restore_likelihood`).
 
     Returns:
         ``{"likelihood": ..., "structure": ..., ...}`` with the defaults of optional keys.
     """
     return {
-        "likelihood": state["likelihood"],
+        "likelihood": restore_likelihood(
+            state["likelihood"], state.get("likelihood_state", {}), likelihood
+        ),
         "structure": state["structure"],
         "subset": list(state["subset"]),
         "prior_precision": state["prior_precision"],

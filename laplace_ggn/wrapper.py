@@ -26,7 +26,7 @@ from .fit_options import FitOptions
 from .fitted import FittedLaplace, sample_projected
 from .fitting import fit_laplace, initial_state, restore_fitted
 from .hyperparameters import Hyperparameters
-from .likelihoods import DEFAULT_IGNORE_INDEX
+from .likelihoods import DEFAULT_IGNORE_INDEX, LikelihoodModel
 from .persistence import check_state, save_state, saved_options
 from .predictive import Prediction, resolve_options
 from .structures import STRUCTURES
@@ -46,12 +46,14 @@ class LaplaceWrapper:
 
     Args:
         model: Trained network with outputs ``(B, C)``, ``(B,)`` or ``(B, T, C)``; never modified.
-        likelihood: ``"regression"``, ``"classification"`` or ``"binary"``.
+        likelihood: ``"regression"``, ``"classification"``, ``"binary"``,
+            ``"heteroscedastic"``, ``"poisson"``, ``"reward_modeling"``, or a likelihood object
+            (``docs/likelihoods.md``: ``likelihoods.from_nll(nll)``, a ``BaseLikelihood``).
         structure: ``"full"``, ``"diag"``, ``"kfac"``, ``"lowrank"``, ``"projected"`` or
             another name of :data:`~laplace_ggn.structures.STRUCTURES`.
         subset: ``"all"``, ``"trainable"``, ``"last_layer"`` or a list of parameter names.
         prior_precision: Float, or tensor of shape ``(T,)`` or ``(P,)``.
-        sigma_noise: Observation noise σ (regression only).
+        sigma_noise: Observation noise σ (regression only): a scalar, or ``(D,)`` per output.
         temperature: τ, the curvature is divided by it.
         rank: ``lowrank`` / ``projected``: ``None`` (exact) or k (top-k).
         curvature: ``"ggn"`` (exact) or ``"mc"`` (Monte-Carlo Fisher).
@@ -79,7 +81,7 @@ class LaplaceWrapper:
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str | Likelihood = "classification",
+        likelihood: str | Likelihood | LikelihoodModel = "classification",
         *,
         structure: str | Structure = "kfac",
         subset: str | list[str] = "all",
@@ -335,9 +337,16 @@ class LaplaceWrapper:
 
     @classmethod
     def from_state_dict(
-        cls, model: nn.Module, state: dict, *, output_fn: Callable | None = None
+        cls,
+        model: nn.Module,
+        state: dict,
+        *,
+        output_fn: Callable | None = None,
+        likelihood: LikelihoodModel | None = None,
     ) -> LaplaceWrapper:
         """Rebuild a fitted wrapper from :meth:`state_dict` and a model of its architecture.
+
+        ``likelihood``: the user likelihood the state was saved with (its code is not saved).
 
         Returns:
             A fitted wrapper equal to the one saved.
@@ -347,7 +356,7 @@ class LaplaceWrapper:
             TypeError: If the state or one of its entries has the wrong type.
         """
         state = check_state(state, model, STRUCTURES)
-        la = cls(model, **saved_options(state), output_fn=output_fn)
+        la = cls(model, **saved_options(state, likelihood), output_fn=output_fn)
         hp = la._initial.replace(predictive_temperature=state.get("predictive_temperature", 1.0))
         la.fitted = restore_fitted(la._options, hp, la._layout, state)
         return la
@@ -356,6 +365,6 @@ class LaplaceWrapper:
         fitted = f"fitted, P={self.n_params}" if self.is_fitted else "not fitted"
         subset = self.subset if isinstance(self.subset, str) else "list"
         return (
-            f"LaplaceWrapper(likelihood={self.likelihood.value!r}, "
+            f"LaplaceWrapper(likelihood={self._options.likelihood_model.name!r}, "
             f"structure={self.structure!r}, subset={subset!r}, {fitted})"
         )

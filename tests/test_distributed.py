@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn import distributed as D
 from laplace_ggn.collectors.base import Collector, Reduction
+from laplace_ggn.likelihoods import from_nll
 from laplace_ggn.structures import STRUCTURES
 
 WORLD = 2
@@ -265,6 +266,7 @@ def _battery(rank: int) -> dict:
     out["all_empty"] = _error_of(lambda: _wrapper("clf", "diag").fit(empty))
     zero_rows = [(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.long))] * 2
     out["all_empty_batches"] = _error_of(lambda: _wrapper("clf", "full").fit(zero_rows))
+    out.update(_likelihood_battery(rank))  # likelihoods beyond three: end of this file
     # padded all-gather with unequal (and zero) row counts, sums of two dtypes
     for rows in ((3, 0), (0, 2), (0, 0), (1, 4)):
         fake = _FakeCollector(rows[rank], rank)
@@ -543,3 +545,67 @@ def test_collector_state_is_derived_from_its_declarations():
         col.add_state("r", torch.zeros(1, 2), reduce=Reduction.GATHER)
     col.remove_state("s")
     assert list(col.distributed_state()) == ["rows", "n"]
+
+
+# -- likelihoods beyond three: a user likelihood, heteroscedastic, pairs, one σ per output -----
+
+
+def _student_t(f, y):
+    r = y.reshape(f.shape) - f
+    return (2.5 * torch.log1p(r * r / 4)).sum(-1)
+
+
+def _likelihood_case(name: str):
+    """(model, X, y, likelihood, wrapper keywords) of a likelihood beyond the three, float64."""
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(12, 3, generator=g, dtype=torch.float64), None
+    C, lik, kw = 1, name, {}
+    if name == "student_t":
+        lik = from_nll(_student_t)
+    elif name == "heteroscedastic":
+        C = 2
+    elif name == "reward_modeling":
+        X = torch.randn(12, 2, 3, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 2, (12,), generator=g)
+    else:  # one σ per output
+        C, lik = 2, "regression"
+        kw = {"sigma_noise": torch.tensor([0.5, 2.0], dtype=torch.float64)}
+    if y is None:
+        y = torch.randn(12, 1 if name != "per_output" else 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, C))
+    return model.double(), X, y, lik, kw
+
+
+LIKELIHOOD_CASES = ("student_t", "heteroscedastic", "reward_modeling", "per_output")
+
+
+def _likelihood_summary(name: str, structure: str, X, y) -> dict | str:
+    model, _, _, lik, kw = _likelihood_case(name)
+    try:
+        la = LaplaceWrapper(model, lik, structure=structure, **kw).fit(_loader(X, y))
+        return {"cov": la.posterior_covariance(), "lml": la.log_marginal_likelihood().detach()}
+    except (ValueError, RuntimeError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _likelihood_battery(rank: int) -> dict:
+    out = {}
+    for name in LIKELIHOOD_CASES:
+        _, X, y, _, _ = _likelihood_case(name)
+        sl = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+        for structure in ("full", "kfac"):
+            out[f"lik/{name}/{structure}"] = _likelihood_summary(name, structure, X[sl], y[sl])
+    return out
+
+
+@pytest.mark.parametrize("structure", ["full", "kfac"])
+@pytest.mark.parametrize("name", LIKELIHOOD_CASES)
+def test_two_ranks_equal_single_process_for_every_likelihood(ranks, structure, name):
+    _, X, y, _, _ = _likelihood_case(name)
+    ref = _likelihood_summary(name, structure, X, y)
+    for res in ranks:
+        got = res[f"lik/{name}/{structure}"]
+        assert isinstance(got, dict), got
+        _assert_rel(got["cov"], ref["cov"])
+        _assert_rel(got["lml"], ref["lml"])

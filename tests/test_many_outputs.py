@@ -422,7 +422,9 @@ def test_saved_curvature_options_are_validated():
     ):
         LaplaceWrapper.from_state_dict(case.model, {**state, "fit_statistics": stats})
     stats = {**state["fit_statistics"], "extra": 1}
-    with pytest.raises(ValueError, match=r"and optionally \['output_ndim'\]\); got unexpected"):
+    with pytest.raises(
+        ValueError, match=r"and optionally \['output_ndim', 'output_loss_sums'\]\); got unexpected"
+    ):
         LaplaceWrapper.from_state_dict(case.model, {**state, "fit_statistics": stats})
 
 

@@ -265,7 +265,8 @@ def test_construction_errors():
         LaplaceWrapper(lambda x: x, "classification")
     with pytest.raises(
         ValueError,
-        match=r"likelihood must be one of \['regression', 'classification', 'binary'\]; got 'classify'",
+        match=r"likelihood must be one of \['regression', 'classification', 'binary', "
+        r"'heteroscedastic', 'poisson', 'reward_modeling'\]; got 'classify'",
     ):
         LaplaceWrapper(m, "classify")
     with pytest.raises(
@@ -342,7 +343,9 @@ def test_fit_and_query_errors():
         la.sample(-1)
     with pytest.raises(ValueError, match="input must be finite"):
         la.functional_covariance(torch.full((2, 3), float("inf"), dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"sigma_noise must be a scalar; got shape \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"sigma_noise applies to likelihood='regression' only; got sigma_noise="
+    ):
         la.log_marginal_likelihood(sigma_noise=torch.ones(2))
     with pytest.raises(RuntimeError, match="n_params of subset='last_layer' is known after fit"):
         _ = LaplaceWrapper(case.model, "classification", subset="last_layer").n_params
@@ -387,8 +390,8 @@ def test_unknown_likelihood_structure_subset_list_the_valid_ones():
     case = make_case("mlp_classification")
     with pytest.raises(
         ValueError,
-        match=r"likelihood must be one of \['regression', "
-        r"'classification', 'binary'\]; got 'classifcation'\. Did you mean "
+        match=r"likelihood must be one of \['regression', 'classification', 'binary', "
+        r"'heteroscedastic', 'poisson', 'reward_modeling'\]; got 'classifcation'\. Did you mean "
         r"'classification'\?",
     ):
         LaplaceWrapper(case.model, "classifcation")

@@ -77,7 +77,7 @@ def jacobian_sqrt_rows(
     f = f_jac if f is None else f
     if L is None:
         out = as_output_curvature(likelihood)
-        L = out.factor(f, out.mask(f, y, where))
+        L = out.factor(f, out.mask(f, y, where), y)
     return torch.einsum("bmp,bmk->bkp", J, L), f, L
 
 

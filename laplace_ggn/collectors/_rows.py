@@ -167,11 +167,18 @@ class SqrtGGNRows:
         grads = {m: (records[m].inputs[0].detach(), None) for m in heads}
         L = None
         if need:
-            L = out.factor(fd, mask)  # (B, M, K)
+            L = out.factor(fd, mask, y)  # (B, M, K)
             cot = L.permute(2, 0, 1).reshape(L.shape[2], *f.shape)  # (K, B, ..., C)
             outs = [records[m].outputs[0] for m in need]
             for m, g in zip(need, batched_output_grads(f, outs, cot)):
                 grads[m] = (records[m].inputs[0].detach(), g.detach())
+        k = fm.items_per_sample
+        if k > 1:  # a layer sees the B·k items of the B samples: group them per sample
+            B = fd.shape[0]
+            grads = {
+                m: (a.reshape(B, k, *a.shape[1:]), g.reshape(g.shape[0], B, k, *g.shape[2:]))
+                for m, (a, g) in grads.items()
+            }
         return grads, fd, L, mask
 
     def _rest_rows(
@@ -239,7 +246,7 @@ class SqrtGGNRows:
             lay = self.layers[mname]
             has_bias = lay.bias is not None
             if g is None:
-                dw, db = _head_diag(a, self.likelihood.hessian_diagonal(f, mask), has_bias)
+                dw, db = _head_diag(a, self.likelihood.hessian_diagonal(f, mask, y), has_bias)
             else:
                 dw, db = _linear_diag(a, g, has_bias)
             if lay.transposed:

@@ -169,7 +169,7 @@ class KFACCollector(Collector):
             and is_model_output(records[m].outputs[0], f)
         }
         need = [m for m in self.layers if m not in heads]
-        L = out.factor(fd, mask) if need else None  # (B, M, K): one draw for every layer
+        L = out.factor(fd, mask, y) if need else None  # (B, M, K): one draw for every layer
         grads = {}
         if need:
             cot = L.permute(2, 0, 1).reshape(L.shape[2], *fd.shape)  # (K, B, ..., C)
@@ -182,7 +182,7 @@ class KFACCollector(Collector):
             # finite before this batch, so a non-finite B names the batch that made it so
             if mname in heads:
                 a_t = self._input_rows(lay, a, mask)
-                B.add_(out.gram(fd, mask))
+                B.add_(out.gram(fd, mask, y=y))
             else:
                 a_t, g2 = self._factor_rows(lay, a, grads[mname].detach(), mask)
                 B.addmm_(g2.T, g2)

@@ -84,7 +84,7 @@ def ggn_matmat(
         with fmodel.forward_mode(), torch.enable_grad():
             f, vjp_fn = vjp(f_of, theta)
             f = f.detach()
-            hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where))
+            hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where), y)
             per_col = 4 * (fmodel.n_params + f.numel()) * theta.element_size()
             step = fmodel.chunk_size(per_col)
             products = []
@@ -101,7 +101,7 @@ def ggn_matmat(
         # derivative: one forward-mode pass per column (reverse mode where even that fails);
         # the model's own errors (not RuntimeError) propagate
         f = fmodel.forward(x)
-        hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where))
+        hess = curv.hessian_matvec_fn(f, curv.mask(f, y, where), y)
         GO, f = fmodel.jvp_vjp(x, Omega, lambda f_, u: hess(u))
         return out.add_(GO), f
 

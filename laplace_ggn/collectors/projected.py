@@ -43,12 +43,12 @@ class KernelMetric:
     posterior keeps (see the module docstring).
     """
 
-    def sqrt_hessian(self, f: Tensor) -> Tensor:
+    def sqrt_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """Identity factor, shape ``(B, C, C)``."""
         B, C = f.shape
         return torch.eye(C, dtype=f.dtype, device=f.device).expand(B, C, C)
 
-    def hessian_matvec(self, f: Tensor, u: Tensor) -> Tensor:
+    def hessian_matvec(self, f: Tensor, u: Tensor, y: Tensor | None = None) -> Tensor:
         """``u`` unchanged, shape ``(..., B, C)``."""
         return u
 

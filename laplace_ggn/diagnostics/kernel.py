@@ -319,10 +319,18 @@ def decompose_fitted(
         The report.
 
     Raises:
-        ValueError: If the model's outputs are ``(B, T, C)``, the structure holds no
+        ValueError: If the model's outputs are ``(B, T, C)``, a sample holds several model
+            inputs (reward modelling), the structure holds no
             eigenbasis of G, or an argument is invalid.
         TypeError: If ``x`` is neither a model input nor a loader.
     """
+    if fitted.likelihood.items_per_sample > 1:
+        raise ValueError(
+            f"kernel_decomposition() needs a likelihood of one model input per sample; got "
+            f"likelihood {fitted.likelihood.name!r}, whose samples hold "
+            f"{fitted.likelihood.items_per_sample} (its fit metric is of pairs, its predictive "
+            "of single items)."
+        )
     if fitted.statistics.output_ndim != 2:
         raise ValueError(
             "kernel_decomposition() needs a model with outputs (B, C); got a model fitted "
@@ -333,7 +341,7 @@ def decompose_fitted(
         fitted.posterior,
         fitted.fmodel,
         x,
-        likelihood=fitted.kind,
+        likelihood=fitted.likelihood,
         lik=fitted.likelihood,
         structure=fitted.structure.name,
         y=y,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .._checks import Link, PredictMethod, shape_str
+from .._checks import Likelihood, Link, PredictMethod, shape_str
 
 DEFAULT_IGNORE_INDEX = -100
 
@@ -26,12 +27,15 @@ class FitStatistics:
         n_outputs: Number of outputs C.
         loss_sum: Summed NLL (classification) or summed squared error Σ‖y - f‖² (regression).
         output_ndim: 2 for outputs ``(B, C)``, 3 for ``(B, T, C)``.
+        output_loss_sums: Σ (y_c - f_c)² of each output c (regression with one σ per output),
+            else ``None``.
     """
 
     n_data: int
     n_outputs: int
     loss_sum: float
     output_ndim: int = 2
+    output_loss_sums: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,25 @@ class Prediction:
             model gives the probability of class 1), shape ``(B, C)``.
         variance: Regression: variance of y (functional + σ²); classification: variance of
             the class probability under the posterior, shape ``(B, C)``.
+        epistemic: The part of ``variance`` due to the posterior over θ, where a likelihood
+            reports the two parts apart (heteroscedastic, Poisson), else ``None``.
+        aleatoric: The part due to the observation noise (``variance - epistemic``), or
+            ``None``.
     """
 
     mean: Tensor
     variance: Tensor
+    epistemic: Tensor | None = None
+    aleatoric: Tensor | None = None
+
+    def reshape(self, *shape: int) -> Prediction:
+        """Every tensor reshaped to ``shape``.
+
+        Returns:
+            The reshaped :class:`Prediction`.
+        """
+        parts = (self.mean, self.variance, self.epistemic, self.aleatoric)
+        return Prediction(*(None if t is None else t.reshape(*shape) for t in parts))
 
 
 def sample_moments(out: Tensor) -> Prediction:
@@ -73,6 +92,57 @@ def check_batch_size(pred: Prediction, y: Tensor) -> int:
     if y.shape[0] != B:
         raise ValueError(f"y must have batch size {B}; got shape {shape_str(y.shape)}.")
     return B
+
+
+def no_link(name: str, method: PredictMethod, link: Link | None) -> tuple[PredictMethod, None]:
+    """The link of a Gaussian predictive: none (``None`` and the default ``probit`` ignored).
+
+    Returns:
+        ``(method, None)``.
+
+    Raises:
+        ValueError: If another link is given.
+    """
+    if link not in (None, Link.PROBIT):
+        raise ValueError(
+            f"link must be None (or the default 'probit', ignored) for likelihood={name!r}; got "
+            f"link={link.value!r}. Its predictive is Gaussian and needs no link; "
+            f"{VALID_PREDICT_OPTIONS}."
+        )
+    return method, None
+
+
+def mc_only_link(name: str, method: PredictMethod, link: Link | None) -> tuple[PredictMethod, Link]:
+    """The link of a predictive that averages a response over draws: ``mc`` only.
+
+    Returns:
+        ``(method, Link.MC)``.
+
+    Raises:
+        ValueError: For ``probit`` or ``bridge`` (softmax / sigmoid approximations).
+    """
+    if link not in (None, Link.MC):
+        raise ValueError(
+            f"link must be 'mc' (or None) for likelihood {name!r}; got link={link.value!r}. The "
+            "probit and bridge links approximate a softmax or sigmoid; this likelihood's "
+            "predictive averages its response over draws."
+        )
+    return method, Link.MC
+
+
+def gaussian_predictive_nll(pred: Prediction, y: Tensor) -> Tensor:
+    r"""Per-point :math:`\sum_c \tfrac12\log(2\pi v_c) + (y_c - m_c)^2 / (2 v_c)`, shape ``(B,)``.
+
+    Returns:
+        The NLL of each point, shape ``(B,)``.
+
+    Raises:
+        ValueError: If ``y`` does not match the prediction's batch size.
+    """
+    check_batch_size(pred, y)
+    v = pred.variance
+    r = (y.reshape(pred.mean.shape) - pred.mean) ** 2
+    return (0.5 * torch.log(2 * math.pi * v) + 0.5 * r / v).sum(-1)
 
 
 def classifier_link(method: PredictMethod, link: Link | None) -> tuple[PredictMethod, Link]:
@@ -139,7 +209,48 @@ def ignored_positions(y: Tensor, n: int, ignore_index: int | None) -> Tensor | N
     return ignored if bool(ignored.any()) else None
 
 
-class ClassLikelihood:
+class BuiltinLikelihood:
+    """Members every built-in likelihood shares: no parameters of its own, one input per sample.
+
+    Their output curvature does not depend on the targets and they sample targets for
+    ``curvature="mc"``; their name is their ``likelihood=`` option.
+    """
+
+    kind: Likelihood
+    items_per_sample = 1
+    needs_targets = False
+    samples_targets = True
+
+    @property
+    def name(self) -> str:
+        """The ``likelihood=`` option, e.g. ``"regression"``."""
+        return self.kind.value
+
+    def state_dict(self) -> dict[str, object]:
+        """No parameters: ``{}``."""
+        return {}
+
+    def with_state(self, state: dict[str, object]) -> BuiltinLikelihood:
+        """This likelihood (it has no parameters).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: If ``state`` is not empty.
+        """
+        if state:
+            raise ValueError(
+                f"state of likelihood {self.name!r} must be empty (it has no parameters); got "
+                f"keys {sorted(state)}."
+            )
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ClassLikelihood(BuiltinLikelihood):
     """What the categorical and Bernoulli likelihoods share.
 
     No noise scale, probabilities predicted through a link, accuracy as the fit metric, and

@@ -79,26 +79,26 @@ class Bernoulli(ClassLikelihood):
         """∂ℓ/∂f = σ(f) - y, shape ``(B, 1)``."""
         return torch.sigmoid(f) - y
 
-    def hessian(self, f: Tensor) -> Tensor:
+    def hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """``p(1-p)``, shape ``(B, 1, 1)``."""
         p = torch.sigmoid(f)
         return (p * (1 - p)).unsqueeze(-1)
 
-    def sqrt_hessian(self, f: Tensor) -> Tensor:
+    def sqrt_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """``√(p(1-p))``, shape ``(B, 1, 1)``."""
         return self.hessian(f).sqrt()
 
-    def hessian_matvec(self, f: Tensor, u: Tensor) -> Tensor:
+    def hessian_matvec(self, f: Tensor, u: Tensor, y: Tensor | None = None) -> Tensor:
         """``p(1-p) u``, shapes ``(B, 1)``."""
         p = torch.sigmoid(f)
         return p * (1 - p) * u
 
-    def hessian_diagonal(self, f: Tensor) -> Tensor:
+    def hessian_diagonal(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """``p(1-p)`` per row of ``f`` ``(n, 1)``, shape ``(n, 1)``."""
         p = torch.sigmoid(f)
         return p * (1 - p)
 
-    def hessian_sum(self, f: Tensor, w: Tensor) -> Tensor:
+    def hessian_sum(self, f: Tensor, w: Tensor, y: Tensor | None = None) -> Tensor:
         r""":math:`\sum_n w_n p_n(1-p_n)` for logits ``(n, 1)``, weights ``(n, 1)``, shape ``(1, 1)``."""
         p = torch.sigmoid(f)
         return (w * p * (1 - p)).sum(0, keepdim=True)

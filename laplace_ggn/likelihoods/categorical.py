@@ -99,28 +99,28 @@ class Categorical(ClassLikelihood):
         """∂ℓ/∂f = softmax(f) - onehot(y), shape ``(B, C)``."""
         return torch.softmax(f, -1) - F.one_hot(y, f.shape[1]).to(f.dtype)
 
-    def hessian(self, f: Tensor) -> Tensor:
+    def hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """``diag(p) - p pᵀ``, shape ``(B, C, C)``."""
         p = torch.softmax(f, -1)
         return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
 
-    def sqrt_hessian(self, f: Tensor) -> Tensor:
+    def sqrt_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """``diag(√p) - p √pᵀ``, shape ``(B, C, C)``; ``L Lᵀ = Λ``."""
         p = torch.softmax(f, -1)
         sp = p.sqrt()
         return torch.diag_embed(sp) - p.unsqueeze(2) * sp.unsqueeze(1)
 
-    def hessian_matvec(self, f: Tensor, u: Tensor) -> Tensor:
+    def hessian_matvec(self, f: Tensor, u: Tensor, y: Tensor | None = None) -> Tensor:
         """``Λ_n u_n = p ⊙ u - p (pᵀu)``, shapes ``(B, C)``."""
         p = torch.softmax(f, -1)
         return p * u - p * (p * u).sum(-1, keepdim=True)
 
-    def hessian_diagonal(self, f: Tensor) -> Tensor:
+    def hessian_diagonal(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """``p - p²`` per row of ``f`` ``(n, C)``, shape ``(n, C)``."""
         p = torch.softmax(f, -1)
         return p - p * p
 
-    def hessian_sum(self, f: Tensor, w: Tensor) -> Tensor:
+    def hessian_sum(self, f: Tensor, w: Tensor, y: Tensor | None = None) -> Tensor:
         r""":math:`\sum_n w_n (\mathrm{diag}(p_n) - p_n p_n^\top)`, weights ``(n, 1)``, shape ``(C, C)``."""
         p = torch.softmax(f, -1)
         return torch.diag((w * p).sum(0)) - (w * p).T @ p

@@ -149,12 +149,35 @@ class OutputCurvature:
         y = y.to(f.device)
         return observations(self.targets, f, y, ignore_index=self.ignore_index, where=where)[2]
 
-    def factor(self, f: Tensor, mask: Tensor | None = None) -> Tensor:
+    def row_targets(self, f: Tensor, y: Tensor | None, where: str = "") -> Tensor | None:
+        """The checked targets of every row ``(B·T, ...)``, if the curvature depends on them.
+
+        Returns:
+            ``None`` when the likelihood's output curvature does not depend on the targets
+            (or for Monte-Carlo draws); else the targets, one row per output row.
+
+        Raises:
+            ValueError: If ``y`` is ``None`` but needed, or does not fit the outputs.
+        """
+        lik = self.likelihood
+        if self.mc or not getattr(lik, "needs_targets", False):
+            return None
+        if y is None:
+            raise ValueError(
+                f"y must be given for likelihood {lik.name!r}; got None. Its output curvature "
+                "depends on the targets."
+            )
+        y = y.to(f.device)
+        y2 = lik.position_targets(f, y, where) if f.ndim > 2 else y
+        return lik.check_targets(f.reshape(-1, f.shape[-1]), y2, where)
+
+    def factor(self, f: Tensor, mask: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """The factor ``L`` of the batch, shape ``(B, M, K)`` (see the class docstring).
 
         Args:
             f: Outputs, shape ``(B, C)`` or ``(B, T, C)`` (detached).
             mask: Kept positions, shape ``f.shape[:-1]``, or ``None``.
+            y: Targets of the batch (used when the curvature depends on them).
 
         Returns:
             Shape ``(B, M, K)``, M = T·C.
@@ -171,13 +194,14 @@ class OutputCurvature:
             if keep is not None:
                 g = g * keep
             return g.reshape(S, B, M).permute(1, 2, 0) / math.sqrt(S)
-        L = self.likelihood.sqrt_hessian(f2)  # (B·T, C, C)
+        L = self.likelihood.sqrt_hessian(f2, self.row_targets(f, y))  # (B·T, C, K)
         if keep is not None:
             L = L * keep.unsqueeze(-1)
+        K = L.shape[-1]
         if T == 1:
-            return L.reshape(B, C, C)
+            return L.reshape(B, C, K)
         eye = torch.eye(T, dtype=f.dtype, device=f.device)
-        return torch.einsum("btcd,ts->btcsd", L.reshape(B, T, C, C), eye).reshape(B, M, M)
+        return torch.einsum("btck,ts->btcsk", L.reshape(B, T, C, K), eye).reshape(B, M, T * K)
 
     def _neg_scores(self, f2: Tensor, S: int) -> Tensor:
         r""":math:`-\nabla_f \log p(\hat y \mid f)` for S labels drawn per row of ``f2`` ``(n, C)``.
@@ -187,7 +211,9 @@ class OutputCurvature:
         """
         return self.likelihood.neg_scores(f2, S, self.generator)
 
-    def hessian_diagonal(self, f: Tensor, mask: Tensor | None = None) -> Tensor:
+    def hessian_diagonal(
+        self, f: Tensor, mask: Tensor | None = None, y: Tensor | None = None
+    ) -> Tensor:
         r"""Per position the diagonal of :math:`L_{nt} L_{nt}^\top`, shape ``(B·T, C)``.
 
         Exact: :math:`\mathrm{diag}(\Lambda_{nt})` in closed form, O(C) per position (no factor
@@ -204,10 +230,16 @@ class OutputCurvature:
             L = self.factor(f, mask).reshape(-1, C, self.n_samples)
             return L.pow(2).sum(-1)
         f2 = f.reshape(-1, C)
-        d = self.likelihood.hessian_diagonal(f2)
+        d = self.likelihood.hessian_diagonal(f2, self.row_targets(f, y))
         return d if keep is None else d * keep
 
-    def gram(self, f: Tensor, mask: Tensor | None = None, L: Tensor | None = None) -> Tensor:
+    def gram(
+        self,
+        f: Tensor,
+        mask: Tensor | None = None,
+        L: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
         r""":math:`\sum_{n,t} L_{nt} L_{nt}^\top` over kept positions, shape ``(C, C)``.
 
         Exact: :math:`\sum \Lambda_{nt}` in closed form, O(C²) per position instead of the
@@ -229,14 +261,15 @@ class OutputCurvature:
             if mask is None
             else mask.reshape(-1, 1).to(f.dtype)
         )
-        return self.likelihood.hessian_sum(f2, w)
+        return self.likelihood.hessian_sum(f2, w, self.row_targets(f, y))
 
-    def hessian_matvec_fn(self, f: Tensor, mask: Tensor | None = None):
+    def hessian_matvec_fn(self, f: Tensor, mask: Tensor | None = None, y: Tensor | None = None):
         r"""The product :math:`U \mapsto \Lambda U` of the batch (the MC estimate for ``mc``).
 
         Args:
             f: Outputs, shape ``(B, C)`` or ``(B, T, C)`` (detached).
             mask: Kept positions, shape ``f.shape[:-1]``, or ``None``.
+            y: Targets of the batch (used when the curvature depends on them).
 
         Returns:
             A function of ``U`` of shape ``(..., *f.shape)`` returning the same shape.  For
@@ -245,9 +278,10 @@ class OutputCurvature:
         f = f.detach()
         if not self.mc:
             keep = None if mask is None else mask.unsqueeze(-1).to(f.dtype)
+            yr = self.row_targets(f, y)
 
             def exact(U: Tensor) -> Tensor:
-                out = self.likelihood.hessian_matvec(f, U)
+                out = self.likelihood.hessian_matvec(f, U, yr)
                 return out if keep is None else out * keep
 
             return exact

@@ -10,11 +10,12 @@ from torch import Tensor
 
 from .._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, PredictMethod, shape_str
 from ._base import (
-    VALID_PREDICT_OPTIONS,
+    BuiltinLikelihood,
     FitStatistics,
     Prediction,
-    check_batch_size,
     check_position_shapes,
+    gaussian_predictive_nll,
+    no_link,
     sample_moments,
 )
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # the posteriors package imports this one
     from ..posteriors._output import OutputCovariance
 
 
-class Gaussian:
+class Gaussian(BuiltinLikelihood):
     r"""Gaussian likelihood :math:`y \sim N(f, \sigma^2 I)`; targets of the output's shape.
 
     The observation noise σ is a parameter (``has_noise``); the predictive is Gaussian, so it
@@ -90,14 +91,22 @@ class Gaussian:
     @staticmethod
     def nll_from_statistics(stats: FitStatistics, sigma: Tensor) -> Tensor:
         r"""Summed NLL :math:`\frac{SSE}{2\sigma^2} + \frac{NC}{2}\log(2\pi\sigma^2)`, differentiable in σ."""
+        if sigma.ndim:  # one σ per output: Σ_d SSE_d/(2σ_d²) + (N/2) log(2πσ_d²)
+            if stats.output_loss_sums is None or len(stats.output_loss_sums) != sigma.shape[0]:
+                raise ValueError(
+                    f"sigma_noise of shape {tuple(sigma.shape)} needs the squared error of each "
+                    "output, kept by a fit with sigma_noise of that shape; got a fit without it."
+                )
+            sse = torch.as_tensor(stats.output_loss_sums, dtype=sigma.dtype, device=sigma.device)
+            n = stats.n_data
+            return (0.5 * sse / sigma**2 + 0.5 * n * torch.log(2 * math.pi * sigma**2)).sum()
         nc = stats.n_data * stats.n_outputs
         return 0.5 * stats.loss_sum / sigma**2 + 0.5 * nc * torch.log(2 * math.pi * sigma**2)
 
     def nll(self, f: Tensor, y: Tensor, sigma: Tensor | float = 1.0) -> Tensor:
-        """Summed negative log likelihood, shape ``()``."""
-        sigma = torch.as_tensor(sigma, dtype=f.dtype, device=f.device)
-        n = f.numel()
-        return 0.5 * ((y - f) ** 2).sum() / sigma**2 + 0.5 * n * torch.log(2 * math.pi * sigma**2)
+        """Summed negative log likelihood (σ a scalar or one per output), shape ``()``."""
+        s2 = torch.as_tensor(sigma, dtype=f.dtype, device=f.device) ** 2
+        return (0.5 * (y - f) ** 2 / s2 + 0.5 * torch.log(2 * math.pi * s2)).expand_as(f).sum()
 
     def sigma2(self, sigma: Tensor | float) -> Tensor | float:
         """σ², the factor the unit output Hessian is divided by."""
@@ -111,24 +120,24 @@ class Gaussian:
         """∂ℓ/∂f at σ = 1, shape ``(B, C)``."""
         return f - y
 
-    def hessian(self, f: Tensor) -> Tensor:
+    def hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """Unit output Hessian ``I``, shape ``(B, C, C)``."""
         B, C = f.shape
         return torch.eye(C, dtype=f.dtype, device=f.device).expand(B, C, C)
 
-    def sqrt_hessian(self, f: Tensor) -> Tensor:
+    def sqrt_hessian(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """Factor ``L`` with ``L Lᵀ = Λ`` (σ = 1), shape ``(B, C, C)``."""
         return self.hessian(f)
 
-    def hessian_matvec(self, f: Tensor, u: Tensor) -> Tensor:
+    def hessian_matvec(self, f: Tensor, u: Tensor, y: Tensor | None = None) -> Tensor:
         """``Λ_n u_n`` for each n, shapes ``(B, C)``."""
         return u
 
-    def hessian_diagonal(self, f: Tensor) -> Tensor:
+    def hessian_diagonal(self, f: Tensor, y: Tensor | None = None) -> Tensor:
         """Diagonal of each unit output Hessian: ones, shape ``(n, C)``."""
         return torch.ones_like(f)
 
-    def hessian_sum(self, f: Tensor, w: Tensor) -> Tensor:
+    def hessian_sum(self, f: Tensor, w: Tensor, y: Tensor | None = None) -> Tensor:
         r""":math:`\sum_n w_n \Lambda_n = (\sum_n w_n) I` for outputs ``(n, C)``, weights ``(n, 1)``."""
         C = f.shape[-1]
         return w.sum() * torch.eye(C, dtype=f.dtype, device=f.device)
@@ -160,13 +169,7 @@ class Gaussian:
         Raises:
             ValueError: If another link is given.
         """
-        if link not in (None, Link.PROBIT):
-            raise ValueError(
-                f"link must be None (or the default 'probit', ignored) for "
-                f"likelihood='regression'; got link={link.value!r}. The regression predictive is "
-                f"Gaussian and needs no link; {VALID_PREDICT_OPTIONS}."
-            )
-        return method, None
+        return no_link(self.name, method, link)
 
     def response(self, f: Tensor) -> Tensor:
         """Mean of y given the outputs: ``f`` itself."""
@@ -219,10 +222,7 @@ class Gaussian:
         Raises:
             ValueError: If ``y`` does not match the prediction's batch size.
         """
-        check_batch_size(pred, y)
-        v = pred.variance
-        r = (y.reshape(pred.mean.shape) - pred.mean) ** 2
-        return (0.5 * torch.log(2 * math.pi * v) + 0.5 * r / v).sum(-1)
+        return gaussian_predictive_nll(pred, y)
 
     def temper(self, pred: Prediction, temperature: Tensor | float) -> Prediction:
         """A Gaussian predictive is not tempered (σ calibrates it): ``pred`` unchanged."""

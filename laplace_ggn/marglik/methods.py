@@ -25,6 +25,7 @@ from .options import (
     check_marglik_options,
     check_predictive_options,
     check_regression,
+    check_scored,
     run_marglik,
 )
 from .temperature import tune_predictive_temperature
@@ -73,7 +74,7 @@ class Marglik:
         Returns:
             The :class:`Tuned` hyperparameters and the evidence curve.
         """
-        self.check(fitted.kind)
+        self.check(fitted.likelihood)
         result = run_marglik(
             self, fitted, tune_sigma_noise=self.tune_sigma_noise, progress=progress
         )
@@ -135,8 +136,10 @@ class GridSearch:
         """Refuse a predictive that does not apply to ``likelihood``.
 
         Raises:
-            ValueError: If the method / link pair is invalid for it.
+            ValueError: If the method / link pair is invalid for it, or its predictive has no
+                targets to score (reward modelling).
         """
+        check_scored(likelihood)
         resolve_options(likelihood, self.predict_method, self.link)
 
     def tune(self, fitted, *, progress: bool = False) -> Tuned:
@@ -145,14 +148,14 @@ class GridSearch:
         Returns:
             The :class:`Tuned` precision, the validation curve and an edge warning.
         """
-        self.check(fitted.kind)
-        method, link = resolve_options(fitted.kind, self.predict_method, self.link)
+        self.check(fitted.likelihood)
+        method, link = resolve_options(fitted.likelihood, self.predict_method, self.link)
         batches = fitted.reader.validation_batches(self.val_loader, fitted.input_spec)
         result = gridsearch(
             fitted.fmodel,
             posterior_at=lambda a: fitted.posterior_at(a, None),
             batches=batches,
-            likelihood=fitted.kind,
+            likelihood=fitted.likelihood,
             lik=fitted.likelihood,
             grid=self.points.to(fitted.fmodel.dtype),
             method=method,
@@ -223,12 +226,12 @@ class MarglikTemperature:
         Raises:
             ValueError: If the validation loader yields no batch.
         """
-        self.check(fitted.kind)
+        self.check(fitted.likelihood)
         batches = fitted.reader.validation_batches(self.val_loader, fitted.input_spec)
         if not batches:
             raise ValueError("val_loader must yield at least one batch; got an empty loader.")
         result = run_marglik(self, fitted, tune_sigma_noise=False, progress=progress)
-        method, link = resolve_options(fitted.kind, self.predict_method, self.link)
+        method, link = resolve_options(fitted.likelihood, self.predict_method, self.link)
         post = fitted.posterior_at(result.prior_precision, None)
         probs, labels = [], []
         for x, y in batches:
@@ -236,7 +239,7 @@ class MarglikTemperature:
                 fitted.fmodel,
                 post,
                 x,
-                likelihood=fitted.kind,
+                likelihood=fitted.likelihood,
                 method=method,
                 link=link,
                 n_samples=self.n_samples,

@@ -25,7 +25,7 @@ class MarglikResult:
 
     Attributes:
         prior_precision: Tuned precision, shape ``()``, ``(T,)`` or ``(P,)``.
-        sigma_noise: Tuned (or unchanged) σ, shape ``()``.
+        sigma_noise: Tuned (or unchanged) σ, shape ``()`` (``(D,)``: one per output).
         evidence: Log evidence before each step and at the end, shape ``(n_steps + 1,)``.
         shared_spectrum: Whether every step reused one spectrum of the curvature (O(P) steps).
     """
@@ -248,8 +248,8 @@ def optimize_marglik(
         bool(torch.isfinite(hist).all())
         and bool(torch.isfinite(alpha).all())
         and bool((alpha > 0).all())
-        and bool(torch.isfinite(sigma))
-        and float(sigma) > 0
+        and bool(torch.isfinite(sigma).all())
+        and bool((sigma > 0).all())
     ):
         bad = (
             int((~torch.isfinite(hist)).nonzero()[0])

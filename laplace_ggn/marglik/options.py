@@ -26,6 +26,7 @@ __all__ = [
     "check_marglik_options",
     "check_predictive_options",
     "check_regression",
+    "check_scored",
     "run_marglik",
 ]
 
@@ -116,17 +117,38 @@ def check_regression(likelihood: Likelihood | LikelihoodModel) -> None:
     if not lik.has_noise:
         raise ValueError(
             f"tune_sigma_noise=True needs likelihood='regression'; got likelihood="
-            f"{lik.kind.value!r}, which has no observation noise."
+            f"{lik.name!r}, which has no observation noise."
         )
 
 
 def check_classification(likelihood: Likelihood | LikelihoodModel) -> None:
     """Refuse a predictive temperature for a predictive of no probabilities (regression)."""
-    if not get_likelihood(likelihood).predicts_probabilities:
+    lik = get_likelihood(likelihood)
+    if not lik.predicts_probabilities:
+        hint = (
+            " A Gaussian predictive is calibrated through σ: use method='marglik' with "
+            "tune_sigma_noise=True."
+            if lik.has_noise
+            else " Use method='marglik'."
+        )
         raise ValueError(
             "method='marglik_temperature' needs likelihood 'classification' or 'binary'; "
-            "got likelihood='regression'. A Gaussian predictive is calibrated through σ: "
-            "use method='marglik' with tune_sigma_noise=True."
+            f"got likelihood={lik.name!r}.{hint}"
+        )
+
+
+def check_scored(likelihood: Likelihood | LikelihoodModel) -> None:
+    """Refuse a validation search for a likelihood whose predictions have no targets.
+
+    Raises:
+        ValueError: For samples of several items (reward modelling predicts single items).
+    """
+    lik = get_likelihood(likelihood)
+    if lik.items_per_sample > 1:
+        raise ValueError(
+            f"method='gridsearch' scores the predictive of held-out samples; got likelihood="
+            f"{lik.name!r}, whose predictive is of single items (a sample holds "
+            f"{lik.items_per_sample}). Use method='marglik'."
         )
 
 
