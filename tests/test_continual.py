@@ -48,8 +48,12 @@ def test_accumulate_equals_one_fit_on_the_union(name, structure):
     la = _fit(case, structure, case.X[:6], case.y[:6], **kw)
     la.fit(_loader(case.X[6:], case.y[6:]), accumulate=True)
     ref = _fit(case, structure, **kw)
-    torch.testing.assert_close(la.posterior_covariance(), ref.posterior_covariance(), rtol=0, atol=1e-10)
-    torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        la.posterior_covariance(), ref.posterior_covariance(), rtol=0, atol=1e-10
+    )
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=0, atol=1e-10
+    )
     a, b = la.fitted.statistics, ref.fitted.statistics
     assert (a.n_data, a.n_outputs) == (b.n_data, b.n_outputs)
     assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-13)
@@ -62,7 +66,9 @@ def test_accumulate_kfac_is_the_kfac_of_the_union_and_states_its_difference():
     acc = _fit(case, "kfac", case.X[:6], case.y[:6], prior_precision=PREC)
     acc.fit(_loader(case.X[6:], case.y[6:]), accumulate=True)
     union = _fit(case, "kfac", prior_precision=PREC)
-    torch.testing.assert_close(acc.posterior_covariance(), union.posterior_covariance(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        acc.posterior_covariance(), union.posterior_covariance(), rtol=0, atol=1e-10
+    )
     # against the sum of the two KFAC curvatures: the stated difference, block by block
     n1, n2 = 6, 8
     G = acc.posterior.curvature.to_dense()
@@ -106,7 +112,9 @@ def test_log_prob_is_the_dense_gaussian_density(structure):
     # differentiable: the gradient is -Λ(θ - θ*)
     t = theta[0].clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(la.log_prob(t), t)
-    torch.testing.assert_close(grad, -torch.linalg.solve(Sigma, theta[0] - mean), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(
+        grad, -torch.linalg.solve(Sigma, theta[0] - mean), rtol=1e-8, atol=1e-9
+    )
 
 
 def test_log_prob_of_a_topk_lowrank_posterior_and_regression():
@@ -181,7 +189,9 @@ def test_prior_mean_evidence_is_exact_for_bayesian_linear_regression():
     """At the exact MAP of a linear model the Laplace evidence is the exact evidence."""
     torch.manual_seed(0)
     X = torch.randn(20, 3, dtype=torch.float64)
-    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(20, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(
+        20, dtype=torch.float64
+    )
     alpha, sigma = 2.0, 0.4
     m0 = torch.tensor([0.5, -1.0, 0.2, 0.1], dtype=torch.float64)  # weight, then bias
     Phi = torch.cat([X, torch.ones(20, 1, dtype=torch.float64)], 1)
@@ -193,7 +203,11 @@ def test_prior_mean_evidence_is_exact_for_bayesian_linear_regression():
         model.bias.copy_(w[3:])
     for structure in ("full", "kfac", "lowrank"):
         la = LaplaceWrapper(
-            model, "regression", structure=structure, prior_precision=alpha, sigma_noise=sigma,
+            model,
+            "regression",
+            structure=structure,
+            prior_precision=alpha,
+            sigma_noise=sigma,
             prior_mean=m0,
         ).fit(_loader(X, y.unsqueeze(1)))
         cov = sigma**2 * torch.eye(20, dtype=torch.float64) + Phi @ Phi.T / alpha
@@ -220,7 +234,9 @@ def test_prior_mean_errors():
         LaplaceWrapper(case.model, "classification", prior_mean=torch.zeros(3, 9))
     with pytest.raises(ValueError, match="prior_mean must be finite"):
         LaplaceWrapper(case.model, "classification", prior_mean=torch.full((31,), math.nan))
-    with pytest.raises(TypeError, match="prior_mean must be a tensor of shape \\(P,\\) or a fitted"):
+    with pytest.raises(
+        TypeError, match="prior_mean must be a tensor of shape \\(P,\\) or a fitted"
+    ):
         LaplaceWrapper(case.model, "classification", prior_mean=[0.0] * 31)
     unfitted = LaplaceWrapper(case.model, "classification")
     with pytest.raises(ValueError, match="got an unfitted LaplaceWrapper"):
@@ -259,8 +275,10 @@ def test_fitted_wrapper_prior_is_exact(structure):
     first_alt = _fit(case, structure, X1, y1, prior_precision=PREC * 2, sigma_noise=0.8)
     union_alt = _fit(case, structure, prior_precision=PREC * 2, sigma_noise=0.8)
     torch.testing.assert_close(
-        first_alt.log_marginal_likelihood() + val, union_alt.log_marginal_likelihood(),
-        rtol=1e-9, atol=1e-8,
+        first_alt.log_marginal_likelihood() + val,
+        union_alt.log_marginal_likelihood(),
+        rtol=1e-9,
+        atol=1e-8,
     )
 
 
@@ -294,13 +312,17 @@ def test_fitted_wrapper_prior_refusals():
     with pytest.raises(ValueError, match="prior_mean must be a wrapper of the same structure"):
         LaplaceWrapper(case.model, "classification", structure="diag", prior_mean=full)
     with pytest.raises(ValueError, match="are taken from the prior wrapper"):
-        LaplaceWrapper(case.model, "classification", structure="full", prior_mean=full, prior_precision=2.0)
+        LaplaceWrapper(
+            case.model, "classification", structure="full", prior_mean=full, prior_precision=2.0
+        )
     other = make_case("mlp_binary", 0)
     binary = _fit(other, "full")
     with pytest.raises(ValueError, match="prior_mean must be a wrapper of the same likelihood"):
         LaplaceWrapper(other.model, "classification", structure="full", prior_mean=binary)
     with pytest.raises(ValueError, match="prior_mean must be a wrapper of the same parameters"):
-        LaplaceWrapper(case.model, "classification", structure="full", subset=["2.weight"], prior_mean=full)
+        LaplaceWrapper(
+            case.model, "classification", structure="full", subset=["2.weight"], prior_mean=full
+        )
 
 
 def test_state_round_trip_with_prior_mean_and_logit_temperature():
@@ -310,13 +332,17 @@ def test_state_round_trip_with_prior_mean_and_logit_temperature():
     again = LaplaceWrapper.from_state_dict(case.model, la.state_dict())
     assert again.logit_temperature == 1.7
     torch.testing.assert_close(again.fitted.hyperparameters.prior_mean, theta0)
-    torch.testing.assert_close(again.log_marginal_likelihood(), la.log_marginal_likelihood(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        again.log_marginal_likelihood(), la.log_marginal_likelihood(), rtol=0, atol=0
+    )
     torch.testing.assert_close(again.predict(case.X).mean, la.predict(case.X).mean, rtol=0, atol=0)
     bad = dict(la.state_dict(), prior_mean=torch.zeros(4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"state\['prior_mean'\] must have shape \(31,\)"):
         LaplaceWrapper.from_state_dict(case.model, bad)
     bad = dict(la.state_dict(), logit_temperature=-1.0)
-    with pytest.raises(ValueError, match=r"state\['logit_temperature'\] must be a finite float > 0"):
+    with pytest.raises(
+        ValueError, match=r"state\['logit_temperature'\] must be a finite float > 0"
+    ):
         LaplaceWrapper.from_state_dict(case.model, bad)
     bad = dict(la.state_dict(), prior_curvature={})
     del bad["prior_mean"]

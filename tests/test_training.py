@@ -57,7 +57,9 @@ def test_the_loss_is_the_mean_nll_plus_the_prior_over_n():
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     for p, q, g in zip(res.model.parameters(), ref.parameters(), grads):
         torch.testing.assert_close(p, q - 0.1 * g, rtol=1e-12, atol=1e-14)
-    assert res.history.loss.shape == (1,) and res.history.loss[0] == pytest.approx(float(loss.detach()))
+    assert res.history.loss.shape == (1,) and res.history.loss[0] == pytest.approx(
+        float(loss.detach())
+    )
     assert res.history.marglik_epochs == ()
 
 
@@ -70,7 +72,10 @@ def test_history_and_result_hold_the_learned_values():
     h = res.history
     assert h.marglik_epochs == (2, 4, 6)
     assert h.loss.shape == (6,) and h.prior_precision.shape == (6, 4)
-    assert torch.isnan(h.log_evidence[[0, 2, 4]]).all() and torch.isfinite(h.log_evidence[[1, 3, 5]]).all()
+    assert (
+        torch.isnan(h.log_evidence[[0, 2, 4]]).all()
+        and torch.isfinite(h.log_evidence[[1, 3, 5]]).all()
+    )
     torch.testing.assert_close(res.laplace.prior_precision, h.prior_precision[-1])
     torch.testing.assert_close(res.laplace.sigma_noise, h.sigma_noise[-1])
     assert res.laplace.is_fitted and res.model is case.model
@@ -107,7 +112,9 @@ def test_temperature_term_is_the_exact_loss_on_its_window():
         return float(nn.functional.cross_entropy(f / T, y, reduction="sum"))
 
     temps = T0 * torch.exp(TemperatureTerm.offsets(torch.float64))
-    term = TemperatureTerm(math.log(T0), torch.tensor([loss(float(T)) for T in temps], dtype=torch.float64))
+    term = TemperatureTerm(
+        math.log(T0), torch.tensor([loss(float(T)) for T in temps], dtype=torch.float64)
+    )
     for T in (T0, T0 * 0.7, T0 * 1.5):
         got = float(term(torch.tensor(math.log(T), dtype=torch.float64)))
         assert got == pytest.approx(loss(T), rel=1e-8)
@@ -161,7 +168,9 @@ def test_learned_temperature_is_in_the_curvature_and_the_predictive():
     # the GLM predictive of softmax(f / T): logits f/T, covariance JΣJᵀ/T²
     ref = LaplaceWrapper(_Scaled(case.model, T), "classification", structure="full")
     ref.fit(_loader(case)).set_hyperparameters(prior_precision=la.prior_precision)
-    torch.testing.assert_close(la.predict(case.X).mean, ref.predict(case.X).mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        la.predict(case.X).mean, ref.predict(case.X).mean, rtol=1e-10, atol=1e-12
+    )
     again = LaplaceWrapper.from_state_dict(case.model, la.state_dict())
     assert again.logit_temperature == T
     torch.testing.assert_close(again.predict(case.X).mean, la.predict(case.X).mean, rtol=0, atol=0)
@@ -238,7 +247,9 @@ def test_errors():
         run(lr_hyper=0.0)
     with pytest.raises(ValueError, match="prior_structure must be one of"):
         run(prior_structure="blockwise")
-    with pytest.raises(ValueError, match="optimizer must have weight_decay=0; got weight_decay=0.1"):
+    with pytest.raises(
+        ValueError, match="optimizer must have weight_decay=0; got weight_decay=0.1"
+    ):
         run(optimizer_kwargs={"weight_decay": 0.1})
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         run(optimizer="adam")
@@ -264,7 +275,9 @@ def test_errors():
 def test_no_refit_before_the_end_of_the_burn_in_warns():
     case = make_case("mlp_regression", 0)
     with pytest.warns(UserWarning, match="never refitted the posterior"):
-        res = marglik_training(case.model, _loader(case), "regression", n_epochs=2, n_epochs_burnin=5, **FAST)
+        res = marglik_training(
+            case.model, _loader(case), "regression", n_epochs=2, n_epochs_burnin=5, **FAST
+        )
     assert res.laplace.is_fitted and bool((res.laplace.prior_precision == 1.0).all())
 
 
