@@ -262,6 +262,8 @@ def test_errors():
         run(structure="kfac", prior_structure="diagonal")
     with pytest.raises(ValueError, match="structure must be one of"):
         run(structure="blocky")
+    with pytest.raises(ValueError, match="structure must have a finite curvature to train"):
+        run(structure="projected")
     first = LaplaceWrapper(case.model, "classification", structure="full").fit(loader)
     with pytest.raises(ValueError, match="prior_mean of marglik_training must be a tensor"):
         run(structure="full", prior_mean=first)
@@ -297,3 +299,27 @@ def test_prior_mean_centres_the_weight_decay():
     grads = torch.autograd.grad(nll + ((theta - 3.0) ** 2).sum() / N, list(ref.parameters()))
     for p, q, g in zip(res.model.parameters(), ref.parameters(), grads):
         torch.testing.assert_close(p, q - 0.1 * g, rtol=1e-12, atol=1e-14)
+
+
+def test_logit_temperature_option_errors():
+    case = make_case("mlp_classification", 0)
+    with pytest.raises(ValueError, match="logit_temperature must be finite and > 0; got 0.0"):
+        LaplaceWrapper(case.model, "classification", logit_temperature=0.0)
+    with pytest.raises(TypeError, match="logit_temperature must be a float; got str"):
+        LaplaceWrapper(case.model, "classification", logit_temperature="2")
+    reg = make_case("mlp_regression", 0)
+    with pytest.raises(
+        ValueError, match="logit_temperature applies to likelihood 'classification' or 'binary'"
+    ):
+        LaplaceWrapper(reg.model, "regression", logit_temperature=2.0)
+    la = LaplaceWrapper(case.model, "classification", logit_temperature=torch.tensor(2.0))
+    assert la.logit_temperature == 2.0 and la.output_fn is None
+
+
+def test_a_non_finite_evidence_stops_training_with_the_values_kept():
+    case = make_case("mlp_regression", 0)
+    with pytest.raises(RuntimeError, match="hyperparameter steps must keep the evidence finite"):
+        marglik_training(
+            case.model, _loader(case), "regression", n_epochs=1, n_epochs_burnin=0,
+            structure="full", lr_hyper=1e4, n_hypersteps=5, progress=False,
+        )  # fmt: skip

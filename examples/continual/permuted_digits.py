@@ -126,9 +126,9 @@ def laplace(tasks, seed: int, epochs: int, structure: str, rank: int | None = No
         data = loader(t["x_train"], t["y_train"], seed, shuffle=False)
         if la is None:
             la = LaplaceWrapper(model, "classification", structure=structure, **options)
-            la.fit(data, generator=gen).optimize_prior_precision("marglik")
+            la.fit(data, generator=gen, progress=False).optimize_prior_precision("marglik")
         else:
-            la.fit(data, accumulate=True, generator=gen)
+            la.fit(data, accumulate=True, generator=gen, progress=False)
     return accuracies(model, tasks)
 
 

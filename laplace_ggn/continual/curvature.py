@@ -85,28 +85,12 @@ def _add_lowrank(a: dict, b: dict, n_a: int, n_b: int, rank: int | None) -> dict
 
 
 def _add_kfac(a: dict, b: dict, n_a: int, n_b: int, rank: int | None) -> dict:
-    if (a["n_blocks"], a["diag_names"]) != (b["n_blocks"], b["diag_names"]) or any(
-        (a[f"block.{i}.weight"], a[f"block.{i}.bias"])
-        != (b[f"block.{i}.weight"], b[f"block.{i}.bias"])
-        for i in range(int(a["n_blocks"]))
-    ):
-        raise ValueError(
-            "the Kronecker blocks of the two kfac fits must cover the same layers; got blocks "
-            f"over {_blocks(a)} and {_blocks(b)}. Fit the same model and subset."
-        )
     w_a, w_b = n_a / (n_a + n_b), n_b / (n_a + n_b)
     out = dict(a, diag=a["diag"] + b["diag"])
     for i in range(int(a["n_blocks"])):
         out[f"block.{i}.A"] = a[f"block.{i}.A"] + b[f"block.{i}.A"]
         out[f"block.{i}.B"] = w_a * a[f"block.{i}.B"] + w_b * b[f"block.{i}.B"]
     return out
-
-
-def _blocks(state: dict) -> list[str]:
-    return [
-        str(state[f"block.{i}.weight"] or state[f"block.{i}.bias"])
-        for i in range(int(state["n_blocks"]))
-    ]
 
 
 _ADD: dict[str, Callable[[dict, dict, int, int, int | None], dict]] = {
@@ -134,8 +118,7 @@ def add_curvature(
         The combined state, for the structure's ``from_state_dict``.
 
     Raises:
-        ValueError: If the structure is not one of :data:`CONTINUAL_STRUCTURES`, or two kfac
-            fits cover other layers.
+        ValueError: If the structure is not one of :data:`CONTINUAL_STRUCTURES`.
     """
     check_continual(structure, "fit(accumulate=True)")
     return _ADD[structure](first, second, n_first, n_second, rank)

@@ -33,20 +33,6 @@ from .curvature import add_curvature, check_continual, curvature_quadratic
 __all__ = ["accumulate", "combine", "log_prob", "stored_fit"]
 
 
-def _check_same(old: FittedLaplace, new: FittedLaplace) -> None:
-    if (old.layout.names, old.layout.shapes) != (new.layout.names, new.layout.shapes):
-        raise ValueError(
-            f"fit(accumulate=True) must fit the same parameters as the stored fit; got "
-            f"{list(new.layout.names)} after {list(old.layout.names)}."
-        )
-    s_old, s_new = old.statistics, new.statistics
-    if (s_old.n_outputs, s_old.output_ndim) != (s_new.n_outputs, s_new.output_ndim):
-        raise ValueError(
-            f"fit(accumulate=True) must see outputs of the stored fit's shape (C={s_old.n_outputs},"
-            f" {s_old.output_ndim}-D); got C={s_new.n_outputs}, {s_new.output_ndim}-D."
-        )
-
-
 def accumulate(
     old: FittedLaplace, new: FittedLaplace, *, rank: int | None, add_loss: bool = True
 ) -> FittedLaplace:
@@ -63,12 +49,10 @@ def accumulate(
         The combined :class:`~laplace_ggn.FittedLaplace`.
 
     Raises:
-        ValueError: If the structure cannot be accumulated, or the two fits differ in their
-            parameters or outputs.
+        ValueError: If the structure cannot be accumulated.
     """
     name = new.structure.name
     check_continual(name, "fit(accumulate=True)")
-    _check_same(old, new)
     s_old, s_new = old.statistics, new.statistics
     state = add_curvature(
         name,

@@ -20,6 +20,7 @@ until the next refit, where the curvature is collected at the new T again.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -117,24 +118,35 @@ class HyperState:
         """T."""
         return float(torch.exp(self.log_t.detach()))
 
-    def evidence(self, fitted, data_term: TemperatureTerm | None) -> Tensor:
+    def evidence(self, fitted, data_term: TemperatureTerm | None, prior=None) -> Tensor:
         """The log evidence of ``fitted`` at the current values (differentiable in them).
 
         Args:
             fitted: The :class:`~laplace_ggn.FittedLaplace` refitted at the current weights.
             data_term: The training loss in log T (``None``: T is not learned).
+            prior: ``fitted.prior(...)`` at a precision of this structure, checked once and
+                reused with the current precision (default: checked here).
 
         Returns:
             The evidence, shape ``()``.
         """
         prec, sigma = torch.exp(self.log_prec), torch.exp(self.log_sigma)
-        if data_term is None:
-            return fitted.log_marginal_likelihood(prec, sigma if self.tune_sigma_noise else None)
-        scale = torch.exp(2 * (data_term.log_t0 - self.log_t)) / fitted.hyperparameters.temperature
-        post = fitted.posterior.with_prior(fitted.prior(prec), scale)
+        hp = fitted.hyperparameters
+        prior = fitted.prior(self.prior_precision) if prior is None else prior
+        if data_term is not None:
+            scale = torch.exp(2 * (data_term.log_t0 - self.log_t)) / hp.temperature
+            nll = data_term(self.log_t)
+        else:
+            sigma = sigma if self.tune_sigma_noise else hp.sigma_noise
+            scale, nll = (
+                hp.scale(sigma),
+                fitted.likelihood.nll_from_statistics(fitted.statistics, sigma),
+            )
+        post = fitted.posterior.with_prior(replace(prior, precision=prec), scale)
         quad, prior_log_det = prior_terms(post)
-        value = -data_term(self.log_t) - 0.5 * quad - 0.5 * post.log_det() + 0.5 * prior_log_det
-        check_evidence(value, post, fitted.statistics, fitted.likelihood, fitted.sigma_at(None))
+        value = -nll - 0.5 * quad - 0.5 * post.log_det() + 0.5 * prior_log_det
+        if not bool(torch.isfinite(value.detach())):
+            check_evidence(value, post, fitted.statistics, fitted.likelihood, sigma)
         return value
 
     def ascend(self, fitted, data_term: TemperatureTerm | None, n_steps: int) -> float:
@@ -148,16 +160,17 @@ class HyperState:
         """
         saved = [t.detach().clone() for t in (self.log_prec, self.log_sigma, self.log_t)]
         try:
+            prior = fitted.prior(self.prior_precision)  # checked for the structure once
             for _ in range(n_steps):
                 self.optimizer.zero_grad()
-                (-self.evidence(fitted, data_term)).backward()
+                (-self.evidence(fitted, data_term, prior)).backward()
                 self.optimizer.step()
                 if data_term is not None:
                     with torch.no_grad():
                         lo, hi = data_term.log_t0 - LOG_T_WINDOW, data_term.log_t0 + LOG_T_WINDOW
                         self.log_t.clamp_(lo, hi)
             with torch.no_grad():
-                return float(self.evidence(fitted, data_term))
+                return float(self.evidence(fitted, data_term, prior))
         except (RuntimeError, ValueError) as err:
             with torch.no_grad():
                 for t, v in zip((self.log_prec, self.log_sigma, self.log_t), saved):

@@ -180,6 +180,13 @@ def marglik_training(
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     proto = LaplaceWrapper(net, likelihood, structure=structure, **laplace_options)
     fo, hp0 = proto._options, proto.hyperparameters
+    if fo.structure == "projected":
+        raise ValueError(
+            "structure must have a finite curvature to train with the evidence; got "
+            "structure='projected', whose evidence counts the range of the training Jacobian "
+            "as infinitely curved and does not weigh the weight decay against the fit. Use "
+            "'kfac', 'diag', 'full' or 'lowrank'."
+        )
     if hp0.prior_base is not None:
         raise ValueError(
             "prior_mean of marglik_training must be a tensor of shape (P,); got a fitted wrapper. "
