@@ -85,7 +85,7 @@ def _overhead(args) -> None:
         def run():
             marglik_training(
                 model(), loader(), "classification", structure="kfac", curvature="mc",
-                n_epochs=E, n_epochs_burnin=0, marglik_frequency=5, n_hypersteps=50,
+                n_epochs=E, n_epochs_burnin=args.burnin, marglik_frequency=5, n_hypersteps=50,
                 optimizer_kwargs={"lr": 1e-2}, tune_temperature=T, progress=False,
             )  # fmt: skip
 
@@ -96,7 +96,7 @@ def _overhead(args) -> None:
 
         lt_marglik(
             model(), loader(), likelihood="classification", hessian_structure="kron",
-            n_epochs=E, optimizer_kwargs={"lr": 1e-2}, n_epochs_burnin=0,
+            n_epochs=E, optimizer_kwargs={"lr": 1e-2}, n_epochs_burnin=args.burnin,
             marglik_frequency=5, n_hypersteps=50, prior_structure="layerwise",
         )  # fmt: skip
 
@@ -124,7 +124,8 @@ def _overhead(args) -> None:
             log(f"round {r}: {name} {times[name][-1]:.3f} s/epoch")
     base = statistics.median(times["plain training"])
     print(f"\nDigits CNN (P = 1,898, N = 1,097, batch 64, float32), {E} epochs, refit every 5 "
-          f"epochs, 50 hypersteps, {args.reps} interleaved rounds, {torch.get_num_threads()} threads\n")  # fmt: skip
+          f"epochs from epoch {args.burnin}, 50 hypersteps, {args.reps} interleaved rounds, "
+          f"{torch.get_num_threads()} threads\n")  # fmt: skip
     print("| run | median s / epoch | min | ratio to plain | ratio to laplace-torch |")
     print("|---|---|---|---|---|")
     ref = (
@@ -212,7 +213,10 @@ def _continual(args) -> None:
         tasks = cont.make_tasks(seed)
         runs = {"fine-tuning": lambda: cont.fine_tuning(tasks, seed, 20)}
         for s in args.structures:
-            runs[f"Laplace ({s})"] = lambda s=s: cont.laplace(tasks, seed, 20, s, 300)
+            budget = {"memory_budget": 4 << 30} if s.startswith("full") else {}
+            runs[f"Laplace ({s})"] = lambda s=s, b=budget: cont.laplace(
+                tasks, seed, 20, s, args.rank, **b
+            )
         runs["joint"] = lambda: cont.joint(tasks, seed, 20)
         for name, run in runs.items():
             with warnings.catch_warnings():
@@ -243,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", nargs="+", default=["cnn", "mlp"])
     parser.add_argument("--variants", nargs="*", default=[], help="extra structure:prior:T|noT")
     parser.add_argument("--structures", nargs="+", default=["diag", "kfac", "lowrank"])
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of --overhead")
+    parser.add_argument("--rank", type=int, default=100, help="k of lowrank in --continual")
+    parser.add_argument("--epochs", type=int, default=60, help="epochs of --overhead")
+    parser.add_argument("--burnin", type=int, default=10, help="burn-in epochs of --overhead")
     parser.add_argument("--reps", type=int, default=3, help="rounds of --overhead")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

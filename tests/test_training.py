@@ -270,8 +270,10 @@ def test_errors():
     with pytest.raises(TypeError, match="train_loader must be an iterable of batches"):
         marglik_training(case.model, 3, "classification", **FAST)
     empty = DataLoader(TensorDataset(case.X[:0], case.y[:0]), batch_size=2)
+    case.model.train()
     with pytest.raises(ValueError, match="train_loader must yield at least one observation"):
         marglik_training(case.model, empty, "classification", **FAST)
+    assert case.model.training  # the model's mode is restored after a failure
 
 
 def test_no_refit_before_the_end_of_the_burn_in_warns():

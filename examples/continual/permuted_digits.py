@@ -112,12 +112,20 @@ def joint(tasks, seed: int, epochs: int) -> list[float]:
     return accuracies(model, tasks)
 
 
-def laplace(tasks, seed: int, epochs: int, structure: str, rank: int | None = None) -> list[float]:
-    """Online Laplace: the posterior of tasks 1..t (summed curvature) as the prior of task t+1."""
+def laplace(
+    tasks, seed: int, epochs: int, structure: str, rank: int | None = None, **options
+) -> list[float]:
+    """Online Laplace: the posterior of tasks 1..t (summed curvature) as the prior of task t+1.
+
+    ``structure`` may name the curvature too, e.g. ``"kfac:ggn"`` (default ``mc`` for kfac and
+    diag); ``options`` go to the ``LaplaceWrapper`` (e.g. ``memory_budget`` for ``full``).
+    """
     model = mlp(seed)
-    options = {"rank": rank} if structure == "lowrank" else {}
+    structure, _, curvature = structure.partition(":")
+    if structure == "lowrank":
+        options["rank"] = rank
     if structure in ("kfac", "diag"):
-        options["curvature"] = "mc"
+        options["curvature"] = curvature or "mc"
     gen = torch.Generator().manual_seed(seed)
     la = None
     for t in tasks:
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--structures", nargs="+", default=["diag", "kfac", "lowrank"])
-    parser.add_argument("--rank", type=int, default=300, help="k of the top-k lowrank structure")
+    parser.add_argument("--rank", type=int, default=100, help="k of the top-k lowrank structure")
     parser.add_argument("--small", action="store_true", help="200 images per task, 3 epochs")
     args = parser.parse_args(argv)
     tasks = make_tasks(args.seed, n_train=200 if args.small else None)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..batches import as_2d_output, call_model
+from ..batches import as_2d_output, batch_size_of, call_model, split_batch
 from ..likelihoods import get_likelihood, observations
 from ..model_io import output_tensor
 
@@ -73,13 +73,25 @@ class TrainingData:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
-    def batches(self) -> Iterable[tuple[object, Tensor, str]]:
-        """The non-empty batches ``(x, y, where)``, on the model's device."""
+    def batches(self, *, checked: bool = True) -> Iterable[tuple[object, Tensor, str]]:
+        """The non-empty batches ``(x, y, where)``, on the model's device.
+
+        Args:
+            checked: Check every batch as the fit does (dtype, finiteness, batch sizes); the
+                training epochs skip it after :meth:`count` has checked the data once.
+        """
+        r = self.reader
         for i, batch in enumerate(self.loader):
             where = f"batch {i}"
-            x, y, empty = self.reader.split(batch, where)
+            if checked:
+                x, y, empty = r.split(batch, where)
+            else:
+                x, y = split_batch(
+                    batch, input_key=r.input_key, target_key=r.target_key, where=where
+                )
+                empty = batch_size_of(x, where=where) == 0
             if not empty:
-                yield self.reader.to_device(x), y.to(self.reader.device), where
+                yield r.to_device(x), y.to(r.device), where
 
     def outputs(self, model: nn.Module, x: object) -> Tensor:
         """The model's output tensor, ``(B, C)`` or ``(B, T, C)`` (before the temperature)."""

@@ -60,7 +60,7 @@ class TemperatureTerm:
         r"""The interpolated :math:`\ell(T)`, differentiable in ``log_t``."""
         z = (log_t - self.log_t0) / LOG_T_WINDOW
         out = torch.zeros_like(z)
-        for c in self.coef.flip(0).to(log_t.dtype):  # Horner
+        for c in self.coef.flip(0).to(dtype=log_t.dtype, device=log_t.device):  # Horner
             out = out * z + c
         return out
 

@@ -212,75 +212,82 @@ def marglik_training(
     opt = _make_optimizer(optimizer, optimizer_kwargs, list(model.parameters()))
     sched = _make_scheduler(scheduler, opt)
     was_training = model.training
-    N = data.count(net)
-    learned = ("prior_precision", "sigma_noise", "logit_temperature")
-    options = {k: v for k, v in laplace_options.items() if k not in learned}
-    options.update(structure=structure, subset=list(layout.names))
-
-    def refit(temperature: float) -> LaplaceWrapper:
-        la = LaplaceWrapper(
-            net, likelihood, prior_precision=hyper.prior_precision,
-            sigma_noise=hyper.sigma_noise if lik.has_noise else 1.0,
-            logit_temperature=temperature, **options,
-        )  # fmt: skip
-        return la.fit(
-            train_loader, progress=False, generator=generator, distributed=distributed,
-            process_group=process_group,
-        )  # fmt: skip
-
     try:
-        n_batches = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        n_batches = None
-    show = progress if progress is not None else (n_batches or 0) * n_epochs >= _PROGRESS_MIN_STEPS
-    show = bool(show) and (ranks is None or ranks.rank == 0)
-    rows, marglik_epochs, la = [], [], None
-    theta0 = hp0.prior_mean
-    with tqdm(range(1, n_epochs + 1), disable=not show, desc="marglik training") as bar:
-        for epoch in bar:
-            model.train()
-            T, sigma = hyper.temperature, hyper.sigma_noise
-            delta = hp0.prior(layout, hyper.prior_precision).diag()
-            losses = []
-            for x, y, where in data.batches():
-                nll, n = data.nll(model, x, y, where, sigma=sigma, temperature=T)
-                if n == 0:
-                    continue
-                theta = torch.cat([p.reshape(-1) for p in subset])
-                d = theta if theta0 is None else theta - theta0
-                loss = nll / n + 0.5 * (delta * d * d).sum() / N
-                opt.zero_grad()
-                loss.backward()
-                if ranks is not None and net is model:
-                    ranks.average_gradients(list(model.parameters()))
-                opt.step()
-                losses.append(float(loss.detach()))
-            if sched is not None:
-                sched.step()
-            evidence = math.nan
-            if epoch >= n_epochs_burnin and (epoch % marglik_frequency == 0 or epoch == n_epochs):
-                la = refit(T)
-                term = None
-                if tune_temperature:
-                    temps = T * torch.exp(TemperatureTerm.offsets(torch.float64))
-                    with torch.no_grad():
-                        model.eval()
-                        values = data.nll_at_temperatures(net, temps)
-                    term = TemperatureTerm(math.log(T), values)
-                evidence = hyper.ascend(la.fitted, term, n_hypersteps)
-                marglik_epochs.append(epoch)
-            rows.append(
-                {
-                    "loss": sum(losses) / max(len(losses), 1),
-                    "log_evidence": evidence,
-                    "prior_precision": hyper.prior_precision,
-                    "sigma_noise": hyper.sigma_noise if lik.has_noise else 1.0,
-                    "temperature": hyper.temperature,
-                }
-            )
-            if not math.isnan(evidence):
-                bar.set_postfix(loss=f"{rows[-1]['loss']:.4g}", evidence=f"{evidence:.4g}")
-    model.train(was_training)
+        model.eval()  # counting reads the data once: no BatchNorm statistics are updated
+        N = data.count(net)
+        learned = ("prior_precision", "sigma_noise", "logit_temperature")
+        options = {k: v for k, v in laplace_options.items() if k not in learned}
+        options.update(structure=structure, subset=list(layout.names))
+
+        def refit(temperature: float) -> LaplaceWrapper:
+            la = LaplaceWrapper(
+                net, likelihood, prior_precision=hyper.prior_precision,
+                sigma_noise=hyper.sigma_noise if lik.has_noise else 1.0,
+                logit_temperature=temperature, **options,
+            )  # fmt: skip
+            return la.fit(
+                train_loader, progress=False, generator=generator, distributed=distributed,
+                process_group=process_group,
+            )  # fmt: skip
+
+        try:
+            n_batches = len(train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            n_batches = None
+        show = (
+            progress if progress is not None else (n_batches or 0) * n_epochs >= _PROGRESS_MIN_STEPS
+        )
+        show = bool(show) and (ranks is None or ranks.rank == 0)
+        rows, marglik_epochs, la = [], [], None
+        theta0 = hp0.prior_mean
+        with tqdm(range(1, n_epochs + 1), disable=not show, desc="marglik training") as bar:
+            for epoch in bar:
+                model.train()
+                T, sigma = hyper.temperature, hyper.sigma_noise
+                delta = hp0.prior(layout, hyper.prior_precision).diag()
+                losses = []
+                for x, y, where in data.batches(checked=False):
+                    nll, n = data.nll(model, x, y, where, sigma=sigma, temperature=T)
+                    if n == 0:
+                        continue
+                    theta = torch.cat([p.reshape(-1) for p in subset])
+                    d = theta if theta0 is None else theta - theta0
+                    loss = nll / n + 0.5 * (delta * d * d).sum() / N
+                    opt.zero_grad()
+                    loss.backward()
+                    if ranks is not None and net is model:
+                        ranks.average_gradients(list(model.parameters()))
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                if sched is not None:
+                    sched.step()
+                evidence = math.nan
+                if epoch >= n_epochs_burnin and (
+                    epoch % marglik_frequency == 0 or epoch == n_epochs
+                ):
+                    la = refit(T)
+                    term = None
+                    if tune_temperature:
+                        temps = T * torch.exp(TemperatureTerm.offsets(torch.float64))
+                        with torch.no_grad():
+                            model.eval()
+                            values = data.nll_at_temperatures(net, temps)
+                        term = TemperatureTerm(math.log(T), values)
+                    evidence = hyper.ascend(la.fitted, term, n_hypersteps)
+                    marglik_epochs.append(epoch)
+                rows.append(
+                    {
+                        "loss": sum(losses) / max(len(losses), 1),
+                        "log_evidence": evidence,
+                        "prior_precision": hyper.prior_precision,
+                        "sigma_noise": hyper.sigma_noise if lik.has_noise else 1.0,
+                        "temperature": hyper.temperature,
+                    }
+                )
+                if not math.isnan(evidence):
+                    bar.set_postfix(loss=f"{rows[-1]['loss']:.4g}", evidence=f"{evidence:.4g}")
+    finally:
+        model.train(was_training)
     if la is None or hyper.temperature != la.logit_temperature:
         la = refit(hyper.temperature)  # the curvature of the final T
     la.set_hyperparameters(
