@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import Curvature, Likelihood, as_enum, near_matches, shape_str
-from .continual.prior import save_prior_base
+from .continual.prior import check_saved_prior, save_prior_base, saved_prior_options
 from .likelihoods import restore_likelihood
 from .per_output import split_state
 from .posterior_states import SavedSubset, check_keys, describe, is_int, state_tensor
@@ -269,23 +269,6 @@ def _check_stats(stats: object) -> None:
         )
 
 
-def _check_continual(state: Mapping, P: int, check, saved) -> None:
-    """The optional keys of continual fits: ``prior_mean``, ``prior_curvature``, ``logit_temperature``."""
-    if "prior_mean" in state:
-        state_tensor(state, "prior_mean", "state['prior_mean']", (P,))
-    if "prior_curvature" in state:
-        if "prior_mean" not in state:
-            raise ValueError(
-                "state['prior_curvature'] must come with state['prior_mean']; got none."
-            )
-        _check_posterior(state["prior_curvature"], check, saved)
-    t = state.get("logit_temperature", 1.0)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
-        raise ValueError(
-            f"state['logit_temperature'] must be a finite float > 0; got {describe(t)}."
-        )
-
-
 def _check_posterior(post: object, check: Callable[[Mapping, SavedSubset], None], saved) -> None:
     if not isinstance(post, Mapping):
         raise TypeError(f"state['posterior'] must be a dict; got {describe(post)}.")
@@ -334,7 +317,7 @@ def check_state(state: object, model: nn.Module, structures: Mapping[str, object
     _check_stats(state["fit_statistics"])
     saved = SavedSubset(structure, subset, shapes)
     _check_posterior(state["posterior"], structures[structure].check_state, saved)
-    _check_continual(state, P, structures[structure].check_state, saved)
+    check_saved_prior(state, P, structures[structure].check_state, saved, _check_posterior)
     ref = next(iter(model.parameters()))
     dtype = compute_dtype(ref.dtype)  # float32 for a half-precision model
     post = {
@@ -380,8 +363,7 @@ def save_state(fitted, options) -> dict:
             k: v.detach().clone() if isinstance(v, Tensor) else v
             for k, v in fitted.posterior.state_dict().items()
         },
-        "logit_temperature": options.logit_temperature,
-        **save_prior_base(hp),
+        **save_prior_base(hp, options.logit_temperature),
     }
 
 
@@ -412,6 +394,5 @@ def saved_options(state: Mapping, likelihood: object = None) -> dict:
         "input_key": state["input_key"],
         "target_key": state["target_key"],
         "memory_budget": state["memory_budget"],
-        "prior_mean": state.get("prior_mean"),
-        "logit_temperature": state.get("logit_temperature", 1.0),
+        **saved_prior_options(state),
     }

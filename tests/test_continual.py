@@ -348,3 +348,18 @@ def test_state_round_trip_with_prior_mean_and_logit_temperature():
     del bad["prior_mean"]
     with pytest.raises(ValueError, match=r"state\['prior_curvature'\] must come with"):
         LaplaceWrapper.from_state_dict(case.model, bad)
+
+
+def test_one_sigma_per_output_is_refused():
+    case = make_case("mlp_regression", 0)
+    la = _fit(case, "full", sigma_noise=torch.tensor([0.5, 1.0], dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"log_prob\(\) needs one observation noise for every output"
+    ):
+        la.log_prob(la.posterior.mean)
+    with pytest.raises(ValueError, match=r"fit\(accumulate=True\) needs one observation noise"):
+        la.fit(case.loader(), accumulate=True)
+    with pytest.raises(
+        ValueError, match="a fitted wrapper as prior_mean needs one observation noise"
+    ):
+        LaplaceWrapper(case.model, "regression", structure="full", prior_mean=la)

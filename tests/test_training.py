@@ -311,7 +311,7 @@ def test_logit_temperature_option_errors():
         LaplaceWrapper(case.model, "classification", logit_temperature="2")
     reg = make_case("mlp_regression", 0)
     with pytest.raises(
-        ValueError, match="logit_temperature applies to likelihood 'classification' or 'binary'"
+        ValueError, match="logit_temperature applies to likelihoods that predict probabilities"
     ):
         LaplaceWrapper(reg.model, "regression", logit_temperature=2.0)
     la = LaplaceWrapper(case.model, "classification", logit_temperature=torch.tensor(2.0))
@@ -325,3 +325,21 @@ def test_a_non_finite_evidence_stops_training_with_the_values_kept():
             case.model, _loader(case), "regression", n_epochs=1, n_epochs_burnin=0,
             structure="full", lr_hyper=1e4, n_hypersteps=5, progress=False,
         )  # fmt: skip
+
+
+def test_other_likelihoods_and_one_sigma_per_output():
+    torch.manual_seed(0)
+    X = torch.randn(24, 3, dtype=torch.float64)
+    run = {"n_epochs": 2, "n_epochs_burnin": 0, "marglik_frequency": 1, "structure": "full"}
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    y = torch.poisson(torch.exp(0.3 * X[:, :1]))
+    res = marglik_training(net, DataLoader(TensorDataset(X, y), 8), "poisson", **run, **FAST)
+    assert torch.isfinite(res.history.log_evidence).all() and res.temperature == 1.0
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    y = X[:, :2] + 0.1 * torch.randn(24, 2, dtype=torch.float64)
+    res = marglik_training(
+        net, DataLoader(TensorDataset(X, y), 8), "regression", **run, **FAST,
+        sigma_noise=torch.ones(2, dtype=torch.float64),
+    )  # fmt: skip
+    assert res.history.sigma_noise.shape == (2, 2) and res.sigma_noise.shape == (2,)
+    torch.testing.assert_close(res.laplace.sigma_noise, res.history.sigma_noise[-1])

@@ -39,16 +39,23 @@ __all__ = ["CONTINUAL_STRUCTURES", "add_curvature", "check_continual", "curvatur
 CONTINUAL_STRUCTURES = ("full", "diag", "kfac", "lowrank")
 
 
-def check_continual(structure: str, what: str) -> None:
-    """Refuse a structure outside :data:`CONTINUAL_STRUCTURES`.
+def check_continual(structure: str, what: str, sigma_noise: Tensor | None = None) -> None:
+    """Refuse a structure outside :data:`CONTINUAL_STRUCTURES`, or one σ per output.
 
     Args:
         structure: The structure's name.
         what: The operation, for the message.
+        sigma_noise: The fit's σ (a fit with one σ per output holds one curvature per output).
 
     Raises:
-        ValueError: Naming the structures that support it.
+        ValueError: Naming the structures that support it, or the shape of σ.
     """
+    if sigma_noise is not None and sigma_noise.ndim > 0:
+        raise ValueError(
+            f"{what} needs one observation noise for every output; got sigma_noise of shape "
+            f"{tuple(sigma_noise.shape)} (one per output, whose fit holds one curvature per "
+            "output). Fit with a scalar sigma_noise."
+        )
     if structure not in CONTINUAL_STRUCTURES:
         raise ValueError(
             f"{what} needs structure 'full', 'diag', 'kfac' or 'lowrank'; got structure="

@@ -52,7 +52,7 @@ def accumulate(
         ValueError: If the structure cannot be accumulated.
     """
     name = new.structure.name
-    check_continual(name, "fit(accumulate=True)")
+    check_continual(name, "fit(accumulate=True)", new.hyperparameters.sigma_noise)
     s_old, s_new = old.statistics, new.statistics
     state = add_curvature(
         name,
@@ -135,7 +135,7 @@ def log_prob(fitted: FittedLaplace, theta: Tensor) -> Tensor:
             density here (``projected``: supported on the kernel only).
     """
     name = fitted.structure.name
-    check_continual(name, "log_prob()")
+    check_continual(name, "log_prob()", fitted.hyperparameters.sigma_noise)
     if not isinstance(theta, Tensor):
         raise TypeError(
             f"theta must be a tensor of shape (P,) or (..., P); got {type(theta).__name__}."

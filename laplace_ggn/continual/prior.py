@@ -32,6 +32,8 @@ the penalty of the next task (``docs/continual.md``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import torch
@@ -40,11 +42,19 @@ from torch import Tensor
 from .._checks import shape_str
 from ..fitted import FittedLaplace
 from ..hyperparameters import Hyperparameters
+from ..posterior_states import describe, state_tensor
 from ..posteriors import Prior
 from ..structures import STRUCTURES
-from .curvature import curvature_quadratic
+from .curvature import check_continual, curvature_quadratic
 
-__all__ = ["CarriedCurvature", "resolve_prior_mean", "restore_prior_base", "save_prior_base"]
+__all__ = [
+    "CarriedCurvature",
+    "check_saved_prior",
+    "resolve_prior_mean",
+    "restore_prior_base",
+    "save_prior_base",
+    "saved_prior_options",
+]
 
 #: Structures whose posterior becomes a prior exactly.
 EXACT_PRIOR_STRUCTURES = ("full", "diag", "lowrank")
@@ -148,10 +158,11 @@ def _from_fitted(prev: FittedLaplace, options, layout, defaults: bool) -> Hyperp
             + ". Use la.fit(loader, accumulate=True) (its approximation is stated in "
             "docs/continual.md) and la.log_prob(theta) as the penalty of the next task."
         )
-    if prev.kind is not options.likelihood:
+    check_continual(name, "a fitted wrapper as prior_mean", prev.hyperparameters.sigma_noise)
+    if prev.likelihood.name != options.likelihood_model.name:
         raise ValueError(
-            f"prior_mean must be a wrapper of the same likelihood; got {prev.kind.value!r} for "
-            f"{options.likelihood.value!r}."
+            f"prior_mean must be a wrapper of the same likelihood; got {prev.likelihood.name!r} "
+            f"for {options.likelihood_model.name!r}."
         )
     if layout is not None and (layout.names, layout.shapes) != (
         prev.layout.names,
@@ -179,13 +190,14 @@ def _from_fitted(prev: FittedLaplace, options, layout, defaults: bool) -> Hyperp
     )
 
 
-def save_prior_base(hp: Hyperparameters) -> dict:
-    """The saved form of the prior's mean and carried curvature (empty without them).
+def save_prior_base(hp: Hyperparameters, logit_temperature: float = 1.0) -> dict:
+    """The saved form of the prior's mean and carried curvature, and the logit temperature.
 
     Returns:
-        ``{"prior_mean": (P,)}`` and ``{"prior_curvature": state}`` where present.
+        ``{"logit_temperature": T}``, and ``"prior_mean"`` ``(P,)`` and ``"prior_curvature"``
+        (a posterior state) where present.
     """
-    out: dict = {}
+    out: dict = {"logit_temperature": float(logit_temperature)}
     if hp.prior_mean is not None:
         out["prior_mean"] = hp.prior_mean.detach().clone()
     if hp.prior_base is not None:
@@ -218,3 +230,46 @@ def restore_prior_base(hp: Hyperparameters, state: dict, layout) -> Hyperparamet
     }
     post = spec.posterior_cls.from_state_dict(saved, hp.prior_mean, hp.prior(layout), hp.scale())
     return replace(hp, prior_base=CarriedCurvature(state["structure"], post))
+
+
+def saved_prior_options(state: Mapping) -> dict:
+    """The constructor options ``prior_mean`` and ``logit_temperature`` of a checked state.
+
+    Returns:
+        ``{"prior_mean": tensor or None, "logit_temperature": T}``.
+    """
+    return {
+        "prior_mean": state.get("prior_mean"),
+        "logit_temperature": state.get("logit_temperature", 1.0),
+    }
+
+
+def check_saved_prior(
+    state: Mapping, P: int, check: Callable, saved: object, check_posterior: Callable
+) -> None:
+    """Check the optional keys ``prior_mean``, ``prior_curvature``, ``logit_temperature`` of a state.
+
+    Args:
+        state: The saved state.
+        P: The number of parameters of the saved subset.
+        check: The structure's ``check_state``.
+        saved: The saved subset it checks against.
+        check_posterior: ``persistence``'s check of a saved posterior, ``(post, check, saved)``.
+
+    Raises:
+        ValueError: If a key holds an invalid value (named).
+        TypeError: If ``prior_mean`` is not a floating tensor.
+    """
+    if "prior_mean" in state:
+        state_tensor(state, "prior_mean", "state['prior_mean']", (P,))
+    if "prior_curvature" in state:
+        if "prior_mean" not in state:
+            raise ValueError(
+                "state['prior_curvature'] must come with state['prior_mean']; got none."
+            )
+        check_posterior(state["prior_curvature"], check, saved)
+    t = state.get("logit_temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+        raise ValueError(
+            f"state['logit_temperature'] must be a finite float > 0; got {describe(t)}."
+        )

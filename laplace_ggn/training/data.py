@@ -14,8 +14,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..batches import as_2d_output, batch_size_of, call_model, split_batch
-from ..likelihoods import get_likelihood, observations
+from ..batches import (
+    as_2d_output,
+    batch_size_of,
+    call_model,
+    flatten_items,
+    group_items,
+    split_batch,
+)
+from ..likelihoods import observations
 from ..model_io import output_tensor
 
 __all__ = ["Ranks", "TrainingData"]
@@ -66,7 +73,7 @@ class TrainingData:
             )
         self.loader = loader
         self.reader = options.reader
-        self.likelihood = get_likelihood(options.likelihood)
+        self.likelihood = options.likelihood_model
         self.output_fn: Callable | None = options.user_output_fn
         self.dist = dist_group
 
@@ -94,8 +101,18 @@ class TrainingData:
                 yield r.to_device(x), y.to(r.device), where
 
     def outputs(self, model: nn.Module, x: object) -> Tensor:
-        """The model's output tensor, ``(B, C)`` or ``(B, T, C)`` (before the temperature)."""
-        return as_2d_output(output_tensor(call_model(model, x), self.output_fn))
+        """The model's output tensor, ``(B, C)`` or ``(B, T, C)`` (before the temperature).
+
+        Inputs of several items per sample (preference pairs, ``(B, k, ...)``) are run as
+        B·k inputs and their outputs grouped back per sample, as the fit does.
+
+        Returns:
+            The outputs.
+        """
+        k = self.likelihood.items_per_sample
+        out = call_model(model, flatten_items(x, k) if k > 1 else x)
+        out = as_2d_output(output_tensor(out, self.output_fn))
+        return group_items(out, k) if k > 1 else out
 
     def nll(
         self,

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from .._checks import Likelihood, as_enum, is_integer
 from ..distributed import resolve_distributed
 from ..layout import resolve_subset
-from ..likelihoods import get_likelihood
 from ..posteriors import PriorKind
 from ..wrapper import LaplaceWrapper
 from .data import Ranks, TrainingData
@@ -192,7 +191,7 @@ def marglik_training(
             "prior_mean of marglik_training must be a tensor of shape (P,); got a fitted wrapper. "
             "Train with the penalty -la.log_prob(theta) instead (docs/continual.md)."
         )
-    lik = get_likelihood(fo.likelihood)
+    lik = fo.likelihood_model
     tune_sigma_noise = bool(tune_sigma_noise) and lik.has_noise
     tune_temperature = bool(tune_temperature) and lik.predicts_probabilities
     dctx = resolve_distributed(distributed, process_group)
