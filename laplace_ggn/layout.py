@@ -21,7 +21,7 @@ from .batches import call_model, input_tensors
 from .model_io import output_tensor
 from .private_model import private_copy
 
-__all__ = ["ParamLayout", "resolve_subset"]
+__all__ = ["ParamLayout", "graph_nodes", "resolve_subset"]
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,12 @@ class ParamLayout:
         return ParamLayout(tuple(n for n, _ in pairs), tuple(s for _, s in pairs))
 
 
-def _graph_nodes(root: object) -> set[int]:
-    """Ids of the autograd nodes reachable from ``root`` (a ``grad_fn``)."""
+def graph_nodes(root: object) -> set[int]:
+    """Ids of the autograd nodes reachable from ``root`` (a ``grad_fn``).
+
+    Returns:
+        The ids.
+    """
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -156,7 +160,7 @@ def _last_layer_names(
     finally:
         for h in handles:
             h.remove()
-    reached = _graph_nodes(out.grad_fn)
+    reached = graph_nodes(out.grad_fn)
     for name, nodes in reversed(records):
         if any(id(node) in reached for node in nodes):
             return [canonical[id(p)] for p in layers[name] if id(p) in canonical]

@@ -578,3 +578,41 @@ def test_links_of_a_collapsed_posterior():
     bridges = [fit.predict(case.X, link="bridge").mean for fit in fits]
     torch.testing.assert_close(bridges[0], bridges[1], rtol=1e-6, atol=0)
     assert float((bridges[0] - map_softmax).abs().max()) > 0.05
+
+
+# -- a Linear head whose weight is also used elsewhere; allocations over the budget -----------------
+
+
+class _HeadReuse(nn.Module):
+    """The head's weight also enters the body (``x @ head.weight``): J is not I ⊗ φᵀ."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x) + x @ self.head.weight))
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "lowrank"])
+def test_head_weight_used_elsewhere_is_predicted_from_jacobians(structure):
+    torch.manual_seed(0)
+    case = make_case("mlp_classification")
+    case.model = _HeadReuse().double()
+    la = quiet_fit(
+        LaplaceWrapper(case.model, "classification", structure=structure, subset="last_layer"),
+        case.loader(),
+    )
+    assert la.fitted.layout.names == ("head.weight", "head.bias")
+    x = _x_test()
+    J = dense_jacobian(case.model, x, ["head.weight", "head.bias"])
+    Sigma = la.posterior_covariance()
+    ref = torch.einsum("bcp,pq,bdq->bcd", J, Sigma, J)
+    torch.testing.assert_close(la.functional_covariance(x), ref, rtol=1e-8, atol=1e-11)
+    assert la.fitted.head is not None and la.fitted.head._shared
+    v = torch.diagonal(ref, dim1=1, dim2=2)
+    f = case.model(x).detach()
+    torch.testing.assert_close(
+        la.predict(x).mean, torch.softmax(f / (1 + math.pi / 8 * v).sqrt(), -1)
+    )
