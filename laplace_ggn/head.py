@@ -21,7 +21,10 @@ the model output (the same tensor, or a view of it with the same shape); otherwi
 returns ``None`` and the caller uses Jacobians, for that call only.  The first call also traces
 the uses of the head's parameters (:func:`~laplace_ggn.layers.trace_foreign_uses`): if one is
 used outside the layer's forward as well (a weight reused by a functional call), the formula
-above misses that use, and every call returns ``None`` (Jacobians see every use).
+above misses that use, and every call returns ``None`` (Jacobians see every use).  A weight
+tied to another module (``lm_head.weight`` of a language model, shared with the embedding)
+is a head only when the subset names the head's own alias, which the functional model unties
+(see :func:`~laplace_ggn.layout.untie_aliases`).
 """
 
 from __future__ import annotations
