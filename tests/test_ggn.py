@@ -255,3 +255,32 @@ def test_shared_weight_leaves_the_other_layers_on_hooks(monkeypatch):
     calls = _count_calls(monkeypatch, rows_module, "jacobian_sqrt_rows")
     rows.rows(case.X)  # traced once, on the first batch
     assert len(calls) == 1 and rows.rest.names == ("dec_b", "enc.weight")
+
+
+class _RootWeight(nn.Module):
+    """A root-level weight (per-sample Jacobians) before a Linear head (hooks): P = 9 + 12."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3))
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.w))
+
+
+def test_jacobian_of_parameters_outside_the_hooks_is_refused_over_the_budget():
+    torch.manual_seed(0)
+    model, X = _RootWeight().double(), torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    # diag stores P·8 = 168 bytes; one sample's Jacobian of w is M·P'·8 = 3·9·8 = 216 bytes
+    la = LaplaceWrapper(model, structure="diag", curvature="mc", memory_budget=200)
+    with pytest.raises(
+        ValueError,
+        match=r"one sample's Jacobian of the parameters \[w\] \(M=3 outputs x P=9\) in batch 0 "
+        r"must fit in the memory budget of .*Fit a subset without them",
+    ):
+        la.fit([(X, y)], generator=torch.Generator().manual_seed(0))
+    assert not la.is_fitted
+    la = LaplaceWrapper(model, structure="diag", curvature="mc", memory_budget=216)
+    assert la.fit([(X, y)], generator=torch.Generator().manual_seed(0)).is_fitted

@@ -339,3 +339,75 @@ def test_tied_lm_every_use_of_the_canonical_name():
         fn, W.reshape(-1).clone(), "classification", torch.cat([y for _, y in batches])
     )
     torch.testing.assert_close(la.posterior.ggn, G, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kfac", "lowrank"])
+def test_tied_lm_head_stays_in_a_small_memory_budget(structure):
+    """vocab 200: the head's curvature needs kB; the embedding's Jacobian 10 MB per sample."""
+    model = _gpt2_lm(vocab=200)
+    batches = _lm_batches(200)
+    budget = 2 << 20
+    la = LaplaceWrapper(
+        model, structure=structure, subset="last_layer", curvature="mc", memory_budget=budget
+    )
+    la.fit(batches, generator=torch.Generator().manual_seed(0))
+    assert la.fitted.layout.names == ("lm_head.weight",)
+    x = batches[0][0][:1]  # link='mc' forms (4, 200, 200) covariances: 1.2 MB
+    for method, link in (("glm", "probit"), ("glm", "mc"), ("nn", "mc")):
+        pred = la.predict(x, method, link=link, n_samples=3)
+        torch.testing.assert_close(pred.mean.sum(-1), torch.ones(1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"dense output covariances J Σ Jᵀ of link='mc' \(8 rows"):
+        la.predict(batches[0][0], link="mc")
+    la.optimize_prior_precision(n_steps=3)
+    wte = ["transformer.wte.weight"]  # every use: one sample's Jacobian is 4·200 x 1,600
+    canon = LaplaceWrapper(
+        model, structure=structure, subset=wte, curvature="mc", memory_budget=budget
+    )
+    with (
+        warnings.catch_warnings(),
+        pytest.raises(
+            ValueError,
+            match=r"one sample's Jacobian of the parameters \[transformer.wte.weight\] \(M=800 outputs "
+            r"x P=1600\) in batch 0 must fit in the memory budget of 0.00195 GB; got 0.00954 GB\. .*"
+            r"subset='last_layer'",
+        ),
+    ):
+        warnings.simplefilter("ignore", UserWarning)  # kfac names its diagonal block
+        canon.fit(batches, generator=torch.Generator().manual_seed(0))
+    assert not canon.is_fitted
+
+
+def test_tied_lm_predict_is_refused_before_its_jacobian_exceeds_the_budget():
+    model = _gpt2_lm(vocab=200)
+    batches = _lm_batches(200)
+    wte = ["transformer.wte.weight"]
+    la = LaplaceWrapper(model, structure="lowrank", subset=wte, curvature="mc", rank=5)
+    la.fit(batches, generator=torch.Generator().manual_seed(0))
+    state = la.state_dict()
+    state["memory_budget"] = 2 << 20
+    small = LaplaceWrapper.from_state_dict(model, state)
+    with pytest.raises(
+        ValueError,
+        match=r"one sample's Jacobian J\(x\) \(M=800 outputs x P=1600 parameters\) must fit in "
+        r"the memory budget of 0.00195 GB; got 0.00954 GB\. .*pass subset='last_layer'",
+    ):
+        small.predict(batches[0][0])
+    with pytest.raises(ValueError, match=r"one sample's Jacobian \(M=800 outputs x P=1600"):
+        small.jacobians(batches[0][0])
+    assert la.predict(batches[0][0]).mean.shape == (2, 4, 200)
+
+
+def test_tied_lm_head_tuning_uses_the_head_within_the_budget():
+    model = _gpt2_lm(vocab=200)
+    batches = _lm_batches(200)
+    la = LaplaceWrapper(
+        model, structure="diag", subset="last_layer", curvature="mc", memory_budget=2 << 20
+    )
+    la.fit(batches, generator=torch.Generator().manual_seed(0))
+    # one sample's Jacobian would be 4·200 x 1,600 (10 MB): the head's features are used
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the choice may lie on the grid's edge
+        la.optimize_prior_precision("gridsearch", val_loader=batches)
+    assert la.gridsearch_result_ is not None
+    la.optimize_prior_precision("marglik", n_steps=3)
+    assert torch.isfinite(la.log_marginal_likelihood())

@@ -616,3 +616,32 @@ def test_head_weight_used_elsewhere_is_predicted_from_jacobians(structure):
     torch.testing.assert_close(
         la.predict(x).mean, torch.softmax(f / (1 + math.pi / 8 * v).sqrt(), -1)
     )
+
+
+def test_predict_allocations_are_checked_against_the_budget():
+    case = make_case("mlp_classification")  # C = 3, P = 31: one sample's J is 744 bytes
+    la = _fit(case, "diag", curvature="mc", memory_budget=600)  # hooks: no Jacobian to fit
+    x = _x_test()
+    with pytest.raises(
+        ValueError,
+        match=r"one sample's Jacobian J\(x\) \(M=3 outputs x P=31 parameters\) must fit in the "
+        r"memory budget of 5.59e-07 GB; got 6.93e-07 GB\. .*subset='last_layer'",
+    ):
+        la.predict(x)
+    with pytest.raises(ValueError, match=r"one sample's Jacobian \(M=3 outputs x P=31 parameters"):
+        la.jacobians(x)
+    la = _fit(case, "diag", memory_budget=1000)
+    with pytest.raises(
+        ValueError,
+        match=r"the 5 parameter draws of method='nn' \(P=31\) must fit in the memory budget of "
+        r".*Pass fewer n_samples",
+    ):
+        la.predict(x, "nn", n_samples=5)
+    assert la.predict(x, "nn", n_samples=4).mean.shape == (6, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"the dense output covariances J Σ Jᵀ of 14 rows \(shape \(14, 3, 3\)\) must fit in "
+        r"the memory budget .*Pass fewer inputs per call",
+    ):
+        la.functional_covariance(_x_test(n=14))
+    assert la.functional_covariance(_x_test(n=13)).shape == (13, 3, 3)

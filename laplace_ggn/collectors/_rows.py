@@ -43,7 +43,13 @@ from ..functional import (
 )
 from ..layers import affine_layers, check_layer_inputs, layer_owners, trace_foreign_uses
 from ..likelihoods import OutputCurvature, as_output_curvature
-from ._jacobian import ROW_COPIES, jacobian_sqrt_diag, jacobian_sqrt_rows, sub_batches
+from ._jacobian import (
+    ROW_COPIES,
+    checked_factor,
+    jacobian_sqrt_diag,
+    jacobian_sqrt_rows,
+    sub_batches,
+)
 
 __all__ = ["SqrtGGNRows"]
 
@@ -195,7 +201,7 @@ class SqrtGGNRows:
         grads = {m: (records[m].inputs[0].detach(), None) for m in heads}
         L = None
         if need:
-            L = out.factor(fd, mask, y)  # (B, M, K)
+            L = checked_factor(out, fm, fd, mask, y, where)  # (B, M, K)
             cot = L.permute(2, 0, 1).reshape(L.shape[2], *f.shape)  # (K, B, ..., C)
             outs = [records[m].outputs[0] for m in need]
             for m, g in zip(need, batched_output_grads(f, outs, cot)):

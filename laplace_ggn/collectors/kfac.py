@@ -56,7 +56,7 @@ from ..layers import (
 from ..likelihoods import as_output_curvature
 from ..posteriors._common import make_prior
 from ..posteriors.kfac import check_kfac_prior
-from ._jacobian import jacobian_sqrt_diag
+from ._jacobian import checked_factor, jacobian_sqrt_diag
 from .base import Collector, Reduction
 
 __all__ = ["KFACCollector", "make_kfac_collector"]
@@ -186,7 +186,8 @@ class KFACCollector(Collector):
             and is_model_output(records[m].outputs[0], f)
         }
         need = [m for m in self.layers if m not in heads]
-        L = out.factor(fd, mask, y) if need else None  # (B, M, K): one draw for every layer
+        # (B, M, K): one draw for every layer
+        L = checked_factor(out, fm, fd, mask, y, where) if need else None
         grads = {}
         if need:
             cot = L.permute(2, 0, 1).reshape(L.shape[2], *fd.shape)  # (K, B, ..., C)
