@@ -137,13 +137,17 @@ class LinearHead:
         a = a.detach().reshape(-1, a.shape[-1])
         return with_bias_column(a, bool(self.weight), bool(self.bias)), f
 
-    def _used_outside(self, x: object) -> bool:
-        """Whether a forward pass on ``x`` uses a parameter of the head outside the head.
+    def _used_outside(self, x: object) -> bool | None:
+        """Whether a forward pass on the first sample of ``x`` uses a head parameter elsewhere.
 
         Returns:
-            ``True`` if the features alone do not give the Jacobian of the subset.
+            ``True`` if the features alone do not give the Jacobian of the subset, ``None``
+            for an input of 0 rows.
         """
         fm = self.fmodel
+        x = next(iter(fm.chunks(x, 1)), None)
+        if x is None:  # an input of 0 rows: decide on a later call
+            return None
         params = {
             n: t.detach().requires_grad_(True) for n, t in fm.layout.unflatten(fm.theta).items()
         }

@@ -144,7 +144,8 @@ def jacobian_sqrt_rows(
         ValueError: If one sample's Jacobian or the factor exceeds the memory budget.
     """
     M = f[0].numel() if f is not None else L.shape[1] if L is not None else n_outputs
-    check_jacobian_memory(fmodel, M or output_count(fmodel, x), layout, where)
+    M = M or output_count(fmodel, x)
+    check_jacobian_memory(fmodel, M, layout, where)
     J, f_jac = fmodel.jacobians_wrt(x, layout, n_outputs=M)  # (B, M, P')
     f = f_jac if f is None else f
     if L is None:

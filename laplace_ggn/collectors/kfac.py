@@ -99,9 +99,9 @@ class KFACCollector(Collector):
     each followed by :meth:`finalize` divides B by the *global* count and gives the
     single-process factors.  With ``mc`` every rank should use its own seed.  A collector that
     has seen no data reports zeros of the same names and shapes, except when a layer runs more
-    than once per forward pass: the first batch moves such layers to the diagonal part, which
-    a rank without data cannot know (the entries then differ between ranks and the reduction
-    refuses them).
+    than once per forward pass or has a weight used outside it: the first batch moves such
+    layers to the diagonal part, which a rank without data cannot know (the entries then
+    differ between ranks and the reduction refuses them).
     """
 
     def __init__(
