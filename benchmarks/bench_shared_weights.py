@@ -8,8 +8,9 @@ shared machine falls on both alike.
 1. ``overhead``: seconds of one ``fit`` (and of the first ``predict`` of a last-layer KFAC fit,
    where the Linear head traces its uses) on models without shared weights, where the use
    tracing of the first hooked pass is pure overhead: a tanh MLP 3-16-16-3 (P = 403, N = 256,
-   batch 32), the digits demo MLP 64-32-32-10 (P = 3,466, the 1,297 digits, batch 100) and the
-   digits CNN (P = 18,346).  One repetition is the median of 3 calls after a warm-up call in
+   batch 32), the demo's ReLU MLP 64-16-16-10 (P = 1,482, ``laplace-ggn demo``, the 1,297
+   digits, batch 128), the digits MLP 64-32-32-10 of ``bench_digits.py`` (P = 3,466, batch 100)
+   and the digits CNN (P = 18,346).  One repetition is the median of 3 calls after a warm-up call in
    one interpreter; the table gives the median over ``--reps`` repetitions, and the ratio
    column the last checkout over the first.
 2. ``memory``: GPT-2 language models (1 layer, 8 dimensions, 2 heads, vocab 5,000) with the
@@ -48,6 +49,10 @@ OVERHEAD_CASES = [
     "mlp diag",
     "mlp kfac",
     "mlp lowrank",
+    "demo full",
+    "demo diag",
+    "demo kfac",
+    "demo lowrank k=30",
     "digits full",
     "digits diag",
     "digits kfac",
@@ -79,8 +84,10 @@ def _overhead_worker() -> dict[str, float]:
     digits = C.mlp([64, 32, 32, 10], act=torch.nn.ReLU, seed=0)
     Xi, yi, _, _ = C.digits(0, images=True)
     cnn = C.digits_cnn(0)
+    demo = C.mlp([64, 16, 16, 10], act=torch.nn.ReLU, seed=0)  # laplace-ggn demo's model
     data = {
         "mlp": (small, C.loader(Xs, ys, 32)),
+        "demo": (demo, C.loader(Xd, yd, 128)),
         "digits": (digits, C.loader(Xd, yd, 100)),
         "cnn": (cnn, C.loader(Xi, yi, 100)),
     }
@@ -89,7 +96,7 @@ def _overhead_worker() -> dict[str, float]:
         words = case.split()
         model, loader = data[words[0]]
         structure = words[1]
-        rank = 20 if "k=20" in case else None
+        rank = 20 if "k=20" in case else 30 if "k=30" in case else None
         subset = "last_layer" if "last_layer" in case else "all"
 
         def run(model=model, loader=loader, structure=structure, rank=rank, subset=subset):
