@@ -26,6 +26,7 @@ __all__ = [
     "check_computed_finite",
     "check_finite",
     "check_generator",
+    "check_memory",
     "check_positive",
     "check_positive_int",
     "check_target_tensor",
@@ -277,3 +278,26 @@ def check_computed_finite(tensor: Tensor, what: str, hint: str = "") -> None:
             "float64 copy of the model (model.double()) or rescale it."
         )
     )
+
+
+def check_memory(need: int, budget: int, what: str, hint: str) -> None:
+    """Refuse an allocation of ``need`` bytes over the memory budget, before it is made.
+
+    Args:
+        need: Bytes the allocation would take.
+        budget: The wrapper's ``memory_budget`` (bytes).
+        what: The tensor, with its shape, e.g. ``"one sample's Jacobian (M=3, P=31)"``.
+        hint: The way out (a smaller subset or input, another option, a larger budget).
+
+    Raises:
+        ValueError: If ``need > budget``, naming both sizes and the hint.
+    """
+    if need > budget:
+        raise ValueError(
+            f"{what} must fit in the memory budget of {_gb(budget)}; got {_gb(need)}. {hint}"
+        )
+
+
+def _gb(n_bytes: float) -> str:
+    """``n_bytes`` in GB for messages, e.g. ``"1.5 GB"``."""
+    return f"{n_bytes / 2**30:.3g} GB"

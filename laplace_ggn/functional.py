@@ -57,7 +57,7 @@ from .jacobians import (
     matmat_from_jacobians,
     per_sample_jacobians,
 )
-from .layout import ParamLayout, resolve_subset
+from .layout import ParamLayout, resolve_subset, untie_aliases
 from .model_io import InputSpec, output_tensor, raise_for_input_shape
 from .private_model import private_copy
 
@@ -100,6 +100,9 @@ class FunctionalModel:
     through torch's math kernel, without the layers' inference fast paths, during every pass
     that differentiates or runs under vmap (see :func:`~laplace_ggn._autodiff.plain_attention`,
     which acts on the calling thread's copy only); plain forward passes keep the fused kernels.
+
+    The alias of a tied tensor in the subset gets its own copy
+    (:func:`~laplace_ggn.layout.untie_aliases`).
 
     Args:
         model: The trained network (copied, not modified).
@@ -147,7 +150,7 @@ class FunctionalModel:
         # True only if fused recurrent kernels remain (subclasses, packed sequences)
         self.has_rnn = unroll_recurrent_layers(model)
         prepare_attention_layers(model)
-        named = dict(model.named_parameters())
+        named = untie_aliases(model, layout.names)  # an alias of a tied tensor: its holder's use
         self.theta = layout.flatten({n: named[n].detach() for n in layout.names}).clone()
         self.device = self.theta.device
         self.dtype = self.theta.dtype

@@ -12,11 +12,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, check_computed_finite
+from ._checks import DEFAULT_MEMORY_BUDGET, Likelihood, Link, check_computed_finite, check_memory
+from .batches import batch_size_of
 from .likelihoods import LikelihoodModel, Prediction, get_likelihood
 from .posteriors._output import DenseOutputCovariance, OutputCovariance
 
-__all__ = ["functional_moments", "glm_from_moments", "glm_predictive", "output_covariance"]
+__all__ = [
+    "check_dense_covariance",
+    "functional_moments",
+    "glm_from_moments",
+    "glm_predictive",
+    "output_covariance",
+]
+
+
+def check_dense_covariance(N: int, C: int, dtype: torch.dtype, budget: int, hint: str = "") -> None:
+    """Refuse dense output covariances ``(N, C, C)`` over the memory budget, before forming them.
+
+    Raises:
+        ValueError: Naming the size and the way out.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    check_memory(
+        N * C * C * size,
+        budget,
+        f"the dense output covariances J Σ Jᵀ of {N} rows (shape ({N}, {C}, {C}))",
+        f"Pass fewer inputs per call{hint}, or raise memory_budget=.",
+    )
 
 
 def glm_from_moments(
@@ -87,6 +109,10 @@ def output_covariance(
     Returns:
         ``(f, cov)``: outputs ``(B, C)`` or ``(B, T, C)`` and the covariances of the
         N = B (or B·T) rows.
+
+    Raises:
+        ValueError: If the Jacobians are needed and one sample's, or the dense covariances of
+            the N rows, exceed ``fmodel.memory_budget`` (checked before they are formed).
     """
     first = next(iter(fmodel.chunks(x, 1)), None)
     if first is None:  # an input of 0 rows
@@ -98,8 +124,18 @@ def output_covariance(
             phi, f = got
             return f, posterior.linear_head_covariance(phi, head.index)
     P = fmodel.n_params
-    M = fmodel.forward(first)[0].numel()  # T·C for outputs (B, T, C)
-    per_sample = 4 * M * P * fmodel.theta.element_size()
+    f0 = fmodel.forward(first)
+    M, C = f0[0].numel(), f0.shape[-1]  # M = T·C for outputs (B, T, C)
+    elt = fmodel.theta.element_size()
+    check_memory(
+        M * P * elt,
+        fmodel.memory_budget,
+        f"one sample's Jacobian J(x) (M={M} outputs x P={P} parameters)",
+        "The subset is not one Linear output layer, whose covariances would come from its "
+        "features; pass subset='last_layer', use method='nn', or raise memory_budget=.",
+    )
+    check_dense_covariance(batch_size_of(x) * (M // C), C, fmodel.dtype, fmodel.memory_budget)
+    per_sample = 4 * M * P * elt
     fs, covs = [], []
     for xc in fmodel.chunks(x, fmodel.chunk_size(per_sample)):
         J, f = fmodel.jacobians(xc, n_outputs=M)
@@ -125,9 +161,13 @@ def functional_moments(
     Returns:
         ``(f, cov)`` of shapes ``(B, C)`` and ``(B, C, C)`` (``(B, T, C)`` and
         ``(B, T, C, C)`` for sequence outputs).
+
+    Raises:
+        ValueError: If the dense covariances exceed ``fmodel.memory_budget``.
     """
     f, op = output_covariance(fmodel, posterior, x, n_outputs=n_outputs, head=head)
     C = f.shape[-1]
+    check_dense_covariance(f.numel() // max(C, 1), C, f.dtype, fmodel.memory_budget)
     return f, op.to_dense().reshape(*f.shape, C)
 
 

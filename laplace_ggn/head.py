@@ -18,17 +18,30 @@ thread).  The hook
 records only for the thread that asked (thread-local state), so concurrent predictions do not
 see each other's features.  Each call checks that the layer ran once and that its output is
 the model output (the same tensor, or a view of it with the same shape); otherwise the call
-returns ``None`` and the caller uses Jacobians, for that call only.
+returns ``None`` and the caller uses Jacobians, for that call only.  The first call also traces
+the uses of the head's parameters (:func:`~laplace_ggn.layers.trace_foreign_uses`): if one is
+used outside the layer's forward as well (a weight reused by a functional call), the formula
+above misses that use, and every call returns ``None`` (Jacobians see every use).  A weight
+tied to another module (``lm_head.weight`` of a language model, shared with the embedding)
+is a head only when the subset names the head's own alias, which the functional model unties
+(see :func:`~laplace_ggn.layout.untie_aliases`).
 """
 
 from __future__ import annotations
 
 import threading
 
+import torch
 from torch import Tensor, nn
 
 from .functional import FunctionalModel, is_model_output
-from .layers import AffineLayer, affine_layers, tied_parameters, with_bias_column
+from .layers import (
+    AffineLayer,
+    affine_layers,
+    tied_parameters,
+    trace_foreign_uses,
+    with_bias_column,
+)
 
 __all__ = ["LinearHead"]
 
@@ -58,17 +71,22 @@ class LinearHead:
         self.n_out, self.n_in = layer.n_out, layer.n_in
         self.index = layer.kron_index(fmodel.layout).to(fmodel.device)
         self._local = threading.local()
+        # whether a parameter of the head is also used outside it (None: not traced yet)
+        self._shared: bool | None = None
+        self._lock = threading.Lock()
         # on every thread's private copy, never on the user's module
         fmodel.register_forward_hook(module_name, self._hook)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         del state["_local"]  # per-thread records of a call in progress: none to keep
+        del state["_lock"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._lock = threading.Lock()
 
     @classmethod
     def find(cls, fmodel: FunctionalModel) -> LinearHead | None:
@@ -100,6 +118,12 @@ class LinearHead:
             ``(B, T, C)``; ``None`` if the layer did not run exactly once or its output is not
             the model output.
         """
+        if self._shared is None:
+            with self._lock:
+                if self._shared is None:
+                    self._shared = self._used_outside(x)
+        if self._shared:
+            return None
         self._local.records = []
         try:
             f = self.fmodel.forward(x)
@@ -112,3 +136,23 @@ class LinearHead:
             return None
         a = a.detach().reshape(-1, a.shape[-1])
         return with_bias_column(a, bool(self.weight), bool(self.bias)), f
+
+    def _used_outside(self, x: object) -> bool | None:
+        """Whether a forward pass on the first sample of ``x`` uses a head parameter elsewhere.
+
+        Returns:
+            ``True`` if the features alone do not give the Jacobian of the subset, ``None``
+            for an input of 0 rows.
+        """
+        fm = self.fmodel
+        x = next(iter(fm.chunks(x, 1)), None)
+        if x is None:  # an input of 0 rows: decide on a later call
+            return None
+        params = {
+            n: t.detach().requires_grad_(True) for n, t in fm.layout.unflatten(fm.theta).items()
+        }
+        module = fm.module.get_submodule(self.module_name)
+        owners = {n: (params[n], module) for n in (self.weight, self.bias) if n}
+        with torch.enable_grad(), trace_foreign_uses(owners, fm.module) as uses:
+            f = fm.call_dict(params, x)
+        return bool(uses.names(f))

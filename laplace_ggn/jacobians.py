@@ -25,6 +25,7 @@ from torch.func import jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from ._autodiff import cannot_transform
+from ._checks import check_memory
 from .layout import ParamLayout
 
 __all__ = [
@@ -69,9 +70,22 @@ def per_sample_jacobians(
     Returns:
         ``(J, f)``: shapes ``(B, C, P')`` (``(B, T·C, P')`` for outputs ``(B, T, C)``) and the
         outputs.
+
+    Raises:
+        ValueError: If one sample's Jacobian exceeds ``fmodel.memory_budget`` (checked before
+            it is formed; chunks hold at least one sample).
     """
     named = dict(fmodel.module.named_parameters())
     theta = layout.flatten({n: named[n].detach() for n in layout.names})
+    first = next(iter(fmodel.chunks(x, 1)), None)
+    if first is not None:
+        M = n_outputs if n_outputs is not None else fmodel.forward(first)[0].numel()
+        check_memory(
+            M * layout.n_params * theta.element_size(),
+            fmodel.memory_budget,
+            f"one sample's Jacobian (M={M} outputs x P={layout.n_params} parameters)",
+            "Use a smaller parameter subset (e.g. subset='last_layer'), or raise memory_budget=.",
+        )
     C = n_outputs or 16
     per_sample = 4 * C * layout.n_params * theta.element_size()
     call = {"mode": _JacobianMode.BATCH if fmodel.has_rnn else _JacobianMode.VMAP}
@@ -221,15 +235,22 @@ def matmat_from_jacobians(
     Returns:
         ``(J^T M J V, f)`` of shapes ``(P, K)`` and ``(B, C)``.
     """
-    J, f = fmodel.jacobians(x)  # (B, M, P); M = C, or T·C for outputs (B, T, C)
-    V = V.to(J.dtype)
-    JV = torch.einsum("bmp,pk->kbm", J, V)
-    cols = [
-        torch.einsum("bmp,bm->p", J, output_matvec(f, JV[k].reshape(f.shape)).reshape(JV[k].shape))
-        for k in range(V.shape[1])
-    ]
-    out = torch.stack(cols, dim=1) if cols else torch.zeros_like(V)
-    return out, f
+    first = next(iter(fmodel.chunks(x, 1)), None)
+    M = 16 if first is None else fmodel.forward(first)[0].numel()
+    step = fmodel.chunk_size(4 * M * fmodel.n_params * fmodel.theta.element_size())
+    out = torch.zeros(V.shape, dtype=fmodel.dtype, device=fmodel.device)
+    fs = []
+    for xc in fmodel.chunks(x, step):  # (b, M, P) at a time; M = C, or T·C for (B, T, C)
+        J, f = fmodel.jacobians(xc, n_outputs=M)
+        Vc = V.to(J.dtype)
+        JV = torch.einsum("bmp,pk->kbm", J, Vc)
+        for k in range(V.shape[1]):
+            u = output_matvec(f, JV[k].reshape(f.shape)).reshape(JV[k].shape)
+            out[:, k] += torch.einsum("bmp,bm->p", J, u)
+        fs.append(f)
+    if not fs:
+        return out, fmodel.forward(x)
+    return out, torch.cat(fs)
 
 
 @dataclass

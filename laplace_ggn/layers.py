@@ -9,20 +9,29 @@ with the sizes and the Kronecker index of ``[W b]``.
 Kinds: ``nn.Linear`` (and subclasses), Hugging Face's ``Conv1D`` (a Linear layer with its
 weight stored transposed, :func:`is_transposed_linear`), and ``nn.Conv2d`` with one group and
 zero padding given as numbers (:func:`conv_supported`), whose inputs are unfolded into patches.
+
+All of them assume that a parameter of such a layer is used only inside that layer's forward.
+A weight also used elsewhere (tied to another module, or reused by a functional call such as
+``F.linear(h, self.enc.weight.t())``) breaks that assumption; :func:`trace_foreign_uses`
+finds such parameters from one forward pass, so that the callers can take them from exact
+per-sample Jacobians instead.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ._checks import shape_str
 from .functional import UNBATCHED_HINT, LayerRecord, ParamLayout, capture_layers
 from .kfac import kron_index
+from .layout import graph_nodes
 
 __all__ = [
     "AffineLayer",
@@ -31,7 +40,9 @@ __all__ = [
     "raise_for_unbatched_layers",
     "conv_supported",
     "is_transposed_linear",
+    "layer_owners",
     "tied_parameters",
+    "trace_foreign_uses",
     "with_bias_column",
 ]
 
@@ -220,3 +231,127 @@ def raise_for_unbatched_layers(module: nn.Module, run: Callable[[], object]) -> 
         except Exception:  # noqa: BLE001 -- the failure is known; only the records are read
             pass
     check_layer_inputs(records)
+
+
+def layer_owners(
+    layers: Mapping[str, AffineLayer], params: Mapping[str, Tensor]
+) -> dict[str, tuple[Tensor, nn.Module]]:
+    """``{name: (tensor, layer module)}`` of the layers' parameters in ``params``, to trace.
+
+    Returns:
+        The owners for :func:`trace_foreign_uses`.
+    """
+    return {
+        n: (params[n], lay.module) for lay in layers.values() for n in (lay.weight, lay.bias) if n
+    }
+
+
+def _tensor_args(args: tuple, kwargs: Mapping | None) -> Iterator[Tensor]:
+    """The tensors among the arguments of an op (and one level into lists and tuples)."""
+    for a in (*args, *(kwargs or {}).values()):
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, Tensor))
+
+
+def _grad_fn_of(out: object) -> object:
+    """The autograd node of an op's (first) tensor output, ``None`` if it has none."""
+    if isinstance(out, (list, tuple)):
+        out = next((t for t in out if isinstance(t, Tensor)), None)
+    return out.grad_fn if isinstance(out, Tensor) else None
+
+
+class _UseTracer(TorchFunctionMode):
+    """Record each op consuming a traced tensor while its owner is not the running module.
+
+    ``stack`` holds the traced modules whose forward is running (the innermost last); ops
+    are looked at only while ``stack`` is non-empty, or always with ``everywhere``.
+    """
+
+    def __init__(self, owners: Mapping[int, tuple[str, nn.Module]], everywhere: bool):
+        super().__init__()
+        self.owners = owners
+        self.everywhere = everywhere
+        self.stack: list[nn.Module] = []
+        self.uses: list[tuple[str, object]] = []  # (parameter name, autograd node of the output)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.stack or self.everywhere:
+            top = self.stack[-1] if self.stack else None
+            for t in _tensor_args(args, kwargs):
+                hit = self.owners.get(id(t))
+                if hit is not None and hit[1] is not top:
+                    self.uses.append((hit[0], _grad_fn_of(out)))
+        return out
+
+
+class ForeignUses:
+    """The uses of parameters outside their owner's forward seen by :func:`trace_foreign_uses`."""
+
+    def __init__(self, tracer: _UseTracer):
+        self._tracer = tracer
+
+    def names(self, f: Tensor) -> set[str]:
+        """Names of the parameters with a use outside their owner that reaches the output ``f``.
+
+        A use whose result does not reach ``f`` through the autograd graph (detached, under
+        ``torch.no_grad()``, or not part of the output) does not change the Jacobian of ``f``
+        and is not counted.
+
+        Returns:
+            The parameter names.
+        """
+        uses = self._tracer.uses
+        if not uses or f.grad_fn is None:
+            return set()
+        reached = graph_nodes(f.grad_fn)
+        return {name for name, node in uses if node is not None and id(node) in reached}
+
+
+@contextmanager
+def trace_foreign_uses(
+    owners: Mapping[str, tuple[Tensor, nn.Module]], root: nn.Module | None = None
+) -> Iterator[ForeignUses]:
+    """Trace, during the forward passes of the block, the uses of parameters outside their layer.
+
+    Every op (a torch function: ``F.linear``, ``Tensor.t``, ``F.embedding``, ...) that
+    consumes one of the traced tensors while its owner module is not the innermost traced
+    module running counts as a foreign use; uses inside the owner's forward (however many
+    times it runs) do not.  Only ops that run while ``root`` runs are looked at (with
+    ``root=None``, every op of the block, e.g. a closure that runs the model).  Hooks are
+    registered on the owners and ``root`` for the block only.
+
+    Args:
+        owners: ``{parameter name: (tensor used in the forward, owner module)}``; the
+            tensors must require grad for :meth:`ForeignUses.names` to see their uses.
+        root: The module whose forward the block runs, or ``None``.
+
+    Yields:
+        A :class:`ForeignUses`; call :meth:`ForeignUses.names` with the output after the block.
+    """
+    tracer = _UseTracer(
+        {id(t): (name, module) for name, (t, module) in owners.items()}, root is None
+    )
+    modules = {id(m): m for _, m in owners.values()}
+    if root is not None:
+        modules[id(root)] = root
+
+    def push(module, args):
+        tracer.stack.append(module)
+
+    def pop(module, args, out):
+        if tracer.stack and tracer.stack[-1] is module:
+            tracer.stack.pop()
+
+    handles = []
+    try:
+        for m in modules.values():
+            handles.append(m.register_forward_pre_hook(push))
+            handles.append(m.register_forward_hook(pop, always_call=True))
+        with tracer:
+            yield ForeignUses(tracer)
+    finally:
+        for h in handles:
+            h.remove()

@@ -4,6 +4,17 @@ Every P-vector is ordered as ``model.named_parameters()`` restricted to the subs
 flattened row-major (the order of :func:`torch.nn.utils.parameters_to_vector`).
 :func:`resolve_subset` turns ``"all"``, ``"last_layer"`` or a list of names into the
 :class:`ParamLayout` of the subset.
+
+Tied parameters: a tensor held by several modules (an embedding tied to a language model's
+output layer) has one *canonical* name in ``model.named_parameters()``, that of the first
+holder, and one *alias* per further holder (its place in
+``model.named_parameters(remove_duplicate=False)``, e.g. ``lm_head.weight``).  The canonical
+name selects every use of the tensor; an alias in a subset selects that holder's use alone,
+the other uses held at θ* (:func:`untie_aliases` gives the holder its own copy of the tensor in
+the library's private model).  ``"last_layer"`` names the last layer's own parameters, so the
+tied output layer of a language model is its alias: the curvature of the head with its
+features fixed, as for an untied head.  An alias takes the place of its holder in
+``named_parameters(remove_duplicate=False)`` in every P-vector.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from .batches import call_model, input_tensors
 from .model_io import output_tensor
 from .private_model import private_copy
 
-__all__ = ["ParamLayout", "resolve_subset"]
+__all__ = ["ParamLayout", "graph_nodes", "parameter_aliases", "resolve_subset", "untie_aliases"]
 
 
 @dataclass(frozen=True)
@@ -86,8 +97,12 @@ class ParamLayout:
         return ParamLayout(tuple(n for n, _ in pairs), tuple(s for _, s in pairs))
 
 
-def _graph_nodes(root: object) -> set[int]:
-    """Ids of the autograd nodes reachable from ``root`` (a ``grad_fn``)."""
+def graph_nodes(root: object) -> set[int]:
+    """Ids of the autograd nodes reachable from ``root`` (a ``grad_fn``).
+
+    Returns:
+        The ids.
+    """
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -112,13 +127,12 @@ def _last_layer_names(
     the user's BatchNorm statistics, mode and the global random state are left alone.
 
     Returns:
-        The parameter names, in ``model.named_parameters()`` order.
+        The layer's own parameter names (for a weight tied to an earlier module, its alias).
 
     Raises:
         ValueError: If no such layer ran (the message names what was found).
     """
     model = private_copy(model).eval()
-    canonical = {id(p): n for n, p in model.named_parameters()}
     # a parametrised tensor (torch.nn.utils.parametrizations.weight_norm, ...) belongs to the
     # layer it is a parameter of: its originals are the layer's own, not a separate layer's
     inner = {
@@ -129,13 +143,15 @@ def _last_layer_names(
     }
     own = {
         name: [
-            p
-            for p in (
-                module.parametrizations.parameters() if parametrize.is_parametrized(module) else ()
+            (f"parametrizations.{local}", p)
+            for local, p in (
+                module.parametrizations.named_parameters()
+                if parametrize.is_parametrized(module)
+                else ()
             )
             if p.requires_grad
         ]
-        + [p for p in module.parameters(recurse=False) if p.requires_grad]
+        + [(local, p) for local, p in module.named_parameters(recurse=False) if p.requires_grad]
         for name, module in model.named_modules()
         if id(module) not in inner
     }
@@ -156,10 +172,11 @@ def _last_layer_names(
     finally:
         for h in handles:
             h.remove()
-    reached = _graph_nodes(out.grad_fn)
+    reached = graph_nodes(out.grad_fn)
     for name, nodes in reversed(records):
         if any(id(node) in reached for node in nodes):
-            return [canonical[id(p)] for p in layers[name] if id(p) in canonical]
+            # the layer's own names: the alias of a tied weight (its use in this layer)
+            return [f"{name}.{local}" if name else local for local, _ in layers[name]]
     ran = list(dict.fromkeys(name for name, _ in records))
     free = [n for n, p in model.named_parameters(recurse=False) if p.requires_grad]
     found = (
@@ -179,6 +196,45 @@ def _last_layer_names(
 _SUBSET_WORDS = ("all", "trainable", "last_layer")
 
 
+def parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: canonical name}`` of the tied parameters of ``model`` (see the module docstring).
+
+    Returns:
+        One entry per further holder of a tensor held by several modules (empty if none).
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    return {
+        n: canonical[id(p)]
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if canonical[id(p)] != n
+    }
+
+
+def untie_aliases(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
+    """Give each alias among ``names`` its own copy of the tied tensor, in place.
+
+    Only for the library's private copy of a model: the holder of the alias then uses a
+    separate parameter of the same value, so that differentiating the alias differentiates
+    that holder's use alone.  Canonical names are left alone.
+
+    Returns:
+        ``dict(model.named_parameters())`` afterwards (the aliases among ``names`` included).
+    """
+    named = dict(model.named_parameters())
+    if named.keys() >= set(names):
+        return named
+    aliases = parameter_aliases(model)
+    for name in names:
+        if name in aliases:
+            owner, _, local = name.rpartition(".")
+            module = model.get_submodule(owner)
+            p = getattr(module, local)
+            module.register_parameter(
+                local, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            )
+    return dict(model.named_parameters())
+
+
 def resolve_subset(
     model: nn.Module,
     subset: object,
@@ -194,22 +250,26 @@ def resolve_subset(
             left out), ``"last_layer"`` (the last module with trainable parameters of its own
             whose output reaches the model output, in a forward pass on ``example_input``;
             root-level parameters never count) or a list of names from
-            ``model.named_parameters()``.
+            ``model.named_parameters()`` or aliases of tied parameters (see the module
+            docstring).
         example_input: One batch of model input, needed for ``"last_layer"``.
         output_fn: Maps the model output to the prediction tensor (see :func:`output_tensor`).
 
     Returns:
-        The :class:`ParamLayout` of the subset, in ``named_parameters()`` order.
+        The :class:`ParamLayout` of the subset, in ``named_parameters(remove_duplicate=False)``
+        order (that of ``named_parameters()`` without aliases).
 
     Raises:
         ValueError: If the subset is unknown, empty, or names unknown parameters.
         TypeError: If ``subset`` is neither a string nor a list of strings.
     """
-    params = dict(model.named_parameters())
+    canonical = dict(model.named_parameters())
+    params = canonical
     if isinstance(subset, str):
         if subset in ("all", "trainable"):
-            names = [n for n, p in params.items() if p.requires_grad]
+            names = [n for n, p in canonical.items() if p.requires_grad]
         elif subset == "last_layer":
+            params = dict(model.named_parameters(remove_duplicate=False))
             if example_input is None:
                 raise ValueError("subset='last_layer' needs an example input to trace the model.")
             chosen = set(_last_layer_names(model, example_input, output_fn))
@@ -223,6 +283,7 @@ def resolve_subset(
                 + " ('trainable' is an alias of 'all'.)"
             )
     elif isinstance(subset, (list, tuple)) and all(isinstance(s, str) for s in subset):
+        params = dict(model.named_parameters(remove_duplicate=False))  # aliases too
         unknown = [s for s in subset if s not in params]
         if unknown:
             hints = {u: near_matches(u, params) for u in unknown}
@@ -232,7 +293,7 @@ def resolve_subset(
             )
             raise ValueError(
                 f"subset names must be parameters of the model; unknown: {shown}. "
-                f"Known names: {list(params)[:10]}{'...' if len(params) > 10 else ''}."
+                f"Known names: {list(canonical)[:10]}{'...' if len(canonical) > 10 else ''}."
             )
         if len(set(subset)) != len(subset):
             raise ValueError(f"subset names must be unique; got {list(subset)}.")
@@ -246,6 +307,6 @@ def resolve_subset(
     if not names:
         raise ValueError(
             f"subset {subset!r} selects no trainable parameter; the model has "
-            f"{sum(p.requires_grad for p in params.values())} parameters with requires_grad."
+            f"{sum(p.requires_grad for p in canonical.values())} parameters with requires_grad."
         )
     return ParamLayout(tuple(names), tuple(params[n].shape for n in names))

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import DEFAULT_MEMORY_BUDGET, Link, check_generator, check_positive_int
+from ._checks import (
+    DEFAULT_MEMORY_BUDGET,
+    Link,
+    check_generator,
+    check_memory,
+    check_positive_int,
+)
 from .likelihoods import Prediction
 from .posteriors._output import DenseOutputCovariance, OutputCovariance, as_output_covariance
 
@@ -57,11 +63,21 @@ def link_predictive(
 
     Returns:
         The :class:`~laplace_ggn.likelihoods.Prediction`, shapes ``(N, C)``.
+
+    Raises:
+        ValueError: If ``mc`` needs dense covariances over ``memory_budget``.
     """
     if link is Link.PROBIT:
         return _probit(mean, cov, binary=binary)
     if link is Link.BRIDGE or link is Link.BRIDGE_NORM:
         return _bridge(mean, cov, binary=binary, normalize=link is Link.BRIDGE_NORM)
+    N, C = mean.shape
+    check_memory(
+        N * C * C * mean.element_size(),
+        memory_budget,
+        f"the dense output covariances J Σ Jᵀ of link='mc' ({N} rows, shape ({N}, {C}, {C}))",
+        "Pass fewer inputs per call, use link='probit' (diagonals only), or raise memory_budget=.",
+    )
     return mc_link(
         mean,
         cov.to_dense(),

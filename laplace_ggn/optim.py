@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import Likelihood, as_enum, is_integer, shape_str
-from .collectors.kfac import BatchKFAC
+from .collectors.batch_kfac import BatchKFAC
 from .likelihoods import get_likelihood
 from .linalg import CGResult, SolveMethod, cg, inverse_matvec
 from .operators import CallableOperator

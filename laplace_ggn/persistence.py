@@ -117,7 +117,7 @@ def _check_subset(state: Mapping, model: nn.Module) -> tuple[list[str], list[tup
             f"state['shapes'] must be a list of {len(subset)} shapes (tuples of ints >= 0), one "
             f"per name of state['subset']; got {describe(shapes)}."
         )
-    named = dict(model.named_parameters())
+    named = dict(model.named_parameters(remove_duplicate=False))  # aliases of tied tensors too
     for name, shape in zip(subset, shapes):
         if name not in named:
             raise ValueError(f"model must have parameter {name!r} of the saved state; it has none.")

@@ -58,6 +58,7 @@ from ._checks import (
     as_enum,
     check_computed_finite,
     check_generator,
+    check_memory,
     check_positive_int,
 )
 from .functional import batch_size_of, split_batch
@@ -218,8 +219,24 @@ def nn_predictive(
 
     Returns:
         The :class:`Prediction`, shapes ``(B, C)``.
+
+    Raises:
+        ValueError: If the S parameter draws ``(S, P)`` or the outputs ``(S, B, M)`` exceed
+            ``fmodel.memory_budget`` (checked before they are formed).
     """
     S = check_positive_int(n_samples, "n_samples")
+    P, elt, budget = fmodel.n_params, fmodel.theta.element_size(), fmodel.memory_budget
+    hint = "Pass fewer n_samples (or inputs per call), or raise memory_budget=."
+    check_memory(S * P * elt, budget, f"the {S} parameter draws of method='nn' (P={P})", hint)
+    B = batch_size_of(x)
+    if B:
+        M = fmodel.forward(next(iter(fmodel.chunks(x, 1))))[0].numel()
+        check_memory(
+            S * B * M * elt,
+            budget,
+            f"the outputs of method='nn' ({S} draws x {B} inputs x M={M})",
+            hint,
+        )
     thetas = posterior.sample(S, generator=generator)
     out = sample_outputs(fmodel, thetas, x, n_outputs=n_outputs)
     return get_likelihood(likelihood).sample_predictive(out, sigma_noise)

@@ -124,3 +124,81 @@ def saturated_model(
     elif likelihood == "regression":
         y = torch.randn(12, C, generator=g)
     return model, X, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared (tied) weights
+# ---------------------------------------------------------------------------------------------
+
+
+class TiedAutoencoder(nn.Module):
+    """Encoder/decoder MLP whose decoder reuses the encoder weight through a functional call.
+
+    ``enc`` runs as a module, then ``F.linear(h, enc.weight.t(), dec_b)`` uses its weight
+    again: P = 6 + 2 + 6 + 3 = 17.
+    """
+
+    def __init__(self, d: int = 3, k: int = 2):
+        super().__init__()
+        self.enc = nn.Linear(d, k)
+        self.mid = nn.Linear(k, k)
+        self.dec_b = nn.Parameter(torch.randn(d) * 0.3)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(torch.tanh(self.enc(x))))
+        return nn.functional.linear(h, self.enc.weight.t(), self.dec_b)
+
+
+def tied_autoencoder_case(likelihood: str = "regression", seed: int = 0, n: int = 8) -> Case:
+    """A :class:`TiedAutoencoder` (3 outputs) with regression or 3-class targets."""
+    torch.manual_seed(seed)
+    model = TiedAutoencoder().double()
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    if likelihood == "regression":
+        y = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    else:
+        y = torch.randint(0, 3, (n,), generator=g)
+    return Case("tied_autoencoder", likelihood, model, X, y)
+
+
+def dense_ggn_of(fn, theta: torch.Tensor, likelihood: str, y: torch.Tensor) -> torch.Tensor:
+    """G = Σ_r J_rᵀ Λ_r J_r of the outputs ``fn(theta)`` by ``torch.func.jacrev``, ``(P, P)``.
+
+    Outputs ``(B, C)`` or ``(B, T, C)``: every row (sample or position) is an observation;
+    ``y`` holds one target per row.
+    """
+    from torch.func import jacrev
+
+    from laplace_ggn.testing import dense_output_hessians
+
+    J = jacrev(fn)(theta).detach()
+    with torch.no_grad():
+        f = fn(theta)
+    C, P = f.shape[-1], theta.numel()
+    J, f = J.reshape(-1, C, P), f.reshape(-1, C)
+    y = y.reshape(f.shape[0], -1) if likelihood == "regression" else y.reshape(-1)
+    return torch.einsum("rcp,rcd,rdq->pq", J, dense_output_hessians(likelihood, f, y), J)
+
+
+def stored_curvature(la: LaplaceWrapper) -> torch.Tensor:
+    """The fitted curvature as a dense ``(P, P)`` matrix (projected: the range's projector)."""
+    post = la.posterior
+    if la.structure == "full":
+        return post.ggn
+    if la.structure == "diag":
+        return torch.diag(post.ggn_diag)
+    if la.structure == "kfac":
+        return post.curvature.to_dense()
+    U = post.eigenvectors
+    if la.structure == "projected":
+        return U @ U.T
+    return U @ torch.diag(post.eigenvalues) @ U.T
+
+
+def range_projector(J: torch.Tensor) -> torch.Tensor:
+    """Orthogonal projector onto the span of the rows of ``J`` ``(..., P)``, ``(P, P)``."""
+    R = J.reshape(-1, J.shape[-1])
+    _, S, Vh = torch.linalg.svd(R, full_matrices=False)
+    keep = S > S.max() * max(R.shape) * torch.finfo(R.dtype).eps
+    return Vh[keep].T @ Vh[keep]

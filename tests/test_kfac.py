@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from cases import CASE_NAMES, make_case
+from cases import CASE_NAMES, make_case, tied_autoencoder_case
 from torch import nn
 
 from laplace_ggn import LaplaceWrapper
@@ -70,9 +70,10 @@ def _patches_loop(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
-def kfac_dense_reference(model, X, y, likelihood, names=None) -> torch.Tensor:
+def kfac_dense_reference(model, X, y, likelihood, names=None, diagonal=()) -> torch.Tensor:
     """Dense ``(P, P)`` KFAC GGN in flat order: ``kron(B, A)`` per Linear/Conv2d layer, scattered
-    to the positions of ``W[o, j]`` / ``b[o]``; other parameters get the exact GGN diagonal."""
+    to the positions of ``W[o, j]`` / ``b[o]``; other parameters, and those of the layers named
+    in ``diagonal``, get the exact GGN diagonal."""
     model.eval()
     params = dict(model.named_parameters())
     names = list(params) if names is None else [n for n in params if n in set(names)]
@@ -88,7 +89,7 @@ def kfac_dense_reference(model, X, y, likelihood, names=None) -> torch.Tensor:
     G = torch.zeros(P, P, dtype=X.dtype)
     covered = set()
     for mname, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or mname in diagonal:
             continue
         pre = f"{mname}." if mname else ""
         wn, bn = pre + "weight", pre + "bias"
@@ -396,6 +397,20 @@ def test_uncovered_parameters_get_exact_diagonal_and_one_warning(make, expected)
     for blk in curv.blocks:  # the covered layers still match the reference blocks
         bi = blk.index(la.fitted.layout)
         torch.testing.assert_close(Gk[bi][:, bi], torch.kron(blk.B, blk.A), **TOL)
+
+
+@pytest.mark.parametrize("likelihood", ["regression", "classification"])
+def test_weight_used_outside_its_layer_gets_the_exact_diagonal(likelihood):
+    case = tied_autoencoder_case(likelihood)  # the decoder is F.linear(h, enc.weight.t(), b)
+    la = LaplaceWrapper(case.model, likelihood, structure="kfac")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        la.fit(case.loader(3))
+    msgs = [str(w.message) for w in rec if "exact diagonal" in str(w.message)]
+    assert len(msgs) == 1 and "['dec_b', 'enc.weight', 'enc.bias']" in msgs[0], msgs
+    assert "a weight also used outside its layer" in msgs[0]
+    ref = kfac_dense_reference(case.model, case.X, case.y, likelihood, diagonal=("enc",))
+    torch.testing.assert_close(la.posterior.curvature.to_dense(), ref, **TOL)
 
 
 def test_weight_only_and_bias_only_subsets_of_a_layer():

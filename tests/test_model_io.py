@@ -102,8 +102,9 @@ def test_last_layer_single_layer_model_and_tied_weights():
         def forward(self, ids):
             return self.out(self.emb(ids).mean(1))
 
+    # the head's own names: the alias of the tied weight (its use in the head alone)
     layout = resolve_subset(Tied(), "last_layer", torch.randint(0, 5, (2, 3)))
-    assert layout.names == ("emb.weight", "out.bias")
+    assert layout.names == ("out.weight", "out.bias")
 
 
 class _WeightNormHead(nn.Module):

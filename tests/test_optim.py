@@ -233,6 +233,45 @@ def test_kfac_errors() -> None:
         )
 
 
+class _TiedDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(3, 2)
+        self.mid = nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(torch.tanh(self.enc(x))))
+        return nn.functional.linear(h, self.enc.weight.t())  # the encoder weight again
+
+
+def test_kfac_refuses_a_weight_used_outside_its_layer_and_ggn_takes_it() -> None:
+    torch.manual_seed(0)
+    model = _TiedDecoder().double()
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 3, dtype=DT)
+    theta = flat(model)
+    opt = NaturalGradient(model.parameters(), curvature="kfac", model=model)
+    with pytest.raises(
+        ValueError,
+        match=r"optimised parameters \['enc.weight'\] must be used only inside the forward of "
+        r"their nn.Linear layer for curvature='kfac'.*Use curvature='ggn'",
+    ):
+        opt.step(lambda: (model(x), y))
+    torch.testing.assert_close(flat(model), theta, rtol=0, atol=0)  # no step was taken
+    with pytest.raises(ValueError, match=r"\['enc.weight'\] must be used only inside"):
+        opt.step(lambda: (model(x), y))  # refused again: nothing was cached by the failure
+    # a detached or logged use outside the layer does not count
+    opt = NaturalGradient(model.parameters(), curvature="kfac", model=model)
+
+    def detached():
+        h = torch.tanh(model.mid(torch.tanh(model.enc(x))))
+        return nn.functional.linear(h, model.enc.weight.detach().t()), y
+
+    opt.step(detached)
+    assert opt._kfac.checked
+    opt = NaturalGradient(model.parameters(), curvature="ggn", model=model)
+    opt.step(lambda: (model(x), y))
+
+
 # ----------------------------------------------------------------------------- against SGD
 
 

@@ -578,3 +578,70 @@ def test_links_of_a_collapsed_posterior():
     bridges = [fit.predict(case.X, link="bridge").mean for fit in fits]
     torch.testing.assert_close(bridges[0], bridges[1], rtol=1e-6, atol=0)
     assert float((bridges[0] - map_softmax).abs().max()) > 0.05
+
+
+# -- a Linear head whose weight is also used elsewhere; allocations over the budget -----------------
+
+
+class _HeadReuse(nn.Module):
+    """The head's weight also enters the body (``x @ head.weight``): J is not I ⊗ φᵀ."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x) + x @ self.head.weight))
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "lowrank"])
+def test_head_weight_used_elsewhere_is_predicted_from_jacobians(structure):
+    torch.manual_seed(0)
+    case = make_case("mlp_classification")
+    case.model = _HeadReuse().double()
+    la = quiet_fit(
+        LaplaceWrapper(case.model, "classification", structure=structure, subset="last_layer"),
+        case.loader(),
+    )
+    assert la.fitted.layout.names == ("head.weight", "head.bias")
+    x = _x_test()
+    J = dense_jacobian(case.model, x, ["head.weight", "head.bias"])
+    Sigma = la.posterior_covariance()
+    ref = torch.einsum("bcp,pq,bdq->bcd", J, Sigma, J)
+    torch.testing.assert_close(la.functional_covariance(x), ref, rtol=1e-8, atol=1e-11)
+    assert la.fitted.head is not None and la.fitted.head._shared
+    v = torch.diagonal(ref, dim1=1, dim2=2)
+    f = case.model(x).detach()
+    torch.testing.assert_close(
+        la.predict(x).mean, torch.softmax(f / (1 + math.pi / 8 * v).sqrt(), -1)
+    )
+
+
+def test_predict_allocations_are_checked_against_the_budget():
+    case = make_case("mlp_classification")  # C = 3, P = 31: one sample's J is 744 bytes
+    la = _fit(case, "diag", curvature="mc", memory_budget=600)  # hooks: no Jacobian to fit
+    x = _x_test()
+    with pytest.raises(
+        ValueError,
+        match=r"one sample's Jacobian J\(x\) \(M=3 outputs x P=31 parameters\) must fit in the "
+        r"memory budget of 5.59e-07 GB; got 6.93e-07 GB\. .*subset='last_layer'",
+    ):
+        la.predict(x)
+    with pytest.raises(ValueError, match=r"one sample's Jacobian \(M=3 outputs x P=31 parameters"):
+        la.jacobians(x)
+    la = _fit(case, "diag", memory_budget=1000)
+    with pytest.raises(
+        ValueError,
+        match=r"the 5 parameter draws of method='nn' \(P=31\) must fit in the memory budget of "
+        r".*Pass fewer n_samples",
+    ):
+        la.predict(x, "nn", n_samples=5)
+    assert la.predict(x, "nn", n_samples=4).mean.shape == (6, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"the dense output covariances J Σ Jᵀ of 14 rows \(shape \(14, 3, 3\)\) must fit in "
+        r"the memory budget .*Pass fewer inputs per call",
+    ):
+        la.functional_covariance(_x_test(n=14))
+    assert la.functional_covariance(_x_test(n=13)).shape == (13, 3, 3)

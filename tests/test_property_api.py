@@ -574,3 +574,105 @@ def _run_op(draw, chk: Checker, la: LaplaceWrapper, op: str) -> None:
 @given(data=st.data())
 def test_public_api_invariants(structure, rank, data):
     _run_example(data, structure, rank)
+
+
+class _SharedWeights(nn.Module):
+    """A tiny network with one weight used outside its layer's forward (``kind``).
+
+    ``functional``: the decoder is ``F.linear(h, inp.weight.t(), b)`` after ``inp`` ran;
+    ``two_holders``: ``l2.weight`` is ``l1.weight`` (tied modules); ``head_in_body``: the head's
+    weight also enters the body; ``called_twice``: one layer run twice (no use outside it).
+    """
+
+    def __init__(self, kind: str, d: int, C: int, act: type):
+        super().__init__()
+        self.kind, self.act = kind, act()
+        self.inp = nn.Linear(d, 3)
+        if kind == "functional":
+            self.mid = nn.Linear(3, d)
+            self.out_b = nn.Parameter(torch.randn(C) * 0.3)
+        elif kind in ("two_holders", "called_twice"):
+            self.l1 = nn.Linear(3, 3)
+            if kind == "two_holders":
+                self.l2 = nn.Linear(3, 3)
+                self.l2.weight = self.l1.weight
+        if kind != "functional":
+            self.head = nn.Linear(3, C)
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        if self.kind == "functional":  # inp.weight (3, d) reused as a (C = 3, ...) decoder
+            return nn.functional.linear(
+                self.act(self.mid(h)), self.inp.weight.t()[:, :3], self.out_b
+            )
+        if self.kind == "two_holders":
+            h = self.act(self.l2(self.act(self.l1(h))))
+        elif self.kind == "called_twice":
+            h = self.act(self.l1(self.act(self.l1(h))))
+        else:  # head_in_body
+            h = self.act(h + x[:, : self.head.weight.shape[0]] @ self.head.weight)
+        return self.head(h)
+
+
+@settings(SETTINGS, max_examples=40)
+@given(data=st.data())
+def test_shared_weights_equal_the_dense_ggn(data):
+    from cases import dense_ggn_of
+    from test_kfac import kfac_dense_reference
+
+    draw = data.draw
+    kind = draw(st.sampled_from(["functional", "two_holders", "head_in_body", "called_twice"]))
+    lik = draw(st.sampled_from(["regression", "classification", "binary"]))
+    structure, rank = draw(
+        st.sampled_from(
+            [("full", None), ("diag", None), ("kfac", None), ("lowrank", None), ("lowrank", 60)]
+        )
+    )
+    C = 1 if lik == "binary" else 3
+    if kind == "functional":  # the decoder's outputs are the d inputs
+        C, lik = 3, ("classification" if lik == "binary" else lik)
+    d = 3
+    seed = draw(st.integers(0, 2**16))
+    act = draw(st.sampled_from([nn.Tanh, nn.Sigmoid]))
+    torch.manual_seed(seed)
+    model = _SharedWeights(kind, d, C, act).double()
+    g = torch.Generator().manual_seed(seed)
+    N, bs = draw(st.integers(2, 7)), draw(st.integers(1, 4))
+    X = torch.randn(N, d, generator=g, dtype=torch.float64)
+    if lik == "regression":
+        y = torch.randn(N, C, generator=g, dtype=torch.float64)
+    elif lik == "classification":
+        y = torch.randint(0, C, (N,), generator=g)
+    else:
+        y = torch.randint(0, 2, (N,), generator=g).double()
+    loader = DataLoader(TensorDataset(X, y), batch_size=bs)
+    rank = None if rank is None else sum(p.numel() for p in model.parameters())
+    la = LaplaceWrapper(model, lik, structure=structure, rank=rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # kfac names its diagonal blocks
+        la.fit(loader)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+
+    def fn(th):
+        parts = {n: t.view(params[n].shape) for n, t in zip(names, th.split(sizes))}
+        out = torch.func.functional_call(model, parts, (X,))
+        return out
+
+    G = dense_ggn_of(fn, theta, lik, y)
+    post = la.posterior
+    if structure == "full":
+        got = post.ggn
+    elif structure == "diag":
+        got, G = torch.diag(post.ggn_diag), torch.diag(G.diagonal())
+    elif structure == "kfac":
+        shared = {"functional": ("inp",), "two_holders": ("l1", "l2"), "head_in_body": ("head",)}
+        shared["called_twice"] = ("l1",)
+        got = post.curvature.to_dense()
+        G = kfac_dense_reference(model, X, y, lik, diagonal=shared[kind])
+    else:
+        got = post.eigenvectors @ torch.diag(post.eigenvalues) @ post.eigenvectors.T
+    scale = max(1.0, float(G.abs().max()))
+    torch.testing.assert_close(got, G, rtol=1e-7, atol=1e-9 * scale)

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from cases import make_case
+from cases import dense_ggn_of, make_case, stored_curvature
 from test_kfac import kfac_dense_reference
+from torch import nn
 
 from laplace_ggn import LaplaceWrapper
 from laplace_ggn.testing import check_posterior, dense_ggn, nll_per_sample
@@ -158,3 +159,83 @@ def test_unknown_subset_name_is_refused_with_a_hint(structure):
     case = make_case("mlp_classification")
     with pytest.raises(ValueError, match=r"unknown: '0\.weigth' \(did you mean '0\.weight'"):
         LaplaceWrapper(case.model, "classification", structure=structure, subset=["0.weigth"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tied parameters: the canonical name and the aliases of further holders
+# ---------------------------------------------------------------------------------------------
+
+
+class _TiedEmbedding(nn.Module):
+    """Embedding tied to the output layer: ``out.weight`` is an alias of ``emb.weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.mix = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 5)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.emb(ids).mean(1))))
+
+
+def _tied_data():
+    torch.manual_seed(0)
+    model = _TiedEmbedding().double()
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 5, (6, 3), generator=g), torch.randint(0, 5, (6,), generator=g)
+    return model, ids, y
+
+
+def _untied_ggn(model, ids, y, names):
+    """Dense GGN with each named holder's tensor a separate input (tie_weights=False)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+
+    def fn(th):
+        parts = {n: t.view(params[n].shape) for n, t in zip(names, th.split(sizes))}
+        return torch.func.functional_call(model, parts, (ids,), tie_weights=False)
+
+    return dense_ggn_of(fn, theta, "classification", y)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kfac", "lowrank"])
+def test_alias_selects_its_holder_and_the_canonical_name_the_other_uses(structure):
+    model, ids, y = _tied_data()
+    loader = [(ids[:3], y[:3]), (ids[3:], y[3:])]
+    head = LaplaceWrapper(model, structure=structure, subset="last_layer").fit(loader)
+    assert head.fitted.layout.names == ("out.weight", "out.bias")
+    alias = LaplaceWrapper(model, structure=structure, subset=["out.bias", "out.weight"])
+    alias.fit(loader)
+    assert alias.fitted.layout.names == ("out.weight", "out.bias")
+    G = _untied_ggn(model, ids, y, ["out.weight", "out.bias"])
+    if structure == "diag":
+        G = torch.diag(G.diagonal())
+    elif structure == "kfac":  # B ⊗ A of the head [W b], scattered to W (5, 3) then b (5,)
+        with torch.no_grad():
+            phi = torch.tanh(model.mix(model.emb(ids).mean(1)))
+            p = torch.softmax(model(ids), -1)
+        a = torch.cat([phi, torch.ones(6, 1, dtype=phi.dtype)], 1)
+        B = (torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)).mean(0)
+        idx = torch.tensor([[o * 3 + j for j in range(3)] + [15 + o] for o in range(5)]).reshape(-1)
+        G = torch.zeros(20, 20, dtype=phi.dtype)
+        G[idx[:, None], idx[None, :]] = torch.kron(B, a.T @ a)
+    for la in (head, alias):
+        torch.testing.assert_close(stored_curvature(la), G, rtol=1e-9, atol=1e-11)
+    # both names: the embedding's use and the output layer's use are separate tensors of θ
+    both = LaplaceWrapper(model, structure="full", subset=["out.weight", "emb.weight"]).fit(loader)
+    assert both.fitted.layout.names == ("emb.weight", "out.weight") and both.n_params == 30
+    G2 = _untied_ggn(model, ids, y, ["emb.weight", "out.weight"])
+    torch.testing.assert_close(both.posterior.ggn, G2, rtol=1e-9, atol=1e-11)
+    state = both.state_dict()
+    back = LaplaceWrapper.from_state_dict(model, state)
+    torch.testing.assert_close(back.posterior_covariance(), both.posterior_covariance())
+    assert model.out.weight is model.emb.weight  # the user's model stays tied
+
+
+def test_unknown_name_next_to_an_alias_is_refused():
+    model, _, _ = _tied_data()
+    with pytest.raises(ValueError, match=r"unknown: 'out.weigth' \(did you mean 'out.weight'"):
+        LaplaceWrapper(model, subset=["out.weigth"])

@@ -3,7 +3,9 @@ r"""Square-root GGN rows from per-sample Jacobians, in sub-batches sized to the 
 Memory within a batch: the per-sample Jacobians ``(B, C, P')`` of the parameters outside hooked
 layers are computed for consecutive sub-batches sized so that each step's intermediates stay
 within the model's ``memory_budget`` (:func:`sub_batches`); a batch that fits is processed
-whole, as it comes.
+whole, as it comes.  A sub-batch holds at least one sample: when one sample's Jacobian, or its
+output-Hessian factor, exceeds the budget, the fit is refused before it is allocated
+(:func:`check_jacobian_memory`, :func:`checked_factor`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,19 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .._checks import check_memory
 from ..functional import FunctionalModel, ParamLayout, batch_size_of
-from ..likelihoods import as_output_curvature
+from ..likelihoods import OutputCurvature, as_output_curvature
 
-__all__ = ["ROW_COPIES", "jacobian_sqrt_diag", "jacobian_sqrt_rows", "output_count", "sub_batches"]
+__all__ = [
+    "ROW_COPIES",
+    "check_jacobian_memory",
+    "checked_factor",
+    "jacobian_sqrt_diag",
+    "jacobian_sqrt_rows",
+    "output_count",
+    "sub_batches",
+]
 
 #: Copies of the rows ``(b, K, P)`` alive at once while one sub-batch's rows are built (the
 #: rows, one layer's or the Jacobians' temporaries, the concatenated Jacobian chunks).
@@ -45,6 +56,61 @@ def output_count(fmodel: FunctionalModel, x: object) -> int:
     return int(fmodel.forward(next(fmodel.chunks(x, 1)))[0].numel())
 
 
+def _at(where: str) -> str:
+    return f" in {where}" if where else ""
+
+
+def check_jacobian_memory(
+    fmodel: FunctionalModel, M: int, layout: ParamLayout, where: str = ""
+) -> None:
+    """Refuse per-sample Jacobians ``(b, M, P')`` of ``layout`` when one sample's exceeds the budget.
+
+    Raises:
+        ValueError: Naming the parameters, the size and the way out.
+    """
+    size = torch.empty((), dtype=fmodel.dtype).element_size()
+    names = list(layout.names)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    check_memory(
+        M * layout.n_params * size,
+        fmodel.memory_budget,
+        f"one sample's Jacobian of the parameters [{shown}] (M={M} outputs x "
+        f"P={layout.n_params}){_at(where)}",
+        "These parameters are outside the layers whose curvature comes from layer hooks (or "
+        "are also used outside them), so their curvature needs per-sample Jacobians. Fit a "
+        "subset without them (subset='last_layer' or a list of names), or raise memory_budget=.",
+    )
+
+
+def checked_factor(
+    out: OutputCurvature,
+    fmodel: FunctionalModel,
+    f: Tensor,
+    mask: Tensor | None,
+    y: Tensor | None = None,
+    where: str = "",
+) -> Tensor:
+    """The factor ``L`` ``(B, M, K)`` of a batch (see ``OutputCurvature.factor``), if it fits.
+
+    Returns:
+        The factor.
+
+    Raises:
+        ValueError: If one sample's ``M·K`` entries exceed the memory budget (before the
+            batch's are allocated; like the model's activations, the batch is the user's).
+    """
+    M = f[0].numel()
+    K = out.n_samples if out.mc else M
+    check_memory(
+        M * K * f.element_size(),
+        fmodel.memory_budget,
+        f"one sample's output-Hessian factor L (M={M} outputs x K={K} columns){_at(where)}",
+        "With many outputs or positions pass curvature='mc' (n_mc_samples columns instead of "
+        "M), or raise memory_budget=.",
+    )
+    return out.factor(f, mask, y)
+
+
 def jacobian_sqrt_rows(
     fmodel: FunctionalModel,
     x: object,
@@ -55,6 +121,7 @@ def jacobian_sqrt_rows(
     L: Tensor | None = None,
     y: Tensor | None = None,
     where: str = "",
+    n_outputs: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Rows :math:`L_n^\top J_n` for the parameters of ``layout`` from per-sample Jacobians.
 
@@ -68,16 +135,22 @@ def jacobian_sqrt_rows(
             parameter of a batch).
         y: Targets marking ignored positions (used when ``L`` is drawn here).
         where: Location for error messages.
+        n_outputs: M, if known without ``f`` or ``L`` (else one sample is run to find it).
 
     Returns:
         ``(R, f, L)``: rows ``(B, K, P')``, outputs and the factor.
+
+    Raises:
+        ValueError: If one sample's Jacobian or the factor exceeds the memory budget.
     """
-    M = None if f is None else f[0].numel()
+    M = f[0].numel() if f is not None else L.shape[1] if L is not None else n_outputs
+    M = M or output_count(fmodel, x)
+    check_jacobian_memory(fmodel, M, layout, where)
     J, f_jac = fmodel.jacobians_wrt(x, layout, n_outputs=M)  # (B, M, P')
     f = f_jac if f is None else f
     if L is None:
         out = as_output_curvature(likelihood)
-        L = out.factor(f, out.mask(f, y, where), y)
+        L = checked_factor(out, fmodel, f, out.mask(f, y, where), y, where)
     return torch.einsum("bmp,bmk->bkp", J, L), f, L
 
 
@@ -119,7 +192,9 @@ def jacobian_sqrt_diag(
         fc = None if f is None else f[start : start + b]
         Lc = None if L is None else L[start : start + b]
         yc = None if y is None else y[start : start + b]
-        R, fc, _ = jacobian_sqrt_rows(fmodel, xc, layout, likelihood, fc, L=Lc, y=yc, where=where)
+        R, fc, _ = jacobian_sqrt_rows(
+            fmodel, xc, layout, likelihood, fc, L=Lc, y=yc, where=where, n_outputs=M
+        )
         d += R.pow(2).sum((0, 1))
         fs.append(fc)
         del R

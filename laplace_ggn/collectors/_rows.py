@@ -27,6 +27,8 @@ ignored targets (``y`` passed to ``update``) have zero rows.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -39,9 +41,15 @@ from ..functional import (
     capture_layers,
     is_model_output,
 )
-from ..layers import affine_layers, check_layer_inputs
+from ..layers import affine_layers, check_layer_inputs, layer_owners, trace_foreign_uses
 from ..likelihoods import OutputCurvature, as_output_curvature
-from ._jacobian import ROW_COPIES, jacobian_sqrt_diag, jacobian_sqrt_rows, sub_batches
+from ._jacobian import (
+    ROW_COPIES,
+    checked_factor,
+    jacobian_sqrt_diag,
+    jacobian_sqrt_rows,
+    sub_batches,
+)
 
 __all__ = ["SqrtGGNRows"]
 
@@ -55,9 +63,12 @@ class SqrtGGNRows:
     :math:`L_n` gives the output gradients ``g`` ``(K, B, ..., O)``, and the rows of the
     weight are :math:`g_{nk} \otimes a_n` (summed over extra dimensions).  Other parameters
     use chunked per-sample Jacobians, and so do those of a layer whose forward never runs (its
-    weights used directly, as ``nn.MultiheadAttention`` does with ``out_proj``).  If a hooked
-    layer turns out to run more than once, every parameter falls back to Jacobians from then
-    on.
+    weights used directly, as ``nn.MultiheadAttention`` does with ``out_proj``), and so does
+    a parameter that the first hooked pass sees used outside its layer's forward (a weight
+    tied to another module, or reused by a functional call; see
+    :func:`~laplace_ggn.layers.trace_foreign_uses`), whose rows the layer's hooks would
+    miss.  If a hooked layer turns out to run more than once, every parameter falls back to
+    Jacobians from then on.
 
     Args:
         fmodel: The functional model.
@@ -74,6 +85,7 @@ class SqrtGGNRows:
         self.modules: dict[str, nn.Module] = {m: lay.module for m, lay in self.layers.items()}
         self._set_rest()
         self.hooks_ok = bool(self.modules)
+        self.traced = False  # the first hooked pass traces the uses of the hooked parameters
         self.n_outputs: int | None = None  # M, found on the first batch
 
     def outputs(self, x: object, where: str = "") -> int:
@@ -123,6 +135,17 @@ class SqrtGGNRows:
         self.hooks_ok = False
         self.rest = self.fmodel.layout
 
+    def _drop(self, names: set[str]) -> None:
+        """Take the parameters ``names`` from Jacobians instead of their layer's hooks."""
+        for m, lay in list(self.layers.items()):
+            w = None if lay.weight in names else lay.weight
+            b = None if lay.bias in names else lay.bias
+            if w or b:
+                self.layers[m] = dataclasses.replace(lay, weight=w, bias=b)
+            else:
+                del self.layers[m], self.modules[m]
+        self._set_rest()
+
     def layer_grads(
         self, x: object, y: Tensor | None = None, where: str = "", *, skip_heads: bool = False
     ) -> tuple[dict | None, Tensor, Tensor | None, Tensor | None]:
@@ -143,7 +166,12 @@ class SqrtGGNRows:
         params = {
             n: t.detach().requires_grad_(True) for n, t in fm.layout.unflatten(fm.theta).items()
         }
-        with capture_layers(self.modules) as records:
+        trace = (
+            contextlib.nullcontext()
+            if self.traced
+            else trace_foreign_uses(layer_owners(self.layers, params), fm.module)
+        )
+        with capture_layers(self.modules) as records, trace as uses:
             f = fm.call_dict(params, x)
         check_layer_inputs(records, where)
         out = self.likelihood
@@ -151,13 +179,19 @@ class SqrtGGNRows:
         mask = out.mask(fd, y, where)
         if any(len(r.outputs) > 1 for r in records.values()):
             return None, fd, None, mask
+        if uses is not None:  # the first hooked pass: shared weights go to the Jacobians
+            self.traced = True
+            foreign = uses.names(f)
+            if foreign:
+                self._drop(foreign)
+                records = {m: r for m, r in records.items() if m in self.modules}
         silent = [m for m, r in records.items() if not r.outputs]
         if silent:  # e.g. nn.MultiheadAttention's out_proj: its weights are used, not its forward
             for m in silent:
                 del self.modules[m], self.layers[m], records[m]
             self._set_rest()
-            if not self.modules:
-                return None, fd, None, mask
+        if not self.modules:
+            return None, fd, None, mask
         heads = {
             m
             for m in self.modules
@@ -167,7 +201,7 @@ class SqrtGGNRows:
         grads = {m: (records[m].inputs[0].detach(), None) for m in heads}
         L = None
         if need:
-            L = out.factor(fd, mask, y)  # (B, M, K)
+            L = checked_factor(out, fm, fd, mask, y, where)  # (B, M, K)
             cot = L.permute(2, 0, 1).reshape(L.shape[2], *f.shape)  # (K, B, ..., C)
             outs = [records[m].outputs[0] for m in need]
             for m, g in zip(need, batched_output_grads(f, outs, cot)):

@@ -20,35 +20,46 @@ the prompt of a language model) stay.
 
 Parameters outside Kronecker-factored layers (other module types, Linear layers run more than
 once per forward pass, tied weights, grouped or non-zero-padded convolutions) get the exact
-diagonal of their GGN block instead; the collector warns once, naming them.
+diagonal of their GGN block instead; the collector warns once, naming them.  So do the layers
+whose weight or bias the first batch sees used outside the layer's forward (a weight reused by
+a functional call, e.g. ``F.linear(h, self.enc.weight.t())``; see
+:func:`~laplace_ggn.layers.trace_foreign_uses`): the Kronecker factors of the layer would
+miss that use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_finite, shape_str
+from .._checks import check_finite
 from ..functional import (
     FunctionalModel,
-    ParamLayout,
     batched_output_grads,
     capture_layers,
     is_model_output,
 )
 from ..kfac import KFACCurvature, KroneckerBlock
-from ..layers import AffineLayer, affine_layers, check_layer_inputs, with_bias_column
+from ..layers import (
+    AffineLayer,
+    ForeignUses,
+    affine_layers,
+    check_layer_inputs,
+    layer_owners,
+    trace_foreign_uses,
+    with_bias_column,
+)
 from ..likelihoods import as_output_curvature
 from ..posteriors._common import make_prior
 from ..posteriors.kfac import check_kfac_prior
-from ._jacobian import jacobian_sqrt_diag
+from ._jacobian import checked_factor, jacobian_sqrt_diag
 from .base import Collector, Reduction
 
-__all__ = ["BatchKFAC", "KFACCollector", "make_kfac_collector"]
+__all__ = ["KFACCollector", "make_kfac_collector"]
 
 SUM = Reduction.SUM
 _FACTOR_STATES = ("A", "B", "count")
@@ -88,9 +99,9 @@ class KFACCollector(Collector):
     each followed by :meth:`finalize` divides B by the *global* count and gives the
     single-process factors.  With ``mc`` every rank should use its own seed.  A collector that
     has seen no data reports zeros of the same names and shapes, except when a layer runs more
-    than once per forward pass: the first batch moves such layers to the diagonal part, which
-    a rank without data cannot know (the entries then differ between ranks and the reduction
-    refuses them).
+    than once per forward pass or has a weight used outside it: the first batch moves such
+    layers to the diagonal part, which a rank without data cannot know (the entries then
+    differ between ranks and the reduction refuses them).
     """
 
     def __init__(
@@ -145,11 +156,17 @@ class KFACCollector(Collector):
         params = {
             n: t.detach().requires_grad_(True) for n, t in fm.layout.unflatten(fm.theta).items()
         }
+        trace = (
+            contextlib.nullcontext()
+            if self._checked
+            else trace_foreign_uses(layer_owners(self.layers, params), fm.module)
+        )
         with capture_layers({m: lay.module for m, lay in self.layers.items()}) as records:
-            f = fm.call_dict(params, x)
+            with trace as uses:
+                f = fm.call_dict(params, x)
         check_layer_inputs(records, where)
         if not self._checked:
-            self._first_batch_checks(records)
+            self._first_batch_checks(records, uses, f)
         elif any(len(records[m].outputs) != 1 for m in self.layers):
             bad = [m for m in self.layers if len(records[m].outputs) != 1]
             raise RuntimeError(
@@ -169,7 +186,8 @@ class KFACCollector(Collector):
             and is_model_output(records[m].outputs[0], f)
         }
         need = [m for m in self.layers if m not in heads]
-        L = out.factor(fd, mask, y) if need else None  # (B, M, K): one draw for every layer
+        # (B, M, K): one draw for every layer
+        L = checked_factor(out, fm, fd, mask, y, where) if need else None
         grads = {}
         if need:
             cot = L.permute(2, 0, 1).reshape(L.shape[2], *fd.shape)  # (K, B, ..., C)
@@ -195,9 +213,14 @@ class KFACCollector(Collector):
             self.diag += d
         return fd
 
-    def _first_batch_checks(self, records) -> None:
+    def _first_batch_checks(self, records, uses: ForeignUses, f: Tensor) -> None:
         self._checked = True
-        again = [m for m in self.layers if len(records[m].outputs) != 1]
+        foreign = uses.names(f)
+        again = [
+            m
+            for m, lay in self.layers.items()
+            if len(records[m].outputs) != 1 or {lay.weight, lay.bias} & foreign
+        ]
         for m in again:
             del self.layers[m]
             for kind in _FACTOR_STATES:
@@ -212,8 +235,8 @@ class KFACCollector(Collector):
             warnings.warn(
                 f"kfac: parameters {list(self.rest.names)} are not in a Kronecker-factored "
                 "nn.Linear / nn.Conv2d layer (other module type, a layer run more than once, "
-                "tied weights or a grouped/padded-mode convolution); they get exact diagonal "
-                "GGN blocks.",
+                "tied weights, a weight also used outside its layer, or a grouped/padded-mode "
+                "convolution); they get exact diagonal GGN blocks.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -274,100 +297,3 @@ class KFACCollector(Collector):
     def _after_load(self) -> None:
         """A rank that saw no data can :meth:`finalize` after loading the reduced sums."""
         self._checked = True
-
-
-class BatchKFAC:
-    """KFAC of one batch for :class:`~laplace_ggn.optim.NaturalGradient`, from a closure's graph.
-
-    The ``nn.Linear`` layers of the optimised parameters are hooked while the closure runs
-    (:meth:`recording`); :meth:`curvature` back-propagates the columns of the output Hessian's
-    square root through the recorded outputs.
-
-    Args:
-        model: The module the closure runs.
-        params: The optimised parameters, in order.
-
-    Raises:
-        ValueError: If a parameter lies outside the ``nn.Linear`` layers of ``model``.
-    """
-
-    def __init__(self, model: nn.Module, params: list[Tensor]):
-        names = {id(p): n for n, p in model.named_parameters()}
-        owned = {
-            id(p)
-            for layer in affine_layers(model).values()
-            for p in (layer.module.weight, layer.module.bias)
-            if p is not None
-        }
-        bad = [
-            names.get(id(p), f"<tensor {shape_str(p.shape)} not in model>")
-            for p in params
-            if id(p) not in owned
-        ]
-        if bad:
-            raise ValueError(
-                f"every optimised parameter must belong to an nn.Linear layer of model for "
-                f"curvature='kfac'; got {bad} outside. Use curvature='ggn' for other layers."
-            )
-        self.names = [names[id(p)] for p in params]
-        self.layout = ParamLayout(tuple(self.names), tuple(p.shape for p in params))
-        self.layers = affine_layers(model, self.names)
-
-    @staticmethod
-    @contextmanager
-    def recording(kfac: BatchKFAC | None, records: dict[str, list[tuple[Tensor, Tensor]]]):
-        """Record ``(input, output)`` of every factored layer while the closure runs."""
-        layers = {} if kfac is None else kfac.layers
-        records.update({m: [] for m in layers})
-        hooks = [
-            lay.module.register_forward_hook(
-                lambda _m, inp, out, name=mname: records[name].append((inp[0], out))
-            )
-            for mname, lay in layers.items()
-        ]
-        try:
-            yield records
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def curvature(
-        self,
-        f: Tensor,
-        records: dict[str, list[tuple[Tensor, Tensor]]],
-        lik: object,
-        sigma2: float,
-    ) -> KFACCurvature:
-        """Kronecker factors of the batch GGN from the recorded layer inputs and outputs.
-
-        Returns:
-            The KFAC curvature of the optimised parameters (no diagonal part).
-
-        Raises:
-            ValueError: If a factored layer did not run exactly once.
-        """
-        again = [m for m, r in records.items() if len(r) != 1]
-        if again:
-            raise ValueError(
-                f"layers {again} must run exactly once per forward pass for curvature='kfac'; "
-                f"got {[len(records[m]) for m in again]} calls. Use curvature='ggn'."
-            )
-        fd = f.detach()
-        L = lik.sqrt_hessian(fd) / sigma2**0.5  # (B, C, K)
-        outs = [records[m][0][1] for m in self.layers]
-        gsum = [None] * len(outs)
-        for k in range(L.shape[2]):
-            gk = torch.autograd.grad(
-                f, outs, grad_outputs=L[:, :, k], retain_graph=True, materialize_grads=True
-            )
-            for i, g in enumerate(gk):
-                g2 = g.detach().reshape(-1, g.shape[-1])
-                gsum[i] = g2.T @ g2 if gsum[i] is None else gsum[i] + g2.T @ g2
-        blocks = []
-        for i, (mname, lay) in enumerate(self.layers.items()):
-            a = records[mname][0][0].detach()
-            a2 = a.reshape(-1, a.shape[-1])
-            a_t = with_bias_column(a2, bool(lay.weight), bool(lay.bias))
-            blocks.append(KroneckerBlock(lay.weight, lay.bias, a_t.T @ a_t, gsum[i] / a2.shape[0]))
-        empty = torch.zeros(0, dtype=fd.dtype, device=fd.device)
-        return KFACCurvature(self.layout, tuple(blocks), (), empty)

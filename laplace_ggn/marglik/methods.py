@@ -166,6 +166,7 @@ class GridSearch:
             n_outputs=fitted.statistics.n_outputs,
             progress=progress,
             ignore_index=fitted.reader.ignore_index,
+            head=fitted.head,
         )
         hp = fitted.hyperparameters.replace(prior_precision=result.best, predictive_temperature=1.0)
         edge = grid_edge_warning(result, explicit_grid=self.grid is not None)
@@ -245,6 +246,7 @@ class MarglikTemperature:
                 n_samples=self.n_samples,
                 generator=self.generator,
                 n_outputs=fitted.statistics.n_outputs,
+                head=fitted.head,
             )
             probs.append(pred.mean)
             y = y.to(fitted.fmodel.device)

@@ -15,9 +15,9 @@ from .._checks import Likelihood, Link, PredictMethod, is_integer, shape_str
 from ..likelihoods import DEFAULT_IGNORE_INDEX, observations
 from ..predictive import (
     Prediction,
-    functional_moments,
     glm_from_moments,
     nn_predictive,
+    output_covariance,
     predictive_nll,
     resolve_options,
 )
@@ -112,6 +112,7 @@ def gridsearch(
     n_outputs: int,
     progress: bool = False,
     ignore_index: int | None = DEFAULT_IGNORE_INDEX,
+    head=None,
 ) -> GridsearchResult:
     r"""Score each prior precision by the mean validation NLL of the predictive.
 
@@ -136,6 +137,8 @@ def gridsearch(
         n_outputs: C.
         progress: Show a progress bar.
         ignore_index: Classification / binary target value to leave out.
+        head: The subset's :class:`~laplace_ggn.head.LinearHead`: covariances from its
+            features, no Jacobians cached.
 
     Returns:
         The :class:`GridsearchResult`.
@@ -151,7 +154,11 @@ def gridsearch(
     P, elt = fmodel.n_params, fmodel.theta.element_size()
     prepared = []
     n_val = sum(_batch_len(y) for _, y in batches)
-    cache = m is PredictMethod.GLM and n_val * n_outputs * P * elt <= fmodel.memory_budget
+    cache = (
+        m is PredictMethod.GLM
+        and head is None
+        and n_val * n_outputs * P * elt <= fmodel.memory_budget
+    )
     cached_bytes = 0
     with torch.no_grad():
         for x, y in batches:
@@ -193,7 +200,9 @@ def gridsearch(
                         )
                     else:
                         if J is None:
-                            f, cov = functional_moments(fmodel, post, x, n_outputs=n_outputs)
+                            f, cov = output_covariance(
+                                fmodel, post, x, n_outputs=n_outputs, head=head
+                            )
                         else:
                             cov = post.functional_covariance(J)
                         pred = glm_from_moments(
