@@ -29,6 +29,7 @@ from .operators import (
 from .optim import NaturalGradient
 from .predictive import Prediction
 from .preference import predict_preference
+from .training import MarglikHistory, MarglikTrainingResult, marglik_training
 from .wrapper import LaplaceWrapper
 
 __version__ = "0.1.0"
@@ -36,6 +37,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LaplaceWrapper",
     "FittedLaplace",
+    "marglik_training",
+    "MarglikTrainingResult",
+    "MarglikHistory",
     "Hyperparameters",
     "Marglik",
     "GridSearch",

@@ -7,6 +7,7 @@ and gives the structure's functions their :class:`~laplace_ggn.structures.Struct
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,11 +22,63 @@ from ._checks import (
     is_integer,
 )
 from .likelihoods import DEFAULT_IGNORE_INDEX, LikelihoodModel, get_likelihood
+from .model_io import output_tensor
 from .private_model import compute_dtype
 from .reader import BatchReader
 from .structures import STRUCTURES, StructureOptions, StructureSpec, resolve_structure
 
-__all__ = ["FitOptions", "gigabytes", "memory_message"]
+__all__ = [
+    "FitOptions",
+    "LogitTemperature",
+    "check_logit_temperature",
+    "gigabytes",
+    "memory_message",
+]
+
+
+class LogitTemperature:
+    r"""The model's outputs divided by T: the likelihood :math:`\mathrm{softmax}(f/T)`.
+
+    Composed after the user's ``output_fn``, so that curvature, evidence and predictive all
+    see :math:`f/T` (Jacobians :math:`J/T`); see ``LaplaceWrapper(logit_temperature=)``.
+
+    Args:
+        temperature: T > 0.
+        output_fn: The user's map from the model output to the tensor (``None``: default).
+    """
+
+    def __init__(self, temperature: float, output_fn: Callable[[object], Tensor] | None):
+        self.temperature, self.output_fn = temperature, output_fn
+
+    def __call__(self, out: object) -> Tensor:
+        """The output tensor divided by T."""
+        return output_tensor(out, self.output_fn) / self.temperature
+
+
+def check_logit_temperature(value: object, likelihood: object) -> float:
+    """The logit temperature T as a float, checked.
+
+    Returns:
+        T.
+
+    Raises:
+        TypeError: If ``value`` is not a number (or 0-dim tensor).
+        ValueError: If it is not finite and > 0, or not 1 for regression.
+    """
+    if isinstance(value, Tensor) and value.ndim == 0:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"logit_temperature must be a float; got {type(value).__name__}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"logit_temperature must be finite and > 0; got {value}.")
+    lik = get_likelihood(likelihood)
+    if value != 1 and not lik.predicts_probabilities:
+        raise ValueError(
+            f"logit_temperature applies to likelihoods that predict probabilities "
+            f"('classification', 'binary'); got logit_temperature={value} with likelihood="
+            f"{lik.name!r}."
+        )
+    return float(value)
 
 
 def gigabytes(n_bytes: float) -> str:
@@ -51,9 +104,12 @@ class FitOptions:
         curvature: Exact GGN or Monte-Carlo Fisher.
         n_mc_samples: S of ``curvature="mc"`` (``None``: 1).
         memory_budget: Bytes for chunked intermediates and the largest dense structure.
-        output_fn: Map from the model's output to the ``(B, C)`` tensor, or ``None``.
+        output_fn: Map from the model's output to the ``(B, C)`` tensor the likelihood sees
+            (the user's ``output_fn`` divided by ``logit_temperature``), or ``None``.
         reader: How batches are read.
         likelihood_model: The likelihood object (``likelihood_model.name`` in messages).
+        logit_temperature: T of the likelihood ``softmax(f/T)`` (1: none).
+        user_output_fn: The user's ``output_fn``.
     """
 
     model: nn.Module
@@ -67,6 +123,8 @@ class FitOptions:
     output_fn: Callable[[object], Tensor] | None
     reader: BatchReader
     likelihood_model: LikelihoodModel | None = None
+    logit_temperature: float = 1.0
+    user_output_fn: Callable[[object], Tensor] | None = None
 
     @classmethod
     def create(
@@ -84,6 +142,7 @@ class FitOptions:
         target_key: object = None,
         memory_budget: object = DEFAULT_MEMORY_BUDGET,
         output_fn: object = None,
+        logit_temperature: object = 1.0,
     ) -> FitOptions:
         """Validate the options of ``LaplaceWrapper(...)`` (arguments as there).
 
@@ -147,6 +206,7 @@ class FitOptions:
             raise ValueError(
                 f"memory_budget must be a positive int (bytes); got {memory_budget!r}."
             )
+        T = check_logit_temperature(logit_temperature, lik)
         reader = BatchReader(
             model,
             param.dtype,
@@ -165,9 +225,11 @@ class FitOptions:
             curvature,
             n_mc,
             int(memory_budget),
-            output_fn,
+            output_fn if T == 1 else LogitTemperature(T, output_fn),
             reader,
             lik,
+            T,
+            output_fn,
         )
 
     @property
@@ -199,7 +261,8 @@ class FitOptions:
         names = ("model", "likelihood", "structure", "subset", "rank", "curvature")
         attrs = {name: getattr(self, name) for name in names}
         attrs.update(n_mc_samples=self.n_mc_samples, memory_budget=self.memory_budget)
-        attrs.update(output_fn=self.output_fn, ignore_index=self.reader.ignore_index)
+        attrs.update(output_fn=self.user_output_fn, ignore_index=self.reader.ignore_index)
+        attrs.update(logit_temperature=self.logit_temperature)
         attrs.update(input_key=self.reader.input_key, target_key=self.reader.target_key)
         return attrs
 

@@ -175,6 +175,9 @@ class Hyperparameters:
         sigma_noise: σ, shape ``()``, or ``(D,)`` with one σ per output.
         temperature: τ, dividing the curvature.
         predictive_temperature: T of classification predictions, shape ``()``.
+        prior_mean: θ₀, shape ``(P,)`` (``None``: 0); not tuned.
+        prior_base: Curvature of earlier data carried into the prior (``None``: none; see
+            :class:`~laplace_ggn.posteriors.Prior`); not tuned.
     """
 
     likelihood: Likelihood | LikelihoodModel
@@ -182,6 +185,8 @@ class Hyperparameters:
     sigma_noise: Tensor
     temperature: float
     predictive_temperature: Tensor
+    prior_mean: Tensor | None = None
+    prior_base: object = None
 
     @classmethod
     def create(
@@ -271,8 +276,11 @@ class Hyperparameters:
 
         Raises:
             ValueError: If the precision's shape fits neither a scalar, one value per tensor
-                nor one per parameter of ``layout``.
+                nor one per parameter of ``layout``, or the prior mean is not ``(P,)``.
         """
         prec = self.prior_precision if precision is None else precision
         ref = self.sigma_noise
-        return make_prior(prec, layout, dtype=ref.dtype, device=ref.device)
+        return make_prior(
+            prec, layout, dtype=ref.dtype, device=ref.device, mean=self.prior_mean,
+            base=self.prior_base,
+        )  # fmt: skip

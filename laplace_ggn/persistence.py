@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import Curvature, Likelihood, as_enum, near_matches, shape_str
+from .continual.prior import check_saved_prior, save_prior_base, saved_prior_options
 from .likelihoods import restore_likelihood
 from .per_output import split_state
 from .posterior_states import SavedSubset, check_keys, describe, is_int, state_tensor
@@ -316,6 +317,7 @@ def check_state(state: object, model: nn.Module, structures: Mapping[str, object
     _check_stats(state["fit_statistics"])
     saved = SavedSubset(structure, subset, shapes)
     _check_posterior(state["posterior"], structures[structure].check_state, saved)
+    check_saved_prior(state, P, structures[structure].check_state, saved, _check_posterior)
     ref = next(iter(model.parameters()))
     dtype = compute_dtype(ref.dtype)  # float32 for a half-precision model
     post = {
@@ -361,6 +363,7 @@ def save_state(fitted, options) -> dict:
             k: v.detach().clone() if isinstance(v, Tensor) else v
             for k, v in fitted.posterior.state_dict().items()
         },
+        **save_prior_base(hp, options.logit_temperature),
     }
 
 
@@ -391,4 +394,5 @@ def saved_options(state: Mapping, likelihood: object = None) -> dict:
         "input_key": state["input_key"],
         "target_key": state["target_key"],
         "memory_budget": state["memory_budget"],
+        **saved_prior_options(state),
     }

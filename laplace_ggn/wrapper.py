@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from . import continual as _continual
 from . import marglik as _marglik
 from ._checks import DEFAULT_MEMORY_BUDGET, Curvature, Likelihood, Link, PredictMethod, Structure
 from .diagnostics import KernelDecomposition, decompose_fitted
@@ -63,6 +64,8 @@ class LaplaceWrapper:
         target_key: Key of the targets (``None``: ``"target"``, ``"labels"`` or ``"label"``).
         memory_budget: Bytes for chunked intermediates and the largest dense structure.
         output_fn: Map from the model's output to the ``(B, C)`` tensor (not saved).
+        prior_mean: θ₀ ``(P,)``, or a fitted wrapper whose posterior is the prior (``docs/continual.md``).
+        logit_temperature: T of the likelihood ``softmax(f / T)``: outputs are divided by it.
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module`` or an option has the wrong type.
@@ -96,15 +99,20 @@ class LaplaceWrapper:
         target_key: str | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         output_fn: Callable[[object], Tensor] | None = None,
+        prior_mean: Tensor | LaplaceWrapper | None = None,
+        logit_temperature: float = 1.0,
     ):
         o = self._options = FitOptions.create(
             model, likelihood, structure=structure, subset=subset, rank=rank,
             curvature=curvature, n_mc_samples=n_mc_samples, ignore_index=ignore_index,
             input_key=input_key, target_key=target_key, memory_budget=memory_budget,
-            output_fn=output_fn,
+            output_fn=output_fn, logit_temperature=logit_temperature,
         )  # fmt: skip
         self._layout, self._initial = initial_state(
             o, prior_precision=prior_precision, sigma_noise=sigma_noise, temperature=temperature
+        )
+        self._initial = _continual.resolve_prior_mean(
+            prior_mean, o, self._layout, self._initial, (prior_precision, sigma_noise, temperature)
         )
         # the options as public attributes (la.structure, la.rank, la.input_key, ...)
         vars(self).update(o.attributes(), temperature=self._initial.temperature)
@@ -161,6 +169,7 @@ class LaplaceWrapper:
         distributed: bool | None = None,
         process_group: object = None,
         generator: torch.Generator | None = None,
+        accumulate: bool = False,
     ) -> LaplaceWrapper:
         """Collect the curvature in one pass over the data and build the posterior.
 
@@ -170,21 +179,25 @@ class LaplaceWrapper:
             distributed: Reduce over ``torch.distributed`` ranks (``None``: if initialised).
             process_group: Group to reduce over (default: the default group).
             generator: Random generator of the label draws of ``curvature="mc"``.
+            accumulate: Add to the stored fit's curvature, keeping its hyperparameters (``docs/continual.md``).
 
         Returns:
-            ``self``, fitted at the constructor's hyperparameters (a refit drops those of
-            tuning and its ``*_result_`` curves); on error the previous state is kept.
+            ``self``, fitted at the constructor's hyperparameters (``accumulate=True``: the
+            stored fit's; a refit drops the ``*_result_`` curves of tuning); on error the
+            previous state is kept.
 
         Raises:
             ValueError: If the data is empty, malformed, not finite or does not fit the
                 likelihood, or the structure exceeds the memory budget.
             TypeError: If the loader, targets or ``generator`` have the wrong type.
         """
-        self.fitted = fit_laplace(
-            self._options, self._initial, self._layout, train_loader,
-            progress=progress, distributed=distributed, process_group=process_group,
-            generator=generator,
+        stored = _continual.stored_fit(self.fitted) if accumulate else None
+        fitted = fit_laplace(
+            self._options, self._initial if stored is None else stored.hyperparameters,
+            self._layout, train_loader, progress=progress, distributed=distributed,
+            process_group=process_group, generator=generator,
         )  # fmt: skip
+        self.fitted = _continual.combine(fitted, stored, rank=self.rank)
         self._layout = self.fitted.layout
         for name in _marglik.Tuned.RESULT_NAMES:
             vars(self).pop(name, None)
@@ -230,6 +243,10 @@ class LaplaceWrapper:
         )  # fmt: skip
         self.fitted = fitted.with_hyperparameters(hp)
         return self
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        """Posterior log density at ``theta`` ``(P,)`` / ``(..., P)``, differentiable (:func:`.continual.log_prob`)."""
+        return _continual.log_prob(self._require_fit("log_prob()"), theta)
 
     def jacobians(self, x: object) -> tuple[Tensor, Tensor]:
         """``(J, f)`` at θ*, shapes ``(B, C, P)`` and ``(B, C)`` (with T for sequence outputs)."""
@@ -357,6 +374,7 @@ class LaplaceWrapper:
         """
         state = check_state(state, model, STRUCTURES)
         la = cls(model, **saved_options(state, likelihood), output_fn=output_fn)
+        la._initial = _continual.restore_prior_base(la._initial, state, la._layout)
         hp = la._initial.replace(predictive_temperature=state.get("predictive_temperature", 1.0))
         la.fitted = restore_fitted(la._options, hp, la._layout, state)
         return la

@@ -11,7 +11,34 @@ from torch import Tensor
 from ..likelihoods import FitStatistics
 from ..posteriors import PriorKind, spectrum_of
 
-__all__ = ["SpectralEvidence", "check_evidence", "curvature_spectrum", "log_marginal_likelihood"]
+__all__ = [
+    "SpectralEvidence",
+    "check_evidence",
+    "curvature_spectrum",
+    "log_marginal_likelihood",
+    "prior_terms",
+]
+
+
+def prior_terms(posterior) -> tuple[Tensor, Tensor]:
+    r"""The prior's terms of the evidence: :math:`(\theta_*-\theta_0)^\top\Lambda_0(\theta_*-\theta_0)` and :math:`\log|\Lambda_0|`.
+
+    A prior that carries the curvature :math:`G_0` of earlier data (a posterior used as the
+    prior, :mod:`laplace_ggn.continual`) has :math:`\Lambda_0 = sG_0 + D` with the
+    posterior's curvature scale s.
+
+    Args:
+        posterior: A posterior (its ``prior``, ``mean`` and, with a carried curvature, ``scale``).
+
+    Returns:
+        The quadratic form and the log determinant, shapes ``()``.
+    """
+    prior = posterior.prior
+    quad, log_det = prior.quadratic(posterior.mean), prior.log_det()
+    if prior.base is not None:
+        quad = quad + posterior.scale * prior.base.quadratic(prior.centered(posterior.mean))
+        log_det = prior.base.log_det(prior, posterior.scale)
+    return quad, log_det
 
 
 def log_marginal_likelihood(
@@ -28,14 +55,9 @@ def log_marginal_likelihood(
     Returns:
         The log marginal likelihood, differentiable in the prior precision and σ.
     """
-    prior = posterior.prior
     nll = likelihood.nll_from_statistics(stats, sigma_noise)
-    return (
-        -nll
-        - 0.5 * prior.quadratic(posterior.mean)
-        - 0.5 * posterior.log_det()
-        + 0.5 * prior.log_det()
-    )
+    quad, prior_log_det = prior_terms(posterior)
+    return -nll - 0.5 * quad - 0.5 * posterior.log_det() + 0.5 * prior_log_det
 
 
 def check_evidence(
@@ -61,13 +83,13 @@ def check_evidence(
     """
     if bool(torch.isfinite(value.detach()).all()):
         return
-    prior = posterior.prior
     with torch.no_grad():
+        quad, prior_log_det = prior_terms(posterior)
         terms = {
             "the training loss ℓ(θ*)": likelihood.nll_from_statistics(stats, sigma_noise),
-            "the prior term ½(θ*−θ₀)ᵀΛ₀(θ*−θ₀)": 0.5 * prior.quadratic(posterior.mean),
+            "the prior term ½(θ*−θ₀)ᵀΛ₀(θ*−θ₀)": 0.5 * quad,
             "½ log|Λ| (posterior precision)": 0.5 * posterior.log_det(),
-            "½ log|Λ₀| (prior precision)": 0.5 * prior.log_det(),
+            "½ log|Λ₀| (prior precision)": 0.5 * prior_log_det,
         }
     bad = [f"{k} = {float(v):.3g}" for k, v in terms.items() if not bool(torch.isfinite(v))]
     detail = (
@@ -110,8 +132,11 @@ def curvature_spectrum(posterior, kind: PriorKind) -> Tensor | None:
 
     Returns:
         λ in the order that matches the prior's per-parameter diagonal where that matters
-        (diag structure), or ``None`` if no shared spectrum exists for this pair.
+        (diag structure), or ``None`` if no shared spectrum exists for this pair (or the prior
+        carries the curvature of earlier data).
     """
+    if posterior.prior.base is not None:
+        return None
     return spectrum_of(posterior, kind)
 
 
@@ -135,7 +160,7 @@ class SpectralEvidence:
 
     Args:
         lam: Spectrum λ, shape ``(P,)`` (see :func:`curvature_spectrum`).
-        mean: θ*, shape ``(P,)`` (the prior mean is 0).
+        mean: θ* − θ₀, shape ``(P,)`` (θ₀ the prior mean).
         stats: Training-loss statistics at θ*.
         likelihood: The likelihood object.
         kind: Prior structure: ``u`` has shape ``()``, ``(T,)`` or ``(P,)``.

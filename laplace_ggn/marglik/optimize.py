@@ -194,7 +194,7 @@ def optimize_marglik(
     if lam is not None:
         spectral = SpectralEvidence(
             lam,
-            posterior.mean,
+            posterior.prior.centered(posterior.mean),
             stats,
             likelihood,
             kind=kind,

@@ -36,11 +36,18 @@ class Prior:
         precision: shape ``()`` (scalar), ``(T,)`` (one per tensor) or ``(P,)``.
         layout: The parameter layout (gives T, P and the tensor sizes).
         kind: Which of the three structures ``precision`` has.
+        mean: θ₀, shape ``(P,)`` (``None``: 0).
+        base: Curvature of earlier data carried into the prior (a posterior used as the
+            prior, :mod:`laplace_ggn.continual`), or ``None``: then the prior precision is
+            :math:`sG_0 + \Lambda_0` with ``base.quadratic(d)`` :math:`= d^\top G_0 d` and
+            ``base.log_det(prior, s)`` :math:`= \log|sG_0 + \Lambda_0|`.
     """
 
     precision: Tensor
     layout: ParamLayout
     kind: PriorKind
+    mean: Tensor | None = None
+    base: object = None
 
     @property
     def is_scalar(self) -> bool:
@@ -64,13 +71,24 @@ class Prior:
             return (n.to(self.precision.device) * torch.log(self.precision)).sum()
         return torch.log(self.precision).sum()
 
-    def quadratic(self, delta: Tensor) -> Tensor:
-        """δᵀ Λ₀ δ for δ of shape ``(P,)``; shape ``()``."""
+    def quadratic(self, theta: Tensor) -> Tensor:
+        """(θ − θ₀)ᵀ Λ₀ (θ − θ₀) of the diagonal Λ₀ for θ of shape ``(P,)``; shape ``()``."""
+        delta = theta if self.mean is None else theta - self.mean
         return (self.diag() * delta**2).sum()
+
+    def centered(self, theta: Tensor) -> Tensor:
+        """θ − θ₀, shape of ``theta``."""
+        return theta if self.mean is None else theta - self.mean
 
 
 def make_prior(
-    precision: float | Tensor, layout: ParamLayout, *, dtype: torch.dtype, device: torch.device
+    precision: float | Tensor,
+    layout: ParamLayout,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    mean: Tensor | None = None,
+    base: object = None,
 ) -> Prior:
     """Validate a prior precision and give it its structure.
 
@@ -80,13 +98,16 @@ def make_prior(
         layout: The subset's layout.
         dtype: Floating dtype of the posterior.
         device: Device of the posterior.
+        mean: Prior mean θ₀, shape ``(P,)`` (``None``: 0).
+        base: Carried curvature of earlier data (see :class:`Prior`).
 
     Returns:
         The :class:`Prior`.
 
     Raises:
         TypeError: If ``precision`` is not a number or tensor.
-        ValueError: If its shape fits none of the structures, or an entry is not > 0.
+        ValueError: If its shape fits none of the structures, an entry is not > 0, or
+            ``mean`` does not have shape ``(P,)``.
     """
     if isinstance(precision, bool) or not isinstance(precision, (int, float, Tensor)):
         raise TypeError(
@@ -106,7 +127,14 @@ def make_prior(
             f"or ({P},) (one per parameter); got {shape_str(t.shape)}."
         )
     check_positive(t.detach(), "prior_precision")
-    return Prior(t, layout, kind)
+    if mean is not None and tuple(mean.shape) != (P,):
+        raise ValueError(
+            f"prior_mean must have shape ({P},) (one value per parameter of the subset); got "
+            f"{shape_str(mean.shape)}."
+        )
+    if mean is not None:
+        mean = mean.to(dtype=dtype, device=device)
+    return Prior(t, layout, kind, mean, base)
 
 
 def robust_cholesky(A: Tensor, what: str, *, max_tries: int = 6) -> Tensor:
