@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from laplace_ggn import LaplaceWrapper  # noqa: E402
+from laplace_ggn._checks import Link  # noqa: E402
 from laplace_ggn.calibration import classification_metrics  # noqa: E402
 from laplace_ggn.cli import DemoConfig, load_digits_splits, train_mlp  # noqa: E402
 from laplace_ggn.glm import functional_moments, glm_from_moments  # noqa: E402
@@ -174,6 +175,7 @@ def extra_variance(x, power: int, variance: float):
 def link_probs(f, cov, link, gen, extra=None):
     if extra is not None:
         cov = cov + extra[:, None, None] * torch.eye(cov.shape[-1], dtype=cov.dtype)
+    link = Link(link)  # an enum: older glm_from_moments read a name as the mc link
     return glm_from_moments(f, cov, likelihood="classification", link=link, generator=gen).mean
 
 
@@ -403,7 +405,11 @@ def plot(results: dict, structures, path: Path) -> None:
                 if not conf:
                     continue
                 y = torch.tensor(conf).mean(0)
-                style = {"color": "k", "lw": 2} if key[0] == "MAP" else {}
+                style = (
+                    {"color": "k", "lw": 1.5, "ls": (0, (4, 2)), "zorder": 5}
+                    if key[0] == "MAP"
+                    else {}
+                )
                 if "relu_gp" in key[0]:
                     style = {"ls": "--"}
                 label = (

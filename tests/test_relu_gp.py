@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_ggn import LaplaceWrapper
+from laplace_ggn.glm import glm_from_moments
 from laplace_ggn.relu_gp import dscs_kernel, dscs_variance, predict_relu_gp
 from laplace_ggn.testing import dense_ggn, dense_jacobian
 
@@ -119,6 +120,15 @@ def test_far_away_tends_to_uniform_while_the_glm_does_not(fitted):
     # without the residual the confidence has reached its limit, away from 1/C (Kristiadi et al. 2020)
     torch.testing.assert_close(glm, la.predict(10 * far).mean.max(-1).values, rtol=0, atol=1e-3)
     assert float((glm - 0.25).max()) > 0.15
+
+
+def test_glm_from_moments_takes_link_names(fitted):
+    la, *_ = fitted
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(8), dtype=DT)
+    f, cov = la.jacobians(x)[1], la.functional_covariance(x)
+    for name in ("probit", "bridge", "bridge_norm"):
+        got = glm_from_moments(f, cov, likelihood="classification", link=name).mean
+        torch.testing.assert_close(got, la.predict(x, link=name).mean)
 
 
 def test_features_and_errors(fitted):
