@@ -62,7 +62,7 @@ LINKS = ("probit", "bridge", "mc", "nn")
 GRID = ("full", "kfac")  # structures also tuned by gridsearch (17 points, 1e-4 … 1e4)
 N_TEST = 200  # test inputs per case (the first of the test split)
 LOWRANK_RANK = 50
-RELU_GP = (0.1, 1.0, 10.0)  # σ² of the DSCS residual
+RELU_GP = (0.1, 1.0, 10.0, 100.0)  # σ² of the DSCS residual
 EXTRA = {"constant": 0, "‖x‖²": 2, "‖x‖³ (relu_gp)": 3}  # power of |x_i| in the extra variance
 
 
