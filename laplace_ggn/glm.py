@@ -64,7 +64,7 @@ def glm_from_moments(
             factored :class:`~laplace_ggn.posteriors._output.OutputCovariance` over the
             ``f.numel() / C`` rows of ``f``.
         likelihood: The likelihood.
-        link: The link (ignored for regression).
+        link: The link or its name (ignored for regression).
         sigma_noise: σ (regression).
         n_samples: S for the ``mc`` link.
         generator: Random generator for the ``mc`` link.
@@ -73,6 +73,7 @@ def glm_from_moments(
     Returns:
         The :class:`Prediction`, shapes of ``f``.
     """
+    link = None if link is None else Link(link)  # a name: not silently the mc branch
     C = f.shape[-1]
     rows = f.reshape(-1, C)
     op = DenseOutputCovariance(cov.reshape(-1, C, C)) if isinstance(cov, Tensor) else cov
