@@ -80,7 +80,9 @@ def test_an_unregistered_structure_is_refused_naming_the_registered_ones(isotrop
     case = make_case("mlp_classification")
     STRUCTURES.pop("isotropic")
     try:
-        with pytest.raises(ValueError, match=r"structure must be one of \['full', .*'projected'\]"):
+        with pytest.raises(
+            ValueError, match=r"structure must be one of \['full', .*'projected', 'gp', 'ella'\]"
+        ):
             LaplaceWrapper(case.model, "classification", structure="isotropic")
     finally:
         register_structure(ISOTROPIC)
