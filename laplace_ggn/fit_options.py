@@ -166,7 +166,7 @@ class FitOptions:
             raise ValueError("model must have parameters; got a module with none.")
         if rank is not None:
             if not STRUCTURES[structure].takes_rank:
-                ranked = " or ".join(repr(n) for n, s in STRUCTURES.items() if s.takes_rank)
+                ranked = _or_list([n for n, s in STRUCTURES.items() if s.takes_rank])
                 raise ValueError(
                     f"rank applies to structure={ranked} only; got rank={rank} "
                     f"with structure={structure!r}."
@@ -290,6 +290,12 @@ class FitOptions:
             )
 
 
+def _or_list(names: list[str]) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [repr(n) for n in names]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+
+
 def _check_context(structure: str, n_context: object) -> int | None:
     """``n_context=``: ``None`` or a positive int, for a structure that takes context samples.
 
@@ -302,7 +308,7 @@ def _check_context(structure: str, n_context: object) -> int | None:
     if n_context is None:
         return None
     if not STRUCTURES[structure].takes_context:
-        takes = " or ".join(repr(n) for n, s in STRUCTURES.items() if s.takes_context)
+        takes = _or_list([n for n, s in STRUCTURES.items() if s.takes_context])
         raise ValueError(
             f"n_context applies to structure={takes or 'none registered'} only; got "
             f"n_context={n_context!r} with structure={structure!r}."

@@ -71,11 +71,12 @@ def rows_budget_error(structure: str, n_rows: int, need: int, budget: int, where
     Returns:
         The message.
     """
+    other = " structure='ella' with rank=K (O(K·P) after the fit)," if structure == "gp" else ""
     return (
         f"structure={structure!r} must keep its context rows (and their SVD) within the memory "
         f"budget of {_gb(budget)}; got {n_rows} rows by {where or 'this batch'} "
-        f"({_gb(need)}). Pass a smaller n_context=M, structure='ella' with "
-        "rank=K, or subset='last_layer', or raise memory_budget=."
+        f"({_gb(need)}). Pass a smaller n_context=M,{other} or subset='last_layer', or raise "
+        "memory_budget=."
     )
 
 
