@@ -135,16 +135,27 @@ def test_gp_context_larger_than_data_is_every_sample():
 
 @pytest.mark.parametrize("n", [12, 40])
 def test_ella_spanning_the_gram_equals_exact_gp(n):
+    """K ≥ rank of the Gram: ELLA is the exact GP wherever J(x) lies in the range of the
+    training Jacobians (the training inputs; every input once that range is R^P, n = 40);
+    elsewhere it lacks exactly the prior's variance outside that range."""
     model, X, y = _regression(n)  # P = 21, one output
     rank = min(n, 21)
     kw = {"prior_precision": 0.8, "sigma_noise": 0.6}
     gp = LaplaceWrapper(model, "regression", structure="gp", **kw).fit(_loader(X, y))
+    xs = torch.cat([X[:4], torch.randn(5, 3, dtype=torch.float64)])
     for opts in ({}, {"rank": rank, "n_context": n}, {"rank": rank + 5}):
         ella = LaplaceWrapper(model, "regression", structure="ella", **kw, **opts)
         ella.fit(_loader(X, y))
-        xs = torch.cat([X[:4], torch.randn(5, 3, dtype=torch.float64)])
-        assert_close(ella.predict(xs).variance, gp.predict(xs).variance, **TIGHT)
+        assert ella.fitted.posterior.rank == rank
         assert_close(ella.log_marginal_likelihood(), gp.log_marginal_likelihood(), **TIGHT)
+        assert_close(ella.predict(X).variance, gp.predict(X).variance, **TIGHT)
+        J = _dense_jacobian(model, xs)
+        U = ella.fitted.posterior.eigenvectors
+        outside = ((J - (J @ U) @ U.T) ** 2).sum(1, keepdim=True) / 0.8
+        if n == 40:
+            assert float(outside.max()) < 1e-20
+        got = ella.functional_covariance(xs).squeeze(-1) + outside
+        assert_close(got, gp.functional_covariance(xs).squeeze(-1), **TIGHT)
 
 
 def test_ella_truncated_is_the_projected_curvature():
@@ -155,10 +166,46 @@ def test_ella_truncated_is_the_projected_curvature():
     # reference: Ψ = top-K right singular vectors of the first M Jacobian rows, Ĝ = ΨΨᵀGΨΨᵀ
     J = _dense_jacobian(model, X)  # (N, P)
     Psi = torch.linalg.svd(J[:M], full_matrices=False)[2][:K].T
-    Gh = Psi @ (Psi.T @ (J.T @ J) @ Psi) @ Psi.T
-    Sigma = torch.linalg.inv(Gh + torch.eye(J.shape[1], dtype=torch.float64))
+    A = Psi.T @ (J.T @ J) @ Psi + torch.eye(K, dtype=torch.float64)  # s = α = 1
+    Sigma = Psi @ torch.linalg.inv(A) @ Psi.T
     assert_close(ella.posterior_covariance(), Sigma, rtol=1e-8, atol=1e-10)
+    xs = torch.randn(6, 3, dtype=torch.float64)
+    Js = _dense_jacobian(model, xs)
+    assert_close(ella.functional_covariance(xs).reshape(-1), ((Js @ Sigma) * Js).sum(1), **TIGHT)
+    # the K-dimensional evidence: −ℓ − ½|θ*|² − ½ log|A| (α = 1)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    r = y - model(X).detach()
+    nll = 0.5 * (r**2).sum() + 0.5 * X.shape[0] * torch.log(torch.tensor(2 * torch.pi))
+    ref = -nll - 0.5 * (theta**2).sum() - 0.5 * torch.logdet(A)
+    assert_close(ella.log_marginal_likelihood(), ref.double(), **TIGHT)
     assert ella.fitted.posterior.eigenvectors.shape == (21, K)
+
+
+@pytest.mark.parametrize("prior", ["scalar", "layerwise", "diagonal"])
+def test_ella_posterior_against_its_dense_form(prior):
+    model, X, y = _regression(30)
+    P, K = 21, 5
+    g = torch.Generator().manual_seed(4)
+    alpha = {"scalar": 0.9, "layerwise": torch.rand(4, generator=g, dtype=torch.float64) + 0.5}
+    alpha["diagonal"] = torch.rand(P, generator=g, dtype=torch.float64) + 0.5
+    la = LaplaceWrapper(model, "regression", structure="ella", rank=K, n_context=12,
+                        prior_precision=alpha[prior], sigma_noise=0.7)  # fmt: skip
+    post = la.fit(_loader(X, y)).fitted.posterior
+    U, lam = post.eigenvectors, post.eigenvalues
+    assert_close(U.T @ U, torch.eye(K, dtype=torch.float64), rtol=0, atol=1e-12)
+    D = post.prior.diag()
+    A = torch.diag(lam / 0.49) + U.T @ (D[:, None] * U)
+    Sigma = U @ torch.linalg.inv(A) @ U.T
+    assert_close(post.to_dense(), Sigma, **TIGHT)
+    assert_close(post.variance(), Sigma.diagonal(), **TIGHT)
+    V = torch.randn(P, 3, generator=g, dtype=torch.float64)
+    assert_close(post.covariance_matvec(V), Sigma @ V, **TIGHT)
+    S = post.covariance_sqrt_rows(torch.eye(P, dtype=torch.float64))
+    assert_close(S @ S.T, Sigma, **TIGHT)
+    ld = torch.logdet(A) - torch.logdet(U.T @ (D[:, None] * U)) + torch.log(D).sum()
+    assert_close(post.log_det(), ld, **TIGHT)
+    draws = post.sample(40000, generator=torch.Generator().manual_seed(0)) - post.mean
+    assert_close(draws.T @ draws / 40000, Sigma, rtol=0, atol=0.05 * float(Sigma.abs().max()))
 
 
 def test_ella_classification_runs_and_is_psd():
@@ -242,3 +289,15 @@ def test_ella_rank_above_context_is_refused():
     model, _, _ = _regression(4)
     with pytest.raises(ValueError, match=r"rank \(K Nyström features .* at most n_context"):
         LaplaceWrapper(model, "regression", structure="ella", rank=20, n_context=10)
+
+
+@pytest.mark.parametrize("structure", ["gp", "ella"])
+def test_last_layer_head_path_equals_jacobian_rows(structure):
+    case = make_case("mlp_classification", n=20)
+    kw = {"rank": 6, "n_context": 10} if structure == "ella" else {"n_context": 10}
+    la = _fit(case, structure, subset="last_layer", prior_precision=0.8, **kw)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    J, _ = la.jacobians(x)
+    ref = la.fitted.posterior.functional_covariance(J)
+    assert_close(la.functional_covariance(x), ref, **TIGHT)
+    assert_close(la.predict(x).mean.sum(-1), torch.ones(7, dtype=torch.float64))

@@ -8,11 +8,13 @@ GGN of every sample projected on them.  Importing the package registers both str
 
 from .context import GPContextCollector, gp_memory_bytes
 from .ella import EllaCollector, ella_memory_bytes
+from .posterior import EllaPosterior
 from .registry import ELLA_SPEC, GP_SPEC
 
 __all__ = [
     "ELLA_SPEC",
     "EllaCollector",
+    "EllaPosterior",
     "GPContextCollector",
     "GP_SPEC",
     "ella_memory_bytes",

@@ -2,27 +2,26 @@ r"""ELLA: the GP of the linearised network on K Nyström features of the NTK (De
 
 ELLA ("Accelerated linearized Laplace approximation for Bayesian deep learning", NeurIPS
 2022) approximates the kernel on M context samples by its top K eigenpairs (Nyström).  With
-the context rows :math:`V_M` (one square-root row :math:`L_m^\top J_m` per context sample;
-for K > 1 rows per sample one of them, drawn at random) and the thin SVD
+the context rows :math:`V_M` (one Jacobian row per context sample: of its C outputs one drawn
+at random, as ELLA does) and the thin SVD
 :math:`V_M^\top = \Psi S Z^\top`, the first K columns of Ψ (P × K, orthonormal) are the
 directions :math:`\psi_k = V_M^\top z_k / s_k` of the Nyström feature map
 :math:`\phi(x) = J(x)\Psi` (ELLA's :math:`J(x)\,V_M^\top Z S^{-1}`), and
 :math:`\phi(x)\phi(x')^\top` is the rank-K Nyström kernel.  The curvature of every sample
 in feature space, :math:`\Psi^\top G\Psi = \sum_n (L_n^\top J_n\Psi)^\top(L_n^\top J_n\Psi)`
-(K × K), is summed over the whole data, so the posterior is that of the curvature projected
-on the features, :math:`\hat G = \Psi\Psi^\top G\Psi\Psi^\top`:
+(K × K), is summed over the whole data, and the posterior is the Gaussian of the linearised
+network on the span of the features (:class:`~laplace_ggn.gp.posterior.EllaPosterior`):
 
 .. math::
-    \Sigma = (s\hat G + \Lambda_0)^{-1}, \qquad
     J(x)\Sigma J(x)^\top = \phi(x)(s\Psi^\top G\Psi + \alpha I)^{-1}\phi(x)^\top
-    + \alpha^{-1}J(x)(I - \Psi\Psi^\top)J(x)^\top \ \text{(scalar prior)}.
+    \quad\text{(scalar prior)},
 
-The first term is ELLA's predictive; the second, the prior's variance outside the span of
-the features, which ELLA leaves out, is kept here so that the posterior is a proper Laplace
-posterior (its evidence and samples are those of :math:`\hat G`) and so that, when the
-features span the range of G (K ≥ the rank of the Gram of every sample), ELLA *is* the
-exact GP.  It is stored as the eigenpairs of :math:`\hat G` (:math:`\Psi^\top G\Psi =
-Y\mathrm{diag}(\lambda)Y^\top`, :math:`U = \Psi Y`) in the low-rank posterior: O(K·P) memory.
+ELLA's predictive, with no variance outside the features.  It is stored as the eigenpairs
+:math:`\Psi^\top G\Psi = Y\mathrm{diag}(\lambda)Y^\top`, :math:`U = \Psi Y`: O(K·P)
+memory.  When the features span the range of the Jacobians (K ≥ the rank of the Gram of
+every sample) ELLA is the exact GP on every input whose Jacobian lies in that range (the
+training inputs, and every input when the range is all of :math:`\mathbb{R}^P`); elsewhere it
+lacks the prior's variance outside the range, :math:`\alpha^{-1}J(x)(I - UU^\top)J(x)^\top`.
 
 One pass over the loader: the context is the first M samples the loader yields (a random
 subset when it shuffles; pass ``n_context=None`` for all).  Their batches are held until
@@ -43,7 +42,7 @@ from ..collectors._rows import SqrtGGNRows
 from ..collectors.base import Collector
 from ..collectors.nystrom import LowRankCurvature
 from ..functional import FunctionalModel, batch_size_of
-from .context import context_generator, rows_budget_error
+from .context import context_generator, rows_budget_error, select
 
 __all__ = ["EllaCollector", "check_ella_options", "ella_memory_bytes"]
 
@@ -77,6 +76,10 @@ def check_ella_options(rank: int | None, n_context: int | None) -> None:
 
 class EllaCollector(Collector):
     r"""Nyström features from the first M samples, then :math:`\Psi^\top G\Psi` over all of them.
+
+    The features are those of the kernel :math:`J J^\top` (the NTK of a unit prior), so that
+    directions the data leaves unconstrained keep the prior's variance; the curvature comes
+    from the GGN square-root rows of every sample.
 
     Args:
         fmodel: The functional model.
@@ -140,17 +143,17 @@ class EllaCollector(Collector):
                     "ella", self.n_context_seen + take, need, self.memory_budget, where
                 )
             )
-        for R, f in self._rows(x, where, y):
-            fs.append(f)
-            n = min(R.shape[0], take)
-            if n > 0:
-                col = torch.randint(
-                    R.shape[1], (n,), generator=self._gen, device=self._gen.device
-                ).to(R.device)
-                self.context.append(R[torch.arange(n, device=R.device), col].clone())
-                self.n_context_seen += n
-                take -= n
-            del R
+        self._sqrt_rows.outputs(x, where)  # checks the inputs of the hooked layers (first batch)
+        if take > 0:
+            xs = x if take == batch_size_of(x) else select(x, torch.arange(take))
+            J = self.fmodel.jacobians(xs)[0].reshape(take, -1, P)
+            check_finite(J, "Jacobian rows of the context samples (curvature)", where)
+            col = torch.randint(J.shape[1], (take,), generator=self._gen, device=self._gen.device)
+            self.context.append(J[torch.arange(take, device=J.device), col.to(J.device)].clone())
+            self.n_context_seen += take
+            del J
+        with torch.no_grad():
+            fs.append(self.fmodel(self.fmodel.theta, x))
         self.held.append((x, y, where))
         if M is not None and self.n_context_seen >= M:
             self._build()

@@ -1,9 +1,10 @@
 """The ``gp`` and ``ella`` entries of the structure registry.
 
-Both hold their curvature as eigenpairs in a
-:class:`~laplace_ggn.posteriors.LowRankPosterior` (GGN square-root rows of the context, or
-the Nyström-projected GGN), so every predictive, the evidence and its tuning, sampling, the
-head path of ``subset="last_layer"`` and saved states work as for ``lowrank``.
+``gp`` holds the eigenpairs of the GGN of its context in a
+:class:`~laplace_ggn.posteriors.LowRankPosterior`, ``ella`` the eigenpairs of the projected
+GGN in an :class:`~laplace_ggn.gp.posterior.EllaPosterior`; both implement the whole posterior
+protocol, so every predictive, the evidence and its tuning, sampling, the head path of
+``subset="last_layer"`` and saved states work as for the other structures.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..posteriors import LowRankPosterior
 from ..structures import StructureSpec, register_structure
 from .context import GPContextCollector, gp_memory_bytes
 from .ella import EllaCollector, check_ella_options, ella_memory_bytes
+from .posterior import EllaPosterior
 
 __all__ = ["ELLA_SPEC", "GP_SPEC"]
 
@@ -40,8 +42,10 @@ ELLA_SPEC = register_structure(
         make_collector=lambda fm, curv, opts: EllaCollector(
             fm, curv, n_context=opts.n_context, rank=opts.rank, memory_budget=opts.memory_budget
         ),
-        build=_build,
-        posterior_cls=LowRankPosterior,
+        build=lambda E, mean, prior, scale, opts: EllaPosterior(
+            mean, E.eigenvalues, E.eigenvectors, prior, scale
+        ),
+        posterior_cls=EllaPosterior,
         memory_bytes=lambda P, dtype, opts: ella_memory_bytes(P, dtype, opts.n_context, opts.rank),
         takes_rank=True,
         takes_context=True,
