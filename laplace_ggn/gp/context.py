@@ -17,15 +17,18 @@ other); with every sample as context (M = N) it is the exact ``full`` posterior.
 The context is a uniform random subset of M samples, drawn by reservoir sampling in the one
 pass over the loader (Vitter's algorithm R: sample t ≥ M replaces a random slot with
 probability M/(t+1)), seeded by the fit's ``generator`` or, without one, by a fixed seed, so
-the same loader gives the same context.  Rows are computed only for the samples that enter
-the reservoir.  A context of M < N samples stands for all N: its rows are scaled by
+the same loader gives the same context.  The inputs of the samples in the reservoir are held
+(not their rows), and the rows are computed once, at the end of the pass, for the M samples
+that stayed.  A context of M < N samples stands for all N: its rows are scaled by
 :math:`\sqrt{N/M}`, so that :math:`VV^\top` is an unbiased estimate of the GGN of the data
 (the subset-of-data approximation, rescaled).
 
 :meth:`GPContextCollector.finalize` turns the rows into the eigenpairs of
-:math:`VV^\top` by the thin SVD of :math:`V^\top` (the eigendecomposition of the context
-Gram :math:`V^\top V` in disguise, without squaring its condition number), which the
-low-rank posterior holds: every product with Σ is then a squared norm (PSD by construction,
+:math:`VV^\top`, which the low-rank posterior holds: the thin QR :math:`V = QR` and the
+eigendecomposition of the small MK × MK matrix :math:`RR^\top = Y\mathrm{diag}(\lambda)
+Y^\top` (the context Gram :math:`V^\top V = R^\top R` has the same eigenvalues) give
+:math:`U = QY`, orthonormal to rounding whatever the conditioning, at about half the cost of
+an SVD of V: every product with Σ is then a squared norm (PSD by construction,
 no cancellation between :math:`\kappa(x,x)` and the correction for small prior precisions),
 and ``with_prior`` needs no new factorisation.  Memory: O(M·K·P) for the rows.
 """
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._checks import check_finite
 from ..collectors._rows import SqrtGGNRows
@@ -101,6 +104,21 @@ def select(x: object, index: Tensor) -> object:
     return tree_map(lambda t: t[index.to(t.device)] if isinstance(t, Tensor) else t, x)
 
 
+def _concat(parts: list[object]) -> object:
+    """Model inputs of several batches as one (tensors concatenated along dim 0).
+
+    Returns:
+        The concatenated input (its non-tensor leaves those of the first part).
+    """
+    if len(parts) == 1:
+        return parts[0]
+    spec = tree_flatten(parts[0])[1]
+    columns = zip(*(tree_flatten(p)[0] for p in parts))
+    return tree_unflatten(
+        [torch.cat(c) if isinstance(c[0], Tensor) else c[0] for c in columns], spec
+    )
+
+
 class GPContextCollector(Collector):
     r"""Square-root rows of a uniform random context of M samples (reservoir sampling).
 
@@ -135,6 +153,9 @@ class GPContextCollector(Collector):
         self.n_cols: int | None = None
         self._sqrt_rows = SqrtGGNRows(fmodel, likelihood)
         self._gen = context_generator(likelihood, dev)
+        # inputs of the samples that entered the reservoir: (x, y, where, slots) per batch
+        self._parts: list[tuple | None] = []
+        self._owner: dict[int, tuple[int, int]] = {}  # slot -> (part, position in it)
 
     def _slots(self, B: int) -> dict[int, int]:
         """Reservoir slot → sample of this batch that ends up there (algorithm R)."""
@@ -161,67 +182,86 @@ class GPContextCollector(Collector):
             )
 
     def update(self, x: object, where: str = "", *, y: Tensor | None = None) -> Tensor:
-        """Keep the rows of this batch's samples that enter the reservoir; returns the outputs.
+        """Keep the inputs of this batch's samples that enter the reservoir; returns the outputs.
 
-        The budget is checked before any row is computed, with K rows per sample.
+        Their rows are computed once, in :meth:`finalize`, for the M samples that stay (a
+        sample that enters and is replaced later costs no rows).  The budget is checked here,
+        with K rows per sample, before any row is allocated.
 
         Returns:
             The outputs f of the batch.
 
         Raises:
-            ValueError: If the rows exceed the memory budget, or hold NaN/Inf.
+            ValueError: If the rows would exceed the memory budget.
         """
         B = batch_size_of(x)
-        K = self.n_cols or self._sqrt_rows.columns(x, where)
+        self.n_cols = self.n_cols or self._sqrt_rows.columns(x, where)
         slots = self._slots(B)
-        kept = self.n_slots
-        new = sum(1 for s in slots if s >= kept)
-        self._check_budget((kept + new) * K, where)
-        if not slots:
-            with torch.no_grad():
-                f = self.fmodel(self.fmodel.theta, x)
-            self.n_seen += B
-            return f
-        order = sorted(slots)
-        index = torch.tensor([slots[s] for s in order], dtype=torch.long)
-        whole = len(order) == B and bool((index == torch.arange(B)).all())
-        xs = x if whole else select(x, index)
-        ys = y if (whole or y is None) else y[index.to(y.device)]
-        parts, fs = [], []
-        for R, f in self._sqrt_rows.row_chunks(xs, where, ys):
-            check_finite(R, "GGN square-root rows (curvature)", where)
-            self.n_cols = R.shape[1]
-            parts.append(R)
-            fs.append(f)
-        R = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if whole:
-            f = fs[0] if len(fs) == 1 else torch.cat(fs)
-        else:
-            with torch.no_grad():
-                f = self.fmodel(self.fmodel.theta, x)
-        self._store(order, R)
+        new = sum(1 for s in slots if s >= self.n_slots)
+        self._check_budget((self.n_slots + new) * self.n_cols, where)
+        if slots:
+            order = sorted(slots)
+            index = torch.tensor([slots[s] for s in order], dtype=torch.long)
+            ys = None if y is None else y[index.to(y.device)]
+            self._parts.append((select(x, index), ys, where, order))
+            for pos, slot in enumerate(order):
+                self._owner[slot] = (len(self._parts) - 1, pos)
+            self.n_slots += new
+            self._drop_dead()
         self.n_seen += B
-        return f
+        with torch.no_grad():
+            return self.fmodel(self.fmodel.theta, x)
 
-    def _store(self, order: list[int], R: Tensor) -> None:
-        """Append the rows of new slots, overwrite the rows of replaced ones."""
-        K, P = R.shape[1], R.shape[2]
-        kept = self.n_slots
-        fresh = [i for i, s in enumerate(order) if s >= kept]
-        if fresh:  # slots are filled in order, so the fresh ones are kept, kept+1, ...
-            self.rows.append(R[fresh].reshape(-1, P).clone())
-            self.n_slots += len(fresh)
-        old = [(s, i) for i, s in enumerate(order) if s < kept]
-        if old:
-            buf = self.state_tensor("rows")
-            for s, i in old:
-                buf[s * K : (s + 1) * K] = R[i]
+    def _drop_dead(self) -> None:
+        """Forget the inputs of batches none of whose samples is still in the reservoir."""
+        alive = {i for i, _ in self._owner.values()}
+        for i, part in enumerate(self._parts):
+            if part is not None and i not in alive:
+                self._parts[i] = None
+
+    def _materialise(self) -> None:
+        """The rows of the samples in the reservoir, in slot order (the state ``rows``)."""
+        if not self._parts:
+            return
+        xs, ys, slots, wheres = [], [], [], []
+        for i, part in enumerate(self._parts):
+            if part is None:
+                continue
+            x, y, where, order = part
+            keep = [pos for pos, slot in enumerate(order) if self._owner[slot] == (i, pos)]
+            index = torch.tensor(keep, dtype=torch.long)
+            xs.append(select(x, index))
+            ys.append(None if y is None else y[index.to(y.device)])
+            slots += [order[k] for k in keep]
+            wheres.append(where)
+        self._parts, self._owner = [], {}
+        where = wheres[0] if len(wheres) == 1 else f"{wheres[0]} to {wheres[-1]}"
+        x, y = _concat(xs), (None if ys[0] is None else torch.cat(ys))
+        K, P, start = self.n_cols, self.fmodel.n_params, 0
+        buf = None
+        for R, _ in self._sqrt_rows.row_chunks(x, where, y):
+            check_finite(R, "GGN square-root rows (curvature)", where)
+            if buf is None:
+                buf = R.new_empty(self.n_slots * K, P)
+            at = torch.tensor(slots[start : start + R.shape[0]], device=buf.device)
+            buf.view(self.n_slots, K, P)[at] = R
+            start += R.shape[0]
+        self.rows = [buf]
+
+    def distributed_state(self) -> dict:
+        """The declared states, the rows of the reservoir computed first.
+
+        Returns:
+            ``name -> (tensor, reduction)``.
+        """
+        self._materialise()
+        return super().distributed_state()
 
     def finalize(self) -> LowRankCurvature:
-        r"""Eigenpairs of :math:`(N/M)\,VV^\top` from the thin SVD of the context rows.
+        r"""Eigenpairs of :math:`(N/M)\,VV^\top` from the thin QR of the context rows.
 
-        Singular values below ``max(S)·max(MK, P)·eps`` are dropped (as for the exact
-        ``lowrank`` structure).
+        Eigenvalues below ``max(λ)·max(MK, P)·eps`` are dropped (rounding: the eigenvalues
+        of :math:`RR^\top` are exact to about ``max(λ)·eps``).
 
         Returns:
             The :class:`~laplace_ggn.collectors.LowRankCurvature`.
@@ -229,15 +269,22 @@ class GPContextCollector(Collector):
         Raises:
             RuntimeError: If no batch was seen.
         """
+        self._materialise()
         if not self.rows:
             raise RuntimeError("GPContextCollector.finalize() needs at least one update(x).")
         Vt = self.state_tensor("rows")
         m = self.n_slots
-        _, S, Wh = torch.linalg.svd(Vt, full_matrices=False)
-        tol = S.max() * max(Vt.shape) * torch.finfo(Vt.dtype).eps if S.numel() else 0.0
-        keep = S > tol
+        self.rows = []  # the rows are not needed after the QR
+        Q, R = torch.linalg.qr(Vt.T)  # (P, r), (r, MK) with r = min(P, MK)
+        del Vt
+        lam, Y = torch.linalg.eigh(R @ R.T)
+        lam, Y = lam.flip(0), Y.flip(1)
+        tol = (
+            lam[0] * max(Q.shape[0], R.shape[1]) * torch.finfo(lam.dtype).eps if lam.numel() else 0
+        )
+        keep = lam > tol
         weight = float(self.n_seen) / m if m else 1.0
-        return LowRankCurvature(weight * S[keep] ** 2, Wh[keep].T.contiguous())
+        return LowRankCurvature(weight * lam[keep], (Q @ Y[:, keep]).contiguous())
 
     def _after_load(self) -> None:
         """After gathering: keep M of the gathered samples at random when there are more."""
