@@ -301,3 +301,29 @@ def test_last_layer_head_path_equals_jacobian_rows(structure):
     ref = la.fitted.posterior.functional_covariance(J)
     assert_close(la.functional_covariance(x), ref, **TIGHT)
     assert_close(la.predict(x).mean.sum(-1), torch.ones(7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("prior", ["scalar", "layerwise", "diagonal"])
+def test_gp_posterior_members_against_the_full_posterior(prior):
+    case = make_case("mlp_regression", n=10)  # N·C = 20 rows < P = 26
+    g = torch.Generator().manual_seed(5)
+    alpha = {"scalar": 0.6, "layerwise": torch.rand(4, generator=g, dtype=torch.float64) + 0.3}
+    alpha["diagonal"] = torch.rand(26, generator=g, dtype=torch.float64) + 0.3
+    kw = {"prior_precision": alpha[prior], "sigma_noise": 0.8}
+    post = _fit(case, "gp", **kw).fitted.posterior
+    Sigma = _fit(case, "full", **kw).posterior_covariance()
+    assert_close(post.to_dense(), Sigma, **TIGHT)
+    assert_close(post.variance(), Sigma.diagonal(), **TIGHT)
+    V = torch.randn(26, 3, generator=g, dtype=torch.float64)
+    assert_close(post.covariance_matvec(V), Sigma @ V, **TIGHT)
+    assert_close(post.covariance_matvec(V[:, 0]), Sigma @ V[:, 0], **TIGHT)
+    X = torch.randn(4, 26, generator=g, dtype=torch.float64)
+    S = post.covariance_sqrt_rows(X)
+    assert_close(S @ S.T, X @ Sigma @ X.T, **TIGHT)
+    assert_close(post.log_det(), torch.logdet(torch.linalg.inv(Sigma)), **TIGHT)
+    lam, U = post.eigenbasis()
+    assert_close(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), rtol=0, atol=1e-12)
+    rows = post.rows
+    assert_close((U * lam) @ U.T, rows.T @ rows, rtol=1e-8, atol=1e-10)
+    draws = post.sample(40000, generator=torch.Generator().manual_seed(0)) - post.mean
+    assert_close(draws.T @ draws / 40000, Sigma, rtol=0, atol=0.04 * float(Sigma.abs().max()))

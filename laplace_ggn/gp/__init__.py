@@ -8,6 +8,7 @@ GGN of every sample projected on them.  Importing the package registers both str
 
 from .context import GPContextCollector, gp_memory_bytes
 from .ella import EllaCollector, ella_memory_bytes
+from .gp_posterior import GPPosterior
 from .posterior import EllaPosterior
 from .registry import ELLA_SPEC, GP_SPEC
 
@@ -16,6 +17,7 @@ __all__ = [
     "EllaCollector",
     "EllaPosterior",
     "GPContextCollector",
+    "GPPosterior",
     "GP_SPEC",
     "ella_memory_bytes",
     "gp_memory_bytes",

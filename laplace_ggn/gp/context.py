@@ -23,17 +23,14 @@ that stayed.  A context of M < N samples stands for all N: its rows are scaled b
 :math:`\sqrt{N/M}`, so that :math:`VV^\top` is an unbiased estimate of the GGN of the data
 (the subset-of-data approximation, rescaled).
 
-:meth:`GPContextCollector.finalize` turns the rows into the eigenpairs of
-:math:`VV^\top`, which the low-rank posterior holds: the thin QR :math:`V = QR` and the
-eigendecomposition of the small MK × MK matrix :math:`RR^\top = Y\mathrm{diag}(\lambda)
-Y^\top` (the context Gram :math:`V^\top V = R^\top R` has the same eigenvalues) give
-:math:`U = QY`, orthonormal to rounding whatever the conditioning, at about half the cost of
-an SVD of V: every product with Σ is then a squared norm (PSD by construction,
-no cancellation between :math:`\kappa(x,x)` and the correction for small prior precisions),
-and ``with_prior`` needs no new factorisation.  Memory: O(M·K·P) for the rows.
+:meth:`GPContextCollector.finalize` returns the rows (:class:`GPRows`); the posterior,
+:class:`~laplace_ggn.gp.gp_posterior.GPPosterior`, factorises the MK × MK capacitance
+:math:`I + sV^\top\Lambda_0^{-1}V` in function space.  Memory: O(M·K·P) for the rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -42,13 +39,19 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .._checks import check_finite
 from ..collectors._rows import SqrtGGNRows
 from ..collectors.base import Collector, Reduction
-from ..collectors.nystrom import LowRankCurvature
 from ..functional import FunctionalModel, batch_size_of
 
-__all__ = ["CONTEXT_SEED", "GPContextCollector", "gp_memory_bytes", "rows_budget_error"]
+__all__ = ["CONTEXT_SEED", "GPContextCollector", "GPRows", "gp_memory_bytes", "rows_budget_error"]
 
 #: Seed of the context draw when the fit has no ``generator``.
 CONTEXT_SEED = 0
+
+
+@dataclass(frozen=True)
+class GPRows:
+    r"""The curvature of ``structure="gp"``: context rows :math:`V^\top`, shape ``(R, P)``."""
+
+    rows: Tensor
 
 
 def _gb(n: float) -> str:
@@ -233,13 +236,14 @@ class GPContextCollector(Collector):
             xs.append(select(x, index))
             ys.append(None if y is None else y[index.to(y.device)])
             slots += [order[k] for k in keep]
-            wheres.append(where)
+            wheres += [where] * len(keep)
         self._parts, self._owner = [], {}
-        where = wheres[0] if len(wheres) == 1 else f"{wheres[0]} to {wheres[-1]}"
         x, y = _concat(xs), (None if ys[0] is None else torch.cat(ys))
         K, P, start = self.n_cols, self.fmodel.n_params, 0
         buf = None
-        for R, _ in self._sqrt_rows.row_chunks(x, where, y):
+        for R, _ in self._sqrt_rows.row_chunks(x, wheres[0], y):
+            bad = (~torch.isfinite(R)).flatten(1).any(1).nonzero()
+            where = wheres[start + int(bad[0])] if bad.numel() else wheres[start]
             check_finite(R, "GGN square-root rows (curvature)", where)
             if buf is None:
                 buf = R.new_empty(self.n_slots * K, P)
@@ -257,14 +261,11 @@ class GPContextCollector(Collector):
         self._materialise()
         return super().distributed_state()
 
-    def finalize(self) -> LowRankCurvature:
-        r"""Eigenpairs of :math:`(N/M)\,VV^\top` from the thin QR of the context rows.
-
-        Eigenvalues below ``max(λ)·max(MK, P)·eps`` are dropped (rounding: the eigenvalues
-        of :math:`RR^\top` are exact to about ``max(λ)·eps``).
+    def finalize(self) -> GPRows:
+        r"""The context rows scaled by :math:`\sqrt{N/M}`: :math:`(N/M)VV^\top` estimates G.
 
         Returns:
-            The :class:`~laplace_ggn.collectors.LowRankCurvature`.
+            The :class:`GPRows`.
 
         Raises:
             RuntimeError: If no batch was seen.
@@ -273,18 +274,11 @@ class GPContextCollector(Collector):
         if not self.rows:
             raise RuntimeError("GPContextCollector.finalize() needs at least one update(x).")
         Vt = self.state_tensor("rows")
+        self.rows = []
         m = self.n_slots
-        self.rows = []  # the rows are not needed after the QR
-        Q, R = torch.linalg.qr(Vt.T)  # (P, r), (r, MK) with r = min(P, MK)
-        del Vt
-        lam, Y = torch.linalg.eigh(R @ R.T)
-        lam, Y = lam.flip(0), Y.flip(1)
-        tol = (
-            lam[0] * max(Q.shape[0], R.shape[1]) * torch.finfo(lam.dtype).eps if lam.numel() else 0
-        )
-        keep = lam > tol
-        weight = float(self.n_seen) / m if m else 1.0
-        return LowRankCurvature(weight * lam[keep], (Q @ Y[:, keep]).contiguous())
+        if m and self.n_seen != m:
+            Vt = Vt * (float(self.n_seen) / m) ** 0.5
+        return GPRows(Vt)
 
     def _after_load(self) -> None:
         """After gathering: keep M of the gathered samples at random when there are more."""
