@@ -264,6 +264,10 @@ class GPContextCollector(Collector):
     def finalize(self) -> GPRows:
         r"""The context rows scaled by :math:`\sqrt{N/M}`: :math:`(N/M)VV^\top` estimates G.
 
+        More rows than parameters (MK > P) are replaced by the P rows of the triangular factor
+        of their QR, which have the same :math:`VV^\top`: the factorisations then cost
+        O(P³), as in weight space.
+
         Returns:
             The :class:`GPRows`.
 
@@ -278,6 +282,8 @@ class GPContextCollector(Collector):
         m = self.n_slots
         if m and self.n_seen != m:
             Vt = Vt * (float(self.n_seen) / m) ** 0.5
+        if Vt.shape[0] > Vt.shape[1]:  # more rows than parameters: P rows with the same VVᵀ
+            Vt = torch.linalg.qr(Vt, mode="r")[1]
         return GPRows(Vt)
 
     def _after_load(self) -> None:
