@@ -255,7 +255,7 @@ class _NoBatches:
     ],
 )
 def test_over_budget_is_refused_before_allocating(structure, kw, match):
-    model, X, y = _regression(40)  # P = 21: 8 kB holds 48 float64 rows, 24 with their SVD copy
+    model, X, y = _regression(40)  # P = 21: 8 kB holds 48 float64 rows, fewer with a working copy and factors
     la = LaplaceWrapper(model, "regression", structure=structure, memory_budget=8000, **kw)
     loader = _NoBatches(X, y) if kw else _loader(X, y, batch_size=10)
     with pytest.raises(ValueError, match=match):

@@ -59,7 +59,9 @@ def _gb(n: float) -> str:
 
 
 def gp_memory_bytes(P: int, dtype: torch.dtype, n_context: int | None) -> int:
-    """Bytes before the data: M rows of length P and the copy of their SVD (one row per sample).
+    """Bytes before the data: M rows of length P, a working copy, the Gram and its factor.
+
+    One row per sample is assumed (K is known after the first batch).
 
     With ``n_context=None`` (every sample) the count is not known yet: one row; the
     collector checks the budget again as the rows arrive.
@@ -68,7 +70,8 @@ def gp_memory_bytes(P: int, dtype: torch.dtype, n_context: int | None) -> int:
         The bytes, an int.
     """
     size = torch.empty((), dtype=dtype).element_size()
-    return 2 * (n_context or 1) * P * size
+    R = n_context or 1
+    return 2 * (R * P + min(R, P) ** 2) * size
 
 
 def rows_budget_error(structure: str, n_rows: int, need: int, budget: int, where: str) -> str:
@@ -79,7 +82,7 @@ def rows_budget_error(structure: str, n_rows: int, need: int, budget: int, where
     """
     other = " structure='ella' with rank=K (O(K·P) after the fit)," if structure == "gp" else ""
     return (
-        f"structure={structure!r} must keep its context rows (and their SVD) within the memory "
+        f"structure={structure!r} must keep its context rows (and their factors) within the memory "
         f"budget of {_gb(budget)}; got {n_rows} rows by {where or 'this batch'} "
         f"({_gb(need)}). Pass a smaller n_context=M,{other} or subset='last_layer', or raise "
         "memory_budget=."
@@ -129,7 +132,7 @@ class GPContextCollector(Collector):
         fmodel: The functional model.
         likelihood: An :class:`~laplace_ggn.likelihoods.OutputCurvature`.
         n_context: M (``None``: every sample).
-        memory_budget: Bytes allowed for the rows and their SVD.
+        memory_budget: Bytes allowed for the rows and their factors.
 
     Distributed use: each rank draws its own reservoir (state ``rows``, gathered) and counts
     its samples (``n_seen``, summed); when the gathered context holds more than M samples, M
@@ -178,7 +181,7 @@ class GPContextCollector(Collector):
     def _check_budget(self, n_rows: int, where: str) -> None:
         P = self.fmodel.n_params
         size = torch.empty((), dtype=self.fmodel.dtype).element_size()
-        need = 2 * n_rows * P * size
+        need = 2 * (n_rows * P + min(n_rows, P) ** 2) * size
         if need > self.memory_budget:
             raise ValueError(
                 rows_budget_error(self.structure, n_rows, need, self.memory_budget, where)
