@@ -115,8 +115,8 @@ def _ella_vs_gp(m, X, y, Xt, alpha, sigma) -> list[str]:
         f"{float(rp.max()):.2%}); of the functional variance median {float(rf.median()):.2%} "
         f"(90th percentile {float(rf.quantile(0.9)):.2%}).",
         f"    stored posterior tensors: exact GP {bg / 2**20:.2f} MiB "
-        f"({gp.fitted.posterior.rank} eigenpairs), ELLA {be / 2**20:.2f} MiB "
-        f"({ella.fitted.posterior.rank}): ratio {be / bg:.3f}.",
+        f"({gp.fitted.posterior.rank} context rows), ELLA {be / 2**20:.2f} MiB "
+        f"({ella.fitted.posterior.rank} features): ratio {be / bg:.3f}.",
     ]
 
 
