@@ -79,8 +79,17 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, lr: float = 1e-2,
-          batch_size: int = 64, seed: int = 0, tag: str = "") -> nn.Module:
+def train(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    seed: int = 0,
+    tag: str = "",
+) -> nn.Module:
     """Adam on cross-entropy for a few seconds; cached on disk by (tag, architecture, seed)."""
     sig = f"{tag}|{model}|{n_params(model)}|{epochs}|{lr}|{batch_size}|{seed}|{tuple(X.shape)}"
     h = hashlib.sha1(sig.encode()).hexdigest()[:16]

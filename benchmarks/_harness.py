@@ -377,8 +377,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--only", default=None, help="run only cases whose 'task/impl' contains this")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--memory-only", action="store_true",
-                   help="skip the timing; only measure peak memory (one subprocess per case)")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="skip the timing; only measure peak memory (one subprocess per case)",
+    )
     p.add_argument("--json", default=None, help="write results and metadata to this JSON file")
     p.add_argument("--device", default="cpu", help="torch device (cpu or cuda)")
     p.add_argument("--seed", type=int, default=0)
@@ -427,13 +430,19 @@ def main(
         except Exception as e:  # noqa: BLE001
             agreement = f"agreement check failed: {type(e).__name__}: {e}"
             traceback.print_exc(file=sys.stderr)
-    print(f"threads={args.threads} reps={reps} warmup={warmup} device={args.device}",
-          file=sys.stderr)
+    print(
+        f"threads={args.threads} reps={reps} warmup={warmup} device={args.device}", file=sys.stderr
+    )
     if args.memory_only:
         results = [Result(c.task, c.impl, c.role, scale=c.scale, note=c.note) for c in cases]
     else:
-        results = run_interleaved(cases, reps=reps, warmup=warmup, device=args.device,
-                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+        results = run_interleaved(
+            cases,
+            reps=reps,
+            warmup=warmup,
+            device=args.device,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
     mem_method = "not measured"
     if not args.no_memory:
         script = script or sys.argv[0]
@@ -453,8 +462,10 @@ def main(
                 print(f"  memory {c.key}: {how}", file=sys.stderr)
     table = markdown_table(results)
     print(table)
-    print(f"\nthreads={args.threads}, reps={reps}, warm-up={warmup}, device={args.device}; "
-          f"peak mem = {mem_method}, one call in a fresh process; * = extrapolated (see notes).")
+    print(
+        f"\nthreads={args.threads}, reps={reps}, warm-up={warmup}, device={args.device}; "
+        f"peak mem = {mem_method}, one call in a fresh process; * = extrapolated (see notes)."
+    )
     if agreement:
         print("\n" + agreement)
     if args.json:

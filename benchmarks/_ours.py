@@ -21,13 +21,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 
-def wrapper(model: nn.Module, structure: str, *, likelihood: str = "classification",
-            prior_precision: float = 1.0, **kwargs: Any):
+def wrapper(
+    model: nn.Module,
+    structure: str,
+    *,
+    likelihood: str = "classification",
+    prior_precision: float = 1.0,
+    **kwargs: Any,
+):
     """SLOT: ``LaplaceWrapper(model, likelihood=..., structure=..., prior_precision=...)``."""
     from laplace_ggn import LaplaceWrapper
 
-    return LaplaceWrapper(model, likelihood=likelihood, structure=structure,
-                          prior_precision=prior_precision, **kwargs)
+    return LaplaceWrapper(
+        model, likelihood=likelihood, structure=structure, prior_precision=prior_precision, **kwargs
+    )
 
 
 def fit(model: nn.Module, dl: DataLoader, structure: str, **kwargs: Any):
@@ -57,8 +64,9 @@ def predict_glm_probit(la: Any, x: torch.Tensor) -> torch.Tensor:
     return la.predict(x, method="glm", link="probit").mean
 
 
-def ggn_operator(model: nn.Module, dl: DataLoader, likelihood: str = "classification",
-                 **kwargs: Any):
+def ggn_operator(
+    model: nn.Module, dl: DataLoader, likelihood: str = "classification", **kwargs: Any
+):
     """SLOT: the GGN over the data as a linear operator, ``op @ v`` for v of shape (P,).
 
     ``laplace_ggn.operators.GGNOperator(model, loader, likelihood=..., **kwargs)``

@@ -149,7 +149,9 @@ def alternating_rows(la, train, data, seed, cycles_list) -> dict[str, dict]:
         from laplace_ggn.predictive import sample_outputs
 
         probs = {
-            k: sample_outputs(la.fitted.fmodel, thetas, data[f"x_{k}"], n_outputs=10).softmax(-1).mean(0)
+            k: sample_outputs(la.fitted.fmodel, thetas, data[f"x_{k}"], n_outputs=10)
+            .softmax(-1)
+            .mean(0)
             for k in ("test", "ood")
         }
         row = score(probs["test"], probs["ood"], data)

@@ -52,16 +52,24 @@ def check(args) -> str:
     n, model, dl, batches, v = _problem(args)
     from curvlinops import GGNLinearOperator
 
-    G = GGNLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), list(model.parameters()),
-                          batches, check_deterministic=False, num_data=n)
+    G = GGNLinearOperator(
+        model,
+        nn.CrossEntropyLoss(reduction="sum"),
+        list(model.parameters()),
+        batches,
+        check_deterministic=False,
+        num_data=n,
+    )
     ref_gv = G @ v
     ours_op = _ours.ggn_operator(model, dl)
     err = _rel(ours_op @ v, ref_gv)
     cached = _ours.ggn_operator(model, dl, cache=True)
     err_c = max(_rel(cached @ v, ref_gv) for _ in range(2))
-    lines = [f"- GGN matvec: ‖ours − curvlinops‖/‖curvlinops‖ = {err:.1e} (default), "
-             f"{err_c:.1e} (cache=True, first and later product; cache "
-             f"{getattr(cached, '_cached_bytes', 0) / 2**20:.1f} MiB of saved tensors)"]
+    lines = [
+        f"- GGN matvec: ‖ours − curvlinops‖/‖curvlinops‖ = {err:.1e} (default), "
+        f"{err_c:.1e} (cache=True, first and later product; cache "
+        f"{getattr(cached, '_cached_bytes', 0) / 2**20:.1f} MiB of saved tensors)"
+    ]
     try:
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact
@@ -76,8 +84,9 @@ def check(args) -> str:
             for d, p in zip(diag, m.parameters()):
                 d += p.diag_ggn_exact
         ref_d = torch.cat([d.flatten() for d in diag])
-        lines.append("- GGN diagonal: ‖ours − BackPACK‖/‖BackPACK‖ = "
-                     f"{_rel(ours_op.diagonal(), ref_d):.1e}")
+        lines.append(
+            f"- GGN diagonal: ‖ours − BackPACK‖/‖BackPACK‖ = {_rel(ours_op.diagonal(), ref_d):.1e}"
+        )
     except NotImplementedError as e:
         lines.append(f"- GGN diagonal: not compared ({e})")
     return "Agreement (float32):\n" + "\n".join(lines)
@@ -91,16 +100,29 @@ def build(args) -> list[Case]:
     def cl_ggn_setup():
         from curvlinops import GGNLinearOperator
 
-        return GGNLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, batches,
-                                 check_deterministic=False, num_data=n)
+        return GGNLinearOperator(
+            model,
+            nn.CrossEntropyLoss(reduction="sum"),
+            params,
+            batches,
+            check_deterministic=False,
+            num_data=n,
+        )
 
     # ---- curvlinops KFAC type-2 factors
     def cl_kfac_setup():
         from curvlinops import FisherType, KFACLinearOperator
 
-        return KFACLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, batches,
-                                  fisher_type=FisherType.TYPE2, check_deterministic=False,
-                                  num_data=n, num_per_example_loss_terms=1)
+        return KFACLinearOperator(
+            model,
+            nn.CrossEntropyLoss(reduction="sum"),
+            params,
+            batches,
+            fisher_type=FisherType.TYPE2,
+            check_deterministic=False,
+            num_data=n,
+            num_per_example_loss_terms=1,
+        )
 
     # ---- BackPACK exact diagonal GGN
     def bp_setup():
@@ -126,8 +148,7 @@ def build(args) -> list[Case]:
     def lt_fit(structure):
         from laplace import Laplace
 
-        la = Laplace(model, "classification", subset_of_weights="all",
-                     hessian_structure=structure)
+        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
         la.fit(dl, progress_bar=False)
         return la
 
@@ -145,29 +166,57 @@ def build(args) -> list[Case]:
     return [
         Case("GGN matvec", "curvlinops GGNLinearOperator", lambda G: G @ v, setup=cl_ggn_setup),
         # SLOT ours: laplace_ggn.operators.GGNOperator(model, "classification", dl) @ v
-        Case("GGN matvec", "laplace_ggn GGNOperator", lambda G: G @ v,
-             setup=lambda: _ours.ggn_operator(model, dl), role=OURS),
+        Case(
+            "GGN matvec",
+            "laplace_ggn GGNOperator",
+            lambda G: G @ v,
+            setup=lambda: _ours.ggn_operator(model, dl),
+            role=OURS,
+        ),
         Case(mv_cached_1, "curvlinops GGNLinearOperator", lambda G: G @ v, setup=cl_ggn_setup),
-        Case(mv_cached_1, "laplace_ggn GGNOperator(cache=True)", cached_first,
-             setup=lambda: _ours.ggn_operator(model, dl, cache=True), role=OURS),
+        Case(
+            mv_cached_1,
+            "laplace_ggn GGNOperator(cache=True)",
+            cached_first,
+            setup=lambda: _ours.ggn_operator(model, dl, cache=True),
+            role=OURS,
+        ),
         Case(mv_cached_n, "curvlinops GGNLinearOperator", lambda G: G @ v, setup=cl_ggn_setup),
-        Case(mv_cached_n, "laplace_ggn GGNOperator(cache=True)", lambda G: G @ v,
-             setup=cached_later_setup, role=OURS),
+        Case(
+            mv_cached_n,
+            "laplace_ggn GGNOperator(cache=True)",
+            lambda G: G @ v,
+            setup=cached_later_setup,
+            role=OURS,
+        ),
         Case("exact diag GGN", "BackPACK DiagGGNExact", bp_diag, setup=bp_setup),
         Case("exact diag GGN", "laplace-torch diag fit", lambda _: lt_fit("diag")),
         # SLOT ours: LaplaceWrapper(model, structure="diag").fit(dl)
-        Case("exact diag GGN", "laplace_ggn diag fit", lambda _: _ours.fit(model, dl, "diag"),
-             role=OURS),
-        Case("KFAC type-2", "curvlinops KFACLinearOperator",
-             lambda K: K.compute_kronecker_factors(), setup=cl_kfac_setup),
+        Case(
+            "exact diag GGN",
+            "laplace_ggn diag fit",
+            lambda _: _ours.fit(model, dl, "diag"),
+            role=OURS,
+        ),
+        Case(
+            "KFAC type-2",
+            "curvlinops KFACLinearOperator",
+            lambda K: K.compute_kronecker_factors(),
+            setup=cl_kfac_setup,
+        ),
         Case("KFAC type-2", "laplace-torch kron fit", lambda _: lt_fit("kron")),
         # SLOT ours: LaplaceWrapper(model, structure="kfac").fit(dl)
-        Case("KFAC type-2", "laplace_ggn kfac fit", lambda _: _ours.fit(model, dl, "kfac"),
-             role=OURS),
+        Case(
+            "KFAC type-2", "laplace_ggn kfac fit", lambda _: _ours.fit(model, dl, "kfac"), role=OURS
+        ),
         Case(f"epoch (fwd+bwd, N={n})", "torch", lambda _: C.epoch(model, dl), role=FLOOR),
     ]
 
 
 if __name__ == "__main__":
-    main("Curvature kernels: MLP 64-128-128-10 (P=26,122), N=1,000, batch 100", build,
-         script=os.path.abspath(__file__), check=check)
+    main(
+        "Curvature kernels: MLP 64-128-128-10 (P=26,122), N=1,000, batch 100",
+        build,
+        script=os.path.abspath(__file__),
+        check=check,
+    )

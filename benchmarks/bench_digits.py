@@ -47,8 +47,13 @@ def build(args) -> list[Case]:
     def lt_fit(structure):
         from laplace import Laplace
 
-        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure,
-                     prior_precision=1.0)
+        la = Laplace(
+            model,
+            "classification",
+            subset_of_weights="all",
+            hessian_structure=structure,
+            prior_precision=1.0,
+        )
         la.fit(dl, progress_bar=False)
         return la
 
@@ -59,37 +64,74 @@ def build(args) -> list[Case]:
         n_lt = full_steps if expensive else steps
         scale = steps / n_lt
         # ---- fit
-        cases.append(Case(f"fit {our_s}", f"laplace-torch ({lt_s})", lambda _, s=lt_s: lt_fit(s),
-                          reps=cap, warmup=not expensive))
+        cases.append(
+            Case(
+                f"fit {our_s}",
+                f"laplace-torch ({lt_s})",
+                lambda _, s=lt_s: lt_fit(s),
+                reps=cap,
+                warmup=not expensive,
+            )
+        )
         # SLOT ours: LaplaceWrapper(model, likelihood="classification", structure=our_s).fit(dl)
-        cases.append(Case(f"fit {our_s}", "laplace_ggn", lambda _, s=our_s: _ours.fit(model, dl, s),
-                          role=OURS))
+        cases.append(
+            Case(
+                f"fit {our_s}", "laplace_ggn", lambda _, s=our_s: _ours.fit(model, dl, s), role=OURS
+            )
+        )
         # ---- marglik tuning of a scalar prior precision
-        cases.append(Case(
-            f"marglik {our_s}", f"laplace-torch ({lt_s})",
-            lambda la, n=n_lt: la.optimize_prior_precision(method="marglik", n_steps=n),
-            setup=lambda s=lt_s: lt_fit(s), fresh=True, reps=cap, warmup=not expensive,
-            scale=scale,
-            note=(f"{n_lt} steps timed, ×{scale:g} for {steps}" if scale != 1 else "")))
+        cases.append(
+            Case(
+                f"marglik {our_s}",
+                f"laplace-torch ({lt_s})",
+                lambda la, n=n_lt: la.optimize_prior_precision(method="marglik", n_steps=n),
+                setup=lambda s=lt_s: lt_fit(s),
+                fresh=True,
+                reps=cap,
+                warmup=not expensive,
+                scale=scale,
+                note=(f"{n_lt} steps timed, ×{scale:g} for {steps}" if scale != 1 else ""),
+            )
+        )
         # SLOT ours: la.optimize_prior_precision(method="marglik") on the fitted wrapper
-        cases.append(Case(
-            f"marglik {our_s}", "laplace_ggn",
-            lambda la: _ours.optimize_marglik(la, steps),
-            setup=lambda s=our_s: _ours.fit(model, dl, s), fresh=True, role=OURS))
+        cases.append(
+            Case(
+                f"marglik {our_s}",
+                "laplace_ggn",
+                lambda la: _ours.optimize_marglik(la, steps),
+                setup=lambda s=our_s: _ours.fit(model, dl, s),
+                fresh=True,
+                role=OURS,
+            )
+        )
         # ---- GLM probit predictive on n_pred test points
-        cases.append(Case(
-            f"predict {our_s}", f"laplace-torch ({lt_s})",
-            lambda la: la(Xp, pred_type="glm", link_approx="probit"),
-            setup=lambda s=lt_s: lt_fit(s), reps=cap, warmup=not expensive))
+        cases.append(
+            Case(
+                f"predict {our_s}",
+                f"laplace-torch ({lt_s})",
+                lambda la: la(Xp, pred_type="glm", link_approx="probit"),
+                setup=lambda s=lt_s: lt_fit(s),
+                reps=cap,
+                warmup=not expensive,
+            )
+        )
         # SLOT ours: la.predict(Xp, method="glm", link="probit").mean
-        cases.append(Case(
-            f"predict {our_s}", "laplace_ggn",
-            lambda la: _ours.predict_glm_probit(la, Xp),
-            setup=lambda s=our_s: _ours.fit(model, dl, s), role=OURS))
+        cases.append(
+            Case(
+                f"predict {our_s}",
+                "laplace_ggn",
+                lambda la: _ours.predict_glm_probit(la, Xp),
+                setup=lambda s=our_s: _ours.fit(model, dl, s),
+                role=OURS,
+            )
+        )
     cases.append(Case("epoch (fwd+bwd, N=1297)", "torch", lambda _: C.epoch(model, dl), role=FLOOR))
     return cases
 
 
 if __name__ == "__main__":
-    main("Digits MLP 64-32-32-10 (P=3,466, N=1,297, 500 test points)", build,
-         script=os.path.abspath(__file__))
+    main(
+        "Digits MLP 64-32-32-10 (P=3,466, N=1,297, 500 test points)",
+        build,
+        script=os.path.abspath(__file__),
+    )

@@ -61,8 +61,10 @@ def _rank(rank: int, world: int, port: int, args, out: str) -> None:
     try:
         X, y, _, _ = digits()
         idx = torch.tensor_split(torch.arange(len(X)), world)[rank]
-        res = {s: _time_fit(_model(args.hidden), X[idx], y[idx], s, kw, args.repeats)
-               for s, kw in CONFIGS}
+        res = {
+            s: _time_fit(_model(args.hidden), X[idx], y[idx], s, kw, args.repeats)
+            for s, kw in CONFIGS
+        }
         if rank == 0:
             torch.save(res, out)
     finally:
@@ -88,10 +90,14 @@ def main() -> None:
         out = os.path.join(tmp, "res.pt")
         mp.spawn(_rank, args=(2, port, args, out), nprocs=2, join=True)
         two = torch.load(out)
-    print(f"MLP 64-{args.hidden}-10, P={P}, N={len(X)}, float32, batch 100, "
-          f"median of {args.repeats}, torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print(f"{'structure':14s} {'1 proc 1 thr':>13s} {'1 proc 2 thr':>13s} {'2 ranks x 1 thr':>16s}"
-          f" {'evidence rel. diff':>19s}")
+    print(
+        f"MLP 64-{args.hidden}-10, P={P}, N={len(X)}, float32, batch 100, "
+        f"median of {args.repeats}, torch {torch.__version__}, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'structure':14s} {'1 proc 1 thr':>13s} {'1 proc 2 thr':>13s} {'2 ranks x 1 thr':>16s}"
+        f" {'evidence rel. diff':>19s}"
+    )
     for s, kw in CONFIGS:
         name = s + (f" k={kw['rank']}" if kw else "")
         t1, l1 = single[1][s]

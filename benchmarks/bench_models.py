@@ -48,8 +48,14 @@ class ConvBN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(0.1),
-            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Linear(256, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 10))
@@ -128,7 +134,9 @@ class HFLogits(nn.Module):
         self.model = model
 
     def forward(self, batch):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
 
 
 # --------------------------------------------------------------------------- data
@@ -154,8 +162,11 @@ def collate(rows):
     for i, r in enumerate(rows):
         ids[i, : len(r["input_ids"])] = r["input_ids"]
         mask[i, : len(r["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "labels": torch.tensor([r["labels"] for r in rows])}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.tensor([r["labels"] for r in rows]),
+    }
 
 
 def hf_collator():
@@ -166,10 +177,13 @@ def hf_collator():
     vocab = {"[PAD]": 0, "[UNK]": 1, **{f"t{i}": i for i in range(2, 20)}}
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
-        pad_token="[PAD]", unk_token="[UNK]")
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+    )
     pad = transformers.DataCollatorWithPadding(tok, return_tensors="pt")
-    return lambda rows: pad([{"input_ids": r["input_ids"].tolist(), "labels": r["labels"]}
-                             for r in rows])
+    return lambda rows: pad(
+        [{"input_ids": r["input_ids"].tolist(), "labels": r["labels"]} for r in rows]
+    )
 
 
 def train_tokens(model, rows, *, epochs, seed, tag, call):
@@ -177,14 +191,20 @@ def train_tokens(model, rows, *, epochs, seed, tag, call):
     import tempfile
 
     sig = f"{tag}|{model}|{C.n_params(model)}|{epochs}|{seed}|{len(rows)}"
-    path = os.path.join(tempfile.gettempdir(),
-                        f"laplace_ggn_bench_{hashlib.sha1(sig.encode()).hexdigest()[:16]}.pt")
+    path = os.path.join(
+        tempfile.gettempdir(), f"laplace_ggn_bench_{hashlib.sha1(sig.encode()).hexdigest()[:16]}.pt"
+    )
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    dl = DataLoader(rows, batch_size=32, shuffle=True, collate_fn=collate,
-                    generator=torch.Generator().manual_seed(seed))
+    dl = DataLoader(
+        rows,
+        batch_size=32,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     model.train()
     for _ in range(epochs):
         for b in dl:
@@ -233,9 +253,22 @@ def families(args) -> dict:
         rows = token_task(n_tok, args.seed)
         test = collate(token_task(n_tok_test, args.seed + 1))
         torch.manual_seed(args.seed)
-        enc = train_tokens(Encoder(), rows, epochs=4, seed=args.seed, tag="models-encoder",
-                           call=lambda m, b: m(**_inputs(b)))
-        return enc, DataLoader(rows, batch_size=32, collate_fn=collate), _inputs(test), None, None, None
+        enc = train_tokens(
+            Encoder(),
+            rows,
+            epochs=4,
+            seed=args.seed,
+            tag="models-encoder",
+            call=lambda m, b: m(**_inputs(b)),
+        )
+        return (
+            enc,
+            DataLoader(rows, batch_size=32, collate_fn=collate),
+            _inputs(test),
+            None,
+            None,
+            None,
+        )
 
     def hf(name):
         def build():
@@ -246,21 +279,45 @@ def families(args) -> dict:
             test = _inputs(hf_collator()(token_task(n_tok_test, args.seed + 1)))
             torch.manual_seed(args.seed)
             if name == "gpt2":
-                model = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
-                    vocab_size=20, n_embd=32, n_layer=2, n_head=4, n_positions=32, num_labels=2,
-                    pad_token_id=0, bos_token_id=None, eos_token_id=None))
+                model = transformers.GPT2ForSequenceClassification(
+                    transformers.GPT2Config(
+                        vocab_size=20,
+                        n_embd=32,
+                        n_layer=2,
+                        n_head=4,
+                        n_positions=32,
+                        num_labels=2,
+                        pad_token_id=0,
+                        bos_token_id=None,
+                        eos_token_id=None,
+                    )
+                )
             else:
-                model = transformers.BertForSequenceClassification(transformers.BertConfig(
-                    vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, max_position_embeddings=32, num_labels=2))
+                model = transformers.BertForSequenceClassification(
+                    transformers.BertConfig(
+                        vocab_size=20,
+                        hidden_size=32,
+                        num_hidden_layers=2,
+                        num_attention_heads=4,
+                        intermediate_size=64,
+                        max_position_embeddings=32,
+                        num_labels=2,
+                    )
+                )
             if name == "bert_lora":
                 model.requires_grad_(False)
                 for layer in model.bert.encoder.layer:
                     layer.attention.self.query = LoRALinear(layer.attention.self.query)
                     layer.attention.self.value = LoRALinear(layer.attention.self.value)
                 model.classifier.requires_grad_(True)
-            model = train_tokens(model, rows, epochs=4, seed=args.seed, tag=f"models-{name}",
-                                 call=lambda m, b: m(**_inputs(b)).logits)
+            model = train_tokens(
+                model,
+                rows,
+                epochs=4,
+                seed=args.seed,
+                tag=f"models-{name}",
+                call=lambda m, b: m(**_inputs(b)).logits,
+            )
             return model, dl, test, HFLogits(model), dl, test
 
         return build
@@ -281,7 +338,9 @@ def families(args) -> dict:
 
 
 def extra(p) -> None:
-    p.add_argument("--family", default=None, help="only these families, comma-separated (e.g. gru,bert)")
+    p.add_argument(
+        "--family", default=None, help="only these families, comma-separated (e.g. gru,bert)"
+    )
 
 
 CONV = ("cnn_bn", "resnet")  # laplace-torch's diag fit on convolutions takes minutes
@@ -318,32 +377,67 @@ def build(args) -> list[Case]:
             task = f"{fam} (P={P}) fit {what}"
             slow = fam in CONV and lt_s == "diag"
             if lt_model is not None:
-                cases.append(Case(task, f"laplace-torch ({lt_s})",
-                                  lambda _, s=lt_s, sub=subset, m=lt_model, d=lt_dl:
-                                  lt_fit(m, d, s, sub),
-                                  reps=1 if slow else 3, warmup=not slow))
+                cases.append(
+                    Case(
+                        task,
+                        f"laplace-torch ({lt_s})",
+                        lambda _, s=lt_s, sub=subset, m=lt_model, d=lt_dl: lt_fit(m, d, s, sub),
+                        reps=1 if slow else 3,
+                        warmup=not slow,
+                    )
+                )
             # SLOT ours: LaplaceWrapper(model, structure=ours_s, subset=subset).fit(dl)
-            cases.append(Case(task, "laplace_ggn", lambda _, s=ours_s, sub=subset, m=model, d=dl:
-                              _ours.fit(m, d, s, subset=sub), role=OURS, reps=3))
+            cases.append(
+                Case(
+                    task,
+                    "laplace_ggn",
+                    lambda _, s=ours_s, sub=subset, m=model, d=dl: _ours.fit(m, d, s, subset=sub),
+                    role=OURS,
+                    reps=3,
+                )
+            )
             if (ours_s, subset) not in (("diag", "all"), ("full", "last_layer")):
                 continue
             ptask = f"{fam} predict {what} ({n_in} inputs)"
             if lt_model is not None and not slow:
                 key = (fam, lt_s, subset)
-                cases.append(Case(ptask, f"laplace-torch ({lt_s})",
-                                  lambda la, xt=lt_test: [
-                                      la(xc, pred_type="glm", link_approx="probit")
-                                      for xc in _split_input(xt, LT_PREDICT_CHUNK)],
-                                  setup=lambda k=key, s=lt_s, sub=subset, m=lt_model, d=lt_dl:
-                                  lt_fitted(k, m, d, s, sub), reps=3, memory=False))
+                cases.append(
+                    Case(
+                        ptask,
+                        f"laplace-torch ({lt_s})",
+                        lambda la, xt=lt_test: [
+                            la(xc, pred_type="glm", link_approx="probit")
+                            for xc in _split_input(xt, LT_PREDICT_CHUNK)
+                        ],
+                        setup=lambda k=key, s=lt_s, sub=subset, m=lt_model, d=lt_dl: lt_fitted(
+                            k, m, d, s, sub
+                        ),
+                        reps=3,
+                        memory=False,
+                    )
+                )
             # SLOT ours: la.predict(x_test, method="glm", link="probit").mean
-            cases.append(Case(ptask, "laplace_ggn",
-                              lambda la, xt=x_test: _ours.predict_glm_probit(la, xt),
-                              setup=lambda s=ours_s, sub=subset, m=model, d=dl:
-                              _ours.fit(m, d, s, subset=sub), role=OURS, reps=3, memory=False))
+            cases.append(
+                Case(
+                    ptask,
+                    "laplace_ggn",
+                    lambda la, xt=x_test: _ours.predict_glm_probit(la, xt),
+                    setup=lambda s=ours_s, sub=subset, m=model, d=dl: _ours.fit(
+                        m, d, s, subset=sub
+                    ),
+                    role=OURS,
+                    reps=3,
+                    memory=False,
+                )
+            )
     return cases
 
 
 if __name__ == "__main__":
-    main("Model families: CNN+BatchNorm, ResNet, LSTM, GRU, TransformerEncoder, Hugging Face "
-         "BERT / GPT-2 / LoRA", build, extra_args=extra, script=os.path.abspath(__file__))
+    main(
+        "Model families: CNN+BatchNorm, ResNet, LSTM, GRU, TransformerEncoder, Hugging Face "
+        "BERT / GPT-2 / LoRA",
+        build,
+        extra_args=extra,
+        script=os.path.abspath(__file__),
+    )

@@ -59,9 +59,13 @@ def main() -> None:
     dl = C.loader(Xtr, ytr, 100)
     X = Xte[:500]
     structures = ["diag", "kfac", "full"] + (["lowrank"] if args.lowrank else [])
-    print(f"digits MLP 64-32-32-10, P={C.n_params(model)}, N={len(Xtr)}, "
-          f"threads={args.threads}, best of {args.reps}")
-    print(f"{'structure':<9} {'task':<8} {'ours s':>9} {'l-torch s':>10} {'ratio':>7} {'target':>7}")
+    print(
+        f"digits MLP 64-32-32-10, P={C.n_params(model)}, N={len(Xtr)}, "
+        f"threads={args.threads}, best of {args.reps}"
+    )
+    print(
+        f"{'structure':<9} {'task':<8} {'ours s':>9} {'l-torch s':>10} {'ratio':>7} {'target':>7}"
+    )
     for s in structures:
         t_fit = time.perf_counter()
         la = LaplaceWrapper(model, "classification", structure=s, prior_precision=1.0).fit(dl)
@@ -86,12 +90,19 @@ def main() -> None:
         t_pr = _time(lambda la=la: la.predict(X, method="glm", link="probit"), args.reps)
         ref = REFERENCE.get(s)
         for task, ours, r in (("marglik", t_ml, ref and ref[0]), ("predict", t_pr, ref and ref[1])):
-            target = (min(0.5 * r, TARGET_FULL_MARGLIK) if (s, task) == ("full", "marglik")
-                      else 0.5 * r) if r else None
-            print(f"{s:<9} {task:<8} {ours:>9.4f} {r if r else '-':>10} "
-                  f"{(ours / r if r else float('nan')):>7.3f} "
-                  f"{(f'{target:.3g}' if target else '-'):>7}")
-        extra = f", of which eigvalsh {t_eig:.2f} s and 100 steps {t_ml - t_eig:.4f} s" if t_eig else ""
+            target = (
+                (min(0.5 * r, TARGET_FULL_MARGLIK) if (s, task) == ("full", "marglik") else 0.5 * r)
+                if r
+                else None
+            )
+            print(
+                f"{s:<9} {task:<8} {ours:>9.4f} {r if r else '-':>10} "
+                f"{(ours / r if r else float('nan')):>7.3f} "
+                f"{(f'{target:.3g}' if target else '-'):>7}"
+            )
+        extra = (
+            f", of which eigvalsh {t_eig:.2f} s and 100 steps {t_ml - t_eig:.4f} s" if t_eig else ""
+        )
         print(f"{'':<9} (fit {t_fit:.2f} s, tuned alpha {alpha:.4g}{extra})")
 
 

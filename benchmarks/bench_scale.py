@@ -38,8 +38,7 @@ def build(args) -> list[Case]:
     def lt_fit(structure):
         from laplace import Laplace
 
-        la = Laplace(model, "classification", subset_of_weights="all",
-                     hessian_structure=structure)
+        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
         la.fit(dl, progress_bar=False)
         return la
 
@@ -47,9 +46,14 @@ def build(args) -> list[Case]:
     return [
         # SLOT ours: LaplaceWrapper(model, structure="lowrank", rank=k).fit(dl)
         # (P·k float32 storage is over the wrapper's default 1 GB memory budget at P = 5M)
-        Case(f"fit lowrank k={rank}", "laplace_ggn",
-             lambda _: _ours.fit(model, dl, "lowrank", rank=rank, memory_budget=8 * 2**30),
-             role=OURS, reps=2, warmup=False),
+        Case(
+            f"fit lowrank k={rank}",
+            "laplace_ggn",
+            lambda _: _ours.fit(model, dl, "lowrank", rank=rank, memory_budget=8 * 2**30),
+            role=OURS,
+            reps=2,
+            warmup=False,
+        ),
         Case("fit kfac", "laplace-torch (kron)", lambda _: lt_fit("kron"), reps=3),
         # SLOT ours: LaplaceWrapper(model, structure="kfac").fit(dl)
         Case("fit kfac", "laplace_ggn", lambda _: _ours.fit(model, dl, "kfac"), role=OURS, reps=3),
@@ -58,5 +62,9 @@ def build(args) -> list[Case]:
 
 
 if __name__ == "__main__":
-    main("Scale: MLP 64-2200-2200-10 (P=5,007,210), N=1,297, batch 100", build, extra_args=extra,
-         script=os.path.abspath(__file__))
+    main(
+        "Scale: MLP 64-2200-2200-10 (P=5,007,210), N=1,297, batch 100",
+        build,
+        extra_args=extra,
+        script=os.path.abspath(__file__),
+    )

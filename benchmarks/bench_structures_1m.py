@@ -50,7 +50,9 @@ def _child(structure: str, rank: int | None, threads: int) -> None:
     C.epoch(model, dl)  # the floor: one forward + backward pass over the data
     epoch_s = time.perf_counter() - t0
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    la = LaplaceWrapper(model, "classification", structure=structure, rank=rank, prior_precision=1.0)
+    la = LaplaceWrapper(
+        model, "classification", structure=structure, rank=rank, prior_precision=1.0
+    )
     t0 = time.perf_counter()
     la.fit(dl, progress=False)
     fit_s = time.perf_counter() - t0
@@ -58,12 +60,23 @@ def _child(structure: str, rank: int | None, threads: int) -> None:
     t0 = time.perf_counter()
     lml = float(la.log_marginal_likelihood())
     lml_s = time.perf_counter() - t0
-    print(json.dumps({
-        "structure": structure, "rank": rank, "P": P, "N": len(X), "threads": threads,
-        "fit_s": round(fit_s, 2), "epoch_s": round(epoch_s, 2), "lml_s": round(lml_s, 3),
-        "maxrss_before_fit_MB": round(before / 1024, 1), "maxrss_peak_MB": round(peak / 1024, 1),
-        "log_marglik": round(lml, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "structure": structure,
+                "rank": rank,
+                "P": P,
+                "N": len(X),
+                "threads": threads,
+                "fit_s": round(fit_s, 2),
+                "epoch_s": round(epoch_s, 2),
+                "lml_s": round(lml_s, 3),
+                "maxrss_before_fit_MB": round(before / 1024, 1),
+                "maxrss_peak_MB": round(peak / 1024, 1),
+                "log_marglik": round(lml, 2),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -75,18 +88,32 @@ def main() -> None:
         s, r = args.child
         _child(s, None if r == "None" else int(r), args.threads)
         return
-    print(f"{'structure':<16}{'P':>10}{'N':>6}{'fit s':>8}{'epoch s':>9}{'fit/epoch':>10}"
-          f"{'RSS before MB':>15}{'peak RSS MB':>13}")
+    print(
+        f"{'structure':<16}{'P':>10}{'N':>6}{'fit s':>8}{'epoch s':>9}{'fit/epoch':>10}"
+        f"{'RSS before MB':>15}{'peak RSS MB':>13}"
+    )
     for structure, rank in CASES:
         out = subprocess.run(
-            [sys.executable, __file__, "--threads", str(args.threads), "--child", structure, str(rank)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--threads",
+                str(args.threads),
+                "--child",
+                structure,
+                str(rank),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         row = json.loads(out.stdout.strip().splitlines()[-1])
         name = structure if rank is None else f"{structure} k={rank}"
-        print(f"{name:<16}{row['P']:>10,}{row['N']:>6}{row['fit_s']:>8.2f}{row['epoch_s']:>9.2f}"
-              f"{row['fit_s'] / row['epoch_s']:>10.1f}"
-              f"{row['maxrss_before_fit_MB']:>15.1f}{row['maxrss_peak_MB']:>13.1f}")
+        print(
+            f"{name:<16}{row['P']:>10,}{row['N']:>6}{row['fit_s']:>8.2f}{row['epoch_s']:>9.2f}"
+            f"{row['fit_s'] / row['epoch_s']:>10.1f}"
+            f"{row['maxrss_before_fit_MB']:>15.1f}{row['maxrss_peak_MB']:>13.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -113,16 +113,20 @@ def main() -> None:
                     name = f"seed {seed}, {model}"
                     G, w = _ours(scorer, loader, structure, subset, x_test)
                     if structure == "kron" and MODELS[model][1]:
-                        print(f"| {name} | {subset} | kron | not comparable: laplace-torch keeps "
-                              "a bias's Kronecker block apart from its weight's (ours appends "
-                              "a column of ones to A) | | | | – |")
+                        print(
+                            f"| {name} | {subset} | kron | not comparable: laplace-torch keeps "
+                            "a bias's Kronecker block apart from its weight's (ours appends "
+                            "a column of ones to A) | | | | – |"
+                        )
                         continue
                     try:
                         H, v = _theirs(scorer, loader, structure, subset, x_test)
                     except Exception as err:  # noqa: BLE001 -- reported in the table
                         msg = f"{type(err).__name__}: {str(err)[:60]}"
-                        print(f"| {name} | {subset} | {structure} | laplace-torch fails: {msg} "
-                              f"| | | {float(w.abs().max()):.3g} (ours) | – |")
+                        print(
+                            f"| {name} | {subset} | {structure} | laplace-torch fails: {msg} "
+                            f"| | | {float(w.abs().max()):.3g} (ours) | – |"
+                        )
                         continue
                     dG = float((G - H).abs().max())
                     dv = float((w - v).abs().max())

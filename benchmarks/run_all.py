@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         "Machine: " + ", ".join(f"{k} {v}" for k, v in mach.items()) + "  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + "  ",
         "Command: `python benchmarks/run_all.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
+        + " ".join(argv if argv is not None else sys.argv[1:])
+        + "`",
         "",
         (
             "Cases run interleaved in one process (round r calls every case once, order "
@@ -83,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             with open(js) as fh:
                 data = json.load(fh)
             os.unlink(js)
-            parts += [f"## {data['title']}", "",
-                      (f"`python benchmarks/bench_{name}.py {' '.join(common)}` "
-                       f"({wall:.0f} s wall)"), "", data["markdown"], ""]
+            parts += [
+                f"## {data['title']}",
+                "",
+                (f"`python benchmarks/bench_{name}.py {' '.join(common)}` ({wall:.0f} s wall)"),
+                "",
+                data["markdown"],
+                "",
+            ]
             if data.get("agreement"):
                 parts += [data["agreement"], ""]
             parts += [f"Peak memory: {data['memory_method']}.", ""]

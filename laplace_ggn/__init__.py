@@ -1,5 +1,6 @@
 """laplace_ggn: post-hoc Laplace approximations from the generalised Gauss-Newton matrix."""
 
+from . import gp as _gp  # noqa: F401  (registers structure="gp" and "ella")
 from ._checks import Curvature, Likelihood, Link, PredictMethod, Structure
 from .diagnostics import KernelDecomposition
 from .fitted import FittedLaplace

@@ -59,6 +59,8 @@ class Structure(str, enum.Enum):
     KFAC = "kfac"
     LOWRANK = "lowrank"
     PROJECTED = "projected"
+    GP = "gp"
+    ELLA = "ella"
 
 
 class Link(str, enum.Enum):

@@ -110,6 +110,7 @@ class FitOptions:
         likelihood_model: The likelihood object (``likelihood_model.name`` in messages).
         logit_temperature: T of the likelihood ``softmax(f/T)`` (1: none).
         user_output_fn: The user's ``output_fn``.
+        n_context: M context samples of a structure that takes them (``None``: all).
     """
 
     model: nn.Module
@@ -125,6 +126,7 @@ class FitOptions:
     likelihood_model: LikelihoodModel | None = None
     logit_temperature: float = 1.0
     user_output_fn: Callable[[object], Tensor] | None = None
+    n_context: int | None = None
 
     @classmethod
     def create(
@@ -143,6 +145,7 @@ class FitOptions:
         memory_budget: object = DEFAULT_MEMORY_BUDGET,
         output_fn: object = None,
         logit_temperature: object = 1.0,
+        n_context: object = None,
     ) -> FitOptions:
         """Validate the options of ``LaplaceWrapper(...)`` (arguments as there).
 
@@ -163,7 +166,7 @@ class FitOptions:
             raise ValueError("model must have parameters; got a module with none.")
         if rank is not None:
             if not STRUCTURES[structure].takes_rank:
-                ranked = " or ".join(repr(n) for n, s in STRUCTURES.items() if s.takes_rank)
+                ranked = _or_list([n for n, s in STRUCTURES.items() if s.takes_rank])
                 raise ValueError(
                     f"rank applies to structure={ranked} only; got rank={rank} "
                     f"with structure={structure!r}."
@@ -171,6 +174,8 @@ class FitOptions:
             if not is_integer(rank) or rank < 1:
                 raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
             rank = int(rank)
+        n_context = _check_context(structure, n_context)
+        STRUCTURES[structure].check_options(rank, n_context)
         curvature = as_enum(Curvature, curvature, "curvature")
         if curvature is Curvature.MC and not STRUCTURES[structure].samples_curvature:
             sampled = [repr(n) for n, s in STRUCTURES.items() if s.samples_curvature]
@@ -230,6 +235,7 @@ class FitOptions:
             lik,
             T,
             output_fn,
+            n_context,
         )
 
     @property
@@ -250,7 +256,9 @@ class FitOptions:
         Returns:
             The :class:`~laplace_ggn.structures.StructureOptions`.
         """
-        return StructureOptions(self.model, prior_precision, self.rank, self.memory_budget)
+        return StructureOptions(
+            self.model, prior_precision, self.rank, self.memory_budget, self.n_context
+        )
 
     def attributes(self) -> dict[str, object]:
         """The options as ``LaplaceWrapper`` exposes them (``la.structure``, ``la.input_key``, ...).
@@ -262,7 +270,7 @@ class FitOptions:
         attrs = {name: getattr(self, name) for name in names}
         attrs.update(n_mc_samples=self.n_mc_samples, memory_budget=self.memory_budget)
         attrs.update(output_fn=self.user_output_fn, ignore_index=self.reader.ignore_index)
-        attrs.update(logit_temperature=self.logit_temperature)
+        attrs.update(logit_temperature=self.logit_temperature, n_context=self.n_context)
         attrs.update(input_key=self.reader.input_key, target_key=self.reader.target_key)
         return attrs
 
@@ -280,6 +288,34 @@ class FitOptions:
                 f"generator must be on the model's device {device}; got a generator on "
                 f"{generator.device}. Create it with torch.Generator(device=...)."
             )
+
+
+def _or_list(names: list[str]) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [repr(n) for n in names]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+
+
+def _check_context(structure: str, n_context: object) -> int | None:
+    """``n_context=``: ``None`` or a positive int, for a structure that takes context samples.
+
+    Returns:
+        ``n_context`` as an int, or ``None``.
+
+    Raises:
+        ValueError: If it is given for another structure, or is not a positive integer.
+    """
+    if n_context is None:
+        return None
+    if not STRUCTURES[structure].takes_context:
+        takes = _or_list([n for n, s in STRUCTURES.items() if s.takes_context])
+        raise ValueError(
+            f"n_context applies to structure={takes or 'none registered'} only; got "
+            f"n_context={n_context!r} with structure={structure!r}."
+        )
+    if not is_integer(n_context) or n_context < 1:
+        raise ValueError(f"n_context must be None or a positive integer; got {n_context!r}.")
+    return int(n_context)
 
 
 def memory_message(options: FitOptions, need: int, P: int, prior_precision: Tensor) -> str:

@@ -77,16 +77,23 @@ class StructureOptions:
         prior_precision: The prior precision of the fit, shape ``()``, ``(T,)`` or ``(P,)``.
         rank: ``rank=`` of the wrapper (``None`` unless the structure takes one).
         memory_budget: Bytes for chunked intermediates and the largest dense structure.
+        n_context: ``n_context=`` of the wrapper, M context samples (``None`` unless the
+            structure takes one, or for all of them).
     """
 
     model: nn.Module
     prior_precision: Tensor
     rank: int | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    n_context: int | None = None
 
 
 def _any_prior(prior: Prior) -> None:
     """Accept every prior (the default of :attr:`StructureSpec.check_prior`)."""
+
+
+def _any_options(rank: int | None, n_context: int | None) -> None:
+    """Accept every ``rank`` / ``n_context`` (the default of :attr:`StructureSpec.check_options`)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ class StructureSpec:
         memory_bytes: ``(P, dtype, options) -> bytes`` the stored structure needs.
         check_prior: Raises ``ValueError`` for a prior the structure cannot hold.
         takes_rank: Whether ``rank=`` applies.
+        takes_context: Whether ``n_context=`` applies.
+        check_options: ``(rank, n_context) -> None``, raising ``ValueError`` for a
+            combination the structure refuses (called when the wrapper is built).
         samples_curvature: Whether ``curvature="mc"`` applies (the curvature is built from
             output Hessians whose square roots can be sampled).
         exact_rows: Whether the collector holds one sample's C·P exact square-root rows at
@@ -121,6 +131,8 @@ class StructureSpec:
     memory_bytes: Callable[[int, torch.dtype, StructureOptions], int]
     check_prior: Callable[[Prior], None] = _any_prior
     takes_rank: bool = False
+    takes_context: bool = False
+    check_options: Callable[[int | None, int | None], None] = _any_options
     samples_curvature: bool = True
     exact_rows: bool = False
     check_state: Callable[[Mapping, SavedSubset], None] = check_tensor_state

@@ -56,7 +56,8 @@ class LaplaceWrapper:
         prior_precision: Float, or tensor of shape ``(T,)`` or ``(P,)``.
         sigma_noise: Observation noise σ (regression only): a scalar, or ``(D,)`` per output.
         temperature: τ, the curvature is divided by it.
-        rank: ``lowrank`` / ``projected``: ``None`` (exact) or k (top-k).
+        rank: ``lowrank`` / ``projected``: ``None`` (exact) or k (top-k); ``ella``: K features.
+        n_context: ``gp`` / ``ella``: M context samples (``None``: all; ``docs/gp.md``).
         curvature: ``"ggn"`` (exact) or ``"mc"`` (Monte-Carlo Fisher).
         n_mc_samples: S, label draws per sample of ``curvature="mc"`` (default 1).
         ignore_index: Classification / binary targets equal to it are skipped.
@@ -101,12 +102,13 @@ class LaplaceWrapper:
         output_fn: Callable[[object], Tensor] | None = None,
         prior_mean: Tensor | LaplaceWrapper | None = None,
         logit_temperature: float = 1.0,
+        n_context: int | None = None,
     ):
         o = self._options = FitOptions.create(
             model, likelihood, structure=structure, subset=subset, rank=rank,
             curvature=curvature, n_mc_samples=n_mc_samples, ignore_index=ignore_index,
             input_key=input_key, target_key=target_key, memory_budget=memory_budget,
-            output_fn=output_fn, logit_temperature=logit_temperature,
+            output_fn=output_fn, logit_temperature=logit_temperature, n_context=n_context,
         )  # fmt: skip
         self._layout, self._initial = initial_state(
             o, prior_precision=prior_precision, sigma_noise=sigma_noise, temperature=temperature

@@ -503,7 +503,7 @@ def test_error_structure_not_supported():
     case = make_case("mlp_regression", 0, n=6)
     la = LaplaceWrapper(case.model, "regression", structure="diag").fit(case.loader())
     with pytest.raises(
-        ValueError, match=r"structure must be one of \['full', 'lowrank'\].*got 'diag'"
+        ValueError, match=r"structure must be one of \['full', 'lowrank', 'gp'\].*got 'diag'"
     ):
         la.kernel_decomposition(case.X)
 
@@ -682,12 +682,14 @@ def test_supported_structures_follow_the_registry(monkeypatch):
     import laplace_ggn.diagnostics as diagnostics
     from laplace_ggn.structures import STRUCTURES
 
-    assert diagnostics.SUPPORTED_STRUCTURES == ("full", "lowrank")
+    assert diagnostics.SUPPORTED_STRUCTURES == ("full", "lowrank", "gp")
     monkeypatch.setitem(STRUCTURES, "toy", replace(STRUCTURES["full"], name="toy"))
     monkeypatch.setitem(STRUCTURES, "toy_diag", replace(STRUCTURES["diag"], name="toy_diag"))
-    assert diagnostics.supported_structures() == ("full", "lowrank", "toy")
+    assert diagnostics.supported_structures() == ("full", "lowrank", "gp", "toy")
     assert "toy" in diagnostics.SUPPORTED_STRUCTURES
-    with pytest.raises(ValueError, match=r"structure must be one of \['full', 'lowrank', 'toy'\]"):
+    with pytest.raises(
+        ValueError, match=r"structure must be one of \['full', 'lowrank', 'gp', 'toy'\]"
+    ):
         kernel_decomposition(
             object(),
             None,

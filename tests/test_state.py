@@ -421,6 +421,6 @@ def test_an_unregistered_structure_does_not_pickle(monkeypatch):
     with pytest.raises(
         ValueError,
         match=r"structure 'diag' must be registered to load a pickled wrapper of it; got the "
-        r"registered structures \['full', 'kfac', 'lowrank', 'projected'\]",
+        r"registered structures \['full', 'kfac', 'lowrank', 'projected', 'gp', 'ella'\]",
     ):
         pickle.loads(data)

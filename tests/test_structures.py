@@ -80,7 +80,9 @@ def test_an_unregistered_structure_is_refused_naming_the_registered_ones(isotrop
     case = make_case("mlp_classification")
     STRUCTURES.pop("isotropic")
     try:
-        with pytest.raises(ValueError, match=r"structure must be one of \['full', .*'projected'\]"):
+        with pytest.raises(
+            ValueError, match=r"structure must be one of \['full', .*'projected', 'gp', 'ella'\]"
+        ):
             LaplaceWrapper(case.model, "classification", structure="isotropic")
     finally:
         register_structure(ISOTROPIC)
@@ -88,7 +90,9 @@ def test_an_unregistered_structure_is_refused_naming_the_registered_ones(isotrop
 
 def test_rank_and_sampled_curvature_follow_the_spec(isotropic):
     case = make_case("mlp_classification")
-    with pytest.raises(ValueError, match="rank applies to structure='lowrank' or 'projected'"):
+    with pytest.raises(
+        ValueError, match="rank applies to structure='lowrank', 'projected' or 'ella'"
+    ):
         LaplaceWrapper(case.model, "classification", structure="isotropic", rank=2)
     la = LaplaceWrapper(case.model, "classification", structure="isotropic", curvature="mc")
     assert la.fit(case.loader(), generator=torch.Generator().manual_seed(0)).is_fitted

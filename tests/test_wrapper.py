@@ -271,7 +271,7 @@ def test_construction_errors():
         LaplaceWrapper(m, "classify")
     with pytest.raises(
         ValueError,
-        match=r"structure must be one of \['full', 'diag', 'kfac', 'lowrank', 'projected'\]; got 'dense'",
+        match=r"structure must be one of \['full', 'diag', 'kfac', 'lowrank', 'projected', 'gp', 'ella'\]; got 'dense'",
     ):
         LaplaceWrapper(m, "classification", structure="dense")
     with pytest.raises(
@@ -287,7 +287,9 @@ def test_construction_errors():
         LaplaceWrapper(m, "regression", sigma_noise=-1.0)
     with pytest.raises(ValueError, match="temperature must be finite and > 0; got 0"):
         LaplaceWrapper(m, "classification", temperature=0)
-    with pytest.raises(ValueError, match="rank applies to structure='lowrank' or 'projected' only"):
+    with pytest.raises(
+        ValueError, match="rank applies to structure='lowrank', 'projected' or 'ella' only"
+    ):
         LaplaceWrapper(m, "classification", structure="full", rank=3)
     with pytest.raises(ValueError, match=r"prior_precision must be finite and > 0; got \[0.0\]"):
         LaplaceWrapper(m, "classification", prior_precision=0.0)
@@ -398,7 +400,7 @@ def test_unknown_likelihood_structure_subset_list_the_valid_ones():
     with pytest.raises(
         ValueError,
         match=r"structure must be one of \['full', 'diag', 'kfac', "
-        r"'lowrank', 'projected'\]; got 'ful'",
+        r"'lowrank', 'projected', 'gp', 'ella'\]; got 'ful'",
     ):
         LaplaceWrapper(case.model, "classification", structure="ful")
     with pytest.raises(
