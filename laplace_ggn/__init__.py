@@ -3,6 +3,7 @@
 from ._checks import Curvature, Likelihood, Link, PredictMethod, Structure
 from .diagnostics import KernelDecomposition
 from .fitted import FittedLaplace
+from .function_space import JointPrediction
 from .hyperparameters import Hyperparameters
 from .linalg import (
     cg,
@@ -45,6 +46,7 @@ __all__ = [
     "GridSearch",
     "MarglikTemperature",
     "Prediction",
+    "JointPrediction",
     "predict_preference",
     "KernelDecomposition",
     "Likelihood",
