@@ -3,7 +3,7 @@ r"""Function space: joint predictives, function samples and predictives differen
 - :func:`functional_covariance` / :func:`predict` with ``joint=True``: the joint Gaussian of
   the linearised outputs over a batch (:mod:`.joint`), regression as a :class:`JointPrediction`;
 - :func:`functional_samples`: draws :math:`f(X,\theta_*) + J(X)(\theta_s-\theta_*)`,
-  consistent across inputs, by forward-mode products (:mod:`.samples`);
+  consistent across inputs, by Jacobian-vector products (:mod:`.samples`);
 - ``differentiable=True``: predictives with a graph to ``x`` (:mod:`.differentiable`).
 
 Everything is built on the :class:`~laplace_ggn.posteriors.Posterior` protocol

@@ -6,10 +6,13 @@ r"""Draws of the linearised network's outputs, jointly consistent across inputs.
 one posterior draw per sample, evaluated on all B inputs, so that the draws over the inputs
 have the joint covariance :math:`J(X) \Sigma J(X)^\top` of
 :func:`~laplace_ggn.function_space.joint_moments` without any ``(B·C)²`` matrix.  The products
-:math:`J(x)(\theta_s - \theta_*)` are forward-mode Jacobian-vector products
-(:func:`torch.func.jvp`, vectorised over the draws with :func:`torch.func.vmap`), chunked over
-draws and inputs under the memory budget; a model without forward-mode derivatives (or that
-cannot run under vmap) uses its Jacobians instead.  The draws come from the posterior's
+:math:`J(x)(\theta_s - \theta_*)` are Jacobian-vector products without Jacobians: one forward
+pass with its pullback :math:`u \mapsto J^\top u`, then the gradient in u of
+:math:`u^\top J d_s` (:math:`= J d_s`), vectorised over the draws with :func:`torch.func.vmap`
+and chunked over draws and inputs under the memory budget.  This costs about what forward-mode
+:func:`torch.func.jvp` costs, but stays in reverse mode, whose state is per thread: torch's
+forward-mode levels are shared by the threads of a process, and concurrent forward-mode calls
+returned wrong tangents.  A model that cannot run under vmap uses its Jacobians instead.  The draws come from the posterior's
 ``sample`` (every structure that can sample), all at once, so a seeded ``generator`` gives the
 same draws whatever the chunking.
 """
@@ -18,9 +21,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
+from torch.func import grad, vjp, vmap
 
-from .._autodiff import cannot_transform, is_forward_ad_error
+from .._autodiff import cannot_transform
 from .._checks import check_computed_finite, check_generator, check_memory, is_integer
 from ..batches import batch_size_of
 from .jacobians import outputs_per_sample
@@ -29,20 +32,23 @@ __all__ = ["functional_samples", "linearised_outputs"]
 
 
 def _jvp_chunk(fmodel, x: object, D: Tensor) -> Tensor:
-    """``f(x, θ*) + J(x) d_s`` for tangents ``D`` ``(S, P)``, shape ``(S, B, ...)``."""
+    """``f(x, θ*) + J(x) d_s`` for offsets ``D`` ``(S, P)``, shape ``(S, B, ...)``."""
     theta = fmodel.theta.detach()
     entered = [False]
 
-    def one(d: Tensor) -> tuple[Tensor, Tensor]:
+    def call(th: Tensor) -> Tensor:
         entered[0] = True
-        return jvp(lambda th: fmodel(th, x), (theta,), (d,))
+        return fmodel(th, x)
 
     try:
-        with fmodel.forward_mode():
-            f, t = vmap(one)(D)
-        return f + t
+        with torch.enable_grad():
+            f, pullback = vjp(call, theta)
+            u0 = torch.zeros_like(f)
+            # uᵀJd is linear in u: its gradient in u is Jd (reverse mode twice, batched)
+            tangents = vmap(lambda d: grad(lambda u: (pullback(u)[0] * d).sum())(u0))(D)
+        return (f + tangents).detach()
     except Exception as err:  # noqa: BLE001 -- the model's own errors are re-raised
-        if not (is_forward_ad_error(err) or cannot_transform(err, entered=entered[0])):
+        if not cannot_transform(err, entered=entered[0]):
             raise
     J, f = fmodel.jacobians(x)
     out = torch.einsum("bmp,sp->sbm", J, D.to(J.dtype))
