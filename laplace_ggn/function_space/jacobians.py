@@ -20,7 +20,13 @@ from .._autodiff import cannot_transform
 from .._checks import check_memory
 from ..batches import batch_size_of
 
-__all__ = ["check_differentiable_bytes", "jacobians_with_graph", "outputs_per_sample"]
+__all__ = [
+    "check_differentiable_bytes",
+    "head_features",
+    "head_jacobians",
+    "jacobians_with_graph",
+    "outputs_per_sample",
+]
 
 
 def outputs_per_sample(fmodel, x: object) -> int:
@@ -81,4 +87,39 @@ def jacobians_with_graph(fmodel, x: object, M: int) -> tuple[Tensor, Tensor]:
         J = torch.autograd.functional.jacobian(
             lambda th: fmodel(th, x).reshape(f.shape[0], -1), theta, create_graph=True
         )
+    return J, f
+
+
+def head_features(fitted, x: object) -> tuple[Tensor, Tensor] | None:
+    r"""Features :math:`\tilde\phi` ``(B, D)`` and outputs ``(B, C)`` of a Linear-head subset.
+
+    Returns:
+        ``(phi, f)``, or ``None`` when the subset is not one Linear output layer, the call
+        does not fit it (see :class:`~laplace_ggn.head.LinearHead`) or the outputs are not 2-D.
+    """
+    head = fitted.head
+    if head is None or batch_size_of(x) == 0:
+        return None
+    got = head.features(x)
+    if got is None or got[1].ndim != 2:
+        return None
+    return got
+
+
+def head_jacobians(fitted, x: object) -> tuple[Tensor, Tensor] | None:
+    r"""Jacobians ``(B, C, P)`` of a Linear head from its features, :math:`J_n = I_C \otimes \tilde\phi_n^\top`.
+
+    Returns:
+        ``(J, f)`` without differentiating through the network, or ``None`` (see
+        :func:`head_features`).
+    """
+    got = head_features(fitted, x)
+    if got is None:
+        return None
+    phi, f = got
+    index = fitted.head.index  # (C, D) flat positions of [W b]
+    C, D = index.shape
+    J = phi.new_zeros(phi.shape[0], C, fitted.n_params)
+    rows = torch.arange(C, device=index.device)[:, None].expand(C, D)
+    J[:, rows, index] = phi[:, None, :].expand(-1, C, D)
     return J, f

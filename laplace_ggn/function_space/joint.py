@@ -21,7 +21,12 @@ from torch import Tensor
 from .._checks import Likelihood, check_computed_finite, check_memory
 from ..batches import batch_size_of
 from ..likelihoods import Prediction
-from .jacobians import check_differentiable_bytes, jacobians_with_graph, outputs_per_sample
+from .jacobians import (
+    check_differentiable_bytes,
+    head_jacobians,
+    jacobians_with_graph,
+    outputs_per_sample,
+)
 
 __all__ = ["JointPrediction", "joint_moments", "joint_predict"]
 
@@ -79,8 +84,8 @@ def joint_moments(fitted, x: object, *, differentiable: bool = False) -> tuple[T
     if differentiable:
         check_differentiable_bytes(fm, B, M, "the joint covariance")
         J, f = jacobians_with_graph(fm, x, M)
-    else:
-        J, f = fm.jacobians(x, n_outputs=M)
+    else:  # a Linear head: the rows from its features, without differentiating the network
+        J, f = head_jacobians(fitted, x) or fm.jacobians(x, n_outputs=M)
     J = J.reshape(1, B * M, fm.n_params)
     with torch.set_grad_enabled(differentiable):
         cov = post.functional_covariance(J)[0]

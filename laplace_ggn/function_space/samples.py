@@ -12,7 +12,9 @@ pass with its pullback :math:`u \mapsto J^\top u`, then the gradient in u of
 and chunked over draws and inputs under the memory budget.  This costs about what forward-mode
 :func:`torch.func.jvp` costs, but stays in reverse mode, whose state is per thread: torch's
 forward-mode levels are shared by the threads of a process, and concurrent forward-mode calls
-returned wrong tangents.  A model that cannot run under vmap uses its Jacobians instead.  The draws come from the posterior's
+returned wrong tangents.  A model that cannot run under vmap uses its Jacobians instead.  For
+a Linear-head subset (:class:`~laplace_ggn.head.LinearHead`) the products are the features
+times the offsets of ``[W b]``, without differentiating the network.  The draws come from the posterior's
 ``sample`` (every structure that can sample), all at once, so a seeded ``generator`` gives the
 same draws whatever the chunking.
 """
@@ -26,7 +28,7 @@ from torch.func import grad, vjp, vmap
 from .._autodiff import cannot_transform
 from .._checks import check_computed_finite, check_generator, check_memory, is_integer
 from ..batches import batch_size_of
-from .jacobians import outputs_per_sample
+from .jacobians import head_features, outputs_per_sample
 
 __all__ = ["functional_samples", "linearised_outputs"]
 
@@ -121,6 +123,11 @@ def functional_samples(
     )
     with torch.no_grad():
         D = post.sample(n, generator=generator) - post.mean
-        out = linearised_outputs(fm, x, D)
+        got = head_features(fitted, x)
+        if got is None:
+            out = linearised_outputs(fm, x, D)
+        else:  # a Linear head: J d = [W b]-offsets applied to the features
+            phi, f = got
+            out = f + torch.einsum("nd,scd->snc", phi, D[:, fitted.head.index])
     check_computed_finite(out, "function samples f(x, θ*) + J(x)(θ_s − θ*)")
     return fitted.reader.result(out)
