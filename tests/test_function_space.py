@@ -311,3 +311,40 @@ def test_concurrent_function_space_reads_equal_sequential():
     for t in threads:
         t.join()
     assert not bad, bad
+
+
+class _NotVmappable(nn.Module):
+    """Data-dependent control flow: vmap over samples fails (Jacobians by batch autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if bool((x.abs() > 100).any()):
+            h = h * 0
+        return self.b(h)
+
+
+def test_models_that_cannot_run_under_vmap_use_the_fallbacks():
+    torch.manual_seed(0)
+    model = _NotVmappable().double()
+    _, loader = _problem("regression")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = LaplaceWrapper(model, "regression", structure="full").fit(loader)
+        x = _x()
+        J = dense_jacobian(model, x).reshape(8, -1)
+        ref = J @ la.posterior.to_dense() @ J.T
+        torch.testing.assert_close(
+            la.functional_covariance(x, joint=True).reshape(8, 8), ref, **TOL
+        )
+        draws = la.functional_samples(x, 3, generator=torch.Generator().manual_seed(0))
+        thetas = la.sample(3, generator=torch.Generator().manual_seed(0)) - la.posterior.mean
+        with torch.no_grad():
+            f = model(x)
+        torch.testing.assert_close(draws.reshape(3, 8), f.reshape(8) + thetas @ J.T, **TOL)
+        xg = _x(2, grad=True)
+        fn = lambda x: la.predict(x, differentiable=True).variance  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (xg,), eps=1e-6, atol=1e-7, rtol=1e-4)

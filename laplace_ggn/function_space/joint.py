@@ -115,6 +115,9 @@ def joint_predict(fitted, x: object, *, differentiable: bool = False) -> JointPr
     sigma = fitted.hyperparameters.sigma_noise.detach().to(cov.dtype)
     C = f.shape[-1]
     noise = (sigma**2).expand(C).repeat(f.numel() // max(C, 1))
-    cov = cov + torch.diag_embed(noise)
+    if cov.requires_grad:
+        cov = cov + torch.diag_embed(noise)
+    else:  # a fresh matrix of this call: the noise added in place, no second (B·C)² matrix
+        cov.diagonal().add_(noise)
     var = torch.diagonal(cov).reshape(f.shape)
     return JointPrediction(f, var, covariance=cov)
