@@ -11,12 +11,12 @@ pass with its pullback :math:`u \mapsto J^\top u`, then the gradient in u of
 :math:`u^\top J d_s` (:math:`= J d_s`), vectorised over the draws with :func:`torch.func.vmap`
 and chunked over draws and inputs under the memory budget.  This costs about what forward-mode
 :func:`torch.func.jvp` costs, but stays in reverse mode, whose state is per thread: torch's
-forward-mode levels are shared by the threads of a process, and concurrent forward-mode calls
-returned wrong tangents.  A model that cannot run under vmap uses its Jacobians instead.  For
-a Linear-head subset (:class:`~laplace_ggn.head.LinearHead`) the products are the features
-times the offsets of ``[W b]``, without differentiating the network.  The draws come from the posterior's
-``sample`` (every structure that can sample), all at once, so a seeded ``generator`` gives the
-same draws whatever the chunking.
+forward-mode levels are shared by the threads of a process: concurrent forward-mode calls
+failed ("no level exists") or returned wrong tangents.  A model that cannot run under vmap
+uses its Jacobians instead.  For a Linear-head subset (:class:`~laplace_ggn.head.LinearHead`)
+the products are the features times the offsets of ``[W b]``, without differentiating the
+network.  The draws come from the posterior's ``sample`` (every structure that can sample),
+all at once, so a seeded ``generator`` gives the same draws whatever the chunking.
 """
 
 from __future__ import annotations
