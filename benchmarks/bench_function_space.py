@@ -8,8 +8,9 @@ over the last layer. On B = 500 test inputs (B·C = 1,000 outputs) it times:
 - ``joint predictive``: ``la.predict(x, joint=True)`` (mean ``(B, C)``, covariance
   ``(B·C, B·C)`` with σ²) against laplace-torch's ``la(x, pred_type="glm", joint=True)``;
 - ``joint samples n=100``: ``la.functional_samples(x, 100)`` (one posterior draw per sample on
-  all inputs) against laplace-torch's way to jointly consistent draws: the joint predictive and
-  ``MultivariateNormal(mean, cov).sample((100,))`` (jitter 1e-6 on the diagonal). laplace-torch's
+  all inputs) against laplace-torch's way to jointly consistent draws: its joint predictive and
+  a Cholesky factor of the covariance (``MultivariateNormal`` refuses it as it stands: J Σ Jᵀ has
+  rank <= P, singular when B·C > P; jitter from 1e-6 x its mean diagonal, x10 until it factors). laplace-torch's
   own ``functional_samples(x, n_samples=100)`` is timed too, but it draws every input
   independently from its own ``(C, C)`` covariance (not joint), so it is listed as its own task.
 
@@ -81,9 +82,15 @@ def ours_fit(model, loader, subset, structure):
 
 
 def lt_joint_samples(la, x, n: int):
+    """laplace-torch's joint predictive, then a Cholesky draw (jitter 1e-6·mean diag, ×10 until PD)."""
     mean, cov = la(x, pred_type="glm", joint=True)
-    cov = cov + 1e-6 * torch.eye(cov.shape[0])
-    return torch.distributions.MultivariateNormal(mean, cov).sample((n,))
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    jitter = 1e-6 * cov.diagonal().mean()
+    while True:  # J Σ Jᵀ has rank <= P: singular when B·C > P, so it needs its jitter
+        L, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+        if int(info) == 0:
+            return mean + torch.randn(n, cov.shape[0], dtype=cov.dtype) @ L.T
+        jitter = jitter * 10
 
 
 def build(args) -> list[Case]:
@@ -121,7 +128,7 @@ def build(args) -> list[Case]:
         cases.append(
             Case(
                 f"joint samples n={N_SAMPLES} {name}",
-                f"{lt}: joint + MVN",
+                f"{lt}: joint + Cholesky",
                 lambda la: lt_joint_samples(la, x, N_SAMPLES),
                 setup=lt_setup,
             )
