@@ -348,3 +348,20 @@ def test_models_that_cannot_run_under_vmap_use_the_fallbacks():
         xg = _x(2, grad=True)
         fn = lambda x: la.predict(x, differentiable=True).variance  # noqa: E731
         assert torch.autograd.gradcheck(fn, (xg,), eps=1e-6, atol=1e-7, rtol=1e-4)
+
+
+def test_sequence_outputs_give_the_joint_covariance_of_every_position():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()  # (B, T, 2)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(6, 5, 3, generator=g, dtype=DT), torch.randn(6, 5, 2, generator=g, dtype=DT)
+    la = LaplaceWrapper(model, "regression", structure="full").fit(
+        DataLoader(TensorDataset(X, y), batch_size=3)
+    )
+    x = torch.randn(2, 5, 3, generator=g, dtype=DT)
+    joint = la.functional_covariance(x, joint=True)
+    assert joint.shape == (2, 5, 2, 2, 5, 2)
+    J = dense_jacobian(model, x.reshape(10, 3)).reshape(20, -1)  # positions are independent rows
+    torch.testing.assert_close(joint.reshape(20, 20), J @ la.posterior.to_dense() @ J.T, **TOL)
+    assert la.functional_samples(x, 3).shape == (3, 2, 5, 2)
+    assert la.predict(x, joint=True).covariance.shape == (20, 20)
