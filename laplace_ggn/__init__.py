@@ -4,6 +4,7 @@ from . import gp as _gp  # noqa: F401  (registers structure="gp" and "ella")
 from ._checks import Curvature, Likelihood, Link, PredictMethod, Structure
 from .diagnostics import KernelDecomposition
 from .fitted import FittedLaplace
+from .function_space import JointPrediction
 from .hyperparameters import Hyperparameters
 from .linalg import (
     cg,
@@ -46,6 +47,7 @@ __all__ = [
     "GridSearch",
     "MarglikTemperature",
     "Prediction",
+    "JointPrediction",
     "predict_preference",
     "KernelDecomposition",
     "Likelihood",

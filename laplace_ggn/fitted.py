@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from . import function_space as _function_space
 from . import marglik as _marglik
 from . import predictive as _predictive
 from ._checks import (
@@ -244,8 +245,12 @@ class FittedLaplace:
         check_computed_finite(J, "Jacobians J(x)")
         return self.reader.result((J.reshape(*f.shape, J.shape[-1]), f))
 
-    def functional_covariance(self, x: object) -> Tensor:
+    def functional_covariance(
+        self, x: object, *, joint: bool = False, differentiable: bool = False
+    ) -> Tensor:
         r""":math:`J(x)\Sigma J(x)^\top`, shape ``(B, C, C)`` (``(B, T, C, C)`` for sequences).
+
+        ``joint`` / ``differentiable``: see :mod:`laplace_ggn.function_space`.
 
         Returns:
             The covariance, without observation noise.
@@ -253,6 +258,10 @@ class FittedLaplace:
         Raises:
             RuntimeError: If it is not finite (numerical overflow).
         """
+        if joint is not False or differentiable is not False:
+            return _function_space.functional_covariance(
+                self, x, joint=joint, differentiable=differentiable
+            )
         x = self.model_input(x)
         with torch.no_grad():
             _, cov = _predictive.functional_moments(
@@ -273,12 +282,19 @@ class FittedLaplace:
         link: str | Link | None = None,
         n_samples: int = 100,
         generator: torch.Generator | None = None,
+        joint: bool = False,
+        differentiable: bool = False,
     ) -> Prediction:
         """Predictive at ``x`` (see :meth:`LaplaceWrapper.predict`), tempered by T.
 
         Returns:
-            The :class:`~laplace_ggn.predictive.Prediction`.
+            The :class:`~laplace_ggn.predictive.Prediction` (``joint=True``: ``JointPrediction``).
         """
+        if joint is not False or differentiable is not False:
+            return _function_space.predict(
+                self, x, method, link=link, n_samples=n_samples, generator=generator,
+                joint=joint, differentiable=differentiable,
+            )  # fmt: skip
         x = self.model_input(x)
         hp = self.hyperparameters
         pred = _predictive.predict(

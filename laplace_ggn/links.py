@@ -124,25 +124,25 @@ def _probit(mean: Tensor, cov: OutputCovariance, *, binary: bool) -> Prediction:
         The :class:`~laplace_ggn.predictive.Prediction`, ``mean`` and ``variance`` ``(B, C)``.
     """
     v = cov.diagonal()
-    kappa = (v * (math.pi / 8.0)).add_(1.0).rsqrt_()
+    kappa = torch.rsqrt(v * (math.pi / 8.0) + 1.0)
     if binary:
         p_bar = torch.sigmoid(kappa * mean)
         s = torch.sigmoid(mean)
         delta = (s * (1 - s)) ** 2 * v
     elif isinstance(cov, DenseOutputCovariance):
-        p_bar = torch.softmax(kappa.mul_(mean), dim=-1)
+        p_bar = torch.softmax(kappa * mean, dim=-1)
         s = torch.softmax(mean, dim=-1)
         # on Σ_f / max|Σ_f|: huge finite matrices do not overflow in the product
         cs, vs, scale = _unit_scaled(cov, v)
         Ss = cs.matvec(s)
         delta = scale[:, None] * s**2 * (vs - 2 * Ss + (s * Ss).sum(-1, keepdim=True))
-    else:  # factored forms form their products unscaled: no scaling, in place (B·C passes)
-        p_bar = torch.softmax(kappa.mul_(mean), dim=-1)
+    else:  # factored forms form their products unscaled: no scaling (B·C passes)
+        p_bar = torch.softmax(kappa * mean, dim=-1)
         s = torch.softmax(mean, dim=-1)
         Ss = cov.matvec(s)
         sSs = (s * Ss).sum(-1, keepdim=True)
-        delta = Ss.mul_(-2.0).add_(v).add_(sSs).mul_(s).mul_(s)
-    variance = torch.minimum(delta.clamp_min_(0), (1 - p_bar).mul_(p_bar))
+        delta = (v - 2.0 * Ss + sSs) * s * s
+    variance = torch.minimum(delta.clamp_min(0), (1 - p_bar) * p_bar)
     return Prediction(p_bar, variance)
 
 
@@ -211,22 +211,22 @@ def _bridge(mean: Tensor, cov: OutputCovariance, *, binary: bool, normalize: boo
     cs, ds, scale = _unit_scaled(cov, cov.diagonal())
     s1 = cs.row_sums()
     # diag(P Σ P) with P = I - 11ᵀ/C: Σ_kk - 2(Σ1)_k/C + 1ᵀΣ1/C² (few passes over (N, C))
-    v = torch.add(ds, s1, alpha=-2.0 / C).add_(s1.sum(-1, keepdim=True) / C**2)
-    log_v = v.clamp_min_(torch.finfo(v.dtype).tiny).log_().add_(torch.log(scale)[:, None])
+    v = torch.add(ds, s1, alpha=-2.0 / C) + s1.sum(-1, keepdim=True) / C**2
+    log_v = v.clamp_min(torch.finfo(v.dtype).tiny).log() + torch.log(scale)[:, None]
     if normalize and C:
         # Σ'' = Σ'/c and μ'' = μ'/√c with c = mean_k Σ'_kk / √(C/2), in log space
         log_c = torch.logsumexp(log_v, -1, keepdim=True) - math.log(C) - 0.5 * math.log(C / 2)
         big = torch.finfo(mu.dtype).max / 8  # a collapsed Σ' gives the one-hot arg-max
-        mu = (mu * torch.exp(-log_c / 2)).clamp_(-big, big)
-        log_v.sub_(log_c)
+        mu = (mu * torch.exp(-log_c / 2)).clamp(-big, big)
+        log_v = log_v - log_c
     # log(1 - 2/C + e^{μ_k}/C² Σ_l e^{-μ_l}) - log Σ'_kk
     log_alpha = mu + (torch.logsumexp(-mu, dim=-1, keepdim=True) - 2 * math.log(C))
     if C > 2:
         log_alpha = torch.logaddexp(log_alpha, log_alpha.new_tensor(math.log(1.0 - 2.0 / C)))
-    log_alpha.sub_(log_v)
+    log_alpha = log_alpha - log_v
     log_alpha0 = torch.logsumexp(log_alpha, dim=-1, keepdim=True)
-    m = log_alpha.sub_(log_alpha0).exp_()  # α / α₀
-    variance = (1 - m).mul_(m).div_(log_alpha0.exp_().add_(1))
+    m = torch.exp(log_alpha - log_alpha0)  # α / α₀
+    variance = (1 - m) * m / (log_alpha0.exp() + 1)
     if binary:
         return Prediction(m[:, 1:], variance[:, 1:])
     return Prediction(m, variance)

@@ -1,11 +1,10 @@
 r"""`LaplaceWrapper`: the user-facing composition of likelihood, subset, curvature and posterior.
 
-It holds no mathematics and no state beyond its options and the fitted result: options are
-validated by :class:`~laplace_ggn.fit_options.FitOptions` and
-:class:`~laplace_ggn.hyperparameters.Hyperparameters`, the data pass is
-:func:`~laplace_ggn.fitting.fit_laplace`, its result a :class:`~laplace_ggn.FittedLaplace`
-(:attr:`LaplaceWrapper.fitted`) that predicts, is tuned (:mod:`laplace_ggn.marglik`) and is
-saved (:mod:`laplace_ggn.persistence`); structures come from :mod:`laplace_ggn.structures`.
+No mathematics and no state beyond its options and the fitted result: options are validated by
+:class:`~laplace_ggn.fit_options.FitOptions` / :class:`~laplace_ggn.hyperparameters.Hyperparameters`,
+the data pass is :func:`~laplace_ggn.fitting.fit_laplace`, its result a
+:class:`~laplace_ggn.FittedLaplace` (:attr:`LaplaceWrapper.fitted`) that predicts, is tuned
+(:mod:`laplace_ggn.marglik`) and saved (:mod:`laplace_ggn.persistence`).
 
 Curvature is computed on a private copy of the model in eval mode (BatchNorm statistics
 frozen, dropout off); the user's model is never modified.
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import continual as _continual
+from . import function_space as _function_space
 from . import marglik as _marglik
 from ._checks import DEFAULT_MEMORY_BUDGET, Curvature, Likelihood, Link, PredictMethod, Structure
 from .diagnostics import KernelDecomposition, decompose_fitted
@@ -41,9 +41,8 @@ class LaplaceWrapper:
     .. math::
         \Sigma^{-1} = \Lambda = G / \tau + \Lambda_0 .
 
-    Long descriptions: ``docs/api.md`` (every option), ``docs/structures.md``,
-    ``docs/predictive.md``, ``docs/your-model.md``.  Every method but :meth:`fit` raises
-    ``RuntimeError`` before a fit; the work is done by :class:`~laplace_ggn.FittedLaplace`.
+    Long descriptions: ``docs/api.md`` (every option), ``docs/structures.md``, ``docs/predictive.md``,
+    ``docs/your-model.md``.  Every method but :meth:`fit` raises ``RuntimeError`` before a fit.
 
     Args:
         model: Trained network with outputs ``(B, C)``, ``(B,)`` or ``(B, T, C)``; never modified.
@@ -184,13 +183,12 @@ class LaplaceWrapper:
             accumulate: Add to the stored fit's curvature, keeping its hyperparameters (``docs/continual.md``).
 
         Returns:
-            ``self``, fitted at the constructor's hyperparameters (``accumulate=True``: the
-            stored fit's; a refit drops the ``*_result_`` curves of tuning); on error the
-            previous state is kept.
+            ``self``, fitted at the constructor's hyperparameters (``accumulate=True``: the stored
+            fit's; a refit drops the ``*_result_`` curves of tuning); on error the previous is kept.
 
         Raises:
-            ValueError: If the data is empty, malformed, not finite or does not fit the
-                likelihood, or the structure exceeds the memory budget.
+            ValueError: If the data is empty, malformed, not finite or does not fit the likelihood,
+                or the structure exceeds the memory budget.
             TypeError: If the loader, targets or ``generator`` have the wrong type.
         """
         stored = _continual.stored_fit(self.fitted) if accumulate else None
@@ -254,9 +252,17 @@ class LaplaceWrapper:
         """``(J, f)`` at θ*, shapes ``(B, C, P)`` and ``(B, C)`` (with T for sequence outputs)."""
         return self._require_fit("jacobians()").jacobians(x)
 
-    def functional_covariance(self, x: object) -> Tensor:
-        r""":math:`J(x)\Sigma J(x)^\top`, shape ``(B, C, C)``, without forming Σ."""
-        return self._require_fit("functional_covariance()").functional_covariance(x)
+    def functional_covariance(
+        self, x: object, *, joint: bool = False, differentiable: bool = False
+    ) -> Tensor:
+        r""":math:`J\Sigma J^\top` ``(B, C, C)``; ``joint=True``: ``(B, C, B, C)`` (``docs/function-space.md``)."""
+        fitted = self._require_fit("functional_covariance()")
+        return fitted.functional_covariance(x, joint=joint, differentiable=differentiable)
+
+    def functional_samples(self, x: object, n: int, *, generator: torch.Generator | None = None):
+        """``(n, B, C)`` draws of the linearised outputs, joint over the inputs (``docs/function-space.md``)."""
+        fitted = self._require_fit("functional_samples()")
+        return _function_space.functional_samples(fitted, x, n, generator=generator)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``(n, P)`` draws of the subset's parameters from the posterior."""
@@ -287,6 +293,8 @@ class LaplaceWrapper:
         link: str | Link | None = None,
         n_samples: int = 100,
         generator: torch.Generator | None = None,
+        joint: bool = False,
+        differentiable: bool = False,
     ) -> Prediction:
         """Predictive distribution at test inputs (``docs/predictive.md``).
 
@@ -296,6 +304,8 @@ class LaplaceWrapper:
             link: ``"probit"`` (glm default), ``"bridge"``, ``"bridge_norm"`` or ``"mc"`` (nn: mc).
             n_samples: S for ``link="mc"`` and ``method="nn"``.
             generator: Random generator (on the model's device).
+            joint: Regression: a ``JointPrediction`` with ``covariance`` ``(B·C, B·C)``.
+            differentiable: Gradients flow to ``x`` (glm; ``docs/function-space.md``).
 
         Returns:
             :class:`~laplace_ggn.predictive.Prediction`, ``mean`` and ``variance`` ``(B, C)``.
@@ -304,8 +314,10 @@ class LaplaceWrapper:
             ValueError: If the method/link pair, ``n_samples`` or the input is invalid.
         """
         resolve_options(self.likelihood, method, link)
-        fitted = self._require_fit("predict()")
-        return fitted.predict(x, method, link=link, n_samples=n_samples, generator=generator)
+        return self._require_fit("predict()").predict(
+            x, method, link=link, n_samples=n_samples, generator=generator, joint=joint,
+            differentiable=differentiable,
+        )  # fmt: skip
 
     def optimize_prior_precision(
         self, method: object = "marglik", *, progress: bool = False, **options: object
@@ -320,8 +332,7 @@ class LaplaceWrapper:
             **options: The options of a method given by name.
 
         Returns:
-            ``self``; curves in ``marglik_result_``, ``gridsearch_result_``,
-            ``temperature_result_``.
+            ``self``; curves in ``marglik_result_``, ``gridsearch_result_``, ``temperature_result_``.
 
         Raises:
             ValueError: If an option is invalid or belongs to another method.
@@ -335,15 +346,9 @@ class LaplaceWrapper:
         return self
 
     def kernel_decomposition(
-        self,
-        x: object,
-        *,
-        y: Tensor | None = None,
-        tol: float = 1e-9,
-        rank: int | None = None,
-        n_samples: int = 32,
-        generator: torch.Generator | None = None,
-    ) -> KernelDecomposition:
+        self, x: object, *, y: Tensor | None = None, tol: float = 1e-9, rank: int | None = None,
+        n_samples: int = 32, generator: torch.Generator | None = None,
+    ) -> KernelDecomposition:  # fmt: skip
         """Kernel / non-kernel report (:func:`~laplace_ggn.diagnostics.decompose_fitted`)."""
         return decompose_fitted(
             self._require_fit("kernel_decomposition()"), x, kept_eigenpairs=self.rank, y=y,
