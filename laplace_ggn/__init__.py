@@ -15,7 +15,7 @@ from .linalg import (
     power_iteration,
     spectral_density,
 )
-from .marglik import GridSearch, Marglik, MarglikTemperature
+from .marglik import GridSearch, Marglik, MarglikTemperature, Temperature
 from .operators import (
     CallableOperator,
     DenseOperator,
@@ -44,6 +44,7 @@ __all__ = [
     "Marglik",
     "GridSearch",
     "MarglikTemperature",
+    "Temperature",
     "Prediction",
     "predict_preference",
     "KernelDecomposition",
