@@ -17,6 +17,7 @@ CLASSIFICATION = ["digits_mlp", "digits_cnn", "deep_mlp", "wine", "iris", "breas
                   "moons", "synthetic15"]  # fmt: skip
 REGRESSION = ["diabetes", "gap"]
 IMAGES = {"digits_mlp", "digits_cnn", "deep_mlp"}
+N_EVAL = 300  # test points scored (and as many shifted / out-of-distribution inputs of each kind)
 
 
 # ---------------------------------------------------------------------------- data helpers
@@ -95,7 +96,7 @@ def cnn() -> nn.Module:
 ARCH = {
     "digits_mlp": lambda d, c: mlp(d, (16, 16), c),
     "digits_cnn": lambda d, c: cnn(),
-    "deep_mlp": lambda d, c: mlp(d, (32, 32, 32), c),
+    "deep_mlp": lambda d, c: mlp(d, (32, 16, 16), c),
     "synthetic15": lambda d, c: mlp(d, (32, 32), c),
     "gap": lambda d, c: mlp(d, (32, 32), c, nn.Tanh),
 }
@@ -161,6 +162,7 @@ def classification_case(name: str, seed: int) -> dict:
         train_i, val_i, test_i = _split(X.shape[0], (0.2, 0.2), gen)
         mean, std = _standardise(X, train_i)
     z = lambda a: (a - mean) / std  # noqa: E731
+    test_i = test_i[:N_EVAL]
     x_tr, x_te = z(X[train_i]), z(X[test_i])
     C, d = int(y.max()) + 1, X.shape[1]
     sets = {"noise": x_te + torch.randn(x_te.shape, generator=gen, dtype=DT)}

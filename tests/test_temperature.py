@@ -225,3 +225,12 @@ def test_gap_coverage(gap_fit, structure):
         assert inside >= 0.85
     else:
         assert 0.85 <= inside <= 0.95
+
+
+def test_diag_sigma_per_output_from_the_residuals():
+    case = make_case("mlp_regression", 1, n=20)
+    la = LaplaceWrapper(case.model, "regression", structure="diag", sigma_noise=torch.ones(2))
+    la.fit(case.loader()).optimize_prior_precision(tune_sigma_noise=True)
+    with torch.no_grad():
+        rmse = ((case.model(case.X) - case.y) ** 2).mean(0).sqrt()
+    torch.testing.assert_close(la.sigma_noise, rmse, rtol=1e-10, atol=0)

@@ -166,8 +166,8 @@ def residual_sigma(fitted) -> Tensor:
     estimate solves :math:`\sigma^2 = \mathrm{SSE}/(NC - \gamma)` with the effective number
     of parameters :math:`\gamma = \sum_i s\lambda_i/(s\lambda_i + \alpha_i)`; on the diagonal
     of G it counts every parameter as determined on its own (on the 1-D gap data of
-    ``benchmarks/bench_calibration.py``, 943 for 120 points where the full GGN gives 7.5),
-    γ exceeds NC and σ runs away.  The residuals alone leave out the correction, an
+    ``benchmarks/bench_calibration.py``, 520–860 for 120 points where the full GGN gives
+    7.4–7.7), γ exceeds NC and σ runs away (0.71–0.78 for a true 0.2).  The residuals alone leave out the correction, an
     underestimate of σ² by the factor 1 − γ/(NC), small for a network trained with a prior
     (6 % there).  One σ per output when the fit has one.
 

@@ -178,9 +178,9 @@ def tune_predictive_temperature(
             best_t, best = t, f
     edge = None
     if i in (0, n_points - 1) and n_points > 1:
-        inner = float(grid[1] if i == 0 else grid[-2])
-        # still at the end after refining: no interior minimum inside the range
-        if (best_t < inner) if i == 0 else (best_t > inner):
+        # still at the end after refining: the objective falls all the way to the edge
+        step = math.log(float(grid[1])) - math.log(float(grid[0]))
+        if abs(math.log(best_t) - math.log(float(grid[i]))) < 1e-3 * step:
             edge = "smallest" if i == 0 else "largest"
     with torch.no_grad():
         if probs.shape[-1] == 1:
