@@ -101,6 +101,29 @@ def targets(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict, structure: str = "kfac") -> str:
+    """One line per classification case: MAP, MAP + T, the evidence alone, the default."""
+    ev, de = f"{structure}, evidence", f"{structure}, default with val_loader"
+    lines = [
+        f"| case | MAP NLL | MAP + T NLL | evidence only ({structure}) NLL / ECE | default with "
+        f"val_loader ({structure}) NLL / ECE | noise NLL: MAP + T / default | AUROC uniform: "
+        "MAP / evidence / default |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case, seeds in results.items():
+        if case in REGRESSION or de not in _names(seeds):
+            continue
+        m = lambda row, key: _mean(seeds, row, key)  # noqa: E731
+        lines.append(
+            f"| {NAMES.get(case, case)} | {m('MAP', 'nll'):.3f} | {m('MAP + T', 'nll'):.3f} | "
+            f"{m(ev, 'nll'):.3f} / {m(ev, 'ece'):.3f} | {m(de, 'nll'):.3f} / {m(de, 'ece'):.3f} | "
+            f"{m('MAP + T', 'noise nll'):.3f} / {m(de, 'noise nll'):.3f} | "
+            f"{m('MAP', 'uniform auroc'):.3f} / {m(ev, 'uniform auroc'):.3f} / "
+            f"{m(de, 'uniform auroc'):.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def print_tables(results: dict) -> None:
     for case, seeds in results.items():
         secs = [r.get("_seconds", 0) for r in seeds.values()]
@@ -110,6 +133,8 @@ def print_tables(results: dict) -> None:
         "\n### Targets (mean over seeds; bar = MAP + T's NLL + 0.01, or MAP's where MAP + T collapses)\n"
     )
     print(targets(results))
+    print("\n### Summary, the default structure (kfac)\n")
+    print(summary(results))
     if "digits_cnn" in results:
         for n in _names(results["digits_cnn"]):
             if n.startswith("kfac") or n.startswith("MAP"):

@@ -156,7 +156,10 @@ def marglik_training_rows(name, seed, case, train, quick) -> dict:
     out = {}
     with torch.no_grad():
         out["marglik_training (kfac): Laplace"] = score(lambda x: la.predict(x).mean, case)
-        out["marglik_training (kfac): network"] = score(lambda x: torch.softmax(net(x), -1), case)
+        T = float(res.temperature)  # the network was trained on softmax(f / T)
+        out["marglik_training (kfac): network"] = score(
+            lambda x: torch.softmax(net(x) / T, -1), case
+        )
     out["marglik_training (kfac): Laplace"]["T"] = float(res.temperature)
     log(f"{name} seed {seed}: marglik_training done")
     return out
@@ -228,11 +231,16 @@ def regression_rows(name: str, seed: int, structures: list[str], quick: bool) ->
 
 
 def run_task(task) -> tuple[str, int, dict, float]:
-    name, seed, structures, quick = task
+    name, seed, structures, quick, only_training = task
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    fn = regression_rows if name in REGRESSION else classification_rows
-    rows = fn(name, seed, structures, quick)
+    if only_training:
+        case = classification_case(name, seed)
+        train = DataLoader(TensorDataset(case["x_train"], case["y_train"]), batch_size=128)
+        rows = marglik_training_rows(name, seed, case, train, quick)
+    else:
+        fn = regression_rows if name in REGRESSION else classification_rows
+        rows = fn(name, seed, structures, quick)
     log(f"{name} seed {seed} finished in {time.perf_counter() - t0:.0f} s")
     return name, seed, rows, time.perf_counter() - t0
 
@@ -250,17 +258,27 @@ def main() -> None:
     )
     parser.add_argument("--processes", type=int, default=2, choices=[1, 2])
     parser.add_argument("--json", type=Path, help="also save the results here")
+    parser.add_argument(
+        "--only-marglik-training", action="store_true", help="the marglik_training rows alone"
+    )
     parser.add_argument("--tables", type=Path, nargs="+", help="print the tables of saved results")
     args = parser.parse_args()
     if args.tables:
         results: dict = {}
         for path in args.tables:
             for case, seeds in json.loads(path.read_text()).items():
-                results.setdefault(case, {}).update(seeds)
+                for seed, rows in seeds.items():  # later files add or replace rows
+                    results.setdefault(case, {}).setdefault(seed, {}).update(rows)
         print_tables(results)
         return
     seeds = args.seeds[:1] if args.quick else args.seeds
-    tasks = [(c, s, args.structures, args.quick) for c in args.cases for s in seeds]
+    if args.only_marglik_training:
+        args.cases = [c for c in args.cases if c in ("digits_cnn", "deep_mlp")]
+    tasks = [
+        (c, s, args.structures, args.quick, args.only_marglik_training)
+        for c in args.cases
+        for s in seeds
+    ]
     t0 = time.perf_counter()
     results = {}
     if args.processes == 1:
