@@ -268,7 +268,9 @@ def main() -> None:
         for path in args.tables:
             for case, seeds in json.loads(path.read_text()).items():
                 for seed, rows in seeds.items():  # later files add or replace rows
-                    results.setdefault(case, {}).setdefault(seed, {}).update(rows)
+                    merged = results.setdefault(case, {}).setdefault(seed, {})
+                    rows["_seconds"] = rows.get("_seconds", 0) + merged.get("_seconds", 0)
+                    merged.update(rows)
         print_tables(results)
         return
     seeds = args.seeds[:1] if args.quick else args.seeds
