@@ -19,8 +19,9 @@ the spirit of Laplace's rule of succession: no error among N points is not an er
 zero): it keeps :math:`p_T` away from one-hot when the split is classified perfectly, where
 the NLL alone decreases all the way to T → 0.  The third is a standard normal prior on log T,
 centred at T = 1, worth about one validation point: it decides T when the split is too small
-to.  Their share shrinks as 1/N, so with errors in the split the data decide (on the 200
-validation digits T moves by a few per cent).  The weights (``PSEUDO_WEIGHT``,
+to.  Their share shrinks as 1/N, so with errors in the split the data decide (on the demo's
+200 validation digits T moves from 0.45 to 0.48 for kfac, and the test NLL from 0.109 to
+0.113).  The weights (``PSEUDO_WEIGHT``,
 ``PRIOR_WEIGHT``) are those of ``benchmarks/bench_calibration.py``: a whole pseudo-observation
 is slightly better under shift and slightly worse in distribution, none lets T collapse on an
 error-free split (``docs/calibration.md``).  A choice at the edge of the search range is
