@@ -17,7 +17,7 @@ from .linalg import (
     power_iteration,
     spectral_density,
 )
-from .marglik import GridSearch, Marglik, MarglikTemperature
+from .marglik import GridSearch, Marglik, MarglikTemperature, Temperature
 from .operators import (
     CallableOperator,
     DenseOperator,
@@ -46,6 +46,7 @@ __all__ = [
     "Marglik",
     "GridSearch",
     "MarglikTemperature",
+    "Temperature",
     "Prediction",
     "JointPrediction",
     "predict_preference",

@@ -122,6 +122,9 @@ class StructureSpec:
         check_state: ``(posterior_state, saved_subset) -> None``, raising ``ValueError`` /
             ``TypeError`` naming the entry of a saved posterior state that is invalid (see
             :mod:`laplace_ggn.posterior_states`; default: every tensor finite).
+        correlated: Whether the posterior keeps the correlations between parameters.  Without
+            them (diag) the evidence counts each parameter as determined by the data on its
+            own and runs σ away, so ``tune_sigma_noise`` takes σ from the training residuals.
     """
 
     name: str
@@ -136,6 +139,7 @@ class StructureSpec:
     samples_curvature: bool = True
     exact_rows: bool = False
     check_state: Callable[[Mapping, SavedSubset], None] = check_tensor_state
+    correlated: bool = True
 
     def __reduce__(self) -> tuple:
         """Pickle a registered spec by its name (its functions may be lambdas).
@@ -254,6 +258,7 @@ register_structure(
         memory_bytes=lambda P, dtype, opts: P * _element_bytes(dtype),
         exact_rows=True,
         check_state=check_diag_state,
+        correlated=False,
     )
 )
 register_structure(

@@ -320,14 +320,16 @@ class LaplaceWrapper:
         )  # fmt: skip
 
     def optimize_prior_precision(
-        self, method: object = "marglik", *, progress: bool = False, **options: object
+        self, method: object = None, *, progress: bool = False, **options: object
     ) -> LaplaceWrapper:
         """Tune the prior precision (and σ or T) without a refit (``docs/api.md``).
 
         Args:
             method: :class:`~laplace_ggn.Marglik`, :class:`~laplace_ggn.GridSearch`,
-                :class:`~laplace_ggn.MarglikTemperature`, or ``"marglik"``, ``"gridsearch"``,
-                ``"marglik_temperature"`` with that object's options as ``**options``.
+                :class:`~laplace_ggn.MarglikTemperature`, :class:`~laplace_ggn.Temperature`,
+                or ``"marglik"``, ``"gridsearch"``, ``"marglik_temperature"``,
+                ``"temperature"`` with that object's options as ``**options``.
+                ``None``: ``"marglik"``, or ``"marglik_temperature"`` when ``val_loader`` is given.
             progress: Show a progress bar.
             **options: The options of a method given by name.
 

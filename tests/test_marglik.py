@@ -456,7 +456,7 @@ def test_tuning_errors():
     val = cls.loader()
     with pytest.raises(
         ValueError,
-        match=r"method must be one of \['marglik', 'gridsearch', 'marglik_temperature'\]",
+        match=r"method must be one of \['marglik', 'gridsearch', 'marglik_temperature', 'temperature'\]",
     ):
         la.optimize_prior_precision("grid")
     with pytest.raises(ValueError, match="val_loader must be given with method='gridsearch'"):

@@ -357,8 +357,14 @@ def test_marglik_temperature_tunes_the_evidence_and_the_validation_nll():
     nll = lambda t: float(
         -torch.log(torch.softmax(torch.log(untempered) / t, -1)[range(30), yv]).mean()
     )
+
+    def objective(t):  # summed NLL + half a uniform-label point + N(0, 1) prior on log T
+        p_t = torch.softmax(torch.log(untempered) / t, -1)
+        return 30 * nll(t) - 0.5 * float(p_t.log().mean()) + 0.5 * math.log(t) ** 2
+
     grid = torch.logspace(-2, 2, 2001).tolist()
-    assert nll(T) <= min(nll(t) for t in grid) + 1e-9
+    assert objective(T) <= min(objective(t) for t in grid) + 1e-9
+    assert la.temperature_result_.regularized and la.temperature_result_.at_edge is None
     assert la.temperature_result_.nll == pytest.approx(nll(T), rel=1e-10)
     assert la.temperature_result_.nll_untempered == pytest.approx(nll(1.0), rel=1e-10)
     p = la.predict(Xv)
@@ -438,7 +444,7 @@ def test_temperature_errors_leave_the_state_unchanged(monkeypatch):
         ValueError, match=r"predictive_temperature must be finite and > 0; got \[0.0\]"
     ):
         la.set_hyperparameters(predictive_temperature=0.0)
-    import laplace_ggn.marglik.methods as ml
+    import laplace_ggn.marglik.tempering as ml
 
     la.set_hyperparameters(prior_precision=2.0, predictive_temperature=0.5)
 

@@ -435,7 +435,7 @@ def test_unknown_link_and_method_list_the_valid_ones():
         la.predict(x, method="nn", link="probit")
     with pytest.raises(
         ValueError,
-        match=r"method must be one of \['marglik', 'gridsearch', 'marglik_temperature'\]",
+        match=r"method must be one of \['marglik', 'gridsearch', 'marglik_temperature', 'temperature'\]",
     ):
         la.optimize_prior_precision(method="grid")
 

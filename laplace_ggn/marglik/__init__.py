@@ -8,7 +8,7 @@ with :math:`\Lambda = G/(\tau\sigma^2) + \Lambda_0` (the 2π terms of the Gaussi
 approximation cancel; σ enters ℓ and G for regression).
 
 Each tuning method is an object holding its validated options — :class:`Marglik`,
-:class:`GridSearch`, :class:`MarglikTemperature` — with ``tune(fitted)``; the strings of
+:class:`GridSearch`, :class:`MarglikTemperature`, :class:`Temperature` — with ``tune(fitted)``; the strings of
 ``optimize_prior_precision`` are converted into them once (:func:`tuning_method`).
 
 Tuning by evidence (``method="marglik"``) runs Adam on the log hyperparameters.  Each step
@@ -26,7 +26,10 @@ grid by the mean validation negative log predictive density.
 
 Both together (``method="marglik_temperature"``, classification): the evidence tunes the prior
 precision, then a predictive temperature T (:math:`p_T \propto \bar p^{1/T}`) is chosen on
-validation NLL (:mod:`.temperature`).
+validation data (:mod:`.temperature`; a pseudo-observation and a prior on log T keep it finite
+when no validation point is misclassified).  ``method="temperature"`` tunes T alone at the
+current prior precision.  Without a method, ``optimize_prior_precision`` uses the evidence, or
+with a ``val_loader`` the evidence and T.
 """
 
 from .evidence import (
@@ -35,10 +38,10 @@ from .evidence import (
     curvature_spectrum,
     log_marginal_likelihood,
 )
-from .methods import GridSearch, Marglik, MarglikTemperature, tuning_method
+from .methods import GridSearch, Marglik, MarglikTemperature, Temperature, tuning_method
 from .optimize import MarglikResult, convert_prior, optimize_marglik
 from .options import Tuned, TuneMethod
-from .temperature import TemperatureResult, tune_predictive_temperature
+from .temperature import TemperatureResult, temperature_edge_warning, tune_predictive_temperature
 from .validation import (
     GridsearchResult,
     check_grid,
@@ -57,6 +60,7 @@ __all__ = [
     "GridSearch",
     "Marglik",
     "MarglikTemperature",
+    "Temperature",
     "check_evidence",
     "check_grid",
     "tuning_method",
@@ -67,5 +71,6 @@ __all__ = [
     "gridsearch",
     "log_marginal_likelihood",
     "optimize_marglik",
+    "temperature_edge_warning",
     "tune_predictive_temperature",
 ]

@@ -1,8 +1,8 @@
 """Tuning methods as objects: each holds its validated options and tunes a fitted posterior.
 
 :class:`Marglik` (Laplace evidence), :class:`GridSearch` (validation NLL over a grid of
-scalar precisions) and :class:`MarglikTemperature` (evidence, then a predictive temperature
-on validation NLL).  Each validates its own options at construction and has
+scalar precisions), and in :mod:`.tempering` :class:`MarglikTemperature` (evidence, then a
+predictive temperature on validation data) and :class:`Temperature` (T alone).  Each validates its own options at construction and has
 ``tune(fitted, *, progress=False) -> Tuned``, the new hyperparameters and the curves, changing
 nothing itself.  :func:`tuning_method` converts the strings of
 ``LaplaceWrapper.optimize_prior_precision(method, **options)`` into these objects once.
@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from .._checks import Likelihood, Link, PredictMethod, as_enum
+from ..likelihoods import get_likelihood
 from ..posteriors import PriorKind
-from ..predictive import predict, resolve_options
+from ..predictive import resolve_options
 from .options import (
     Tuned,
     TuneMethod,
@@ -26,12 +27,13 @@ from .options import (
     check_predictive_options,
     check_regression,
     check_scored,
+    residual_sigma,
     run_marglik,
 )
-from .temperature import tune_predictive_temperature
+from .tempering import MarglikTemperature, Temperature
 from .validation import check_grid, default_grid, grid_edge_warning, gridsearch
 
-__all__ = ["GridSearch", "Marglik", "MarglikTemperature", "tuning_method"]
+__all__ = ["GridSearch", "Marglik", "MarglikTemperature", "Temperature", "tuning_method"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,9 @@ class Marglik:
             structure of the current prior precision).
         n_steps: Adam steps.
         lr: Adam learning rate on the log hyperparameters.
-        tune_sigma_noise: Tune σ jointly (regression).
+        tune_sigma_noise: Tune σ jointly (regression).  For a structure without correlations
+            (diag) σ is the root mean squared training residual instead, and α is tuned at it
+            (:func:`~laplace_ggn.marglik.options.residual_sigma`).
 
     Raises:
         ValueError: If an option is out of range.
@@ -75,9 +79,12 @@ class Marglik:
             The :class:`Tuned` hyperparameters and the evidence curve.
         """
         self.check(fitted.likelihood)
-        result = run_marglik(
-            self, fitted, tune_sigma_noise=self.tune_sigma_noise, progress=progress
-        )
+        tune_sigma = self.tune_sigma_noise
+        if tune_sigma and not fitted.structure.correlated:
+            # σ from the residuals; the evidence then tunes α at that σ
+            hp = fitted.hyperparameters.replace(sigma_noise=residual_sigma(fitted))
+            fitted, tune_sigma = fitted.with_hyperparameters(hp), False
+        result = run_marglik(self, fitted, tune_sigma_noise=tune_sigma, progress=progress)
         hp = fitted.hyperparameters.replace(
             prior_precision=result.prior_precision,
             sigma_noise=result.sigma_noise if self.tune_sigma_noise else None,
@@ -173,98 +180,37 @@ class GridSearch:
         return Tuned(hp, gridsearch=result, warning=edge)
 
 
-@dataclass(frozen=True)
-class MarglikTemperature:
-    """The prior precision by the evidence, then a predictive temperature by validation NLL.
-
-    Classification and binary only (see ``docs/calibration.md``).
-
-    Args:
-        val_loader: Held-out ``(input, target)`` batches.
-        prior_structure: As for :class:`Marglik`.
-        n_steps: As for :class:`Marglik`.
-        lr: As for :class:`Marglik`.
-        predict_method: Predictive scored on the validation data.
-        link: Link of that predictive.
-        n_samples: S of that predictive.
-        generator: Random generator of that predictive.
-
-    Raises:
-        ValueError: If an option is invalid.
-        TypeError: If ``generator`` is not a ``torch.Generator``.
-    """
-
-    val_loader: object
-    prior_structure: str | PriorKind | None = None
-    n_steps: int = 100
-    lr: float = 0.1
-    predict_method: str | PredictMethod = "glm"
-    link: str | Link | None = None
-    n_samples: int = 100
-    generator: torch.Generator | None = None
-
-    name = TuneMethod.MARGLIK_TEMPERATURE
-
-    def __post_init__(self):
-        check_marglik_options(self)
-        check_predictive_options(self, self.name.value)
-
-    def check(self, likelihood: Likelihood) -> None:
-        """Refuse regression and a predictive that does not apply to ``likelihood``.
-
-        Raises:
-            ValueError: If ``likelihood`` is regression or the method / link pair invalid.
-        """
-        check_classification(likelihood)
-        resolve_options(likelihood, self.predict_method, self.link)
-
-    def tune(self, fitted, *, progress: bool = False) -> Tuned:
-        """Tune α by the evidence, then T on the validation data at that α.
-
-        Returns:
-            The :class:`Tuned` hyperparameters, the evidence curve and the temperature search.
-
-        Raises:
-            ValueError: If the validation loader yields no batch.
-        """
-        self.check(fitted.likelihood)
-        batches = fitted.reader.validation_batches(self.val_loader, fitted.input_spec)
-        if not batches:
-            raise ValueError("val_loader must yield at least one batch; got an empty loader.")
-        result = run_marglik(self, fitted, tune_sigma_noise=False, progress=progress)
-        method, link = resolve_options(fitted.likelihood, self.predict_method, self.link)
-        post = fitted.posterior_at(result.prior_precision, None)
-        probs, labels = [], []
-        for x, y in batches:
-            pred = predict(
-                fitted.fmodel,
-                post,
-                x,
-                likelihood=fitted.likelihood,
-                method=method,
-                link=link,
-                n_samples=self.n_samples,
-                generator=self.generator,
-                n_outputs=fitted.statistics.n_outputs,
-                head=fitted.head,
-            )
-            probs.append(pred.mean)
-            y = y.to(fitted.fmodel.device)
-            labels.append(fitted.likelihood.check_targets(pred.mean, y, "val_loader"))
-        temp = tune_predictive_temperature(
-            torch.cat(probs), torch.cat(labels), likelihood=fitted.likelihood
-        )
-        hp = fitted.hyperparameters.replace(
-            prior_precision=result.prior_precision, predictive_temperature=temp.temperature
-        )
-        return Tuned(hp, marglik=result, temperature=temp)
-
-
-_METHODS = {m.name: m for m in (Marglik, GridSearch, MarglikTemperature)}
+_METHODS = {m.name: m for m in (Marglik, GridSearch, MarglikTemperature, Temperature)}
 
 
 def _keywords(cls: type) -> list[str]:
     return [f.name for f in fields(cls) if f.init]
+
+
+def default_method(likelihood: Likelihood, val_loader: object) -> TuneMethod:
+    """The method of ``optimize_prior_precision()`` without ``method``.
+
+    Without a validation loader, the evidence (it needs nothing beyond the fit); with one,
+    the evidence for α and a predictive temperature on the loader (the best validation-based
+    method of ``benchmarks/bench_calibration.py``, see ``docs/calibration.md``).
+
+    Returns:
+        ``TuneMethod.MARGLIK`` or ``TuneMethod.MARGLIK_TEMPERATURE``.
+
+    Raises:
+        ValueError: If ``val_loader`` is given for a likelihood without a temperature.
+    """
+    if val_loader is None:
+        return TuneMethod.MARGLIK
+    lik = get_likelihood(likelihood)
+    if not lik.predicts_probabilities or lik.items_per_sample > 1:
+        raise ValueError(
+            "val_loader without a method selects method='marglik_temperature', which needs "
+            f"likelihood 'classification' or 'binary'; got likelihood={lik.name!r}. Name the "
+            "method: method='gridsearch' (α by validation NLL at the current σ), or "
+            "method='marglik' with tune_sigma_noise=True (α and σ by the evidence, no loader)."
+        )
+    return TuneMethod.MARGLIK_TEMPERATURE
 
 
 def tuning_method(method: object, likelihood: Likelihood, **given: object):
@@ -274,13 +220,15 @@ def tuning_method(method: object, likelihood: Likelihood, **given: object):
     refused, naming the methods it applies to and the options of this one.
 
     Args:
-        method: ``"marglik"``, ``"gridsearch"``, ``"marglik_temperature"`` or a tuning object
-            (then no option may be set).
+        method: ``"marglik"``, ``"gridsearch"``, ``"marglik_temperature"``,
+            ``"temperature"``, a tuning object (then no option may be set), or ``None``
+            (:func:`default_method`: the evidence, or with ``val_loader`` the evidence and T).
         likelihood: The wrapper's likelihood.
         **given: The keyword options as passed.
 
     Returns:
-        A :class:`Marglik`, :class:`GridSearch` or :class:`MarglikTemperature`.
+        A :class:`Marglik`, :class:`GridSearch`, :class:`MarglikTemperature` or
+        :class:`Temperature`.
 
     Raises:
         ValueError: If an option is invalid, belongs to another method, or does not apply to
@@ -288,6 +236,8 @@ def tuning_method(method: object, likelihood: Likelihood, **given: object):
         TypeError: If ``generator`` is not a ``torch.Generator``.
     """
     given = {k: v for k, v in given.items() if v is not None and v is not False}
+    if method is None:
+        method = default_method(likelihood, given.get("val_loader"))
     if isinstance(method, tuple(_METHODS.values())):
         if given:
             raise ValueError(
@@ -311,8 +261,8 @@ def tuning_method(method: object, likelihood: Likelihood, **given: object):
             f"{cls.__name__} takes {', '.join(accepts)}."
         )
     # the likelihood is refused before the options are
-    if cls is MarglikTemperature:
-        check_classification(likelihood)
+    if cls in (MarglikTemperature, Temperature):
+        check_classification(likelihood, cls.name.value)
     if given.get("tune_sigma_noise"):
         check_regression(likelihood)
     if "val_loader" in accepts:  # required: its absence is named by the constructor
