@@ -37,6 +37,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "FORWARD_AD_LOCK",
     "MATH_ATTENTION",
     "NO_MKLDNN",
     "cannot_transform",
@@ -206,6 +207,10 @@ def _set_mkldnn(on: bool) -> None:
 #: oneDNN off: its fused CPU RNN kernel has no forward-mode derivative.  Held during
 #: forward-mode passes of models with recurrent layers that are not unrolled.
 NO_MKLDNN = _ProcessSwitch(lambda: bool(torch.backends.mkldnn.enabled), _set_mkldnn, False)
+
+#: Held by every forward-mode pass: torch's forward-AD levels are process-wide (one level at a
+#: time, shared by all threads), so two passes in two threads would close each other's level.
+FORWARD_AD_LOCK = threading.RLock()
 
 
 def differentiating() -> bool:

@@ -26,6 +26,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from ._autodiff import (
+    FORWARD_AD_LOCK,
     NO_MKLDNN,
     differentiating,
     is_forward_ad_error,
@@ -289,11 +290,11 @@ class FunctionalModel:
 
     @contextmanager
     def forward_mode(self) -> Iterator[None]:
-        """Kernels with forward-mode derivatives for the block (oneDNN RNNs off if needed)."""
-        if self.has_rnn:
-            with NO_MKLDNN.hold():
-                yield
-        else:
+        """Kernels with forward-mode derivatives for the block (oneDNN RNNs off if needed).
+
+        Holds :data:`FORWARD_AD_LOCK`: forward-mode passes of all threads run one at a time.
+        """
+        with FORWARD_AD_LOCK, NO_MKLDNN.hold() if self.has_rnn else contextlib.nullcontext():
             yield
 
     def jvp_vjp(

@@ -278,3 +278,43 @@ def test_concurrent_first_predictions_of_a_linear_head(structure):
         assert torch.equal(mean, expected[link][0]) and torch.equal(var, expected[link][1]), link
     if structure == "kfac":  # the fast path ran and kept its factors
         assert la.posterior._head_factors is not None
+
+
+def test_forward_mode_passes_in_several_threads():
+    """Forward-AD levels are process-wide: forward-mode passes of several threads (top-k lowrank
+    fits of separate wrappers, Hessian products) run one at a time and equal the sequential ones."""
+    from laplace_ggn.operators import HessianOperator
+
+    torch.manual_seed(0)
+    X, y = torch.randn(48, 5, dtype=torch.float64), torch.randint(0, 3, (48,))
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    loader = DataLoader(TensorDataset(X, y), batch_size=16)
+    op = HessianOperator(model, loader, likelihood="classification")
+    V = torch.randn(op.shape[0], 3, dtype=torch.float64)
+
+    def run():
+        la = LaplaceWrapper(model, "classification", structure="lowrank", rank=4).fit(loader)
+        return op @ V, la.predict(X[:6]).variance
+
+    ref = run()
+    results, errors = [], []
+
+    def work():
+        for _ in range(6):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    results.append(run())
+            except Exception as err:  # noqa: BLE001 -- collected and reported below
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(results) == 18
+    for hv, var in results:
+        torch.testing.assert_close(hv, ref[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(var, ref[1], rtol=1e-8, atol=1e-12)
