@@ -75,8 +75,21 @@ def _batches(fitted, val_loader) -> list:
     return batches
 
 
+class _ValidationPredictive:
+    """The check of the methods that score a predictive on validation data."""
+
+    def check(self, likelihood: Likelihood) -> None:
+        """Refuse regression and a predictive that does not apply to ``likelihood``.
+
+        Raises:
+            ValueError: If ``likelihood`` is regression or the method / link pair invalid.
+        """
+        check_classification(likelihood, self.name.value)
+        resolve_options(likelihood, self.predict_method, self.link)
+
+
 @dataclass(frozen=True)
-class MarglikTemperature:
+class MarglikTemperature(_ValidationPredictive):
     """The prior precision by the evidence, then a predictive temperature on validation data.
 
     Classification and binary only (see ``docs/calibration.md``).  T is the mode of its
@@ -115,15 +128,6 @@ class MarglikTemperature:
         check_marglik_options(self)
         check_predictive_options(self, self.name.value)
 
-    def check(self, likelihood: Likelihood) -> None:
-        """Refuse regression and a predictive that does not apply to ``likelihood``.
-
-        Raises:
-            ValueError: If ``likelihood`` is regression or the method / link pair invalid.
-        """
-        check_classification(likelihood, self.name.value)
-        resolve_options(likelihood, self.predict_method, self.link)
-
     def tune(self, fitted, *, progress: bool = False) -> Tuned:
         """Tune α by the evidence, then T on the validation data at that α.
 
@@ -145,7 +149,7 @@ class MarglikTemperature:
 
 
 @dataclass(frozen=True)
-class Temperature:
+class Temperature(_ValidationPredictive):
     """A predictive temperature on validation data, keeping the current prior precision.
 
     Classification and binary only: calibrates the Laplace predictive of a prior precision
@@ -174,15 +178,6 @@ class Temperature:
 
     def __post_init__(self):
         check_predictive_options(self, self.name.value)
-
-    def check(self, likelihood: Likelihood) -> None:
-        """Refuse regression and a predictive that does not apply to ``likelihood``.
-
-        Raises:
-            ValueError: If ``likelihood`` is regression or the method / link pair invalid.
-        """
-        check_classification(likelihood, self.name.value)
-        resolve_options(likelihood, self.predict_method, self.link)
 
     def tune(self, fitted, *, progress: bool = False) -> Tuned:
         """T on the validation data at the current prior precision (``progress`` unused).
