@@ -234,6 +234,12 @@ def test_state_dict_round_trip(structure):
     assert_close(back.log_marginal_likelihood(), la.log_marginal_likelihood(), rtol=0, atol=0)
     assert_close(back.sample(3, generator=torch.Generator().manual_seed(1)),
                  la.sample(3, generator=torch.Generator().manual_seed(1)), rtol=0, atol=0)  # fmt: skip
+    # the context size is an option of the fit: a refit of the restored wrapper draws M again
+    assert back.n_context == 8
+    again = _fit(case, structure, prior_precision=0.7, sigma_noise=0.8, **kw)
+    refit = back.fit(case.loader(5))
+    assert refit.fitted.posterior.rank == again.fitted.posterior.rank
+    assert_close(refit.predict(x).variance, again.predict(x).variance, rtol=1e-12, atol=0)
 
 
 class _NoBatches:
