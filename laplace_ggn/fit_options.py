@@ -164,17 +164,8 @@ class FitOptions:
         param = next(iter(model.parameters()), None)
         if param is None:
             raise ValueError("model must have parameters; got a module with none.")
-        if rank is not None:
-            if not STRUCTURES[structure].takes_rank:
-                ranked = _or_list([n for n, s in STRUCTURES.items() if s.takes_rank])
-                raise ValueError(
-                    f"rank applies to structure={ranked} only; got rank={rank} "
-                    f"with structure={structure!r}."
-                )
-            if not is_integer(rank) or rank < 1:
-                raise ValueError(f"rank must be None or a positive integer; got {rank!r}.")
-            rank = int(rank)
-        n_context = _check_context(structure, n_context)
+        rank = _check_count(structure, rank, "rank", lambda s: s.takes_rank)
+        n_context = _check_count(structure, n_context, "n_context", lambda s: s.takes_context)
         STRUCTURES[structure].check_options(rank, n_context)
         curvature = as_enum(Curvature, curvature, "curvature")
         if curvature is Curvature.MC and not STRUCTURES[structure].samples_curvature:
@@ -296,26 +287,28 @@ def _or_list(names: list[str]) -> str:
     return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
 
 
-def _check_context(structure: str, n_context: object) -> int | None:
-    """``n_context=``: ``None`` or a positive int, for a structure that takes context samples.
+def _check_count(
+    structure: str, value: object, name: str, applies: Callable[[object], bool]
+) -> int | None:
+    """``rank=`` / ``n_context=``: ``None`` or a positive int, for a structure it applies to.
 
     Returns:
-        ``n_context`` as an int, or ``None``.
+        ``value`` as an int, or ``None``.
 
     Raises:
         ValueError: If it is given for another structure, or is not a positive integer.
     """
-    if n_context is None:
+    if value is None:
         return None
-    if not STRUCTURES[structure].takes_context:
-        takes = _or_list([n for n, s in STRUCTURES.items() if s.takes_context])
+    if not applies(STRUCTURES[structure]):
+        takes = _or_list([n for n, s in STRUCTURES.items() if applies(s)])
         raise ValueError(
-            f"n_context applies to structure={takes or 'none registered'} only; got "
-            f"n_context={n_context!r} with structure={structure!r}."
+            f"{name} applies to structure={takes or 'none registered'} only; got "
+            f"{name}={value!r} with structure={structure!r}."
         )
-    if not is_integer(n_context) or n_context < 1:
-        raise ValueError(f"n_context must be None or a positive integer; got {n_context!r}.")
-    return int(n_context)
+    if not is_integer(value) or value < 1:
+        raise ValueError(f"{name} must be None or a positive integer; got {value!r}.")
+    return int(value)
 
 
 def memory_message(options: FitOptions, need: int, P: int, prior_precision: Tensor) -> str:

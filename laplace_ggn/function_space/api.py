@@ -49,6 +49,8 @@ def functional_covariance(
     """
     joint = check_flag(joint, "joint")
     differentiable = check_flag(differentiable, "differentiable")
+    if not (joint or differentiable):
+        return fitted.functional_covariance(x)
     x = fitted.model_input(x)
     if not joint:
         return fitted.reader.result(differentiable_moments(fitted, x)[1])
@@ -80,6 +82,8 @@ def predict(
     """
     joint = check_flag(joint, "joint")
     differentiable = check_flag(differentiable, "differentiable")
+    if not (joint or differentiable):
+        return fitted.predict(x, method, link=link, n_samples=n_samples, generator=generator)
     x = fitted.model_input(x)
     if joint:
         if as_enum(PredictMethod, method, "method") is not PredictMethod.GLM:
