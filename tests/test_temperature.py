@@ -68,6 +68,22 @@ def test_single_point_splits_keep_T_near_one():
     assert plain.at_edge == "largest"
 
 
+@pytest.mark.parametrize("regularize", [False, True])
+def test_the_search_refines_between_grid_points(regularize):
+    """Both objectives are refined by the golden-section search: the chosen T beats a fine grid."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 5, generator=g, dtype=torch.float64) * 3
+    y = torch.multinomial((logits / 1.7).softmax(-1), 1, generator=g).reshape(-1)
+    probs = logits.softmax(-1)
+    res = tune_predictive_temperature(probs, y, regularize=regularize)
+    coarse = torch.logspace(-2, 2, 81, dtype=torch.float64)
+    assert not bool(torch.isclose(coarse, res.temperature.double(), rtol=1e-6).any())
+    fine = tune_predictive_temperature(probs, y, regularize=regularize, n_points=4001)
+    assert abs(math.log(float(res.temperature) / float(fine.temperature))) < 1e-3
+    if not regularize:  # the validation NLL itself is the objective
+        assert res.nll <= fine.nll + 1e-9
+
+
 def test_binary_error_free_split():
     g = torch.Generator().manual_seed(1)
     p = torch.rand(30, 1, generator=g, dtype=DT) * 0.4 + 0.55

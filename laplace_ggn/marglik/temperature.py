@@ -75,28 +75,31 @@ class TemperatureResult:
 
 
 class _Objective:
-    """Mean validation NLL at T, and the regularised objective the search minimises."""
+    """Mean validation NLL at T, and the objective the search minimises (one tempering each)."""
 
     def __init__(self, probs: Tensor, y: Tensor, lik, regularize: bool):
         self.probs, self.y, self.lik, self.regularize = probs, y, lik, regularize
         self.n = probs.shape[0]
 
-    def nll(self, T: float) -> float:
+    def terms(self, T: float) -> tuple[float, float]:
+        """``(mean NLL, objective)`` at T: the summed NLL, plus the regularisers if set."""
         pred = self.lik.temper(Prediction(self.probs, torch.zeros_like(self.probs)), T)
-        return float(self.lik.predictive_nll(pred, self.y).mean(dtype=torch.float64))
-
-    def __call__(self, T: float) -> float:
-        data = self.nll(T) * self.n
+        nll = float(self.lik.predictive_nll(pred, self.y).mean(dtype=torch.float64))
         if not self.regularize:
-            return data
-        pred = self.lik.temper(Prediction(self.probs, torch.zeros_like(self.probs)), T)
+            return nll, nll * self.n
         p = pred.mean.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
         if p.shape[-1] == 1:  # binary: the probability of class 1
             uniform = -0.5 * (p.log() + (1 - p).clamp_min(1e-300).log()).sum(-1)
         else:
             uniform = -p.log().mean(-1)
         prior = 0.5 * math.log(T) ** 2
-        return data + PSEUDO_WEIGHT * float(uniform.mean()) + PRIOR_WEIGHT * prior
+        return nll, nll * self.n + PSEUDO_WEIGHT * float(uniform.mean()) + PRIOR_WEIGHT * prior
+
+    def nll(self, T: float) -> float:
+        return self.terms(T)[0]
+
+    def __call__(self, T: float) -> float:
+        return self.terms(T)[1]
 
 
 def tune_predictive_temperature(
@@ -149,7 +152,7 @@ def tune_predictive_temperature(
         raise ValueError("val_loader must hold at least one data point; got none.")
     objective = _Objective(probs, y, lik, regularize)
     grid = torch.logspace(log_range[0], log_range[1], n_points, dtype=torch.float64)
-    scores = torch.tensor([objective.nll(float(T)) for T in grid])
+    scores, values = torch.tensor([objective.terms(float(T)) for T in grid]).T
     finite = torch.isfinite(scores)
     if not bool(finite.any()):
         raise RuntimeError(
@@ -157,7 +160,6 @@ def tune_predictive_temperature(
             f"T in [{float(grid[0]):.3g}, {float(grid[-1]):.3g}]. The hyperparameters were left "
             "unchanged."
         )
-    values = scores if not regularize else torch.tensor([objective(float(T)) for T in grid])
     values = torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
     i = int(values.argmin())
     a = math.log(float(grid[max(i - 1, 0)]))
